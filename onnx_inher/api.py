@@ -1,0 +1,132 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+Data flows one way: load -> locate -> plan -> factorize -> cleanup -> check -> save -> verify.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from onnx_inher.errors import CheckFailed, InputError
+from onnx_inher.ir.io import LoadedModel, check_output, load_model, save_model
+from onnx_inher.layers import LayerView
+from onnx_inher.passes.cleanup import Cleanup
+from onnx_inher.passes.factorize import Factorize
+from onnx_inher.passes.locate import locate
+from onnx_inher.passes.verify import VerifyReport
+from onnx_inher.passes.verify import verify as verify_models
+from onnx_inher.plan import Options, Plan, Spectra, apply_edits, build_plan, load_plan
+from onnx_inher.runtime import load_inputs, sample_inputs
+
+PathLike = str | os.PathLike[str]
+FULL_RANK_BOUND = 1e-4
+
+
+def default_opset(model: ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+@dataclass
+class Analysis:
+    loaded: LoadedModel
+    found: list
+    views: dict[str, LayerView]
+
+
+def analyze(model: PathLike, dims: dict[str, int] | None = None) -> Analysis:
+    loaded = load_model(model)
+    found = locate(loaded.model, dims or {})
+    views = {f.node: f for f in found if isinstance(f, LayerView)}
+    return Analysis(loaded, found, views)
+
+
+def plan(model: PathLike, options: Options | None = None, *, _spectra: Spectra | None = None,
+         _analysis: Analysis | None = None) -> Plan:
+    """Decide, for every dense layer, whether and how to factorise it (nothing is written)."""
+    options = options or Options()
+    options.validate()
+    a = _analysis or analyze(model, options.dims)
+    spectra = _spectra or Spectra(full=False)
+    return build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra)
+
+
+@dataclass
+class CompressResult:
+    plan: Plan
+    outputs: list[Path]
+    verification: VerifyReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
+    p = load_plan(path)
+    if p.sha256 != a.loaded.sha256:
+        raise InputError(f"{path}: this plan was made for another model ({p.model}); "
+                         f"regenerate it with `onnx-inher plan {a.loaded.path}`.")
+    p.opset = default_opset(a.loaded.model)
+    return apply_edits(p, a.views, spectra)
+
+
+def factorised_outputs(the_plan: Plan, a: Analysis) -> list[str]:
+    """Output tensor names of the factorised layers: teacher and student share them."""
+    return [a.views[c.node].output for c in the_plan.candidates if c.decision == "factorize"]
+
+
+def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
+    """Apply a plan to an analysed model (in place: the analysis owns its copy)."""
+    model, _ = Factorize(the_plan, a.views, spectra, inplace=True)(a.loaded.model)
+    model, _ = Cleanup(inplace=True)(model)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise CheckFailed(f"the rewritten model fails the ONNX checker: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def compress(
+    model: PathLike,
+    output: PathLike,
+    options: Options | None = None,
+    *,
+    plan_path: PathLike | None = None,
+    verify: bool = False,
+    inputs: PathLike | None = None,
+    bound: float | None = None,
+) -> CompressResult:
+    """Plan (or read a plan), rewrite, check and atomically save; optionally verify in ONNX Runtime."""
+    options = options or Options()
+    options.validate()
+    out = Path(output)
+    check_output(out, [Path(model)])
+    a = analyze(model, options.dims)
+    spectra = Spectra(full=True)
+    the_plan = _read_plan(plan_path, a, spectra) if plan_path else plan(model, options, _spectra=spectra,
+                                                                        _analysis=a)
+    feed = load_inputs(inputs, a.loaded.model) if inputs else None
+    teacher_path = a.loaded.path
+    rewritten = rewrite(a, the_plan, spectra)
+    written = save_model(rewritten, out, external_data=a.loaded.external_data, inputs=[teacher_path])
+    result = CompressResult(the_plan, written, notes=list(the_plan.warnings))
+    if verify:
+        layers = factorised_outputs(the_plan, a)
+        result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,
+                                           feed=feed, layers=layers)
+    return result
+
+
+def verify_files(teacher: PathLike, student: PathLike, *, inputs: PathLike | None = None,
+                 bound: float | None = None, dims: dict[str, int] | None = None,
+                 feed: dict[str, np.ndarray] | None = None, seed: int = 0,
+                 layers: list[str] | None = None) -> VerifyReport:
+    """Teacher vs student in ONNX Runtime, on `inputs` (.npz) or random inputs of the right shapes."""
+    t = load_model(teacher)
+    load_model(student)
+    if feed is None:
+        feed = load_inputs(inputs, t.model) if inputs else sample_inputs(t.model, dims, seed)
+    return verify_models(teacher, student, feed, bound, tensors=layers)

@@ -1,0 +1,88 @@
+"""`LayerView`: one dense layer seen as per-group matrices, whatever op and layout it came from.
+
+Every factoriser works on the canonical form `y = M x` with `M` of shape `[groups, out, in]`
+(`in` includes the kernel window for convolutions), so SVD, rank policies and cost accounting
+are written once for MatMul, Gemm, Conv and ConvTranspose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnx_inher.ir.shapes import Dim
+
+Side = str  # "right": y = x @ W ; "left": y = W @ x
+
+
+@dataclass
+class LayerView:
+    node: str
+    op: str
+    node_index: int
+    output: str
+    weight_input: int
+    weight_root: str
+    weight_chain: tuple[str, ...]
+    weight: np.ndarray
+    side: Side
+    groups: int
+    out_features: int
+    in_features: int
+    kernel: tuple[int, ...]
+    bias: np.ndarray | None
+    rows: int
+    in_rows: int
+    batch: int
+    act_rank: int | None
+    out_dims: tuple[Dim, ...] | None
+    attrs: dict[str, object] = field(default_factory=dict)
+    shared_key: str = ""
+    other_users: tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.weight.dtype
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+    @property
+    def weight_params(self) -> int:
+        return int(self.weight.size)
+
+    def matrices(self) -> np.ndarray:
+        """Per-group matrices `[g, out, in]` in float32 (SVD precision, whatever the storage dtype)."""
+        w = self.weight.astype(np.float32, copy=False)
+        g, o, i = self.groups, self.out_features, self.in_features
+        if self.op == "Conv":
+            return w.reshape(g, o, i)
+        if self.op == "ConvTranspose":
+            cin_g = w.shape[0] // g
+            k = int(np.prod(self.kernel))
+            return w.reshape(g, cin_g, o, k).transpose(0, 2, 1, 3).reshape(g, o, i)
+        scale = float(self.attrs.get("alpha", 1.0))
+        if self.op == "Gemm":
+            trans = bool(self.attrs.get("transB" if self.side == "right" else "transA", 0))
+            w = w.T if trans else w
+        m = w.T if self.side == "right" else w
+        return (scale * m if scale != 1.0 else m).reshape(1, o, i)
+
+
+def heads_unsupported(view: LayerView, opset: int) -> str | None:
+    """Why gated heads cannot be emitted for this layer (it then gets a plain pair), or None."""
+    if view.side == "left":
+        return "weight on the left of the product: gated heads need a per-token gate; using a plain pair"
+    if view.op == "MatMul" and (view.act_rank is None or view.act_rank < 2):
+        return "activation rank unknown after shape inference; using a plain pair"
+    if view.op == "Gemm" and view.attrs.get("c") and view.bias is None:
+        return "Gemm bias C is not a constant vector; using a plain pair"
+    if view.op in ("Conv", "ConvTranspose"):
+        if view.out_dims is None:
+            return "output shape unknown after shape inference; using a plain pair"
+        spatial = view.out_dims[2:]
+        if not all(isinstance(d, int) for d in spatial) and opset < 10:
+            return "dynamic spatial dims need opset >= 10 for the heads' reshape; using a plain pair"
+    return None

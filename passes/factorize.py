@@ -1,0 +1,273 @@
+"""factorize: replace planned dense layers by SVD-initialised factor subgraphs.
+
+Two forms, chosen per layer by the plan's `heads`:
+
+* pair (heads == 1, and every layer in `--mode svd`): down-projection `V_r^T` (for Conv a k x k conv
+  C_in -> r keeping every attribute), then up-projection `U_r S_r` carrying the bias.
+* heads (InherNet): the same shared down-projection, `h` up-projection heads and a softmax gate.
+  - MatMul/Gemm, per-token gate: one fused up-projection r -> h*out, gate `softmax(z G + b)`,
+    then the gated sum as a batched product `g[...,1,h] @ Y[...,h,out]`.
+  - Conv/ConvTranspose, per-sample gate on the spatially mean-pooled r-features: since the gate
+    is constant over pixels, `sum_i g_i (B_i z + b_i) = (sum_i g_i B_i) z + sum_i g_i b_i`; the gate
+    mixes the heads' weights (h*out*r MACs per sample) and one r -> out product runs per pixel,
+    instead of h up-projections per pixel.
+  Exact at initialisation: every head holds the full `U_r S_r` (and full bias) plus a zero-sum
+  perturbation, and the gate weights are zero, so the gate is uniform and the heads' mean is
+  exactly `U_r S_r`. Training can still separate the heads because the perturbations differ.
+
+Every created name derives from the replaced node (`<node>/svd/...` or `<node>/inher/...`); the
+last created node writes the replaced node's output, so the rest of the graph is untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from onnx_inher.errors import InputError, PassError
+from onnx_inher.layers import LayerView
+from onnx_inher.plan import Candidate, Plan, Spectra
+from onnx_inher.svd import Factors, truncate
+
+PERTURBATION = 1e-2
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass
+class Emitter:
+    """Collects the nodes and initializers of one replacement, named from its node."""
+
+    prefix: str
+    weight_prefix: str
+    dtype: np.dtype
+    opset: int
+    nodes: list[NodeProto] = field(default_factory=list)
+    inits: dict[str, TensorProto] = field(default_factory=dict)
+
+    def weight(self, suffix: str, array: np.ndarray) -> str:
+        name = f"{self.weight_prefix}/{suffix}"
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array.astype(self.dtype)), name)
+        return name
+
+    def ints(self, suffix: str, values: list[int]) -> str:
+        name = f"{self.prefix}/{suffix}"
+        self.inits.setdefault(name, numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs: object) -> str:
+        name = f"{self.prefix}/{suffix}"
+        self.nodes.append(helper.make_node(op, inputs, [output or name], name=name, **attrs))
+        return output or name
+
+    def matmul_or_gemm(self, a: str, b: str, suffix: str, *, trans_a: int = 0, trans_b: int = 0,
+                       c: str = "", beta: float = 1.0, output: str | None = None) -> str:
+        """The cheapest node for `a' @ b' (+ beta*c)`: MatMul when nothing needs Gemm."""
+        if not (trans_a or trans_b or c):
+            return self.node("MatMul", [a, b], suffix, output)
+        inputs = [a, b]
+        if c:
+            inputs.append(c)
+        elif self.opset < 11:
+            inputs.append(self.weight(f"{suffix}.zero_bias", np.zeros(1)))
+        extra: dict[str, object] = {"beta": beta} if c and beta != 1.0 else {}
+        return self.node("Gemm", inputs, suffix, output, transA=trans_a, transB=trans_b, **extra)
+
+
+def _seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def head_weights(up: np.ndarray, h: int, seed: int, name: str) -> np.ndarray:
+    """`[h, g, out, r]`: each head is `up` plus a perturbation; perturbations sum to zero over heads."""
+    rng = np.random.default_rng(_seed(seed, name))
+    scale = PERTURBATION * float(np.sqrt(np.mean(up.astype(np.float64) ** 2)) or 1.0)
+    noise = rng.standard_normal((h, *up.shape)) * scale
+    noise -= noise.mean(axis=0, keepdims=True)
+    return (up[None].astype(np.float64) + noise).astype(np.float32)
+
+
+def _conv_down_weight(view: LayerView, f: Factors) -> np.ndarray:
+    g, r = f.down.shape[0], f.down.shape[1]
+    k = int(np.prod(view.kernel))
+    if view.op == "Conv":
+        return f.down.reshape(g * r, -1, *view.kernel)
+    cin_g = view.in_features // k
+    return f.down.reshape(g, r, cin_g, k).transpose(0, 2, 1, 3).reshape(g * cin_g, r, *view.kernel)
+
+
+def _down(e: Emitter, view: LayerView, node: NodeProto, f: Factors) -> str:
+    """The shared down-projection x -> r (all of the original node's layout attributes kept)."""
+    x = node.input[1 - view.weight_input] if view.op in ("MatMul", "Gemm") else node.input[0]
+    d = f.down[0]
+    if view.op == "MatMul":
+        return e.node("MatMul", [x, e.weight("down.weight", d.T)], "down") if view.side == "right" \
+            else e.node("MatMul", [e.weight("down.weight", d), x], "down")
+    if view.op == "Gemm":
+        if view.side == "right":
+            return e.matmul_or_gemm(x, e.weight("down.weight", d.T), "down", trans_a=int(view.attrs["transA"]))
+        return e.matmul_or_gemm(e.weight("down.weight", d), x, "down", trans_b=int(view.attrs["transB"]))
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return e.node(view.op, [x, e.weight("down.weight", _conv_down_weight(view, f))], "down", **attrs)
+
+
+def _up_pair(e: Emitter, view: LayerView, node: NodeProto, f: Factors, z: str, y: str) -> None:
+    u = f.up
+    if view.op in ("MatMul", "Gemm"):
+        c = str(view.attrs.get("c", ""))
+        beta = float(view.attrs.get("beta", 1.0))
+        if view.side == "right":
+            e.matmul_or_gemm(z, e.weight("up.weight", u[0].T), "up", c=c, beta=beta, output=y)
+        else:
+            e.matmul_or_gemm(e.weight("up.weight", u[0]), z, "up", c=c, beta=beta, output=y)
+        return
+    g, o, r = u.shape
+    w = u.reshape(g * o, r, *([1] * len(view.kernel)))
+    inputs = [z, e.weight("up.weight", w)]
+    if view.bias is not None:
+        inputs.append(node.input[2])
+    e.node("Conv", inputs, "up", y, group=g)
+
+
+def _heads_dense(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y: str, seed: int) -> None:
+    """Per-token gate over h fused heads for MatMul/Gemm (activation `[..., in]`)."""
+    r, o = f.down.shape[1], f.up.shape[1]
+    lead = [0] * ((view.act_rank or 2) - 1)
+    heads = head_weights(f.up, h, seed, e.weight_prefix)[:, 0]
+    fused = np.concatenate([hw.T for hw in heads], axis=1)
+    bias = ""
+    if view.bias is not None:
+        bias = e.weight("heads.bias", np.tile(view.bias.astype(np.float32), h))
+    ys = e.matmul_or_gemm(z, e.weight("heads.weight", fused), "heads", c=bias)
+    logits = e.node("MatMul", [z, e.weight("gate.weight", np.zeros((r, h)))], "gate")
+    logits = e.node("Add", [logits, e.weight("gate.bias", np.zeros(h))], "gate_add")
+    gate = e.node("Softmax", [logits], "gate_softmax", axis=len(lead))
+    gate = e.node("Reshape", [gate, e.ints("gate.shape", [*lead, 1, h])], "gate_row")
+    ys = e.node("Reshape", [ys, e.ints("heads.shape", [*lead, h, o])], "heads_split")
+    mixed = e.node("MatMul", [gate, ys], "mix")
+    e.node("Reshape", [mixed, e.ints("out.shape", [*lead, o])], "out", y)
+
+
+def _heads_conv(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y: str, seed: int) -> None:
+    """Per-sample gate on pooled features; the gate mixes head weights, one product per pixel."""
+    g, o, r = f.up.shape
+    c_out = g * o
+    heads = head_weights(f.up, h, seed, e.weight_prefix)
+    pooled = e.node("GlobalAveragePool", [z], "pool")
+    pooled = e.node("Flatten", [pooled], "pool_flat", axis=1)
+    logits = e.node("Gemm", [pooled, e.weight("gate.weight", np.zeros((g * r, h))), e.weight("gate.bias", np.zeros(h))],
+                    "gate")
+    gate = e.node("Softmax", [logits], "gate_softmax", axis=1)
+    mixed_w = e.node("MatMul", [gate, e.weight("heads.weight", heads.reshape(h, -1))], "mix_weights")
+    mixed_w = e.node("Reshape", [mixed_w, e.ints("mix.shape", [0, g, o, r])], "mix_weights_4d")
+    flat = e.node("Reshape", [z, e.ints("z.shape", [0, g, r, -1])], "z_groups")
+    out = e.node("MatMul", [mixed_w, flat], "apply")
+    if view.bias is not None:
+        b = np.tile(view.bias.astype(np.float32)[None], (h, 1))
+        mixed_b = e.node("MatMul", [gate, e.weight("heads.bias", b)], "mix_bias")
+        mixed_b = e.node("Reshape", [mixed_b, e.ints("bias.shape", [0, g, o, 1])], "mix_bias_4d")
+        out = e.node("Add", [out, mixed_b], "apply_bias")
+    spatial = list(view.out_dims[2:]) if view.out_dims else []
+    if all(isinstance(d, int) for d in spatial):
+        target = e.ints("out.shape", [0, c_out, *spatial])  # type: ignore[list-item]
+    else:
+        shape = e.node("Shape", [z], "z_dims")
+        sp = e.node("Slice", [shape, e.ints("sp_start", [2]), e.ints("sp_end", [INT64_MAX])], "spatial_dims")
+        target = e.node("Concat", [e.ints("out_head", [0, c_out]), sp], "out_shape", axis=0)
+    e.node("Reshape", [out, target], "out", y)
+
+
+def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: int, seed: int,
+         weight_prefix: str) -> Emitter:
+    """Nodes and initializers replacing `node`; weights are named after `weight_prefix`, the first
+    node sharing them, so layers that share one weight share its factors too."""
+    tag = "inher" if cand.heads > 1 else "svd"
+    e = Emitter(f"{view.node}/{tag}", f"{weight_prefix}/{tag}", view.dtype, opset)
+    z = _down(e, view, node, f)
+    if cand.heads <= 1:
+        _up_pair(e, view, node, f, z, node.output[0])
+    elif view.op in ("MatMul", "Gemm"):
+        _heads_dense(e, view, f, cand.heads, z, node.output[0], seed)
+    else:
+        _heads_conv(e, view, f, cand.heads, z, node.output[0], seed)
+    return e
+
+
+def _signature(model: ModelProto) -> list[tuple[str, bytes]]:
+    return [(o.name, o.type.SerializeToString()) for o in model.graph.output]
+
+
+class Factorize:
+    """Pass: apply a plan's `factorize` decisions. `(model) -> (model, changed)`."""
+
+    name = "factorize"
+
+    def __init__(self, plan: Plan, views: dict[str, LayerView], spectra: Spectra, *, inplace: bool = False):
+        self.plan, self.views, self.spectra, self.inplace = plan, views, spectra, inplace
+
+    def requires(self, model: ModelProto) -> None:
+        for c in self.plan.candidates:
+            if c.decision != "factorize":
+                continue
+            view = self.views.get(c.node)
+            if view is None:
+                raise InputError(f"plan names node '{c.node}', which is not a factorisable layer of this model; "
+                                 "regenerate the plan for this model.")
+            if not c.rank or not 1 <= c.rank <= view.full_rank:
+                raise InputError(f"plan gives node '{c.node}' rank {c.rank}; it must be in 1..{view.full_rank} "
+                                 "(its full rank).")
+            if c.heads < 1:
+                raise InputError(f"plan gives node '{c.node}' {c.heads} heads; use 1 or more.")
+
+    def __call__(self, model: ModelProto) -> tuple[ModelProto, bool]:
+        self.requires(model)
+        out = model if self.inplace else _copy(model)
+        before = _signature(out)
+        opset = self.plan.opset
+        seed = self.plan.options.seed
+        graph = out.graph
+        replacements: dict[int, Emitter] = {}
+        owner: dict[tuple, str] = {}
+        for c in self.plan.candidates:
+            if c.decision != "factorize":
+                continue
+            view = self.views[c.node]
+            key = (view.shared_key, c.rank, c.heads)
+            prefix = owner.setdefault(key, c.node)
+            factors = truncate(self.spectra.svd(view), int(c.rank or 1))
+            replacements[view.node_index] = emit(view, graph.node[view.node_index], c, factors, opset, seed, prefix)
+        if not replacements:
+            return out, False
+        new_nodes: list[NodeProto] = []
+        added: dict[str, TensorProto] = {}
+        for i, node in enumerate(graph.node):
+            if i in replacements:
+                new_nodes.extend(replacements[i].nodes)
+                added.update(replacements[i].inits)
+            else:
+                new_nodes.append(node)
+        clash = set(added) & ({t.name for t in graph.initializer} | {n for nd in graph.node for n in nd.output})
+        if clash:
+            raise PassError(self.name, f"created names already exist in the graph: {sorted(clash)[:3]}")
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        graph.initializer.extend(added[k] for k in sorted(added))
+        if out.ir_version < 4:
+            graph.input.extend(helper.make_tensor_value_info(k, added[k].data_type, list(added[k].dims))
+                               for k in sorted(added))
+        self.ensures(out, before)
+        return out, True
+
+    def ensures(self, model: ModelProto, before: list[tuple[str, bytes]]) -> None:
+        if _signature(model) != before:
+            raise PassError(self.name, "graph outputs changed")
+
+
+def _copy(model: ModelProto) -> ModelProto:
+    out = ModelProto()
+    out.CopyFrom(model)
+    return out
+
