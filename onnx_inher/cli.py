@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from onnx_inher import api, report
-from onnx_inher.errors import OnnxInherError
+from onnx_inher.errors import InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
 from onnx_inher.plan import Options
 from onnx_inher.rank import parse_policy
@@ -27,7 +27,7 @@ def _dims(values: tuple[str, ...]) -> dict[str, int]:
     for v in values:
         name, _, num = v.partition("=")
         if not name or not num.isdigit() or int(num) < 1:
-            raise click.BadParameter(f"expected NAME=POSITIVE_INT, got '{v}'", param_hint="--dim")
+            raise InputError(f"--dim: expected NAME=POSITIVE_INT (e.g. --dim batch=4), got '{v}'")
         out[name] = int(num)
     return out
 
@@ -81,6 +81,8 @@ def handled(f: Callable) -> Callable:
         except OnnxInherError as err:
             click.echo(f"onnx-inher: error: {err}", err=True)
             sys.exit(err.exit_code)
+        except click.ClickException:  # usage errors: click prints them and exits 2
+            raise
         except KeyboardInterrupt:
             click.echo("onnx-inher: interrupted", err=True)
             sys.exit(130)
@@ -149,6 +151,7 @@ def compress(model: Path, output: Path, plan_path: Path | None, verify: bool, in
              max_rel_error: float | None, as_json: bool, **kw: Any) -> None:
     """Rewrite the planned layers into SVD-initialised factor nodes and save the student."""
     options = _options(kw)
+    check_output(output, [model, *(p for p in (plan_path, inputs) if p is not None)])
     result = api.compress(model, output, options, plan_path=plan_path, verify=verify or max_rel_error is not None,
                           inputs=inputs, bound=max_rel_error)
     if as_json:

@@ -21,7 +21,10 @@ class Cost:
 
 
 def _bias(view: LayerView) -> int:
-    return int(view.bias.size) if view.bias is not None else 0
+    """Bias params as stored (a Gemm's scalar C is one param, broadcast over the outputs)."""
+    if view.bias is None:
+        return 0
+    return int(view.attrs.get("c_size", view.bias.size))  # type: ignore[call-overload]
 
 
 def _k(view: LayerView) -> int:
@@ -52,7 +55,7 @@ def heads(view: LayerView, rank: int, h: int) -> Cost:
     """
     g, o, i = view.groups, view.out_features, view.in_features
     r = g * rank
-    bias = h * _bias(view)
+    bias = h * (int(view.bias.size) if view.bias is not None else 0)  # every head stores a full bias
     gate_params = r * h + h
     if view.op in ("MatMul", "Gemm"):
         per_row = i * rank + h * rank * o + rank * h + h * o

@@ -65,14 +65,19 @@ class Emitter:
 
     def matmul_or_gemm(self, a: str, b: str, suffix: str, *, trans_a: int = 0, trans_b: int = 0,
                        c: str = "", beta: float = 1.0, output: str | None = None) -> str:
-        """The cheapest node for `a' @ b' (+ beta*c)`: MatMul when nothing needs Gemm."""
+        """The cheapest node for `a' @ b' (+ beta*c)`: MatMul when nothing needs Gemm.
+
+        Before opset 11 Gemm requires C: without one, transpose explicitly and use MatMul rather than
+        store a zero bias that the cost model (and the plan's param counts) would not know about."""
+        if not c and self.opset < 11:
+            a = self.node("Transpose", [a], f"{suffix}.a_t") if trans_a else a
+            b = self.node("Transpose", [b], f"{suffix}.b_t") if trans_b else b
+            trans_a = trans_b = 0
         if not (trans_a or trans_b or c):
             return self.node("MatMul", [a, b], suffix, output)
         inputs = [a, b]
         if c:
             inputs.append(c)
-        elif self.opset < 11:
-            inputs.append(self.weight(f"{suffix}.zero_bias", np.zeros(1)))
         extra: dict[str, object] = {"beta": beta} if c and beta != 1.0 else {}
         return self.node("Gemm", inputs, suffix, output, transA=trans_a, transB=trans_b, **extra)
 

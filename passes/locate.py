@@ -145,8 +145,11 @@ def _gemm(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
     attrs["c"] = node.input[2] if len(node.input) > 2 and node.input[2] else ""
     if attrs["c"]:
         c = index.constant(attrs["c"])
-        if isinstance(c, Constant) and c.value.size in (1, n_out) and (side == "right" or c.value.size == 1):
+        # a bias: one value, or one per output along C's last axis ([M, 1] with M == N is per row, not a bias)
+        if isinstance(c, Constant) and (c.value.size == 1 or (side == "right" and c.value.shape[-1:] == (n_out,)
+                                                              and c.value.size == n_out)):
             bias = np.broadcast_to(c.value.reshape(-1), (n_out,)) * float(attrs["beta"])  # type: ignore[arg-type]
+            attrs["c_size"] = int(c.value.size)  # as stored: a scalar C is broadcast, not n_out params
     return LayerView(nid, "Gemm", i, node.output[0], slot, w.root, w.chain, w.value, side, 1, int(n_out), int(n_in), (),
                      bias, rows, rows, 1, 2, _dims(shapes, node.output[0]), attrs)
 

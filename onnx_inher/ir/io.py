@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto
 
 from onnx_inher.errors import InputError
+from onnx_inher.ir.naming import node_ids
 
 MIN_OPSET = 7
 PROTOBUF_LIMIT = 2_000_000_000
@@ -95,11 +96,58 @@ def _check_structure(model: ModelProto, path: Path) -> None:
             f"{path}: opset {default} is not supported (need {MIN_OPSET}..{newest}); convert it with "
             "onnx.version_converter.convert_version(model, 17)."
         )
+    _check_order(model.graph, path)
+    external = any(_uses_external(t) for t in iter_tensors(model.graph))
+    if external:
+        _check_external_files(model, path)
     try:
-        onnx.checker.check_model(model)
+        # With external data the checker must see the file, so it resolves locations next to the
+        # model rather than in the current directory.
+        onnx.checker.check_model(str(path) if external else model)
     except (onnx.checker.ValidationError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: invalid ONNX model: {first}") from None
+        text = " ".join(str(err).split())[:300].rstrip(".") or type(err).__name__
+        raise InputError(f"{path}: invalid ONNX model: {text}; fix or re-export the model.") from None
+
+
+def _check_order(graph: onnx.GraphProto, path: Path) -> None:
+    """Every node reads only tensors defined before it: name the node in a cycle or out of order."""
+    ids = node_ids(graph)
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name in defined:
+                continue
+            j = producer.get(name)
+            if j is None:
+                raise InputError(f"{path}: node '{ids[i]}' reads '{name}', which no node, graph input or "
+                                 "initializer provides; fix or re-export the model.")
+            cycle = _cycle_from(graph, producer, i)
+            if cycle:
+                raise InputError(f"{path}: node '{ids[i]}' is part of a cycle "
+                                 f"({' -> '.join(ids[k] for k in cycle)}); an ONNX graph must be acyclic, "
+                                 "fix or re-export the model.")
+            raise InputError(f"{path}: node '{ids[i]}' reads '{name}' before node '{ids[j]}' produces it; "
+                             "nodes must be topologically sorted, re-export the model.")
+        defined.update(node.output)
+
+
+def _cycle_from(graph: onnx.GraphProto, producer: dict[str, int], start: int) -> list[int]:
+    """A path of node indices from `start` back to itself through node inputs, or []."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        i, trail = stack.pop()
+        for name in graph.node[i].input:
+            j = producer.get(name)
+            if j is None:
+                continue
+            if j == start:
+                return [start, *reversed(trail[1:]), start]
+            if j not in seen:
+                seen.add(j)
+                stack.append((j, [*trail, j]))
+    return []
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
@@ -124,7 +172,6 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     _check_structure(model, p)
     external = any(_uses_external(t) for t in iter_tensors(model.graph))
     if external:
-        _check_external_files(model, p)
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     return LoadedModel(model=model, path=p, external_data=external, sha256=digest)
 
@@ -137,10 +184,17 @@ def _check_writable(path: Path, protected: list[Path]) -> None:
     if path.exists() and path.is_dir():
         raise InputError(f"{path}: output is a directory; give a file name such as {path}/student.onnx.")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{path}: {parent} is a file, not a folder; choose another -o path.")
     if not parent.is_dir():
         raise InputError(f"{path}: folder {parent} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{path}: folder {parent} is not writable; choose another -o path.")
+    try:  # os.access says yes to root even on read-only folders: try it for real
+        fd, probe = tempfile.mkstemp(prefix=".onnx-inher-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{path}: folder {parent} is not writable ({err.strerror}); choose another -o path.") \
+            from None
 
 
 def data_file_name(path: Path) -> str:
@@ -153,11 +207,24 @@ def output_paths(path: Path, external: bool) -> list[Path]:
     return [path, path.with_name(data_file_name(path))] if external else [path]
 
 
+def _external_files(model_path: Path) -> list[Path]:
+    """The external data files a model's tensors point at ([] when it cannot be read)."""
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return []
+    return [model_path.parent / e.value for t in iter_tensors(model.graph) if _uses_external(t)
+            for e in t.external_data if e.key == "location"]
+
+
 def check_output(path: str | os.PathLike[str], inputs: list[Path]) -> None:
     """Fail early (before any work) when an output cannot be written."""
     p = Path(path)
     protected = list(inputs) + [q.with_name(data_file_name(q)) for q in inputs]
-    for out in output_paths(p, external=True):
+    outs = output_paths(p, external=True)
+    if any(o.is_file() for o in outs):  # only then is it worth reading where the inputs keep their data
+        protected += [f for q in inputs if q.is_file() for f in _external_files(q)]
+    for out in outs:
         _check_writable(out, protected)
 
 
@@ -220,15 +287,17 @@ def save_model(
     external = external_data or _needs_external(model)
     finals = output_paths(p, external)
     parent = p.parent if str(p.parent) else Path(".")
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnx-inher-", dir=parent))
+    tmpdir: Path | None = None
     try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".onnx-inher-", dir=parent))
         _write_model(model, tmpdir / p.name, data_file_name(p) if external else None)
         for final in reversed(finals):
             os.replace(tmpdir / final.name, final)
     except OSError as err:
         raise InputError(f"{p}: cannot write output ({err.strerror}); choose another -o path.") from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return finals
 
 
