@@ -73,9 +73,10 @@ def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
     return apply_edits(p, a.views, spectra)
 
 
-def factorised_outputs(the_plan: Plan, a: Analysis) -> list[str]:
-    """Output tensor names of the factorised layers: teacher and student share them."""
-    return [a.views[c.node].output for c in the_plan.candidates if c.decision == "factorize"]
+def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
+    """Output tensor names (and elem types) of the factorised layers: teacher and student share them."""
+    views = [a.views[c.node] for c in the_plan.candidates if c.decision == "factorize"]
+    return {v.output: onnx.helper.np_dtype_to_tensor_dtype(v.dtype) for v in views}
 
 
 def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
@@ -123,7 +124,7 @@ def compress(
 def verify_files(teacher: PathLike, student: PathLike, *, inputs: PathLike | None = None,
                  bound: float | None = None, dims: dict[str, int] | None = None,
                  feed: dict[str, np.ndarray] | None = None, seed: int = 0,
-                 layers: list[str] | None = None) -> VerifyReport:
+                 layers: dict[str, int] | None = None) -> VerifyReport:
     """Teacher vs student in ONNX Runtime, on `inputs` (.npz) or random inputs of the right shapes."""
     t = load_model(teacher)
     load_model(student)

@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from onnx_inher.ir.shapes import infer
 from onnx_inher.runtime import session
 
 
@@ -54,27 +53,25 @@ def compare(teacher: list[np.ndarray], student: list[np.ndarray], names: list[st
     return errs
 
 
-def _exposing(model: ModelProto | str | Path, tensors: list[str]) -> ModelProto | str | Path:
-    """The model with `tensors` added as graph outputs (their dtypes from shape inference)."""
+def _exposing(model: ModelProto | str | Path, tensors: dict[str, int]) -> ModelProto | str | Path:
+    """The model with `tensors` (name -> ONNX elem type) added as graph outputs."""
     if not tensors:
         return model
     m = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
     out = ModelProto()
     out.CopyFrom(m)
-    table = infer(out)
     present = {o.name for o in out.graph.output}
-    for name in tensors:
-        if name not in present:
-            elem = table[name].elem_type if name in table else onnx.TensorProto.FLOAT
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    out.graph.output.extend(onnx.helper.make_tensor_value_info(name, elem, None)
+                            for name, elem in tensors.items() if name not in present)
     return out
 
 
 def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, feed: dict[str, np.ndarray],
-           bound: float | None = None, provider: str = "auto", tensors: list[str] | None = None) -> VerifyReport:
+           bound: float | None = None, provider: str = "auto",
+           tensors: dict[str, int] | None = None) -> VerifyReport:
     """Compare graph outputs (checked against `bound`) and, for diagnosis, the named inner `tensors`
-    that teacher and student share (e.g. outputs of factorised layers)."""
-    tensors = list(tensors or [])
+    that teacher and student share (e.g. outputs of factorised layers), given with their elem types."""
+    tensors = dict(tensors or {})
     t_sess = session(_exposing(teacher, tensors), provider)
     s_sess = session(_exposing(student, tensors), provider)
     names = [o.name for o in t_sess.get_outputs()]
