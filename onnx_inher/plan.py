@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from onnx_inher import cost
 from onnx_inher.errors import InputError
@@ -287,6 +288,8 @@ def build_plan(model_path: str, sha256: str, opset: int, found: list, options: O
                 views.append(f)
     policy = options.policy
     warnings: list[str] = []
+    for v in tqdm(views, desc="SVD", unit="layer", disable=None, leave=False):
+        spectra.values(v)
     if policy.kind == "rank" and views and policy.value > max(v.full_rank for v in views):
         raise InputError(f"--rank {int(policy.value)} is above the full rank of every candidate layer "
                          f"(largest is {max(v.full_rank for v in views)}); choose a smaller rank.")
@@ -313,6 +316,7 @@ def load_plan(path: str | Path) -> Plan:
 
 def apply_edits(plan: Plan, views: dict[str, LayerView], spectra: Spectra) -> Plan:
     """Recompute the numbers of a (possibly hand-edited) plan; its ranks and heads are applied as written."""
+    owners: dict[tuple[str, int, int], str] = {}  # as `Factorize` names shared factors: first of each key
     for c in plan.candidates:
         view = views.get(c.node)
         if c.decision not in ("factorize", "skip"):
@@ -334,6 +338,11 @@ def apply_edits(plan: Plan, views: dict[str, LayerView], spectra: Spectra) -> Pl
         a = cost.after(view, c.rank, c.heads)
         c.form = "heads" if c.heads > 1 else "pair"
         c.params_after, c.flops_after = a.params, a.flops
+        # a layer that reuses another's factors (same weight, rank and heads) adds no parameters
+        owner = owners.setdefault((view.shared_key, c.rank, c.heads), c.node)
+        c.shares_factors_with = owner if owner != c.node else None
+        if c.shares_factors_with:
+            c.params_after = 0
         c.energy_kept = round(energy_kept(spectra.values(view), c.rank), 6)
         c.reason = None
     return plan

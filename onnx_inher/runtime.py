@@ -93,7 +93,7 @@ def sample_inputs(model: ModelProto, dims: dict[str, int] | None = None, seed: i
         tt = inp.type.tensor_type
         shape = []
         for axis, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 shape.append(d.dim_value)
             elif d.dim_param:
                 shape.append(dims.setdefault(d.dim_param, 2 if axis == 0 else 8))

@@ -25,7 +25,7 @@ def _dims(t: onnx.TypeProto) -> tuple[Dim, ...] | None:
         return None
     out: list[Dim] = []
     for d in t.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             out.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             out.append(d.dim_param)
