@@ -82,9 +82,7 @@ def heads_unsupported(view: LayerView, opset: int) -> str | None:
     if view.op == "Gemm" and view.attrs.get("c") and view.bias is None:
         return "Gemm bias C is not a constant vector; using a plain pair"
     if view.op in ("Conv", "ConvTranspose"):
-        if view.out_dims is None:
-            return "output shape unknown after shape inference; using a plain pair"
-        spatial = view.out_dims[2:]
+        spatial = view.out_dims[2:] if view.out_dims is not None else (None,)
         if not all(isinstance(d, int) for d in spatial) and opset < 10:
             return "dynamic spatial dims need opset >= 10 for the heads' reshape; using a plain pair"
     return None

@@ -175,7 +175,7 @@ def _heads_conv(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y: str,
         mixed_b = e.node("MatMul", [gate, e.weight("heads.bias", b)], "mix_bias")
         mixed_b = e.node("Reshape", [mixed_b, e.ints("bias.shape", [0, g, o, 1])], "mix_bias_4d")
         out = e.node("Add", [out, mixed_b], "apply_bias")
-    spatial = list(view.out_dims[2:]) if view.out_dims else []
+    spatial = list(view.out_dims[2:]) if view.out_dims else [None]
     if all(isinstance(d, int) for d in spatial):
         target = e.ints("out.shape", [0, c_out, *spatial])  # type: ignore[list-item]
     else:
