@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import ModelProto, TensorProto
 
 from onnx_inher.errors import InputError
@@ -101,9 +101,10 @@ def _check_structure(model: ModelProto, path: Path) -> None:
     if external:
         _check_external_files(model, path)
     try:
-        # With external data the checker must see the file, so it resolves locations next to the
-        # model rather than in the current directory.
-        onnx.checker.check_model(str(path) if external else model)
+        # The checker reads the file itself: it then resolves external data next to the model rather
+        # than in the current directory, and a ModelProto would be serialised and parsed again in C++
+        # (two more copies of the weights at once).
+        onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as err:
         text = " ".join(str(err).split())[:300].rstrip(".") or type(err).__name__
         raise InputError(f"{path}: invalid ONNX model: {text}; fix or re-export the model.") from None
@@ -229,7 +230,11 @@ def check_output(path: str | os.PathLike[str], inputs: list[Path]) -> None:
 
 
 def _needs_external(model: ModelProto) -> bool:
-    return model.ByteSize() > PROTOBUF_LIMIT
+    """Over the 2 GB protobuf limit (newer protobuf refuses to even measure such a model)."""
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT
+    except EncodeError:
+        return True
 
 
 def _write_model(model: ModelProto, path: Path, data_name: str | None) -> None:
