@@ -83,11 +83,18 @@ def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
     """Apply a plan to an analysed model (in place: the analysis owns its copy)."""
     model, _ = Factorize(the_plan, a.views, spectra, inplace=True)(a.loaded.model)
     model, _ = Cleanup(inplace=True)(model)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise CheckFailed(f"the rewritten model fails the ONNX checker: {str(err).splitlines()[0]}") from None
     return model
+
+
+def check_written(files: list[Path]) -> None:
+    """Full ONNX check of a saved student, read by path (an in-memory check would serialise the whole
+    model once more, the largest memory peak of `compress`); a student that fails is removed."""
+    try:
+        onnx.checker.check_model(str(files[0]), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        for f in files:
+            f.unlink(missing_ok=True)
+        raise CheckFailed(f"the rewritten model fails the ONNX checker: {str(err).splitlines()[0]}") from None
 
 
 def compress(
@@ -113,6 +120,8 @@ def compress(
     teacher_path = a.loaded.path
     rewritten = rewrite(a, the_plan, spectra)
     written = save_model(rewritten, out, external_data=a.loaded.external_data, inputs=[teacher_path])
+    del rewritten
+    check_written(written)
     result = CompressResult(the_plan, written, notes=list(the_plan.warnings))
     if verify:
         layers = factorised_outputs(the_plan, a)
