@@ -11,6 +11,7 @@ from onnx import ModelProto
 
 from onnx_inher.errors import PassError
 from onnx_inher.ir.graph import FOLDABLE, GraphIndex
+from onnx_inher.ir.io import copy_model
 
 REMOVABLE = FOLDABLE | {"Constant"}
 
@@ -27,7 +28,7 @@ class Cleanup:
         self.inplace = inplace
 
     def __call__(self, model: ModelProto) -> tuple[ModelProto, bool]:
-        out = model if self.inplace else _copied(model)
+        out = model if self.inplace else copy_model(model)
         graph = out.graph
         changed = False
         while True:
@@ -75,8 +76,3 @@ class Cleanup:
                                 "(or the graph is not topologically sorted)")
             available.update(n.output)
 
-
-def _copied(model: ModelProto) -> ModelProto:
-    out = ModelProto()
-    out.CopyFrom(model)
-    return out

@@ -28,6 +28,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from onnx_inher.errors import InputError, PassError
+from onnx_inher.ir.io import copy_model
 from onnx_inher.layers import LayerView
 from onnx_inher.plan import Candidate, Plan, Spectra
 from onnx_inher.svd import Factors, truncate
@@ -229,7 +230,7 @@ class Factorize:
 
     def __call__(self, model: ModelProto) -> tuple[ModelProto, bool]:
         self.requires(model)
-        out = model if self.inplace else _copy(model)
+        out = model if self.inplace else copy_model(model)
         before = _signature(out)
         opset = self.plan.opset
         seed = self.plan.options.seed
@@ -270,9 +271,4 @@ class Factorize:
         if _signature(model) != before:
             raise PassError(self.name, "graph outputs changed")
 
-
-def _copy(model: ModelProto) -> ModelProto:
-    out = ModelProto()
-    out.CopyFrom(model)
-    return out
 

@@ -317,3 +317,10 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         os.replace(tmp, p)
     except OSError as err:
         raise InputError(f"{p}: cannot write ({err.strerror}); choose another path.") from None
+
+
+def copy_model(model: ModelProto) -> ModelProto:
+    """A deep copy, for passes asked not to edit their input in place."""
+    out = ModelProto()
+    out.CopyFrom(model)
+    return out
