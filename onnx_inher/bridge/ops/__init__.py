@@ -1,0 +1,1 @@
+"""Op converters grouped by family, registered by (domain, op type, opset range)."""

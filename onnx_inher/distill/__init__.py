@@ -1,0 +1,1 @@
+"""Knowledge-distillation fine-tuning: losses, data, trainer, checkpoints (issue 5)."""
