@@ -126,12 +126,14 @@ def inspect(model: Path, as_json: bool, **kw: Any) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan JSON to write.")
 @policy_options
+@click.option("--target", type=click.Choice(["cpu", "cuda"]),
+              help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
 @handled
-def plan_cmd(model: Path, output: Path, **kw: Any) -> None:
+def plan_cmd(model: Path, output: Path, target: str | None, **kw: Any) -> None:
     """Write a JSON plan (edit ranks by hand, then `compress --plan`)."""
     options = _options(kw)
     check_output(output, [model])
-    p = api.plan(model, options)
+    p = api.plan(model, options, target=target)
     write_text(output, p.to_json())
     click.echo(report.totals_line(p))
     click.echo(f"plan written to {output}")
@@ -146,14 +148,16 @@ def plan_cmd(model: Path, output: Path, **kw: Any) -> None:
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of inputs keyed by input name for --verify.")
 @click.option("--max-rel-error", type=float, help="Exit 1 if the verified relative error exceeds this.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]),
+              help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
 @handled
 def compress(model: Path, output: Path, plan_path: Path | None, verify: bool, inputs: Path | None,
-             max_rel_error: float | None, as_json: bool, **kw: Any) -> None:
+             max_rel_error: float | None, as_json: bool, target: str | None, **kw: Any) -> None:
     """Rewrite the planned layers into SVD-initialised factor nodes and save the student."""
     options = _options(kw)
     check_output(output, [model, *(p for p in (plan_path, inputs) if p is not None)])
     result = api.compress(model, output, options, plan_path=plan_path, verify=verify or max_rel_error is not None,
-                          inputs=inputs, bound=max_rel_error)
+                          inputs=inputs, bound=max_rel_error, target=target)
     if as_json:
         doc = {"plan": json.loads(result.plan.to_json())["totals"], "outputs": [str(p) for p in result.outputs],
                "verification": result.verification.to_dict() if result.verification else None}
@@ -186,8 +190,178 @@ def verify(teacher: Path, student: Path, inputs: Path | None, max_rel_error: flo
         sys.exit(1)
 
 
+def _ints(value: str, option: str) -> list[int]:
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    if not all(v.isdigit() and int(v) > 0 for v in parts):
+        raise InputError(f"{option}: expected comma-separated positive integers (e.g. {option} 1,8,32), got '{value}'")
+    return [int(v) for v in parts]
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime offers it, else CPU (with a notice).")
+@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--seq-len", "seq_lens", default="",
+              help="Values of the inputs' dynamic dims after the batch axis, comma-separated (default 128).")
+@click.option("--threads", type=int, default=0, help="Intra-op threads on CPU (default: all cores).")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model and shape.")
+@click.option("--iters", type=int, default=100, show_default=True, help="Timed runs per model and shape.")
+@click.option("--cuda-graph", is_flag=True, help="Capture and replay CUDA graphs (CUDA provider only).")
+@click.option("--per-layer", is_flag=True, help="Also time each factorised layer alone vs its dense original.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Report prefix: writes PREFIX.json, PREFIX.md and PREFIX.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
+@handled
+def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Path | None, as_json: bool,
+              **kw: Any) -> None:
+    """Time MODELS interleaved in ONNX Runtime; the first is the baseline, the others get speedups vs it."""
+    from onnx_inher.bench import bench, terminal, write_reports
+
+    result = bench(list(models), batches=_ints(batches, "--batch"),
+                   seq_lens=_ints(seq_lens, "--seq-len") if seq_lens else [], **kw)
+    doc = result.to_dict()
+    written = write_reports(doc, output) if output else []
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else terminal(doc))
+    if written and not as_json:
+        click.echo(f"report written to {', '.join(map(str, written))}")
+
+
+@main.command("distill")
+@click.argument("student", type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), required=True, help="The uncompressed teacher ONNX.")
+@click.option("--data", required=True,
+              help="An .npz keyed by input names (optional 'labels'), a folder of <input>.npy, or one of mnist5k, "
+                   "digits, fashion-mnist, fortunes (add :test for the held-out part), random[:N] (data-free).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Fine-tuned student to write.")
+@click.option("--val-data", help="Validation data (same forms as --data) instead of a split of --data.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of --data held for validation.")
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--steps", type=int, help="Train this many optimizer steps instead of --epochs.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch (split across processes).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW peak learning rate.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup", type=float, default=0.05, show_default=True, help="Linear warm-up, fraction of the steps.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping (0 turns it off).")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature T.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="KD weight of the label loss.")
+@click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
+              help="Loss of a graph output: kd, kl, mse or cosine, optionally weighted (repeatable).")
+@click.option("--features", default="", help="Feature KD: 'auto' (factorised layers' outputs) or comma-separated "
+                                             "tensor names present in teacher and student.")
+@click.option("--feature-weight", type=float, default=1.0, show_default=True)
+@click.option("--trainable", type=click.Choice(["factors", "all"]), default="factors", show_default=True)
+@click.option("--patience", type=int, help="Stop after this many evaluations without a better validation loss.")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (default: once per epoch).")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Default: OUTPUT's name + .checkpoints.")
+@click.option("--checkpoint-every", type=int, default=200, show_default=True, help="Steps between checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint of the same run, if any.")
+@click.option("--metrics", type=click.Path(path_type=Path), help="metrics.jsonl path (default: next to OUTPUT).")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Teacher-output cache (default: ~/.cache/onnx-inher/teacher).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Dynamic dims for data-free inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@handled
+def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data: str | None, losses: tuple[str, ...],
+                features: str, dims: tuple[str, ...], checkpoint_dir: Path | None, resume: bool, metrics: Path | None,
+                cache_dir: Path | None, as_json: bool, **kw: Any) -> None:
+    """Fine-tune a compressed STUDENT to match its teacher (KD), verify it in ONNX Runtime, write it.
+
+    Under `torchrun --nproc_per_node N onnx-inher distill ...` it trains with DistributedDataParallel.
+    """
+    from onnx_inher.distill import DistillOptions, distill
+    from onnx_inher.distill.options import parse_assignments
+
+    options = DistillOptions(losses=parse_assignments(losses, "--loss"), dims=_dims(dims),
+                             features=[f for f in features.split(",") if f], **kw)
+    result = distill(student, teacher, data, output, options, val_data=val_data, metrics=metrics,
+                     checkpoint_dir=checkpoint_dir, resume=resume, cache_dir=cache_dir)
+    if result.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return
+    doc = result.to_json()
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    train = result.train
+    click.echo(f"{train.steps} steps in {train.seconds:.1f} s on {result.train_samples} samples "
+               f"({'data-free' if result.data_free else result.data}); teacher "
+               f"{'cached' if result.teacher_cached else 'run'}; ORT vs torch {result.ort_max_rel:.1e}")
+    for name, values in (("before", train.initial), ("after", train.final)):
+        if values:
+            click.echo(f"validation {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    click.echo(f"student written to {result.output}")
+
+
+def _print_run(result: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(result.to_json(), nl=False)
+        return
+    click.echo(report.run_summary_table(result.summary, markdown=False))
+    click.echo(f"report: {Path(result.folder) / 'report.md'}")
+
+
+@main.command("run")
+@click.argument("teacher", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Distillation data: as for `distill --data` (mnist5k, digits, "
+                                            "fashion-mnist, fortunes, an .npz, a folder of .npy, random[:N]).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Run folder (created; a rerun skips the stages that are complete and still valid).")
+@policy_options
+@click.option("--epochs", type=int, default=3, show_default=True, help="Distillation epochs.")
+@click.option("--steps", type=int, help="Distillation optimizer steps instead of --epochs.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True)
+@click.option("--features", default="", help="Feature KD: 'auto' or comma-separated tensor names.")
+@click.option("--trainable", type=click.Choice(["factors", "all"]), default="factors", show_default=True)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--compare-pair", is_flag=True,
+              help="Also distil a plain pair with the same ranks, to see whether the heads pay for themselves.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--batch", "batches", default="1,32", show_default=True, help="Bench batch sizes.")
+@click.option("--seq-len", "seq_lens", default="", help="Bench sequence lengths (dynamic inner dims).")
+@click.option("--iters", type=int, default=50, show_default=True, help="Timed bench runs per model and shape.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's results as JSON.")
+@handled
+def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int, lr: float,
+            temperature: float, alpha: float, features: str, trainable: str, val_fraction: float,
+            compare_pair: bool, provider: str, batches: str, seq_lens: str, iters: int, as_json: bool,
+            **kw: Any) -> None:
+    """plan -> compress -> verify -> distill -> verify -> bench -> report, into one resumable run folder."""
+    from onnx_inher.distill import DistillOptions
+    from onnx_inher.pipeline import BenchSettings, run
+
+    options = _options(kw)
+    dopts = DistillOptions(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
+                           alpha=alpha, features=[f for f in features.split(",") if f], trainable=trainable,
+                           val_fraction=val_fraction, seed=options.seed, dims=options.dims)
+    bset = BenchSettings(batches=tuple(_ints(batches, "--batch")),
+                         seq_lens=tuple(_ints(seq_lens, "--seq-len")) if seq_lens else (), provider=provider,
+                         iters=iters)
+    result = run(teacher, data, output, options, dopts, bset, compare_pair=compare_pair,
+                 log=(lambda m: click.echo(m, err=True)))
+    _print_run(result, as_json)
+
+
 @main.command()
-def demo() -> None:
-    """End-to-end demo on an embedded teacher (arrives with the `run`/`demo` issue)."""
-    click.echo("onnx-inher demo: not yet available - it lands with the end-to-end `run` command. "
-               "Meanwhile try: onnx-inher inspect MODEL.onnx")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Run folder.")
+@click.option("--quick", is_flag=True, help="A short distillation (what CI runs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's results as JSON.")
+@handled
+def demo(output: Path, quick: bool, as_json: bool) -> None:
+    """Compress and distil the embedded MNIST CNN (real digits, nothing downloaded) and print the result."""
+    from onnx_inher.demo import demo as run_demo
+    from onnx_inher.demo import teacher_card
+
+    if not as_json:
+        card = teacher_card()
+        click.echo(f"onnx-inher demo: the embedded CNN ({card['test_accuracy']:.1%} on {card['test_digits']} held-out "
+                   "MNIST digits) -> <= 50% params with 2 InherNet heads, and a plain pair beside it; distilled on "
+                   f"{card['train_digits']} real digits.")
+    _print_run(run_demo(output, quick=quick), as_json)

@@ -83,24 +83,33 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_training(records: list[dict[str, Any]], path: Path) -> bool:
-    """Training loss per step and every validation metric found in the log (one panel each)."""
-    train = [r for r in records if "loss" in r and "step" in r]
-    val = [r for r in records if r.get("split") == "val" or any(k.startswith("val_") for k in r)]
+    """Training loss per step, validation loss, and validation metrics (accuracy, agreement, cosine).
+
+    Reads the trainer's metrics.jsonl records: ``kind`` is "train" or "val"; validation metrics are the
+    numeric keys holding a '/' (``logits/acc``, ``logits/agree``...).
+    """
+    train = [r for r in records if r.get("kind") == "train" and "loss" in r]
+    val = [r for r in records if r.get("kind") == "val"]
     if not train:
         return False
-    val_keys = sorted({k for r in val for k in r if k.startswith("val_") and isinstance(r[k], int | float)})
+    metric_keys = sorted({k for r in val for k in r if "/" in k and isinstance(r[k], int | float)})
+    panels = 1 + bool(val) + bool(metric_keys)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 1 + len(val_keys), figsize=(4.2 * (1 + len(val_keys)), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="#3b75af", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    for ax, key in zip(axes[0][1:], val_keys, strict=True):
-        pts = [(r["step"], r[key]) for r in val if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="#e4572e", markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key.removeprefix("val_").replace("_", " ") + " (validation)")
+    ax.set(xlabel="step", ylabel="training loss", yscale="log")
+    if val:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in val], [r.get("val_loss") for r in val], "o-", color="#e4572e", markersize=3)
+        ax.set(xlabel="step", ylabel="validation loss")
+    if metric_keys:
+        ax = axes[0][-1]
+        for key in metric_keys:
+            pts = [(r["step"], r[key]) for r in val if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=3, label=key)
+        ax.set(xlabel="step", ylabel="validation metric")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     return True

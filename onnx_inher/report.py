@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.plan import Plan
+
+if TYPE_CHECKING:
+    from onnx_inher.pipeline import RunResult
 
 
 def human(n: float) -> str:
@@ -53,3 +59,140 @@ def verify_table(report: VerifyReport) -> str:
         verdict = "OK" if report.ok else "FAILED"
         text += f"\nverify: {verdict} (max rel err {report.max_rel:.3g}, bound {report.bound:g})"
     return text
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _val(metric: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2%}" if metric == "accuracy" else f"{v:.4f}"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _speed(d: dict | None, key: str = "value") -> str:
+    if not d:
+        return "-"
+    parts = []
+    for batch, s in sorted(d.items(), key=lambda kv: int(kv[0])):
+        if s is None:
+            continue
+        value = s[key] if isinstance(s, dict) else s
+        ci = f" [{s['low']:.2f}–{s['high']:.2f}]" if isinstance(s, dict) and "low" in s else ""
+        parts.append(f"b{batch}: {value:.2f}×{ci}")
+    return "; ".join(parts) or "-"
+
+
+def run_summary_table(rows: list[dict], markdown: bool = True) -> str:
+    """Teacher vs student: params, FLOPs, file size, task metric, measured and ideal speedups."""
+    header = ["model", "params", "FLOPs", "file", rows[0]["metric"] if rows else "metric", "speedup (measured)",
+              "speedup (ideal, FLOPs)"]
+    body = []
+    for r in rows:
+        ideal = r.get("ideal_speedup_flops")
+        body.append([r["model"], human(r["params"]), human(r["flops"]), _mib(r.get("file_bytes")),
+                     _val(r["metric"], r["value"]), _speed(r.get("speedup")),
+                     "; ".join(f"b{b}: {v:.2f}×" for b, v in sorted(ideal.items(), key=lambda kv: int(kv[0]))
+                               if v) if ideal else "-"])
+    if not markdown:
+        return _table(body, header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, b)) + " |" for b in body]
+    return "\n".join(lines)
+
+
+def _fidelity_lines(label: str, ev: dict) -> list[str]:
+    lines = []
+    final, init = ev["final"], ev["init"]
+    if final.get("top1_agreement") is not None:
+        lines.append(f"{label}: top-1 agrees with the teacher on {final['top1_agreement']:.2%} of them "
+                     f"(SVD init: {init['top1_agreement']:.2%}).")
+    for o, o0 in zip(final["outputs"], init["outputs"], strict=True):
+        pooled = " (mean-pooled with the attention mask)" if o["pooled"] else ""
+        lines.append(f"{label}, output `{o['name']}`{pooled}: cosine to teacher {o['cosine_mean']:.4f} "
+                     f"(min {o['cosine_min']:.4f}; SVD init {o0['cosine_mean']:.4f}), max rel err {o['max_rel']:.3g}.")
+    return lines
+
+
+def _training_line(label: str, dist: dict) -> str:
+    train = dist.get("train", {})
+    teacher = "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
+    return (f"{label}: {train.get('steps')} steps in {train.get('seconds', 0):.1f} s "
+            f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "
+            f"{dist.get('trainable_params')} trainable params" + (", stopped early" if train.get("stopped_early")
+                                                                   else "")
+            + f"); teacher outputs {teacher}; ORT vs torch after write-back: max rel err "
+            f"{dist.get('ort_max_rel', 0):.2g}.")
+
+
+def _heads_verdict(result: RunResult) -> list[str]:
+    """Do the heads pay for themselves? Same ranks, same training: metric and latency side by side."""
+    if "student_pair" not in result.distill:
+        return []
+    ev = result.evaluation
+    metric = result.summary[0]["metric"]
+    heads = next(r for r in result.summary if r["model"].startswith("student (heads), distilled"))
+    pair = next(r for r in result.summary if r["model"].startswith("student pair, distilled"))
+    lines = ["## Do the heads pay for themselves?", "",
+             f"Same ranks and the same distillation; the only difference is the gated heads. On {ev['samples']} "
+             f"held-out samples the headed student scores {_val(metric, heads['value'])} and the plain pair "
+             f"{_val(metric, pair['value'])}; headed params {human(heads['params'])} vs {human(pair['params'])}."]
+    for p in result.bench["points"]:
+        h, q = p["student"]["latency_ms"]["p50"], p["student_pair"]["latency_ms"]["p50"]
+        lines.append(f"Batch {p['batch']}: heads p50 {h:.3f} ms vs pair {q:.3f} ms ({h / q:.2f}× the pair's time).")
+    lines += ["", "Verdict: " + _verdict(metric, heads["value"], pair["value"], ev["samples"]), ""]
+    return lines
+
+
+def _verdict(metric: str, heads: float | None, pair: float | None, n: int) -> str:
+    if heads is None or pair is None:
+        return "no comparable metric."
+    if metric == "accuracy":
+        p = (heads + pair) / 2
+        noise = 2 * (2 * p * (1 - p) / max(n, 1)) ** 0.5  # two standard errors of a difference of two accuracies
+        gap = heads - pair
+        if abs(gap) <= noise:
+            return (f"the difference ({gap:+.2%}) is within noise (±{noise:.2%} at {n} samples): prefer "
+                    "`--heads 1`, the plain pair, which is smaller and faster.")
+        if gap > 0:
+            return (f"the heads score {gap:+.2%} higher (beyond the ±{noise:.2%} noise); weigh that against "
+                    "their latency.")
+        return f"the plain pair scores {-gap:.2%} higher: use `--heads 1`."
+    if heads > pair:
+        return f"the heads are closer to the teacher ({heads:.4f} vs {pair:.4f}); weigh that against their latency."
+    return "the heads are not closer to the teacher here: use `--heads 1`, the plain pair is smaller and faster."
+
+
+def run_markdown(result: RunResult, folder: Path) -> str:
+    """report.md of a run folder: the summary, the heads question, training, latency, and the plots."""
+    plan = result.plan["totals"]
+    ev, bench = result.evaluation, result.bench
+    first = result.distill["student"]["distill"]
+    labels = {"student": "headed student" if "student_pair" in result.distill else "student",
+              "student_pair": "plain pair"}
+    lines = ["# onnx-inher run report", "",
+             f"Teacher compressed to {plan['param_ratio']:.1%} of its candidate-layer params "
+             f"({plan['factorized']}/{plan['candidates']} layers factorised), FLOPs {plan['flop_ratio']:.1%}, "
+             f"then distilled on `{first.get('data')}`"
+             + (" (**data-free: random inputs**)" if first.get("data_free") else "") + ".", "",
+             "## Summary", "", run_summary_table(result.summary), "",
+             f"Task metric measured in ONNX Runtime on {ev['samples']} held-out samples (`{ev['data']}`); "
+             "speedups are teacher p50 / student p50 with a 95% bootstrap interval, ideal = FLOP ratio."]
+    for name in result.distill:
+        lines += _fidelity_lines(labels[name], ev[name])
+    lines += ["", *_heads_verdict(result), "## Training", ""]
+    lines += [_training_line(labels[name], v["distill"]) for name, v in result.distill.items()]
+    if (folder / "training.png").exists():
+        lines += ["", "![training and validation curves](training.png)"]
+    settings = bench.get("settings", {})
+    lines += ["", "## Latency", "", f"{settings.get('provider')}, {settings.get('threads_intra_op')} intra-op "
+              "threads, models run interleaved. Full table (p50/p90/p99, throughput, efficiency vs ideal): "
+              "[bench.md](bench.md).", "", "![latency vs batch](bench.png)", "",
+              "## Factorised layers", "", "Every candidate with its decision and reason: [plan.json](plan.json).",
+              "", "![rank and energy kept per layer](layers.png)", ""]
+    return "\n".join(lines)

@@ -104,7 +104,8 @@ def test_plots_written_and_deterministic(tmp_path: Path) -> None:
     assert plot_layers(p, tmp_path / "a.png") and plot_layers(p, tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    records = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(20)] + [{"step": 19, "val_accuracy": 0.9}]
+    records = [{"kind": "train", "step": i, "loss": 1.0 / (i + 1)} for i in range(20)]
+    records += [{"kind": "val", "step": 19, "val_loss": 0.1, "logits/acc": 0.9}]
     assert plot_training(records, tmp_path / "train.png")
     assert not plot_training([], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
