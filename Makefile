@@ -11,12 +11,13 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# torch first (the pinned CPU build), then the project and its dev extras, then torchcrepe without
-# its dependencies (they would pull another torch).
+# torch first (the pinned CPU build), then the project and its dev extras, then torchcrepe and
+# resemblyzer without their dependencies (they would pull another torch, librosa, webrtcvad).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps torchcrepe==0.0.24
+	$(BIN)/pip install -q --no-deps resemblyzer==0.1.4
 	touch $(STAMP)
 
 venv: $(STAMP)

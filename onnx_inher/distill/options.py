@@ -1,0 +1,114 @@
+"""Distillation options: one dataclass, checked once before anything runs (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnx_inher.errors import InputError
+
+LOSS_KINDS = ("kd", "kl", "mse", "cosine")
+TRAINABLE = ("factors", "all")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DistillOptions:
+    """Everything that shapes a distillation run (paths aside). Defaults suit a compressed student.
+
+    `losses` maps an output name to ``kind`` or ``kind:weight`` (kd, kl, mse, cosine); outputs not named
+    get the default for their kind (see `losses.default_kind`). `features` names intermediate tensors for
+    feature KD ("auto": the outputs of every factorised layer), weighted by `feature_weight`.
+    """
+
+    epochs: int = 3
+    steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    clip: float = 1.0
+    temperature: float = 4.0
+    alpha: float = 0.5
+    losses: dict[str, str] = field(default_factory=dict)
+    features: list[str] = field(default_factory=list)
+    feature_weight: float = 1.0
+    trainable: str = "factors"
+    val_fraction: float = 0.1
+    patience: int | None = None
+    eval_every: int | None = None
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    teacher_batch: int = 64
+    max_rel_error: float = 1e-3
+    dims: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "teacher_batch": self.teacher_batch}
+        for name, value in positive.items():
+            if value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"--steps must be >= 1, got {self.steps}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.clip < 0:
+            raise InputError("--lr must be > 0, --weight-decay and --clip >= 0 (0 turns clipping off)")
+        if not 0 <= self.warmup < 1:
+            raise InputError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise InputError("--temperature must be > 0 and --alpha in [0, 1]")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.patience is not None and (self.patience < 1 or self.val_fraction == 0):
+            raise InputError("--patience needs a validation set (--val-fraction > 0) and must be >= 1")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1 or (self.eval_every or 1) < 1:
+            raise InputError("--checkpoint-every must be >= 0, --keep-checkpoints and --eval-every >= 1")
+        if self.trainable not in TRAINABLE:
+            raise InputError(f"--trainable must be one of {', '.join(TRAINABLE)}, got '{self.trainable}'")
+        if self.precision not in PRECISIONS or self.device not in DEVICES:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}; --device one of "
+                             f"{', '.join(DEVICES)}")
+        if self.feature_weight < 0:
+            raise InputError(f"--feature-weight must be >= 0, got {self.feature_weight}")
+        for output, spec in self.losses.items():
+            parse_loss(output, spec)
+
+    def run_identity(self) -> dict[str, Any]:
+        """The options that change the trained weights (a resumed run must match them exactly)."""
+        skip = {"checkpoint_every", "keep_checkpoints", "teacher_batch", "max_rel_error", "device"}
+        return {k: v for k, v in sorted(asdict(self).items()) if k not in skip}
+
+
+def parse_loss(output: str, spec: str) -> tuple[str, float]:
+    """``kind`` or ``kind:weight`` -> (kind, weight)."""
+    kind, _, weight_text = spec.partition(":")
+    if kind not in LOSS_KINDS:
+        raise InputError(f"--loss {output}={spec}: unknown loss '{kind}'; use one of {', '.join(LOSS_KINDS)}")
+    try:
+        weight = float(weight_text) if weight_text else 1.0
+    except ValueError:
+        raise InputError(f"--loss {output}={spec}: weight '{weight_text}' is not a number") from None
+    if weight < 0:
+        raise InputError(f"--loss {output}={spec}: weight must be >= 0")
+    return kind, weight
+
+
+def parse_assignments(values: tuple[str, ...] | list[str], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` pairs from repeatable CLI options (names may hold '/' and ':')."""
+    out = {}
+    for v in values:
+        name, sep, value = v.rpartition("=")
+        if not sep or not name or not value:
+            raise InputError(f"{option}: expected NAME=VALUE (e.g. {option} logits=kd:1.0), got '{v}'")
+        out[name] = value
+    return out
+
+
+def default_paths(output: Path) -> tuple[Path, Path]:
+    """Where the metrics log and checkpoints go unless given: next to the output model."""
+    stem = output.with_suffix("")
+    return Path(f"{stem}.metrics.jsonl"), Path(f"{stem}.checkpoints")

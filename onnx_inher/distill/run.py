@@ -1,0 +1,187 @@
+"""`distill`: student + teacher + data -> a fine-tuned student ONNX, verified in ONNX Runtime first.
+
+load student -> load and check data -> pick losses and features -> teacher outputs (cached) -> bridge to
+torch -> train -> write weights back -> compare ORT with the torch module -> save atomically (rank 0).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from onnx_inher.bridge import OnnxModule, to_torch, write_back
+from onnx_inher.bridge.module import is_factor
+from onnx_inher.distill.data import Dataset, input_specs, load_data, split
+from onnx_inher.distill.dist import World, close_world, init_world
+from onnx_inher.distill.losses import OutputLoss, default_kind
+from onnx_inher.distill.options import DistillOptions, default_paths, parse_loss
+from onnx_inher.distill.teacher_cache import teacher_digest, teacher_outputs
+from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
+from onnx_inher.errors import CheckFailed, InputError
+from onnx_inher.ir.io import check_output, load_model, save_model
+from onnx_inher.runtime import session
+
+PathLike = str | os.PathLike[str]
+VERIFY_SAMPLES = 64
+
+
+@dataclass
+class DistillResult:
+    """What a run did; `to_json()` is what `onnx-inher distill --json` prints."""
+
+    output: str
+    data: str
+    data_free: bool
+    train_samples: int
+    val_samples: int
+    losses: list[dict[str, Any]]
+    features: list[str]
+    trainable_params: int
+    teacher_cached: bool
+    teacher_seconds: float
+    train: TrainResult
+    ort_max_rel: float
+    world_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def loss_plan(student: onnx.ModelProto, teacher: onnx.ModelProto, labels: bool, options: DistillOptions) -> LossPlan:
+    """One loss per graph output both models share (user's choice, else the default for its kind)."""
+    teacher_outputs_ = {o.name for o in teacher.graph.output}
+    student_outputs = [(o.name, len(o.type.tensor_type.shape.dim)) for o in student.graph.output]
+    unknown = [n for n in options.losses if n not in dict(student_outputs)]
+    if unknown:
+        raise InputError(f"--loss names output(s) {unknown} the student does not have; its outputs are "
+                         f"{[n for n, _ in student_outputs]}")
+    outputs = []
+    for name, rank in student_outputs:
+        if name not in teacher_outputs_:
+            continue
+        kind, weight = parse_loss(name, options.losses[name]) if name in options.losses else \
+            (default_kind(name, rank, labels), 1.0)
+        if weight > 0:
+            outputs.append(OutputLoss(name, kind, weight, options.temperature, options.alpha))
+    if not outputs:
+        raise InputError("student and teacher share no graph output to distill on (or every loss weight is 0); "
+                         "distill a student compressed from this teacher.")
+    return LossPlan(outputs, feature_names(student, teacher, options.features), options.feature_weight)
+
+
+def feature_names(student: onnx.ModelProto, teacher: onnx.ModelProto, requested: list[str]) -> list[str]:
+    """Tensors for feature KD: "auto" = outputs of factorised layers, which keep the teacher's names."""
+    produced_t = {n for node in teacher.graph.node for n in node.output}
+    producer_s = {n: node for node in student.graph.node for n in node.output}
+    if requested == ["auto"]:
+        outputs = {o.name for o in student.graph.output}  # already distilled as outputs
+        names = [n for n, node in producer_s.items()
+                 if is_factor(node.name) and n in produced_t and n not in outputs]
+        if not names:
+            raise InputError("--features auto: no factorised layer output is shared with the teacher; "
+                             "compress the student first, or name tensors explicitly.")
+        return names
+    missing = [n for n in requested if n not in producer_s or n not in produced_t]
+    if missing:
+        raise InputError(f"--features: tensor(s) {missing} are not produced in both teacher and student; "
+                         "use names of nodes outside the factorised layers or of their outputs.")
+    return list(requested)
+
+
+def _check_labels(plan: LossPlan, data: Dataset, teacher: dict[str, np.ndarray]) -> None:
+    if data.labels is None:
+        return
+    for loss in plan.outputs:
+        classes = teacher[loss.output].shape[-1]
+        if loss.kind == "kd" and int(np.max(data.labels)) >= classes:
+            raise InputError(f"data '{data.source}': label {int(np.max(data.labels))} is out of range for output "
+                             f"'{loss.output}' with {classes} classes.")
+
+
+def _teacher_part(world: World, teacher: Path, data: Dataset, fetch: list[str], options: DistillOptions,
+                  cache_dir: Path | None) -> tuple[dict[str, np.ndarray], bool, float]:
+    """Rank 0 runs (or finds) the teacher; the other ranks then open the same cache entry."""
+    began = time.perf_counter()
+    if world.is_main:
+        result = teacher_outputs(teacher, data, fetch, cache_dir=cache_dir, batch_size=options.teacher_batch)
+    world.barrier()
+    if not world.is_main:
+        result = teacher_outputs(teacher, data, fetch, cache_dir=cache_dir, batch_size=options.teacher_batch)
+    return result.arrays, result.computed, time.perf_counter() - began
+
+
+def verify_student(student: onnx.ModelProto, module: OnnxModule, data: Dataset, bound: float) -> float:
+    """Largest relative difference between ORT on the written-back student and the torch module."""
+    index = np.arange(min(VERIFY_SAMPLES, len(data)))
+    feeds = data.batch(index)
+    ort_out = session(student, "cpu").run(list(module.output_names), feeds)
+    module.eval()
+    device = next(module.parameters()).device
+    with torch.no_grad():
+        torch_out = module(*[torch.from_numpy(feeds[n]).to(device) for n in module.input_names])
+    worst = 0.0
+    for name, a, b in zip(module.output_names, ort_out, torch_out, strict=True):
+        ref = b.detach().cpu().numpy().astype(np.float64)
+        err = float(np.abs(a.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
+        worst = max(worst, err)
+        if err > bound:
+            raise CheckFailed(f"student output '{name}' in ONNX Runtime differs from the trained torch module by "
+                              f"{err:.2e} (relative) > {bound:.0e}; the student was not written.")
+    return worst
+
+
+def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
+            options: DistillOptions | None = None, *, val_data: str | None = None, metrics: PathLike | None = None,
+            checkpoint_dir: PathLike | None = None, resume: bool = False,
+            cache_dir: PathLike | None = None) -> DistillResult:
+    """Fine-tune `student` to match `teacher` on `data` and write it to `output` (see the CLI's help)."""
+    options = options or DistillOptions()
+    options.validate()
+    out = Path(output)
+    student_path, teacher_path = Path(student), Path(teacher)
+    check_output(out, [student_path, teacher_path])
+    default_metrics, default_ckpt = default_paths(out)
+    world = init_world(options.device)
+    try:
+        torch.manual_seed(options.seed)
+        loaded = load_model(student_path)
+        teacher_model = onnx.load(str(teacher_path), load_external_data=False)
+        specs = input_specs(loaded.model)
+        full = load_data(data, specs, seed=options.seed, dims=options.dims, model=loaded.model)
+        train, val = split(full, options.val_fraction, options.seed) if val_data is None else \
+            (full, load_data(val_data, specs, seed=options.seed + 1, dims=options.dims, model=loaded.model))
+        plan = loss_plan(loaded.model, teacher_model, full.labels is not None, options)
+        cache = Path(cache_dir) if cache_dir else None
+        arrays, computed, teacher_seconds = _teacher_part(world, teacher_path, full, plan.fetch, options, cache)
+        _check_labels(plan, full, arrays)
+        val_part = None
+        if val is not None:
+            val_arrays = arrays if val_data is None else \
+                _teacher_part(world, teacher_path, val, plan.fetch, options, cache)[0]
+            val_part = Part(val, val_arrays)
+        module, param_map = to_torch(loaded.model, options.trainable)
+        identity = {"student": loaded.sha256, "teacher": teacher_digest(teacher_path), "data": full.fingerprint(),
+                    "world_size": world.size, **options.run_identity()}
+        trainer = Trainer(module, plan, Part(train, arrays), val_part, options, world, identity,
+                          Path(checkpoint_dir) if checkpoint_dir else default_ckpt,
+                          Path(metrics) if metrics else default_metrics, resume, full.data_free)
+        result = trainer.run()
+        trained = write_back(loaded.model, module, param_map)
+        worst = 0.0
+        if world.is_main:
+            worst = verify_student(trained, module, val if val is not None else train,
+                                   options.max_rel_error)
+            save_model(trained, out, external_data=loaded.external_data, inputs=[student_path, teacher_path])
+        world.barrier()
+        return DistillResult(str(out), full.source, full.data_free, len(train), len(val) if val is not None else 0,
+                             [asdict(o) for o in plan.outputs], plan.features, sum(p.numel() for p in trainer.params),
+                             not computed, round(teacher_seconds, 3), result, worst, world.size)
+    finally:
+        close_world(world)

@@ -1,0 +1,208 @@
+"""The teacher's outputs over a data set, computed once in ONNX Runtime and memory-mapped afterwards.
+
+The teacher never changes during distillation, so running it every epoch (or every run of the same
+experiment) is wasted time. We run it once, batched, on the CUDA provider when ONNX Runtime has one, and
+store every fetched tensor (graph outputs and, for feature KD, intermediate tensors exposed as extra graph
+outputs on a copy of the teacher) as one ``.npy`` per name. Later epochs and later runs open those files
+memory-mapped, so a data set larger than RAM costs no RAM.
+
+The cache key is the sha256 of the teacher's files (the ``.onnx`` and any external data), the data set's
+fingerprint, and the fetched names: change any of them and the teacher runs again. A cache entry is built
+in a temporary folder and renamed into place with its manifest, so a killed run never leaves a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+from tqdm import tqdm
+
+from onnx_inher.distill.data import Dataset
+from onnx_inher.errors import InputError
+from onnx_inher.ir.io import PROTOBUF_LIMIT, iter_tensors, load_model
+from onnx_inher.runtime import session
+
+MANIFEST = "manifest.json"
+FORMAT = "onnx-inher-teacher-cache/1"
+BATCH = 64
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """Fetched tensors keyed by ONNX name, [N, ...] over the whole data set (memory-mapped when cached)."""
+
+    arrays: dict[str, np.ndarray]
+    folder: Path | None
+    key: str
+    computed: bool
+
+    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.ascontiguousarray(v[index]) for k, v in self.arrays.items()}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("ONNX_INHER_CACHE") or Path.home() / ".cache" / "onnx-inher"
+    return Path(root) / "teacher"
+
+
+def teacher_digest(path: Path) -> str:
+    """sha256 over the model file and its external data files (their names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = sorted({e.value for t in iter_tensors(model.graph) for e in t.external_data if e.key == "location"})
+    for location in locations:
+        digest.update(location.encode())
+        with open(path.parent / location, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(teacher_sha: str, data_fingerprint: str, fetch: Sequence[str]) -> str:
+    text = json.dumps({"format": FORMAT, "teacher": teacher_sha, "data": data_fingerprint, "fetch": list(fetch)})
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def teacher_outputs(teacher: Path, data: Dataset, fetch: Sequence[str], *, cache_dir: Path | None = None,
+                    batch_size: int = BATCH, preference: str = "auto") -> TeacherOutputs:
+    """The teacher's tensors `fetch` on every sample of `data`, from the cache or computed (then cached).
+
+    `cache_dir=None` uses ``$ONNX_INHER_CACHE/teacher``; outputs are then memory-mapped read-only arrays.
+    """
+    if not fetch:
+        raise InputError("teacher: nothing to fetch; name at least one output.")
+    folder = cache_dir or default_cache_dir()
+    key = cache_key(teacher_digest(teacher), data.fingerprint(), fetch)
+    entry = folder / key
+    if (entry / MANIFEST).is_file():
+        return TeacherOutputs(_open_entry(entry, fetch), entry, key, computed=False)
+    loaded = load_model(teacher).model
+    _check_inputs(loaded, data, teacher)
+    model = with_outputs(loaded, fetch, teacher)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder))
+    try:
+        _compute(model, data, fetch, staging, batch_size, preference)
+        if entry.is_dir() and not (entry / MANIFEST).is_file():
+            shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry left by an older, killed run
+        try:
+            os.replace(staging, entry)
+        except OSError:
+            if not (entry / MANIFEST).is_file():  # not a concurrent run's complete entry: a real error
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TeacherOutputs(_open_entry(entry, fetch), entry, key, computed=True)
+
+
+def _check_inputs(model: ModelProto, data: Dataset, path: Path) -> None:
+    """Teacher and student must read the same named inputs: the student was derived from the teacher."""
+    inits = {t.name for t in model.graph.initializer}
+    names = sorted(i.name for i in model.graph.input if i.name not in inits)
+    if names != sorted(data.inputs):
+        raise InputError(f"{path}: the teacher reads inputs {names} but the data provides {sorted(data.inputs)}; "
+                         "distill a student compressed from this teacher.")
+
+
+def with_outputs(model: ModelProto, fetch: Sequence[str], path: Path) -> ModelProto:
+    """`model` with graph outputs = `fetch` (existing outputs or any node output, typed by shape inference)."""
+    graph = model.graph
+    outputs = {o.name: o for o in graph.output}
+    produced = {name for node in graph.node for name in node.output if name}
+    missing = [n for n in fetch if n not in outputs and n not in produced]
+    if missing:
+        raise InputError(f"{path}: the teacher has no tensor named {missing}; feature KD names must be outputs "
+                         "of nodes present in both teacher and student (see `onnx-inher inspect`).")
+    if all(n in outputs for n in fetch) and len(fetch) == len(outputs):
+        return model
+    typed = _value_infos(model, [n for n in fetch if n not in outputs])
+    copy = ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.output[:]
+    copy.graph.output.extend([outputs.get(n) or typed[n] for n in fetch])
+    return copy
+
+
+def _value_infos(model: ModelProto, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
+    """Types of intermediate tensors; ORT needs an element type on every graph output."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+    known = {v.name: v for v in inferred.graph.value_info}
+    found = {}
+    for name in names:
+        info = known.get(name)
+        elem = info.type.tensor_type.elem_type if info is not None else 0
+        if not elem:
+            raise InputError(f"cannot infer the type of intermediate tensor '{name}'; fetch another tensor.")
+        found[name] = onnx.helper.make_tensor_value_info(name, elem, None)
+    return found
+
+
+def _compute(model: ModelProto, data: Dataset, fetch: Sequence[str], staging: Path, batch_size: int,
+             preference: str) -> None:
+    """Run the teacher batch by batch, writing each fetched tensor into its own memory-mapped .npy."""
+    with tempfile.TemporaryDirectory() as spill:
+        runner = session(model if model.ByteSize() < PROTOBUF_LIMIT else _spill(model, Path(spill)), preference)
+        files = _run_batches(runner, data, fetch, staging, batch_size)
+    manifest = {"format": FORMAT, "samples": len(data),
+                "tensors": {name: {"file": _file_name(fetch, name), "dtype": files[name].dtype.str,
+                                   "shape": list(files[name].shape)} for name in fetch}}
+    for array in files.values():
+        array.flush()
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _run_batches(runner: Any, data: Dataset, fetch: Sequence[str], staging: Path,
+                 batch_size: int) -> dict[str, np.ndarray]:
+    n = len(data)
+    files: dict[str, np.ndarray] = {}
+    quiet = True if os.environ.get("ONNX_INHER_QUIET") == "1" else None
+    for start in tqdm(range(0, n, batch_size), desc="teacher", unit="batch", disable=quiet, leave=False):
+        index = np.arange(start, min(start + batch_size, n))
+        results = runner.run(list(fetch), data.batch(index))
+        for name, value in zip(fetch, results, strict=True):
+            if value.ndim == 0 or value.shape[0] != len(index):
+                raise InputError(f"teacher output '{name}' has shape {list(value.shape)} for a batch of "
+                                 f"{len(index)}: it has no batch axis, so it cannot be distilled per sample.")
+            if name not in files:
+                files[name] = np.lib.format.open_memmap(staging / _file_name(fetch, name), mode="w+",
+                                                        dtype=value.dtype, shape=(n, *value.shape[1:]))
+            target = files[name]
+            if value.shape[1:] != target.shape[1:]:
+                raise InputError(f"teacher output '{name}' changes shape between batches "
+                                 f"({list(target.shape[1:])} vs {list(value.shape[1:])}); pad the inputs "
+                                 "to one length.")
+            target[start:start + len(index)] = value
+    return files
+
+
+def _spill(model: ModelProto, staging: Path) -> Path:
+    """Models over protobuf's 2 GB limit reach ORT as a file with external data."""
+    path = staging / "teacher.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="teacher.onnx.data")
+    return path
+
+
+def _file_name(fetch: Sequence[str], name: str) -> str:
+    """ONNX names may hold '/' or ':'; files are numbered by fetch position instead."""
+    return f"{list(fetch).index(name):04d}.npy"
+
+
+def _open_entry(entry: Path, fetch: Sequence[str]) -> dict[str, np.ndarray]:
+    manifest = json.loads((entry / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT or list(manifest["tensors"]) != list(fetch):
+        raise InputError(f"{entry}: teacher cache entry is from another version; delete the folder.")
+    return {name: np.load(entry / info["file"], mmap_mode="r") for name, info in manifest["tensors"].items()}

@@ -1,0 +1,354 @@
+"""The training loop: AdamW, warm-up + cosine LR, clipping, mixed precision, evaluation, checkpoints.
+
+Every decision is a function of the step number, so a run resumed from a checkpoint takes exactly the
+path an uninterrupted run takes: the data order of an epoch comes from a `DistributedSampler` seeded with
+(seed, epoch) (a world of one process is just the single-process case), the learning rate is computed
+from the step, and the checkpoint holds the weights, the optimizer state, the best validation result and
+the RNG states. Under DDP each rank takes every W-th sample of the same permutation, so one step sees
+the same samples as one single-process step with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from onnx_inher.bridge import OnnxModule
+from onnx_inher.distill.checkpoint import latest, load_checkpoint, save_checkpoint
+from onnx_inher.distill.data import Dataset
+from onnx_inher.distill.dist import World
+from onnx_inher.distill.losses import OutputLoss, feature_loss
+from onnx_inher.distill.options import DistillOptions
+from onnx_inher.errors import InputError
+
+MASK_INPUT = "attention_mask"
+
+
+@dataclass
+class Part:
+    """A data set and the teacher's tensors for it (rows indexed like `data.indices`)."""
+
+    data: Dataset
+    teacher: dict[str, np.ndarray]
+
+    def batch(self, index: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
+        rows = index if self.data.indices is None else self.data.indices[index]
+        labels = None if self.data.labels is None else np.asarray(self.data.labels[index])
+        return self.data.batch(index), {k: np.ascontiguousarray(v[rows]) for k, v in self.teacher.items()}, labels
+
+
+@dataclass
+class LossPlan:
+    """What the student is trained to match: losses on graph outputs, and feature KD on named tensors."""
+
+    outputs: list[OutputLoss]
+    features: list[str] = field(default_factory=list)
+    feature_weight: float = 1.0
+
+    @property
+    def fetch(self) -> list[str]:
+        return [o.output for o in self.outputs] + [f for f in self.features if f not in self.output_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.output for o in self.outputs]
+
+
+class StudentNet(torch.nn.Module):
+    """The student as DDP sees it: graph inputs in, the fetched tensors (outputs and features) out."""
+
+    def __init__(self, module: OnnxModule, fetch: Sequence[str]) -> None:
+        super().__init__()
+        self.module = module
+        self.fetch = list(fetch)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fetch == list(self.module.output_names):
+            return self.module(*inputs)
+        values = self.module.run(dict(zip(self.module.input_names, inputs, strict=True)), self.fetch)
+        return tuple(values[n] for n in self.fetch)
+
+
+def _mask_for(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Token-level outputs [N, L, ...] ignore padding; anything else is averaged over every position."""
+    if mask is None or value.dim() < 3 or tuple(value.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask
+
+
+def compute_loss(plan: LossPlan, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                 labels: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    total = torch.zeros((), device=next(iter(student.values())).device)
+    parts = {}
+    for loss in plan.outputs:
+        value = loss(student[loss.output], teacher[loss.output], labels, _mask_for(student[loss.output], mask))
+        parts[loss.output] = float(value.detach())
+        total = total + loss.weight * value
+    if plan.features and plan.feature_weight > 0:
+        value = feature_loss(student, teacher, plan.features)
+        parts["features"] = float(value.detach())
+        total = total + plan.feature_weight * value
+    return total, parts
+
+
+def lr_at(step: int, total: int, base: float, warmup: float) -> float:
+    """Linear warm-up over `warmup` of the steps, then cosine decay to zero at `total`."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return base * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision where the device supports it: bf16 (or fp16) on CUDA, fp32 on the CPU by default."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line (train records and validation records), rank 0 only."""
+
+    def __init__(self, path: Path | None, enabled: bool, resume_step: int | None) -> None:
+        self.path = path if enabled else None
+        if self.path is None:
+            return
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    total_steps: int
+    seconds: float
+    stopped_early: bool
+    resumed_from: int | None
+    initial: dict[str, float] | None
+    final: dict[str, float] | None
+    best_step: int | None
+
+
+@dataclass
+class Trainer:
+    """One distillation run over prepared parts; `run()` trains `module` in place."""
+
+    module: OnnxModule
+    plan: LossPlan
+    train: Part
+    val: Part | None
+    options: DistillOptions
+    world: World
+    identity: dict[str, Any]
+    checkpoint_dir: Path | None
+    metrics_path: Path | None
+    resume: bool = False
+    data_free: bool = False
+
+    def __post_init__(self) -> None:
+        o = self.options
+        self.device = self.world.device
+        self.module.to(self.device)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise InputError("the student has no trainable weights (none created by compress); compress it first "
+                             "or pass --trainable all")
+        self.net: torch.nn.Module = StudentNet(self.module, self.plan.fetch)
+        if self.world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # Outputs given loss weight 0 leave their layers without gradients: DDP must not wait for them.
+            self.net = DistributedDataParallel(self.net, device_ids=ids, broadcast_buffers=False,
+                                               find_unused_parameters=True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay)
+        self.amp = autocast_dtype(o.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        n = len(self.train.data)
+        if o.batch_size % self.world.size:
+            raise InputError(f"--batch-size {o.batch_size} must be a multiple of the {self.world.size} processes")
+        self.rank_batch = o.batch_size // self.world.size
+        self.sampler = DistributedSampler(range(n), num_replicas=self.world.size, rank=self.world.rank,
+                                          shuffle=True, seed=o.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.rank_batch
+        if self.steps_per_epoch == 0:
+            raise InputError(f"--batch-size {o.batch_size} is larger than the {n} training samples; lower it")
+        self.total_steps = o.steps or o.epochs * self.steps_per_epoch
+        self.eval_every = o.eval_every or self.steps_per_epoch
+
+    # ------------------------------------------------------------------ batches
+
+    def _tensors(self, part: Part, index: np.ndarray) -> tuple[list[torch.Tensor], dict[str, torch.Tensor],
+                                                                torch.Tensor | None, torch.Tensor | None]:
+        feeds, teacher, labels = part.batch(index)
+        inputs = [torch.from_numpy(feeds[n]).to(self.device) for n in self.module.input_names]
+        targets = {k: torch.from_numpy(v).to(self.device) for k, v in teacher.items()}
+        y = None if labels is None else torch.from_numpy(labels).to(self.device)
+        mask = torch.from_numpy(feeds[MASK_INPUT]).to(self.device) if MASK_INPUT in feeds else None
+        return inputs, targets, y, mask
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        self.sampler.set_epoch(epoch)
+        return np.fromiter(iter(self.sampler), dtype=np.int64)
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, index: np.ndarray, step: int) -> tuple[float, dict[str, float]]:
+        inputs, targets, labels, mask = self._tensors(self.train, index)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, self.options.lr, self.options.warmup)
+        with self._autocast():
+            outputs = dict(zip(self.plan.fetch, self.net(*inputs), strict=True))
+        loss, parts = compute_loss(self.plan, outputs, targets, labels, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.options.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.options.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach()), parts
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and metrics: accuracy (labels), top-1 agreement and cosine with the teacher."""
+        assert self.val is not None
+        net = StudentNet(self.module, self.plan.fetch)
+        self.module.eval()
+        sums: dict[str, float] = {}
+        n = len(self.val.data)
+        for start in range(0, n, self.options.batch_size):
+            index = np.arange(start, min(start + self.options.batch_size, n))
+            inputs, targets, labels, mask = self._tensors(self.val, index)
+            with self._autocast():
+                outputs = dict(zip(self.plan.fetch, net(*inputs), strict=True))
+            loss, _ = compute_loss(self.plan, outputs, targets, labels, mask)
+            batch = {"val_loss": float(loss)}
+            for o in self.plan.outputs:
+                batch.update(_output_metrics(o, outputs[o.output].float(), targets[o.output].float(), labels, mask))
+            for k, v in batch.items():
+                sums[k] = sums.get(k, 0.0) + v * len(index)
+        self.net.train()
+        return {k: v / n for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> TrainResult:
+        state = {"best_loss": math.inf, "best_step": None, "bad_evals": 0, "stopped": False}
+        best: dict[str, torch.Tensor] = {}
+        start_step, resumed = 0, None
+        found = latest(self.checkpoint_dir) if self.resume and self.checkpoint_dir is not None else None
+        if found is not None:
+            ckpt = load_checkpoint(found, self.module, self.optimizer, self.identity)
+            start_step = resumed = ckpt.step
+            state.update({k: ckpt.state[k] for k in state})
+            state["best_loss"] = float(state["best_loss"])
+            best = {k: v.to(self.device) for k, v in ckpt.extra.items()}
+            if "scaler" in ckpt.state:
+                self.scaler.load_state_dict(ckpt.state["scaler"])
+        log = MetricsLog(self.metrics_path, self.world.is_main, resumed)
+        initial = None
+        if self.val is not None and resumed is None and self.world.is_main:
+            initial = self.evaluate()
+            log.write({"step": 0, "kind": "val", "data_free": self.data_free, **initial})
+        self.net.train()
+        quiet = not self.world.is_main or os.environ.get("ONNX_INHER_QUIET") == "1"
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="distill", unit="step",
+                   disable=True if quiet else None, leave=False)
+        began, step, final = time.perf_counter(), start_step, None
+        order_epoch, order = -1, np.zeros(0, dtype=np.int64)
+        while step < self.total_steps and not state["stopped"]:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, self._epoch_order(epoch)
+            loss, parts = self.train_step(order[k * self.rank_batch:(k + 1) * self.rank_batch], step)
+            step += 1
+            bar.update(1)
+            record: dict[str, Any] = {"step": step, "epoch": epoch, "kind": "train", "loss": loss,
+                                      "lr": self.optimizer.param_groups[0]["lr"],
+                                      **{f"loss/{name}": v for name, v in parts.items()}}
+            log.write(record)
+            if self.val is not None and (step % self.eval_every == 0 or step == self.total_steps):
+                final = self._validate(step, state, best, log)
+                bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in list(final.items())[:2]})
+            else:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if self._checkpoint_due(step, state):
+                save_checkpoint(self.checkpoint_dir, step, self.module, self.optimizer,  # type: ignore[arg-type]
+                                {"run": self.identity, **state, "scaler": self.scaler.state_dict()},
+                                keep=self.options.keep_checkpoints, extra=best)
+        bar.close()
+        seconds = time.perf_counter() - began
+        if best:
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    if name in best:
+                        p.copy_(best[name])
+        self.net.eval()
+        return TrainResult(step, self.total_steps, seconds, bool(state["stopped"]), resumed, initial, final,
+                           state["best_step"])
+
+    def _checkpoint_due(self, step: int, state: dict[str, Any]) -> bool:
+        every = self.options.checkpoint_every
+        due = every > 0 and (step % every == 0 or step == self.total_steps or state["stopped"])
+        return due and self.world.is_main and self.checkpoint_dir is not None
+
+    def _validate(self, step: int, state: dict[str, Any], best: dict[str, torch.Tensor],
+                  log: MetricsLog) -> dict[str, float]:
+        """Evaluate (rank 0), share the loss, keep the best weights, and decide on early stopping."""
+        metrics = self.evaluate() if self.world.is_main else {}
+        val_loss = self.world.broadcast_float(metrics.get("val_loss", 0.0))
+        if val_loss < state["best_loss"]:
+            state.update(best_loss=val_loss, best_step=step, bad_evals=0)
+            best.clear()
+            best.update({n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad})
+        else:
+            state["bad_evals"] += 1
+            if self.options.patience is not None and state["bad_evals"] >= self.options.patience:
+                state["stopped"] = True
+        log.write({"step": step, "kind": "val", "data_free": self.data_free, "best_step": state["best_step"],
+                   **metrics})
+        return metrics
+
+
+def _output_metrics(loss: OutputLoss, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                    mask: torch.Tensor | None) -> dict[str, float]:
+    name = loss.output
+    if loss.kind in ("kd", "kl"):
+        out = {f"{name}/agree": float((student.argmax(-1) == teacher.argmax(-1)).float().mean())}
+        if labels is not None and student.dim() == 2:
+            out[f"{name}/acc"] = float((student.argmax(-1) == labels).float().mean())
+        return out
+    similarity = torch.nn.functional.cosine_similarity(student, teacher, dim=-1)
+    token_mask = _mask_for(student, mask)
+    if token_mask is not None:
+        w = token_mask.to(similarity.dtype)
+        return {f"{name}/cos": float((similarity * w).sum() / w.sum().clamp_min(1))}
+    return {f"{name}/cos": float(similarity.mean())}

@@ -1,0 +1,140 @@
+"""Golden values for the distillation losses, worked out by hand (closed forms) and with numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from onnx_inher.distill.losses import (
+    OutputLoss,
+    cosine,
+    cross_entropy,
+    default_kind,
+    feature_loss,
+    kd_loss,
+    kl,
+    mse,
+    normalised_mse,
+)
+
+LN3 = math.log(3.0)
+
+
+def t(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def numpy_kl(student: np.ndarray, teacher: np.ndarray, temperature: float) -> float:
+    """Reference: T² · mean over rows of Σ p log(p/q), softmax written out in float64."""
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x / temperature - (x / temperature).max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(teacher.astype(np.float64)), softmax(student.astype(np.float64))
+    return float((p * np.log(p / q)).sum(-1).mean() * temperature**2)
+
+
+def test_kl_two_classes_by_hand() -> None:
+    # teacher softmax([0, ln 3]) = [1/4, 3/4]; student softmax([0, 0]) = [1/2, 1/2]
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kl(t([[0.0, 0.0]]), t([[0.0, LN3]])).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.1308121, rel=1e-6)
+
+
+def test_kl_temperature_scales_by_t_squared() -> None:
+    # at T=2 the teacher is softmax([0, ln3 / 2]) = [1, √3] / (1 + √3)
+    p1 = 1 / (1 + math.sqrt(3.0))
+    expected = 4.0 * (p1 * math.log(p1 / 0.5) + (1 - p1) * math.log((1 - p1) / 0.5))
+    assert kl(t([[0.0, 0.0]]), t([[0.0, LN3]]), temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_matches_numpy_and_is_zero_on_equal_logits() -> None:
+    rng = np.random.default_rng(0)
+    s, te = rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)
+    for temperature in (1.0, 3.0):
+        got = kl(torch.from_numpy(s), torch.from_numpy(te), temperature).item()
+        assert got == pytest.approx(numpy_kl(s, te, temperature), rel=1e-5)
+    assert kl(torch.from_numpy(s), torch.from_numpy(s), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cross_entropy_by_hand() -> None:
+    # softmax([0, 0])[1] = 1/2 and softmax([0, ln 3])[0] = 1/4
+    got = cross_entropy(t([[0.0, 0.0], [0.0, LN3]]), torch.tensor([1, 0]))
+    assert got.item() == pytest.approx((math.log(2.0) + math.log(4.0)) / 2, rel=1e-6)
+
+
+def test_kd_is_alpha_ce_plus_one_minus_alpha_t2_kl() -> None:
+    student, teacher, labels = t([[0.0, 0.0]]), t([[0.0, LN3]]), torch.tensor([1])
+    p1 = 1 / (1 + math.sqrt(3.0))
+    soft = 4.0 * (p1 * math.log(p1 / 0.5) + (1 - p1) * math.log((1 - p1) / 0.5))
+    got = kd_loss(student, teacher, labels, temperature=2.0, alpha=0.3).item()
+    assert got == pytest.approx(0.3 * math.log(2.0) + 0.7 * soft, rel=1e-6)
+
+
+def test_kd_without_labels_is_kl_alone() -> None:
+    student, teacher = t([[1.0, -1.0, 0.5]]), t([[0.0, 2.0, 0.0]])
+    assert kd_loss(student, teacher, None, 3.0, alpha=0.9).item() == pytest.approx(kl(student, teacher, 3.0).item())
+
+
+def test_kd_rejects_alpha_outside_unit_interval() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss(t([[0.0, 0.0]]), t([[0.0, 0.0]]), torch.tensor([0]), alpha=1.5)
+
+
+def test_mse_and_cosine_by_hand() -> None:
+    assert mse(t([[1.0, 2.0]]), t([[0.0, 0.0]])).item() == pytest.approx(2.5)
+    # cos([1, 0], [1, 1]) = 1/√2
+    assert cosine(t([[1.0, 0.0]]), t([[1.0, 1.0]])).item() == pytest.approx(1 - 1 / math.sqrt(2.0), rel=1e-6)
+    # cosine ignores scale; opposite directions give 2
+    assert cosine(t([[3.0, 4.0]]), t([[6.0, 8.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert cosine(t([[1.0, 0.0]]), t([[-2.0, 0.0]])).item() == pytest.approx(2.0)
+
+
+def test_mask_drops_padding_positions() -> None:
+    # [N=1, L=3, D=2]; the last token is padding and its huge error must not count
+    student = t([[[1.0, 0.0], [0.0, 1.0], [100.0, -100.0]]])
+    teacher = t([[[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert mse(student, teacher, mask).item() == pytest.approx((0.5 + 0.0) / 2)
+    assert cosine(student, teacher, mask).item() == pytest.approx((1 - 1 / math.sqrt(2.0)) / 2, rel=1e-6)
+    assert kl(student, teacher, 1.0, mask).item() == pytest.approx(
+        numpy_kl(student[0, :2].numpy(), teacher[0, :2].numpy(), 1.0) * 2 / 2, rel=1e-5)
+
+
+def test_losses_compute_in_float32_from_half_inputs() -> None:
+    student, teacher = t([[0.0, 0.0]]).half(), t([[0.0, LN3]]).half()
+    got = kl(student, teacher)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(0.1308121, rel=1e-3)
+
+
+def test_feature_loss_is_mean_of_normalised_mse() -> None:
+    teacher = {"a": t([[2.0, 0.0]]), "b": t([[1.0, 1.0]])}
+    student = {"a": t([[0.0, 0.0]]), "b": t([[1.0, 1.0]])}
+    # a: mse 2 / mean square 2 = 1; b: 0
+    assert normalised_mse(student["a"], teacher["a"]).item() == pytest.approx(1.0)
+    assert feature_loss(student, teacher, ["a", "b"]).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="shape"):
+        feature_loss({"a": t([1.0])}, {"a": t([1.0, 2.0])}, ["a"])
+
+
+def test_output_loss_dispatch_and_validation() -> None:
+    student, teacher, labels = t([[0.0, 0.0]]), t([[0.0, LN3]]), torch.tensor([1])
+    assert OutputLoss("logits", "kd", temperature=2.0, alpha=0.3)(student, teacher, labels).item() == \
+        pytest.approx(kd_loss(student, teacher, labels, 2.0, 0.3).item())
+    assert OutputLoss("y", "mse")(student, teacher, None).item() == pytest.approx(LN3**2 / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown loss"):
+        OutputLoss("y", "huber")
+    with pytest.raises(ValueError, match=">= 0"):
+        OutputLoss("y", "mse", weight=-1.0)
+
+
+@pytest.mark.parametrize(("name", "rank", "labels", "kind"), [
+    ("logits", 2, True, "kd"), ("logits", 2, False, "kl"), ("output_probability", 2, False, "kl"),
+    ("fc_out", 2, True, "kd"), ("pooler_output", 2, False, "cosine"), ("last_hidden_state", 3, False, "cosine"),
+])
+def test_default_kind_per_output(name: str, rank: int, labels: bool, kind: str) -> None:
+    assert default_kind(name, rank, labels) == kind

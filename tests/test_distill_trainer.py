@@ -1,0 +1,265 @@
+"""Distillation end to end on a tiny compressed MLP: training, determinism, kill -9 + resume, DDP, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_inher
+from onnx_inher import Options, parse_policy
+from onnx_inher.bridge import to_torch
+from onnx_inher.cli import main
+from onnx_inher.distill import DistillOptions
+from onnx_inher.distill.checkpoint import list_checkpoints
+from onnx_inher.distill.data import input_specs, load_data, split
+from onnx_inher.distill.dist import World
+from onnx_inher.distill.losses import OutputLoss
+from onnx_inher.distill.options import parse_assignments
+from onnx_inher.distill.run import DistillResult
+from onnx_inher.distill.trainer import LossPlan, Part, Trainer, autocast_dtype, lr_at
+from onnx_inher.errors import InputError
+from onnx_inher.runtime import session
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "checkpoint_every": 0, "val_fraction": 0.2}
+# One script for every subprocess run, so killed, resumed and uninterrupted runs share threads and imports.
+# A test-only slowdown of each step gives the kill a window; it changes no numbers.
+RUNNER = """
+import json, sys, time
+from onnx_inher.distill import DistillOptions, distill, trainer
+args = json.loads(sys.argv[1])
+if args.pop("slow", False):
+    step = trainer.Trainer.train_step
+    trainer.Trainer.train_step = lambda self, *a: (time.sleep(0.1), step(self, *a))[1]
+options = DistillOptions(**args.pop("options"))
+result = distill(options=options, **args)
+print(json.dumps({"steps": result.train.steps, "resumed_from": result.train.resumed_from}))
+"""
+
+
+def mlp_teacher(path: Path) -> Path:
+    """logits = relu(x @ w1 + b1) @ w2, 32 -> 96 -> 10, with a hidden tensor 'h' for feature KD."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.normal(size=(32, 96)) / np.sqrt(32)).astype(np.float32)
+    w2 = (rng.normal(size=(96, 10)) / np.sqrt(96)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                              initializer=[numpy_helper.from_array(w1, "w1"),
+                                           numpy_helper.from_array(np.full(96, 0.1, np.float32), "b1"),
+                                           numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Teacher, its 25%-of-params student, and 80 labelled samples (64 train + 16 validation)."""
+    folder = tmp_path_factory.mktemp("distill")
+    teacher = mlp_teacher(folder / "teacher.onnx")
+    onnx_inher.compress(teacher, folder / "student.onnx", Options(policy=parse_policy(param_ratio=0.25),
+                                                                     rank_multiple=1))
+    x = np.random.default_rng(1).normal(size=(80, 32)).astype(np.float32)
+    labels = session(teacher, "cpu").run(["logits"], {"x": x})[0].argmax(1).astype(np.int64)
+    np.savez(folder / "data.npz", x=x, labels=labels)
+    return {"dir": folder, "teacher": teacher, "student": folder / "student.onnx", "data": folder / "data.npz"}
+
+
+def run_distill(setup: dict[str, Path], out: Path, **options: object) -> DistillResult:
+    return onnx_inher.distill(setup["student"], setup["teacher"], str(setup["data"]), out,
+                              DistillOptions(**{**FAST, **options}), cache_dir=setup["dir"] / "cache")
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_distill_trains_factors_verifies_and_logs(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    result = run_distill(setup, out)
+    assert result.train.steps == 12 and result.train_samples == 64 and result.val_samples == 16
+    assert result.losses[0]["kind"] == "kd" and result.ort_max_rel < 1e-3
+    assert result.train.final["val_loss"] < result.train.initial["val_loss"]
+    before, after = weights(setup["student"]), weights(out)
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert changed and all("/inher/" in n for n in changed)
+    assert "b1" not in changed  # a teacher weight, frozen under --trainable factors
+    records = [json.loads(line) for line in (tmp_path / "out.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in records if r["kind"] == "val"] == [0, 4, 8, 12]
+    assert {"loss", "lr", "loss/logits"} <= set(records[1])
+    assert not (tmp_path / "out.checkpoints").exists()
+    # a second run finds the teacher's outputs on disk
+    assert run_distill(setup, tmp_path / "again.onnx").teacher_cached
+
+
+def test_same_options_give_byte_identical_students(setup: dict[str, Path], tmp_path: Path) -> None:
+    run_distill(setup, tmp_path / "a.onnx", trainable="all")
+    run_distill(setup, tmp_path / "b.onnx", trainable="all")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert not np.array_equal(weights(tmp_path / "a.onnx")["b1"], weights(setup["student"])["b1"])
+
+
+def test_feature_kd_and_loss_overrides(setup: dict[str, Path], tmp_path: Path) -> None:
+    result = run_distill(setup, tmp_path / "f.onnx", features=["auto"], losses={"logits": "mse:2"}, steps=3)
+    assert result.features == ["h"]
+    assert (result.losses[0]["kind"], result.losses[0]["weight"]) == ("mse", 2.0)
+    record = json.loads((tmp_path / "f.metrics.jsonl").read_text().splitlines()[1])
+    assert record["loss/features"] > 0
+    with pytest.raises(InputError, match="not produced in both"):
+        run_distill(setup, tmp_path / "g.onnx", features=["fc1/inher/down"])
+    with pytest.raises(InputError, match="does not have"):
+        run_distill(setup, tmp_path / "g.onnx", losses={"probs": "kl"})
+
+
+def test_early_stopping_restores_the_best_weights(setup: dict[str, Path], tmp_path: Path) -> None:
+    result = run_distill(setup, tmp_path / "e.onnx", lr=0.5, warmup=0.0, epochs=20, eval_every=1, patience=2)
+    assert result.train.stopped_early and result.train.steps < 80
+    assert result.train.best_step == result.train.steps - 2
+
+
+def test_data_free_mode_is_labelled(setup: dict[str, Path], tmp_path: Path) -> None:
+    result = onnx_inher.distill(setup["student"], setup["teacher"], "random:48", tmp_path / "r.onnx",
+                                DistillOptions(**FAST), cache_dir=setup["dir"] / "cache")
+    assert result.data_free and result.losses[0]["kind"] == "kl"
+    assert json.loads((tmp_path / "r.metrics.jsonl").read_text().splitlines()[0])["data_free"] is True
+
+
+def spawn(setup: dict[str, Path], out: Path, slow: bool = False, resume: bool = False,
+          torchrun: int = 0) -> subprocess.Popen:
+    args = {"student": str(setup["student"]), "teacher": str(setup["teacher"]), "data": str(setup["data"]),
+            "output": str(out), "cache_dir": str(setup["dir"] / "cache"), "resume": resume, "slow": slow,
+            "options": {**FAST, "epochs": 6, "checkpoint_every": 3}}
+    runner = setup["dir"] / "runner.py"
+    runner.write_text(RUNNER)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, str(runner), json.dumps(args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup: dict[str, Path]) -> Path:
+    """The single-process run that the killed-and-resumed run and the 2-process run are compared with."""
+    out = setup["dir"] / "full.onnx"
+    assert finish(spawn(setup, out)) == {"steps": 24, "resumed_from": None}
+    return out
+
+
+def test_resume_after_kill_9_matches_an_uninterrupted_run(setup: dict[str, Path], uninterrupted: Path,
+                                                          tmp_path: Path) -> None:
+
+    killed = spawn(setup, tmp_path / "cut.onnx", slow=True)
+    folder = tmp_path / "cut.checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(p.name >= "step-000000006" for p in list_checkpoints(folder)):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "cut.onnx").exists()
+
+    resumed = finish(spawn(setup, tmp_path / "cut.onnx", resume=True))
+    assert resumed["steps"] == 24 and 6 <= resumed["resumed_from"] < 24
+    assert (tmp_path / "cut.onnx").read_bytes() == uninterrupted.read_bytes()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut.metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 25))
+
+
+def test_two_gloo_processes_match_one(setup: dict[str, Path], uninterrupted: Path, tmp_path: Path) -> None:
+    double = spawn(setup, tmp_path / "two.onnx", torchrun=2)
+    stdout, stderr = double.communicate(timeout=300)
+    assert double.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 24
+    one, two = weights(uninterrupted), weights(tmp_path / "two.onnx")
+    assert one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert (tmp_path / "two.metrics.jsonl").is_file()
+
+
+def test_cli_distill_json_and_bad_data(setup: dict[str, Path], tmp_path: Path) -> None:
+    base = ["distill", str(setup["student"]), "--teacher", str(setup["teacher"]),
+            "--cache-dir", str(setup["dir"] / "cache"), "--epochs", "1", "--batch-size", "16"]
+    runner = CliRunner()
+    ok = runner.invoke(main, [*base, "--data", str(setup["data"]), "-o", str(tmp_path / "c.onnx"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["train"]["steps"] == 4
+    np.savez(tmp_path / "bad.npz", x=np.zeros((8, 31), np.float32))
+    bad = runner.invoke(main, [*base, "--data", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "d.onnx")])
+    assert bad.exit_code == 2 and "axis 1 must be 32" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3]) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 1e-3
+
+
+def test_precision_is_fp32_on_cpu_unless_asked() -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(InputError, match="fp16 needs a CUDA"):
+        autocast_dtype("fp16", cpu)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"epochs": 0}, "--epochs"), ({"steps": 0}, "--steps"), ({"warmup": 1.0}, "--warmup"),
+    ({"alpha": 2.0}, "--alpha"), ({"patience": 2, "val_fraction": 0.0}, "--patience"),
+    ({"trainable": "none"}, "--trainable"), ({"losses": {"y": "huber"}}, "unknown loss 'huber'"),
+    ({"losses": {"y": "kd:x"}}, "not a number"), ({"precision": "fp8"}, "--precision"),
+])
+def test_bad_options_are_input_errors(options: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        DistillOptions(**options).validate()
+
+
+def test_loss_assignments_keep_onnx_names_with_separators() -> None:
+    assert parse_assignments(["/enc/out:0=cosine:0.5", "logits=kd"], "--loss") == {"/enc/out:0": "cosine:0.5",
+                                                                                 "logits": "kd"}
+    with pytest.raises(InputError, match="NAME=VALUE"):
+        parse_assignments(["logits"], "--loss")
+
+
+def test_train_and_eval_modes_switch_around_validation(setup: dict[str, Path]) -> None:
+    model = onnx.load(str(setup["student"]))
+    module, _ = to_torch(model)
+    modes: list[bool] = []
+    module.register_forward_pre_hook(lambda m, _inputs: modes.append(m.training))
+    data = load_data(str(setup["data"]), input_specs(model))
+    train, val = split(data, 0.2)
+    teacher = {"logits": session(setup["teacher"], "cpu").run(["logits"], data.inputs)[0]}
+    trainer = Trainer(module, LossPlan([OutputLoss("logits", "kd")]), Part(train, teacher), Part(val, teacher),
+                      DistillOptions(steps=2, batch_size=16, checkpoint_every=0), World(0, 1, torch.device("cpu")),
+                      {}, None, None)
+    trainer.run()
+    assert modes == [False, True, True, False]  # initial validation, two steps, final validation
+    assert not module.training
