@@ -1,0 +1,325 @@
+"""`bench`: time models interleaved in one process and compare each with the first (the baseline).
+
+Round-robin order (A, B, A, B, ...) after a warm-up of every model at every input shape, so slow
+drifts of the machine (frequency, other jobs, caches) hit all models alike; one seeded input set
+per shape is fed to every model. Every ratio comes with a paired bootstrap interval over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+from tqdm import tqdm
+
+from onnx_inher.bench.profile import Profile, feed_shapes, profile
+from onnx_inher.bench.sessions import Runner, Settings, create, first_line
+from onnx_inher.bench.stats import Ratio, Summary, speedup, summarize
+from onnx_inher.errors import InputError
+from onnx_inher.runtime import sample_inputs
+
+FORMAT = "onnx-inher-bench/1"
+DEFAULT_SEQ_LEN = 128
+MEMORY_METHOD = ("peak RSS (kernel high-water mark) of a fresh process while it creates the session and runs it "
+                 "once at the largest benchmarked shape, minus its RSS before; host memory only")
+
+
+@dataclass
+class Model:
+    label: str
+    path: Path
+    proto: ModelProto  # without external data: only names and dims are read
+    peak_rss_bytes: int | None = None
+
+
+@dataclass
+class Point:
+    """One input shape: the feed and, per model, its timings and costs."""
+
+    batch: int
+    seq_len: int | None
+    feed: dict[str, np.ndarray]
+    seconds: list[np.ndarray] = field(default_factory=list)
+    summaries: list[Summary] = field(default_factory=list)
+    profiles: list[Profile] = field(default_factory=list)
+    ratios: list[Ratio | None] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    models: list[Model]
+    points: list[Point]
+    skipped: list[str]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.models[0].label
+        points = []
+        for p in self.points:
+            rows = []
+            for j, m in enumerate(self.models):
+                prof, ref = p.profiles[j], p.profiles[0]
+                ratio = p.ratios[j]
+                ideal_flops = ref.flops / prof.flops if prof.flops else None
+                ideal_bytes = ref.weight_bytes / prof.weight_bytes if prof.weight_bytes else None
+                latency = p.summaries[j].to_dict()
+                rows.append({
+                    "model": m.label,
+                    "latency_ms": latency,
+                    "throughput_items_per_s": latency.pop("throughput"),
+                    "flops": prof.flops,
+                    "speedup": ratio.to_dict() if ratio else None,
+                    "ideal_speedup_flops": ideal_flops,
+                    "ideal_speedup_bytes": ideal_bytes,
+                    "efficiency_flops": ratio.value / ideal_flops if ratio and ideal_flops else None,
+                    "efficiency_bytes": ratio.value / ideal_bytes if ratio and ideal_bytes else None,
+                })
+            points.append({"batch": p.batch, "seq_len": p.seq_len, "items": p.batch,
+                           "inputs": {k: list(v) for k, v in feed_shapes(p.feed).items()}, "results": rows})
+        models = []
+        for j, m in enumerate(self.models):
+            prof = self.points[-1].profiles[j] if self.points else None
+            models.append({"label": m.label, "path": str(m.path), "baseline": j == 0,
+                           "params": prof.params if prof else None,
+                           "weight_bytes": prof.weight_bytes if prof else None,
+                           "file_bytes": prof.file_bytes if prof else None,
+                           "flops_unresolved_nodes": prof.unresolved_nodes if prof else None,
+                           "session_peak_rss_bytes": m.peak_rss_bytes})
+        return {"format": FORMAT, "baseline": base, "settings": self.settings, "machine": self.machine,
+                "memory_method": MEMORY_METHOD, "models": models, "points": points, "skipped": self.skipped,
+                "layers": self.layers}
+
+
+def interleave(runners: Sequence[Callable[[], float]], warmup: int, iters: int,
+               progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Warm up, then time rounds of A, B, A, B...: row j holds model j's seconds, one per round."""
+    for _ in range(warmup):
+        for run in runners:
+            run()
+    out = np.zeros((len(runners), iters))
+    for i in range(iters):
+        for j, run in enumerate(runners):
+            out[j, i] = run()
+        if progress:
+            progress(len(runners))
+    return list(out)
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    stems = [p.stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
+
+
+def _load(path: Path) -> ModelProto:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; check the path." if not path.exists()
+                         else f"{path}: not a file; pass the .onnx file.")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf decode errors have several types
+        raise InputError(f"{path}: not a valid ONNX model (truncated or not ONNX); re-export it.") from None
+
+
+def _with_external_data(model: Model) -> ModelProto:
+    """The model with its external tensors read (the entries keep only names and dims)."""
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.proto.graph.initializer):
+        return model.proto
+    try:
+        return onnx.load(str(model.path))
+    except Exception as err:  # missing or unreadable data file: say which
+        raise InputError(f"{model.path}: cannot read its external data ({first_line(err)}); keep the data file "
+                         "next to the model.") from None
+
+
+def _signature(model: ModelProto) -> list[tuple[str, int, int]]:
+    inits = {t.name for t in model.graph.initializer}
+    return [(i.name, i.type.tensor_type.elem_type, len(i.type.tensor_type.shape.dim))
+            for i in model.graph.input if i.name not in inits]
+
+
+def check_same_inputs(models: list[Model]) -> None:
+    base = models[0]
+    want = _signature(base.proto)
+    for m in models[1:]:
+        got = _signature(m.proto)
+        if got != want:
+            fmt = lambda s: ", ".join(f"{n}:{onnx.TensorProto.DataType.Name(t)}[{r}-D]" for n, t, r in s)  # noqa: E731
+            raise InputError(f"{m.path}: its inputs ({fmt(got)}) differ from the baseline {base.path}'s "
+                             f"({fmt(want)}); only models with the same inputs can be compared.")
+
+
+def dynamic_inner_dims(model: ModelProto) -> bool:
+    """Whether any input has a dynamic dim after the batch axis (a sequence length, an image size)."""
+    inits = {t.name for t in model.graph.initializer}
+    return any(not (d.HasField("dim_value") and d.dim_value > 0)
+               for i in model.graph.input if i.name not in inits for d in list(i.type.tensor_type.shape.dim)[1:])
+
+
+def point_dims(model: ModelProto, batch: int, seq_len: int | None) -> tuple[dict[str, int] | None, str | None]:
+    """Named-dim values for one shape point, or a reason this point does not fit the model."""
+    dims: dict[str, int] = {}
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        for axis, d in enumerate(inp.type.tensor_type.shape.dim):
+            fixed = d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            if axis == 0:
+                if fixed is not None and fixed != batch:
+                    return None, f"batch {batch}: input '{inp.name}' has a fixed batch of {fixed}"
+                if d.dim_param:
+                    dims[d.dim_param] = batch
+            elif d.dim_param and fixed is None:
+                dims.setdefault(d.dim_param, seq_len or DEFAULT_SEQ_LEN)
+    return dims, None
+
+
+def machine_info(provider: str) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version(),
+            "provider": provider, "platform": platform.platform()}
+
+
+def _quiet() -> bool | None:
+    return True if os.environ.get("ONNX_INHER_QUIET") == "1" else None
+
+
+def _validate(paths: Sequence[Path], batches: Sequence[int], seq_lens: Sequence[int], warmup: int, iters: int,
+              threads: int) -> None:
+    if not paths:
+        raise InputError("bench: give at least one model (the first is the baseline).")
+    if iters < 1 or warmup < 0 or threads < 0:
+        raise InputError(f"bench: --iters must be >= 1, --warmup and --threads >= 0 "
+                         f"(got {iters}, {warmup}, {threads}).")
+    if not batches or any(b < 1 for b in batches) or any(s < 1 for s in seq_lens):
+        raise InputError("bench: --batch and --seq-len take positive integers, e.g. --batch 1,8,32.")
+
+
+def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", batches: Sequence[int] = (1,),
+          seq_lens: Sequence[int] = (), threads: int = 0, warmup: int = 10, iters: int = 100,
+          cuda_graph: bool = False, per_layer: bool = False, layer_iters: int | None = None,
+          seed: int = 0) -> BenchResult:
+    """Time `models` interleaved at every (batch, seq_len); the first model is the baseline.
+
+    `per_layer` also times every factorised layer alone against its dense original (`layer_iters`
+    timed runs each, default `iters`)."""
+    paths = [Path(m) for m in models]
+    threads = threads or (os.cpu_count() or 1)
+    _validate(paths, batches, seq_lens, warmup, iters, threads)
+    entries = [Model(label, p, _load(p)) for label, p in zip(_labels(paths), paths, strict=True)]
+    check_same_inputs(entries)
+    settings = Settings(provider=provider, threads=threads, spinning=len(entries) == 1, cuda_graph=cuda_graph)
+    chosen = settings.provider_list()  # fail early on an unavailable provider
+    if cuda_graph and not any(isinstance(p, tuple) and p[0] == "CUDAExecutionProvider" for p in chosen):
+        raise InputError("--cuda-graph needs the CUDA provider; drop it or run with --provider cuda on a GPU.")
+    skipped: list[str] = []
+    points: list[Point] = []
+    sampler = _with_external_data(entries[0])  # token-id bounds read the embedding tables
+    inner = dynamic_inner_dims(entries[0].proto)
+    if seq_lens and not inner:
+        skipped.append("--seq-len ignored: the baseline's inputs have no dynamic dim after the batch axis")
+    seqs: list[int | None] = (list(sorted(set(seq_lens))) or [DEFAULT_SEQ_LEN]) if inner else [None]
+    for batch in sorted(set(batches)):
+        for seq in seqs:
+            dims, why = point_dims(entries[0].proto, batch, seq)
+            if dims is None:
+                skipped.append(str(why))
+                continue
+            points.append(Point(batch, seq, sample_inputs(sampler, dims, seed)))
+    del sampler
+    if not points:
+        raise InputError(f"bench: no requested shape fits the baseline ({'; '.join(skipped)}); "
+                         "pick --batch values the model accepts.")
+    used = _run_points(entries, points, settings, warmup, iters, seed)
+    result = BenchResult(
+        settings={"provider_requested": provider, "provider": used, "threads_intra_op": threads,
+                  "threads_inter_op": 1, "spinning": settings.spinning, "cuda_graph": cuda_graph,
+                  "io_binding": used != "CPUExecutionProvider", "warmup": warmup, "iters": iters,
+                  "order": "interleaved round-robin (A, B, A, B, ...) after per-shape warm-up",
+                  "ratio": "baseline p50 / model p50; paired percentile bootstrap over rounds",
+                  "layer_iters": (layer_iters or iters) if per_layer else None, "seed": seed},
+        machine=machine_info(used), models=entries, points=points, skipped=skipped)
+    if per_layer and len(entries) > 1:
+        from onnx_inher.bench.layers import per_layer_results
+
+        result.layers = per_layer_results(entries, points, settings, min(warmup, layer_iters or iters),
+                                          layer_iters or iters)
+    return result
+
+
+def _sessions(entries: list[Model], point: Point, settings: Settings) -> list[Runner]:
+    runners = []
+    for m in entries:
+        runner = Runner(create(m.path, settings, str(m.path)), point.feed, str(m.path))
+        if settings.provider in ("cuda", "tensorrt") and not runner.on_device:
+            raise InputError(f"{m.path}: {settings.provider} was requested but ONNX Runtime placed the session on "
+                             f"{runner.provider} (are the CUDA/cuDNN libraries of onnxruntime-gpu installed?)")
+        runner.check()
+        runner.prepare()
+        runners.append(runner)
+    return runners
+
+
+def session_peak_memory(model: Path, feed: dict[str, np.ndarray], settings: Settings) -> int | None:
+    """Peak host memory of the session, from `memprobe.py` in a fresh process (None if it failed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        feed_path, config_path = Path(tmp) / "feed.npz", Path(tmp) / "config.json"
+        np.savez(feed_path, **feed)
+        config = {"threads": settings.threads, "providers": settings.provider_list(),
+                  "session_config": {f"session.{pool}.allow_spinning": "1" if settings.spinning else "0"
+                                     for pool in ("intra_op", "inter_op")}}
+        config_path.write_text(json.dumps(config))
+        probe = Path(__file__).with_name("memprobe.py")
+        try:
+            done = subprocess.run([sys.executable, str(probe), str(model), str(feed_path), str(config_path)],
+                                  capture_output=True, text=True, timeout=600)
+            return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]) if done.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
+            return None
+
+
+def _run_points(entries: list[Model], points: list[Point], settings: Settings, warmup: int, iters: int,
+                seed: int) -> str:
+    """Time every point; sessions are reused across shapes (new ones per shape with CUDA graphs,
+    which replay one shape). Returns the provider the sessions actually run on."""
+    total = len(points) * iters * len(entries)
+    runners: list[Runner] = []
+    with tqdm(total=total, desc="bench", unit="run", disable=_quiet(), leave=False) as bar:
+        for point in sorted(points, key=lambda p: -(p.batch * (p.seq_len or 1))):  # largest first: memory peak
+            if not runners or settings.cuda_graph:
+                runners = []
+                runners = _sessions(entries, point, settings)
+            else:
+                for r, m in zip(runners, entries, strict=True):
+                    r.feed = point.feed
+                    r.label = str(m.path)
+                    r.check()
+                    r.prepare()
+            for m in entries:
+                if m.peak_rss_bytes is None:  # once per model, at the largest shape (points run largest first)
+                    m.peak_rss_bytes = session_peak_memory(m.path, point.feed, settings)
+            point.seconds = interleave(runners, warmup, iters, bar.update)
+            point.summaries = [summarize(s, point.batch) for s in point.seconds]
+            point.ratios = [None] + [speedup(point.seconds[0], s, seed) for s in point.seconds[1:]]
+            point.profiles = [profile(m.path, m.proto, point.feed) for m in entries]
+    return runners[0].provider if runners else "CPUExecutionProvider"
