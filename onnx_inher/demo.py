@@ -34,7 +34,7 @@ def demo(folder: str | os.PathLike[str] = "runs/demo", *, quick: bool = False, c
     from onnx_inher.distill import DistillOptions
 
     options = Options(mode="inher", heads=2, policy=parse_policy(param_ratio=0.5))
-    dopts = DistillOptions(epochs=1 if quick else 4, steps=40 if quick else None, batch_size=64, lr=2e-3,
+    dopts = DistillOptions(epochs=3, steps=40 if quick else None, batch_size=64, lr=1e-3,
                            eval_every=20 if quick else None)
     bench = BenchSettings(batches=(1, 32), warmup=3 if quick else 10, iters=20 if quick else 100)
     return run(TEACHER, DATA, folder, options, dopts, bench, compare_pair=compare_pair)
