@@ -107,15 +107,14 @@ class Result:
 
 
 def model_files(path: Path) -> list[Path]:
-    """The model file and the external data files its tensors point at."""
-    import onnx
-
-    from onnx_inher.ir.io import iter_tensors
-
-    model = onnx.load(str(path), load_external_data=False)
-    extra = {path.parent / e.value for t in iter_tensors(model.graph)
-             if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
-    return [path, *sorted(extra)]
+    """The model file and the external data files its tensors point at (read in a separate process,
+    like `fixture`: loading a model here would raise the RSS every CLI run inherits)."""
+    code = ("import sys, onnx; from onnx_inher.ir.io import iter_tensors; "
+            "m = onnx.load(sys.argv[1], load_external_data=False); "
+            "print('\\n'.join(sorted({e.value for t in iter_tensors(m.graph) "
+            "if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == 'location'})))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return [path, *(path.parent / name for name in out.stdout.split())]
 
 
 def files_sha256(paths: list[Path]) -> str:
@@ -175,10 +174,17 @@ def cli() -> str:
 
 
 def fixture(name: str) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from tests import zoo
+    """The fixture's path, built in a separate process: a forked child starts with the parent's
+    current RSS and Linux keeps the high-water mark across exec, so a CLI forked from this process
+    with torch and the zoo loaded would report at least that as its `ru_maxrss`."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests import zoo; print(zoo.{name}())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return Path(out.stdout.strip().splitlines()[-1])
 
-    return getattr(zoo, name)()
+
+def import_baseline(workdir: Path) -> Run:
+    """`onnx-inher --help`: the interpreter and every import, which counts in each peak RSS."""
+    return measure([cli(), "--help"], workdir / "import-baseline.log")
 
 
 def blas_env(threads: int | None) -> dict[str, str] | None:
@@ -267,17 +273,22 @@ def main(argv: list[str] | None = None) -> int:
                "blas_threads": ns.blas_threads or "default",
                "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
     try:
+        base = min((import_baseline(workdir) for _ in range(3)), key=lambda r: r.peak_mb)
         results = bench(models, modes, ns.repeat, ns.extra, workdir, ns.blas_threads)
     finally:
         if tmp is not None:
             tmp.cleanup()
     machine["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(table(results))
+    shares = ", ".join(f"{r.model} {base.peak_mb / (RSS_TARGET_RATIO * r.file_mb):.0%}"
+                       for r in results if r.mode == modes[0])
+    print(f"\ninterpreter + imports (`onnx-inher --help`): peak RSS {base.peak_mb:.0f} MiB, {base.wall_s:.2f} s; "
+          f"share of the {RSS_TARGET_RATIO:g}x budget: {shares}")
     print(f"\nmachine: {machine['cpus']} CPUs, {machine['mem_total_mb']:.0f} MiB RAM; BLAS threads "
           f"{machine['blas_threads']}; "
           f"before: {machine['uptime_before']}; after: {machine['uptime_after']}")
     if ns.json:
-        ns.json.write_text(json.dumps({"machine": machine, "poll_s": POLL_S,
+        ns.json.write_text(json.dumps({"machine": machine, "poll_s": POLL_S, "import_baseline": asdict(base),
                                        "results": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0 if all(r.ok for r in results) else 1
 

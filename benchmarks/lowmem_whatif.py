@@ -89,13 +89,12 @@ def main() -> None:
     found = api.locate(loaded.model, {})
     views = {f.node: f for f in found if isinstance(f, api.LayerView)}
     t = mark("locate", t)
-    spectra = Spectra(full=True)
+    spectra = Spectra()
     plan = build_plan(str(path), loaded.sha256, api.default_opset(loaded.model), found, Options(mode=mode), spectra)
     t = mark("plan (full SVDs cached for every layer)", t)
     student, _ = Factorize(plan, views, spectra, inplace=True)(loaded.model)
     student, _ = Cleanup(inplace=True)(student)
     t = mark("Factorize + Cleanup", t)
-    spectra._svd.clear()
     plan_module = sys.modules["onnx_inher.plan"]  # `onnx_inher.plan` the attribute is api.plan
     if hasattr(plan_module, "_SVD_CACHE"):  # process-wide SVD cache
         plan_module._SVD_CACHE.clear()

@@ -141,7 +141,7 @@ def main() -> None:
             found = api.locate(loaded.model, options.dims)
             views = {f.node: f for f in found if isinstance(f, api.LayerView)}
         a = api.Analysis(loaded, found, views)
-        spectra = Spectra(full=True)
+        spectra = Spectra()
         with stage("plan (full SVDs + rank search)", sampler):
             the_plan = build_plan(str(path), loaded.sha256, api.default_opset(loaded.model), found, options, spectra)
         with stage("rewrite (factorize, cleanup, checker)", sampler):

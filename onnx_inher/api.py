@@ -14,10 +14,10 @@ import onnx
 from onnx import ModelProto
 
 from onnx_inher.errors import CheckFailed, InputError
-from onnx_inher.ir.io import LoadedModel, check_output, load_model, save_model
+from onnx_inher.ir.io import LoadedModel, check_output, load_model, release_memory, save_model
 from onnx_inher.layers import LayerView
 from onnx_inher.passes.cleanup import Cleanup
-from onnx_inher.passes.factorize import Factorize
+from onnx_inher.passes.factorize import Factorize, release_weight
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.passes.verify import verify as verify_models
@@ -46,14 +46,22 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None) -> Analysis:
     return Analysis(loaded, found, views)
 
 
-def plan(model: PathLike, options: Options | None = None, *, _spectra: Spectra | None = None,
-         _analysis: Analysis | None = None) -> Plan:
-    """Decide, for every dense layer, whether and how to factorise it (nothing is written)."""
+def plan(model: PathLike, options: Options | None = None, *, target: str | None = None,
+         _spectra: Spectra | None = None, _analysis: Analysis | None = None) -> Plan:
+    """Decide, for every dense layer, whether and how to factorise it (nothing is written).
+
+    With `target` ("cpu" or "cuda"), layers whose factorised form is not faster on this machine,
+    by per-layer timings (cached), are skipped with the measured times as the reason."""
     options = options or Options()
     options.validate()
     a = _analysis or analyze(model, options.dims)
-    spectra = _spectra or Spectra(full=False)
-    return build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra)
+    spectra = _spectra or Spectra()
+    p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra)
+    if target:
+        from onnx_inher.latency_cache import apply_target
+
+        p = apply_target(p, a.loaded.model, a.views, target)
+    return p
 
 
 @dataclass
@@ -80,8 +88,15 @@ def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
 
 
 def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
-    """Apply a plan to an analysed model (in place: the analysis owns its copy)."""
-    model, _ = Factorize(the_plan, a.views, spectra, inplace=True)(a.loaded.model)
+    """Apply a plan to an analysed model: the student is a new `ModelProto` (the teacher's is left
+    as it was, so dropping the analysis frees it whole). The factorised views give up their weights
+    as they are consumed, the others at once: afterwards the analysis knows the views' shapes and
+    dtypes, not their values."""
+    chosen = {c.node for c in the_plan.candidates if c.decision == "factorize"}
+    for view in a.views.values():
+        if view.node not in chosen:
+            release_weight(view)
+    model, _ = Factorize(the_plan, a.views, spectra, release_weights=True)(a.loaded.model)
     model, _ = Cleanup(inplace=True)(model)
     return model
 
@@ -106,25 +121,37 @@ def compress(
     verify: bool = False,
     inputs: PathLike | None = None,
     bound: float | None = None,
+    target: str | None = None,
 ) -> CompressResult:
     """Plan (or read a plan), rewrite, check and atomically save; optionally verify in ONNX Runtime."""
     options = options or Options()
     options.validate()
+    if target and plan_path:
+        raise InputError("--target applies when planning; a --plan file is applied as written (plan with --target).")
     out = Path(output)
     check_output(out, [Path(model)])
     a = analyze(model, options.dims)
-    spectra = Spectra(full=True)
-    the_plan = _read_plan(plan_path, a, spectra) if plan_path else plan(model, options, _spectra=spectra,
-                                                                        _analysis=a)
+    spectra = Spectra()
+    the_plan = _read_plan(plan_path, a, spectra) if plan_path else plan(model, options, target=target,
+                                                                        _spectra=spectra, _analysis=a)
+    if options.calibration:
+        from onnx_inher.calibrate import calibrated_spectra
+
+        spectra, notes = calibrated_spectra(a.loaded.model, a.views, the_plan, options.calibration, options.dims)
+        the_plan.options.calibration = options.calibration
+        the_plan.warnings.extend(notes)
     feed = load_inputs(inputs, a.loaded.model) if inputs else None
-    teacher_path = a.loaded.path
+    teacher_path, external = a.loaded.path, a.loaded.external_data
+    layers = factorised_outputs(the_plan, a) if verify else None
     rewritten = rewrite(a, the_plan, spectra)
-    written = save_model(rewritten, out, external_data=a.loaded.external_data, inputs=[teacher_path])
+    del a  # the teacher proto and every folded weight: peak memory is what lives at once
+    release_memory()
+    written = save_model(rewritten, out, external_data=external, inputs=[teacher_path])
     del rewritten
+    release_memory()
     check_written(written)
     result = CompressResult(the_plan, written, notes=list(the_plan.warnings))
     if verify:
-        layers = factorised_outputs(the_plan, a)
         result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,
                                            feed=feed, layers=layers)
     return result

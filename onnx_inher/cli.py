@@ -150,16 +150,22 @@ def plan_cmd(model: Path, output: Path, target: str | None, **kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]),
               help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
+@click.option("--calibration", metavar="DATA",
+              help="Data-aware (whitened) SVD: factor each MatMul/Gemm to minimise its output error on DATA "
+                   "(as for `distill --data`: fortunes, mnist5k, an .npz, ...); ranks are unchanged.")
 @handled
 def compress(model: Path, output: Path, plan_path: Path | None, verify: bool, inputs: Path | None,
-             max_rel_error: float | None, as_json: bool, target: str | None, **kw: Any) -> None:
+             max_rel_error: float | None, as_json: bool, target: str | None, calibration: str | None,
+             **kw: Any) -> None:
     """Rewrite the planned layers into SVD-initialised factor nodes and save the student."""
     options = _options(kw)
+    options.calibration = calibration
     check_output(output, [model, *(p for p in (plan_path, inputs) if p is not None)])
     result = api.compress(model, output, options, plan_path=plan_path, verify=verify or max_rel_error is not None,
                           inputs=inputs, bound=max_rel_error, target=target)
     if as_json:
         doc = {"plan": json.loads(result.plan.to_json())["totals"], "outputs": [str(p) for p in result.outputs],
+               "calibration": result.plan.options.calibration,
                "verification": result.verification.to_dict() if result.verification else None}
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -246,7 +252,8 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature T.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="KD weight of the label loss.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
-              help="Loss of a graph output: kd, kl, mse or cosine, optionally weighted (repeatable).")
+              help="Loss of a graph output: kd, kl, mse, cosine or pooled (cosine of mask-mean-pooled "
+                   "token outputs), optionally weighted (repeatable).")
 @click.option("--features", default="", help="Feature KD: 'auto' (factorised layers' outputs) or comma-separated "
                                              "tensor names present in teacher and student.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True)
@@ -263,6 +270,8 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
               help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="torch intra-op threads on the CPU (0: one per core; 1 is often faster on a busy machine).")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Dynamic dims for data-free inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handled

@@ -2,15 +2,32 @@
 
 The sign fix (largest-magnitude entry of each left singular vector positive) makes factors
 reproducible across LAPACK builds, which keeps compressed files byte-identical run to run.
+BLAS runs single-threaded in here: a threaded eigensolver or float32 product gives different
+low bits with 1 and 2 threads (so a file would depend on the core count), and on a shared 2-core
+machine OpenBLAS's spinning threads made BERT-base's SVDs 5-8x slower than one thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 RELATIVE_CUTOFF = 1e-7
+_controller: ThreadpoolController | None = None
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Pin BLAS/LAPACK to one thread (the controller is built once: scanning libraries costs ms)."""
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 @dataclass(frozen=True)
@@ -29,9 +46,10 @@ def _gram(m: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def singular_values(matrices: np.ndarray) -> np.ndarray:
-    """`[g, min(out, in)]` singular values, descending."""
-    gram, _ = _gram(matrices)
-    w = np.linalg.eigvalsh(gram)[:, ::-1]
+    """`[g, min(out, in)]` singular values, descending (no vectors: cheap, and all a plan needs)."""
+    with _one_blas_thread():
+        gram, _ = _gram(matrices)
+        w = np.linalg.eigvalsh(gram)[:, ::-1]
     return np.sqrt(np.clip(w, 0, None)).astype(np.float32)
 
 
@@ -42,6 +60,11 @@ def full_svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     seconds, not minutes) and accurate for singular values above ~1e-7 of the largest. Directions
     whose singular value is below that are dropped (their share of the layer is below 1e-7).
     """
+    with _one_blas_thread():
+        return _full_svd(matrices)
+
+
+def _full_svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     gram, wide = _gram(matrices)
     w, vecs = np.linalg.eigh(gram)
     w, vecs = w[:, ::-1], vecs[:, :, ::-1]
@@ -80,3 +103,49 @@ def rank_for_energy(s: np.ndarray, energy: float) -> int:
         return 1
     cum = np.cumsum(power) / total
     return int(min(np.searchsorted(cum, energy - 1e-12) + 1, s.shape[1]))
+
+
+WHITENING_DAMPING = 1e-2
+
+
+def whitening(gram: np.ndarray, damping: float = WHITENING_DAMPING) -> tuple[np.ndarray, np.ndarray]:
+    """`(S, S^-1)` with `S S^T = C + λI` for an input Gram matrix `C = X^T X` (`[in, in]`, float64).
+
+    Symmetric square root by eigh rather than SVD-LLM's Cholesky: a Gram matrix from few samples or
+    dead features is singular and Cholesky fails, while the damped eigenvalues here stay positive.
+    `λ = damping * mean eigenvalue` keeps `S` well conditioned (so full rank stays exact in float32)
+    and pulls directions the calibration data never excites back toward plain SVD.
+    """
+    c = np.asarray(gram, dtype=np.float64)
+    c = (c + c.T) / 2
+    floor = damping * max(float(np.trace(c)) / len(c), np.finfo(np.float64).tiny)
+    with _one_blas_thread():
+        w, q = np.linalg.eigh(c + floor * np.eye(len(c)))
+    root = np.sqrt(np.clip(w, floor, None))
+    return q * root, (q / root).T
+
+
+def whitened_svd(matrices: np.ndarray, gram: np.ndarray,
+                 damping: float = WHITENING_DAMPING) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Data-aware SVD (SVD-LLM): `(U, s, V^T S^-1)` from the SVD `M S = U diag(s) V^T`.
+
+    Truncating it to rank r minimises the output error `sum_x |(M - M_r) x|^2 = |(M - M_r) S|_F^2` over
+    the calibration inputs (with `S S^T` their Gram matrix) instead of the weight error `|M - M_r|_F`,
+    so a layer keeps the directions its inputs use. `truncate` applies unchanged: up = `U_r s_r`,
+    down = `V_r^T S^-1`; at full rank `U diag(s) V^T S^-1 = M`. The singular values are those of `M S`.
+    """
+    s_mat, s_inv = whitening(gram, damping)
+    with _one_blas_thread():
+        scaled = (matrices.astype(np.float64) @ s_mat).astype(np.float32)
+        u, s, vt = _full_svd(scaled)
+        down = (vt.astype(np.float64) @ s_inv).astype(np.float32)
+    return u, s, down
+
+
+def output_error(matrices: np.ndarray, factors: Factors, gram: np.ndarray) -> float:
+    """Relative output error `|(M - up down) S|_F / |M S|_F` on inputs with Gram matrix `gram`."""
+    c = np.asarray(gram, dtype=np.float64)
+    diff = matrices.astype(np.float64) - factors.up.astype(np.float64) @ factors.down.astype(np.float64)
+    err = float(np.einsum("goi,ij,goj->", diff, c, diff))
+    ref = float(np.einsum("goi,ij,goj->", matrices.astype(np.float64), c, matrices.astype(np.float64)))
+    return float(np.sqrt(max(err, 0.0) / max(ref, np.finfo(np.float64).tiny)))

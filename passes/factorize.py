@@ -25,10 +25,14 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from tqdm import tqdm
 
 from onnx_inher.errors import InputError, PassError
-from onnx_inher.ir.io import copy_model
+from onnx_inher.ir.io import copy_model, release_memory
 from onnx_inher.layers import LayerView
 from onnx_inher.plan import Candidate, Plan, Spectra
 from onnx_inher.svd import Factors, truncate
@@ -202,17 +206,70 @@ def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: i
     return e
 
 
+def release_weight(view: LayerView) -> None:
+    """Drop a view's folded weight, keeping its shape and dtype (a zero-stride stand-in, no memory)."""
+    view.weight = np.broadcast_to(np.zeros((), view.weight.dtype), view.weight.shape)
+
+
 def _signature(model: ModelProto) -> list[tuple[str, bytes]]:
     return [(o.name, o.type.SerializeToString()) for o in model.graph.output]
 
 
+def _referenced(graph: GraphProto, nodes: list[NodeProto]) -> set[str]:
+    """Every name the nodes (and their subgraphs, which may read outer initializers) read, plus outputs."""
+    names = {o.name for o in graph.output}
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        names.update(node.input)
+        for attr in node.attribute:
+            stack.extend(attr.g.node if attr.HasField("g") else ())
+            for g in attr.graphs:
+                stack.extend(g.node)
+                names.update(o.name for o in g.output)
+    return names
+
+
+def _splice(graph: GraphProto, replacements: dict[int, Emitter]) -> list[NodeProto]:
+    """The graph's nodes with each replaced node swapped for its replacement's nodes, in place."""
+    out: list[NodeProto] = []
+    for i, node in enumerate(graph.node):
+        out.extend(replacements[i].nodes if i in replacements else (node,))
+    return out
+
+
+def _copy_fields(src: Message, dst: Message, skip: set[str]) -> None:
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _has_unknown(*messages: Message) -> bool:
+    return any(len(UnknownFieldSet(m)) for m in messages)
+
+
 class Factorize:
-    """Pass: apply a plan's `factorize` decisions. `(model) -> (model, changed)`."""
+    """Pass: apply a plan's `factorize` decisions. `(model) -> (model, changed)`.
+
+    Not in place, the student is built into a fresh `ModelProto` that never receives the replaced
+    weights: upb frees a message's memory only with its whole arena, so editing a copy (or the
+    teacher) keeps every removed weight allocated. With `release_weights`, each factorised view's
+    folded weight is replaced by a zero-stride stand-in (same shape and dtype, no memory) once its
+    factors are emitted; only for callers that drop the views afterwards (`api.compress`).
+    """
 
     name = "factorize"
 
-    def __init__(self, plan: Plan, views: dict[str, LayerView], spectra: Spectra, *, inplace: bool = False):
+    def __init__(self, plan: Plan, views: dict[str, LayerView], spectra: Spectra, *, inplace: bool = False,
+                 release_weights: bool = False):
         self.plan, self.views, self.spectra, self.inplace = plan, views, spectra, inplace
+        self.release_weights = release_weights
 
     def requires(self, model: ModelProto) -> None:
         for c in self.plan.candidates:
@@ -228,47 +285,77 @@ class Factorize:
             if c.heads < 1:
                 raise InputError(f"plan gives node '{c.node}' {c.heads} heads; use 1 or more.")
 
-    def __call__(self, model: ModelProto) -> tuple[ModelProto, bool]:
-        self.requires(model)
-        out = model if self.inplace else copy_model(model)
-        before = _signature(out)
-        opset = self.plan.opset
-        seed = self.plan.options.seed
-        graph = out.graph
+    def _emit_all(self, graph: GraphProto) -> dict[int, Emitter]:
+        """One replacement per factorised node; each SVD lives only until its weight's last layer."""
+        chosen = [c for c in self.plan.candidates if c.decision == "factorize"]
+        last = {self.views[c.node].shared_key: i for i, c in enumerate(chosen)}
+        svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         replacements: dict[int, Emitter] = {}
         owner: dict[tuple, str] = {}
-        for c in self.plan.candidates:
-            if c.decision != "factorize":
-                continue
+        for i, c in enumerate(tqdm(chosen, desc="factorize", unit="layer", disable=None, leave=False)):
             view = self.views[c.node]
             key = (view.shared_key, c.rank, c.heads)
             prefix = owner.setdefault(key, c.node)
-            factors = truncate(self.spectra.svd(view), int(c.rank or 1))
-            replacements[view.node_index] = emit(view, graph.node[view.node_index], c, factors, opset, seed, prefix)
-        if not replacements:
-            return out, False
-        new_nodes: list[NodeProto] = []
-        added: dict[str, TensorProto] = {}
-        for i, node in enumerate(graph.node):
-            if i in replacements:
-                new_nodes.extend(replacements[i].nodes)
-                added.update(replacements[i].inits)
+            svd = svds.get(view.shared_key) or self.spectra.svd(view)
+            if last[view.shared_key] > i:
+                svds[view.shared_key] = svd
             else:
-                new_nodes.append(node)
-        clash = set(added) & ({t.name for t in graph.initializer} | {n for nd in graph.node for n in nd.output})
+                svds.pop(view.shared_key, None)
+            factors = truncate(svd, int(c.rank or 1))
+            del svd
+            replacements[view.node_index] = emit(view, graph.node[view.node_index], c, factors, self.plan.opset,
+                                                 self.plan.options.seed, prefix)
+            if self.release_weights:
+                release_weight(view)
+        if self.release_weights:
+            release_memory()
+        return replacements
+
+    def __call__(self, model: ModelProto) -> tuple[ModelProto, bool]:
+        self.requires(model)
+        before = _signature(model)
+        src = model.graph
+        replacements = self._emit_all(src)
+        if not replacements:
+            return (model if self.inplace else copy_model(model)), False
+        added = {k: t for e in replacements.values() for k, t in e.inits.items()}
+        clash = set(added) & ({t.name for t in src.initializer} | {n for nd in src.node for n in nd.output})
         if clash:
             raise PassError(self.name, f"created names already exist in the graph: {sorted(clash)[:3]}")
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        graph.initializer.extend(added[k] for k in sorted(added))
-        if out.ir_version < 4:
-            graph.input.extend(helper.make_tensor_value_info(k, added[k].data_type, list(added[k].dims))
-                               for k in sorted(added))
+        if self.inplace or _has_unknown(model, src):  # a fresh build would lose unknown fields
+            out = model if self.inplace else copy_model(model)
+            nodes = _splice(out.graph, replacements)
+            del out.graph.node[:]
+            out.graph.node.extend(nodes)
+        else:
+            out = self._fresh(model, _splice(src, replacements), replacements)
+        graph = out.graph
+        for e in replacements.values():
+            e.inits.clear()
+        for k in sorted(added):  # popped one by one: each standalone tensor is freed once copied in
+            graph.initializer.add().CopyFrom(added.pop(k))
+            if out.ir_version < 4:
+                t = graph.initializer[-1]
+                graph.input.append(helper.make_tensor_value_info(k, t.data_type, list(t.dims)))
         self.ensures(out, before)
         return out, True
+
+    def _fresh(self, model: ModelProto, nodes: list[NodeProto], replacements: dict[int, Emitter]) -> ModelProto:
+        """The student without the teacher's arena: replaced weights that nothing reads any more are
+        left out (Cleanup would drop them anyway, in the same order), everything else is copied."""
+        src = model.graph
+        replaced = {x for i, n in enumerate(src.node) if i in replacements for x in n.input}
+        dropped = (replaced - _referenced(src, nodes)) & {t.name for t in src.initializer}
+        out = ModelProto()
+        _copy_fields(model, out, {"graph"})
+        _copy_fields(src, out.graph, {"node", "initializer", "input"})
+        out.graph.node.extend(nodes)
+        out.graph.input.extend(v for v in src.input if v.name not in dropped)
+        for t in src.initializer:  # one at a time: the copy's transient is one tensor, not all of them
+            if t.name not in dropped:
+                out.graph.initializer.add().CopyFrom(t)
+        return out
 
     def ensures(self, model: ModelProto, before: list[tuple[str, bytes]]) -> None:
         if _signature(model) != before:
             raise PassError(self.name, "graph outputs changed")
-
-

@@ -77,6 +77,22 @@ def cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | No
     return _masked_mean(1.0 - similarity, mask)
 
 
+def pooled_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − cosine of mask-weighted mean-pooled embeddings (`[N, T, D]` -> `[N, D]`), averaged over samples.
+
+    A sentence-transformers encoder is used through this pooled vector, so matching it directly trains
+    the number we report; per-token cosine spends capacity on tokens whose errors cancel in the mean.
+    Outputs without a token axis fall back to the plain cosine.
+    """
+    if student.dim() < 3:
+        return cosine(student, teacher)
+    weight = (torch.ones(student.shape[:2], device=student.device) if mask is None else mask).float()[..., None]
+    count = weight.sum(dim=1).clamp_min(1.0)
+    s = (student.float() * weight).sum(dim=1) / count
+    t = (teacher.float() * weight).sum(dim=1) / count
+    return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=EPS)).mean()
+
+
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """MSE divided by the teacher's mean square: scale-free, so features of different layers weigh alike."""
     t = teacher.float()
@@ -126,6 +142,8 @@ class OutputLoss:
             return kl(student, teacher, self.temperature, mask)
         if self.kind == "mse":
             return mse(student, teacher, mask)
+        if self.kind == "pooled":
+            return pooled_cosine(student, teacher, mask)
         return cosine(student, teacher, mask)
 
 

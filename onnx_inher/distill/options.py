@@ -8,7 +8,7 @@ from typing import Any
 
 from onnx_inher.errors import InputError
 
-LOSS_KINDS = ("kd", "kl", "mse", "cosine")
+LOSS_KINDS = ("kd", "kl", "mse", "cosine", "pooled")
 TRAINABLE = ("factors", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -18,7 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class DistillOptions:
     """Everything that shapes a distillation run (paths aside). Defaults suit a compressed student.
 
-    `losses` maps an output name to ``kind`` or ``kind:weight`` (kd, kl, mse, cosine); outputs not named
+    `losses` maps an output name to ``kind`` or ``kind:weight`` (kd, kl, mse, cosine, pooled: cosine of
+    mask-weighted mean-pooled token outputs, the sentence-embedding metric); outputs not named
     get the default for their kind (see `losses.default_kind`). `features` names intermediate tensors for
     feature KD ("auto": the outputs of every factorised layer), weighted by `feature_weight`.
     """
@@ -44,6 +45,7 @@ class DistillOptions:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     teacher_batch: int = 64
     max_rel_error: float = 1e-3
     dims: dict[str, int] = field(default_factory=dict)
@@ -72,6 +74,8 @@ class DistillOptions:
         if self.precision not in PRECISIONS or self.device not in DEVICES:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}; --device one of "
                              f"{', '.join(DEVICES)}")
+        if self.threads < 0:
+            raise InputError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.feature_weight < 0:
             raise InputError(f"--feature-weight must be >= 0, got {self.feature_weight}")
         for output, spec in self.losses.items():
@@ -79,7 +83,7 @@ class DistillOptions:
 
     def run_identity(self) -> dict[str, Any]:
         """The options that change the trained weights (a resumed run must match them exactly)."""
-        skip = {"checkpoint_every", "keep_checkpoints", "teacher_batch", "max_rel_error", "device"}
+        skip = {"checkpoint_every", "keep_checkpoints", "teacher_batch", "max_rel_error", "device", "threads"}
         return {k: v for k, v in sorted(asdict(self).items()) if k not in skip}
 
 

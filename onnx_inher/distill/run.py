@@ -151,6 +151,8 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
     world = init_world(options.device)
     try:
         torch.manual_seed(options.seed)
+        if options.threads:  # on a busy machine one thread per core loses most of its time waiting (RESULTS.md)
+            torch.set_num_threads(options.threads)
         loaded = load_model(student_path)
         teacher_model = onnx.load(str(teacher_path), load_external_data=False)
         specs = input_specs(loaded.model)

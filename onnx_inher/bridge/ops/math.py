@@ -197,3 +197,8 @@ def matmul_integer(ctx: Ctx) -> Fn:
         return torch.matmul(a32.double(), b32.double()).to(torch.int32)
 
     return run
+
+
+@register("Det", since=11)
+def det(ctx: Ctx) -> Fn:
+    return torch.linalg.det

@@ -507,3 +507,35 @@ def space_to_depth(ctx: Ctx) -> Fn:
         return y.reshape(n, c * b * b, h // b, w // b)
 
     return run
+
+
+@register("RMSNormalization", since=23)
+def rms_normalization(ctx: Ctx) -> Fn:
+    ax = int(ctx.attr("axis", -1))
+    eps = float(ctx.attr("epsilon", 1e-5))
+
+    def run(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(axis(ax, x.dim()), x.dim()))
+        xf = x.float()
+        y = xf * torch.rsqrt((xf * xf).mean(dims, keepdim=True) + eps)
+        return y.to(x.dtype) * scale
+
+    return run
+
+
+@register("Swish", since=24)
+def swish(ctx: Ctx) -> Fn:
+    alpha = float(ctx.attr("alpha", 1.0))
+    return lambda x: x * torch.sigmoid(alpha * x)
+
+
+GRID_MODES = {"linear": "bilinear", "bilinear": "bilinear", "nearest": "nearest", "cubic": "bicubic",
+              "bicubic": "bicubic"}
+
+
+@register("GridSample", since=16)
+def grid_sample(ctx: Ctx) -> Fn:
+    mode = GRID_MODES[ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear")]
+    padding = ctx.attr("padding_mode", "zeros")
+    align = bool(ctx.attr("align_corners", 0))
+    return lambda x, grid: F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding, align_corners=align)

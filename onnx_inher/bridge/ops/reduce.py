@@ -143,3 +143,20 @@ def cum_sum(ctx: Ctx) -> Fn:
         return torch.flip(out, [ax]) if reverse else out
 
     return run
+
+
+@register("CumProd", since=26)
+def cum_prod(ctx: Ctx) -> Fn:
+    exclusive, reverse = bool(ctx.attr("exclusive", 0)), bool(ctx.attr("reverse", 0))
+    ax_c = ctx.ints(1)
+
+    def run(x: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+        ax = axis((ax_c if ax_c is not None else as_ints(a))[0], x.dim())  # type: ignore[arg-type]
+        y = torch.flip(x, [ax]) if reverse else x
+        if exclusive:
+            ones = torch.ones_like(y.narrow(ax, 0, 1))
+            y = torch.cat([ones, y.narrow(ax, 0, y.shape[ax] - 1)], ax)
+        out = torch.cumprod(y, ax, dtype=x.dtype)
+        return torch.flip(out, [ax]) if reverse else out
+
+    return run

@@ -1,0 +1,131 @@
+"""Calibration for data-aware (whitened) SVD: each factorised layer's input Gram matrix `X^T X`.
+
+Plain SVD keeps the directions of largest *weight* energy; a layer's inputs, though, are far from
+isotropic (MiniLM's hidden states have a few outlier features), so those directions are not the
+ones that matter for its *output*. SVD-LLM's fix needs only the Gram matrix of each layer's inputs
+on some real data: we run the teacher in ONNX Runtime with those inputs exposed as extra graph
+outputs, batch by batch, and accumulate `X^T X` in float64 (the per-layer memory is `in x in`, not
+the activations). Padding tokens are left out when the data has an `attention_mask`, since their
+hidden states never reach a mask-pooled embedding. `whitened_svd` then uses the matrices.
+
+Only MatMul/Gemm layers whose weight is on the right (`y = x W`, the activation's last axis is the
+input features) are whitened; convolutions and left-side products keep plain SVD (said in the plan's
+warnings).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto
+from tqdm import tqdm
+
+from onnx_inher.distill.data import input_specs, load_data
+from onnx_inher.distill.teacher_cache import PROTOBUF_LIMIT, _spill, with_outputs
+from onnx_inher.errors import InputError
+from onnx_inher.layers import LayerView
+from onnx_inher.plan import Plan, Spectra
+from onnx_inher.runtime import session
+from onnx_inher.svd import whitened_svd
+
+SAMPLES = 256
+BATCH = 32
+MASK = "attention_mask"
+
+
+def activation_input(view: LayerView, model: ModelProto) -> str | None:
+    """The tensor whose last axis a right-side MatMul/Gemm contracts with its weight, or None."""
+    if view.op not in ("MatMul", "Gemm") or view.side != "right" or view.groups != 1:
+        return None
+    if view.op == "Gemm" and view.attrs.get("transA"):
+        return None
+    return model.graph.node[view.node_index].input[1 - view.weight_input]
+
+
+def calibration_feeds(spec: str, model: ModelProto, samples: int = SAMPLES, seed: int = 0,
+                      dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Up to `samples` inputs from a DATA spec (as for `distill --data`), a seeded choice of them."""
+    data = load_data(spec, input_specs(model), seed=seed, dims=dims, model=model)
+    n = len(data)
+    index = np.sort(np.random.default_rng(seed).permutation(n)[:samples]) if n > samples else np.arange(n)
+    return data.batch(index)
+
+
+def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The activation as `[rows, in]` float64, padding positions dropped when the mask lines up."""
+    if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+        x = x[mask.astype(bool)]
+    return x.reshape(-1, x.shape[-1]).astype(np.float64)
+
+
+def input_grams(model: ModelProto, tensors: Sequence[str], feeds: dict[str, np.ndarray],
+                batch_size: int = BATCH) -> dict[str, np.ndarray]:
+    """`X^T X` (float64) of each named tensor over every sample of `feeds`, run batch by batch in ORT."""
+    names = [t for t in dict.fromkeys(tensors) if t not in feeds]  # graph inputs are read from the feeds
+    n = len(next(iter(feeds.values())))
+    grams: dict[str, np.ndarray] = {}
+    for name in dict.fromkeys(tensors):
+        if name in feeds:
+            x = _rows(np.asarray(feeds[name]), feeds.get(MASK))
+            grams[name] = x.T @ x
+    if not names:
+        return grams
+    fetched = with_outputs(model, names, Path("calibration model"))
+    quiet = True if os.environ.get("ONNX_INHER_QUIET") == "1" else None
+    with tempfile.TemporaryDirectory() as spill:
+        runner = session(fetched if fetched.ByteSize() < PROTOBUF_LIMIT else _spill(fetched, Path(spill)), "cpu")
+        for start in tqdm(range(0, n, batch_size), desc="calibrate", unit="batch", disable=quiet, leave=False):
+            batch = {k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in feeds.items()}
+            mask = batch.get(MASK)
+            for name, value in zip(names, runner.run(names, batch), strict=True):
+                x = _rows(value, mask)
+                gram = x.T @ x
+                grams[name] = gram if name not in grams else grams[name] + gram
+    return grams
+
+
+class CalibratedSpectra(Spectra):
+    """`Spectra` whose full SVDs are whitened by each layer's input Gram matrix.
+
+    The plan's singular values (`values`) stay the plain ones: ranks are decided from the weights
+    alone, so a plan file gives the same ranks with or without calibration (a fair comparison at
+    equal size) and `plan`/`inspect` need no data. Only the factors' directions change.
+    """
+
+    def __init__(self, grams: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.grams = grams
+
+    def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        gram = self.grams.get(view.shared_key)
+        return super().svd(view) if gram is None else whitened_svd(view.matrices(), gram)
+
+
+def calibrated_spectra(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
+                       dims: dict[str, int] | None = None) -> tuple[CalibratedSpectra, list[str]]:
+    """Grams of the plan's factorised layers (summed over layers sharing one weight), and notes."""
+    chosen = [views[c.node] for c in the_plan.candidates if c.decision == "factorize" and c.node in views]
+    tensors = {v.node: activation_input(v, model) for v in chosen}
+    plain = [v.node for v in chosen if tensors[v.node] is None]
+    wanted = sorted({t for t in tensors.values() if t})
+    if not wanted:
+        raise InputError(f"--calibration {spec}: no factorised layer is a MatMul/Gemm with its weight on the "
+                         "right, so there is nothing to whiten; drop --calibration.")
+    feeds = calibration_feeds(spec, model, dims=dims)
+    by_tensor = input_grams(model, wanted, feeds)
+    grams: dict[str, np.ndarray] = {}
+    for v in chosen:
+        name = tensors[v.node]
+        if name is not None:
+            g = by_tensor[name]
+            grams[v.shared_key] = g if v.shared_key not in grams else grams[v.shared_key] + g
+    notes = [f"calibration '{spec}': {len(chosen) - len(plain)} layer(s) factorised by whitened SVD on "
+             f"{len(next(iter(feeds.values())))} samples"]
+    if plain:
+        notes.append(f"calibration: {len(plain)} layer(s) keep plain SVD (not a right-side MatMul/Gemm): "
+                     f"{', '.join(plain[:3])}{' ...' if len(plain) > 3 else ''}")
+    return CalibratedSpectra(grams), notes
