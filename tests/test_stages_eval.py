@@ -109,3 +109,18 @@ def test_plots_written_and_deterministic(tmp_path: Path) -> None:
     assert plot_training(records, tmp_path / "train.png")
     assert not plot_training([], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_reports_are_readable_by_others(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; reports and plans follow the umask like any other tool's output."""
+    import os
+
+    from onnx_inher.ir.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "plan.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "plan.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -498,17 +498,33 @@ def save_model(
     return finals
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Atomically write a small text file (plans, reports)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write a small file (plans, reports, plots) with the umask's permissions: mkstemp's 0600
+    would make shared reports unreadable to the rest of a team."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
+    tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".onnx-inher-", dir=parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
     except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise InputError(f"{p}: cannot write ({err.strerror}); choose another path.") from None
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write a small text file (plans, reports)."""
+    write_bytes(path, text.encode())
 
 
 def release_memory() -> None:
