@@ -128,13 +128,17 @@ def inspect(model: Path, as_json: bool, **kw: Any) -> None:
 @policy_options
 @click.option("--target", type=click.Choice(["cpu", "cuda"]),
               help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan's totals and file as JSON.")
 @handled
-def plan_cmd(model: Path, output: Path, target: str | None, **kw: Any) -> None:
+def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw: Any) -> None:
     """Write a JSON plan (edit ranks by hand, then `compress --plan`)."""
     options = _options(kw)
     check_output(output, [model])
     p = api.plan(model, options, target=target)
     write_text(output, p.to_json())
+    if as_json:
+        click.echo(json.dumps({"plan": str(output), "totals": p.totals(), "warnings": p.warnings}, indent=2))
+        return
     click.echo(report.totals_line(p))
     click.echo(f"plan written to {output}")
 
