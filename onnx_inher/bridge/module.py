@@ -317,6 +317,10 @@ class _Builder:
                 self._buffer(program, name, tensors[name])
                 own.add(name)
         program.captures = sorted(n for n in needed if n not in local and n not in own)
+        # Converters read constants only while converting, but their callables may keep `ctx` (and so
+        # these dicts) alive: empty them, or every weight would stay in memory twice.
+        consts.clear()
+        tensors.clear()
         return program
 
     def _unsupported(self, graph: GraphProto, ids: list[str]) -> InputError | None:

@@ -1,9 +1,11 @@
 """`write_back`: trained parameter values back into the same ONNX graph, by name.
 
 Only tensor values change: initializers keep their name, dims and element type (an fp16 weight trained
-as fp32 master weight is written as fp16), `Constant` nodes keep their attribute kind, and the node list
-is not touched. The result is a new ModelProto; save it with `onnx_inher.ir.io.save_model`, which
-decides the external-data layout (pass `external_data=True` for a model that came with a data file).
+as fp32 master weight is written as fp16, i.e. rounded: the written model computes what the module does
+with its weights rounded to fp16), `Constant` nodes keep their attribute kind, and the node list is not
+touched; weights whose value did not change keep their bytes. The result is a new ModelProto; save it
+with `onnx_inher.ir.io.save_model`, which decides the external-data layout (pass `external_data=True`
+for a model that came with a data file).
 Tensors that still point at external data (a model loaded without it) get their new values inline and
 lose the pointer: the save writes them out again.
 """
