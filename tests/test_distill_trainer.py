@@ -38,7 +38,7 @@ FAST = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "checkpoint_every": 0, "val_f
 # One script for every subprocess run, so killed, resumed and uninterrupted runs share threads and imports.
 # A test-only slowdown of each step gives the kill a window; it changes no numbers.
 RUNNER = """
-import json, sys, time
+import json, os, sys, time
 from onnx_inher.distill import DistillOptions, distill, trainer
 args = json.loads(sys.argv[1])
 if args.pop("slow", False):
@@ -46,7 +46,8 @@ if args.pop("slow", False):
     trainer.Trainer.train_step = lambda self, *a: (time.sleep(0.1), step(self, *a))[1]
 options = DistillOptions(**args.pop("options"))
 result = distill(options=options, **args)
-print(json.dumps({"steps": result.train.steps, "resumed_from": result.train.resumed_from}))
+if os.environ.get("RANK", "0") == "0":  # every rank returns the result; one prints it
+    print(json.dumps({"steps": result.train.steps, "resumed_from": result.train.resumed_from}))
 """
 
 
