@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["svd", "inher"], default="svd")
     parser.add_argument("--param-ratio", type=float, default=0.5)
     parser.add_argument("--calibration", default="fortunes", help="DATA spec for whitened SVD, or 'none'.")
-    parser.add_argument("--steps", type=int, default=2000, help="Optimizer steps (0: evaluate the init only).")
+    parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps (0: evaluate the init only).")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--trainable", choices=["factors", "all"], default="all")

