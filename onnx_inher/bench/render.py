@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from onnx_inher.ir.io import write_bytes
 from onnx_inher.report import human
 
 
@@ -141,19 +142,6 @@ def plot_png(doc: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomic (temporary file, then rename) with the umask's permissions: reports are for sharing."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        from onnx_inher.errors import InputError
-
-        raise InputError(f"{path}: cannot write ({err.strerror}); choose another -o path.") from None
-
-
 def report_paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
     p = Path(prefix)
     stem = p.with_suffix("") if p.suffix in (".json", ".md", ".png") else p
@@ -163,7 +151,7 @@ def report_paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
 def write_reports(doc: dict[str, Any], prefix: str | os.PathLike[str]) -> list[Path]:
     """`<prefix>.json`, `<prefix>.md` and `<prefix>.png`, each written atomically."""
     paths = report_paths(prefix)
-    _write_bytes(paths["json"], (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    _write_bytes(paths["md"], markdown(doc).encode())
-    _write_bytes(paths["png"], plot_png(doc))
+    write_bytes(paths["json"], (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(paths["md"], markdown(doc).encode())
+    write_bytes(paths["png"], plot_png(doc))
     return list(paths.values())
