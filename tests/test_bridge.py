@@ -268,3 +268,19 @@ def test_fp16_models_match_ort_and_write_back_fp16(name: str) -> None:
         for p in module.parameters():
             p.copy_(p.half().float())
     assert rel_err(ort_run(trained, feed), torch_run(module, feed)) <= 5e-3
+
+
+def test_mixed_device_operands_meet_where_torch_allows_them() -> None:
+    """A scalar constant moved to the GPU with the module, beside CPU shape values, must come to the CPU
+    (torch refuses a CUDA scalar with CPU tensors); data on an accelerator pulls everything there.
+    Found on an H200: BERT's extended attention mask failed the first CUDA distillation. The `meta`
+    device stands in for an accelerator here (only where tensors go is checked, no values)."""
+    from onnx_inher.bridge.ops.common import target_device
+
+    gpu_scalar, gpu_data = torch.zeros((), device="meta"), torch.zeros(2, 3, device="meta")
+    cpu_scalar, cpu_shape = torch.tensor(2.0), torch.tensor([2, 3])
+    assert target_device([gpu_scalar, cpu_shape]) == torch.device("cpu")
+    assert target_device([cpu_shape, gpu_data]) == torch.device("meta")
+    assert target_device([cpu_scalar, gpu_data, None]) == torch.device("meta")
+    assert target_device([gpu_scalar, cpu_scalar]) == torch.device("meta")
+    assert target_device([cpu_shape, cpu_scalar]) is None

@@ -14,11 +14,25 @@ WIDEN = (torch.uint16, torch.uint32, torch.uint64)
 def same_device(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Move tensors onto one device: shape values are computed on the CPU (`Shape` returns a CPU
     tensor, so reading them back never waits for an accelerator), data may live elsewhere."""
-    devices = {t.device for t in tensors if t is not None and t.dim() > 0}
-    if len(devices) <= 1:
+    target = target_device(tensors)
+    if target is None:
         return list(tensors)
-    target = next(d for d in devices if d.type != "cpu")
-    return [t.to(target) if t is not None else None for t in tensors]
+    return [t.to(target) if t is not None and t.device != target else t for t in tensors]
+
+
+def target_device(tensors: Sequence[torch.Tensor | None]) -> torch.device | None:
+    """Where an op on these tensors runs, or None if they already share a device.
+
+    Tensors with dimensions decide: an accelerator if any of them is on one, else the CPU. Scalars
+    (0-d) follow them, in both directions: torch accepts a CPU scalar beside CUDA data but not a CUDA
+    scalar (a constant moved with the module) beside CPU shape values, so such a scalar comes to the CPU
+    rather than sending shape arithmetic to the GPU.
+    """
+    present = [t for t in tensors if t is not None]
+    if len({t.device for t in present}) <= 1:
+        return None
+    shaped = {t.device for t in present if t.dim() > 0} or {t.device for t in present}
+    return next((d for d in shaped if d.type != "cpu"), torch.device("cpu"))
 
 
 def axis(a: int, rank: int) -> int:
