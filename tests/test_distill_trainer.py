@@ -135,6 +135,15 @@ def test_early_stopping_restores_the_best_weights(setup: dict[str, Path], tmp_pa
     assert result.train.best_step == result.train.steps - 2
 
 
+def test_a_run_that_only_hurts_gives_back_the_starting_weights(setup: dict[str, Path], tmp_path: Path) -> None:
+    result = run_distill(setup, tmp_path / "w.onnx", lr=50.0, warmup=0.0, clip=0.0, steps=4, eval_every=2,
+                         trainable="all")
+    assert result.train.final["val_loss"] > result.train.initial["val_loss"]
+    assert result.train.best_step == 0
+    before, after = weights(setup["student"]), weights(tmp_path / "w.onnx")
+    assert all(np.array_equal(before[n], after[n]) for n in before)
+
+
 def test_data_free_mode_is_labelled(setup: dict[str, Path], tmp_path: Path) -> None:
     result = onnx_inher.distill(setup["student"], setup["teacher"], "random:48", tmp_path / "r.onnx",
                                 DistillOptions(**FAST), cache_dir=setup["dir"] / "cache")

@@ -275,9 +275,14 @@ class Trainer:
                 self.scaler.load_state_dict(ckpt.state["scaler"])
         log = MetricsLog(self.metrics_path, self.world.is_main, resumed)
         initial = None
-        if self.val is not None and resumed is None and self.world.is_main:
-            initial = self.evaluate()
-            log.write({"step": 0, "kind": "val", "data_free": self.data_free, **initial})
+        if self.val is not None and resumed is None:
+            # The starting weights compete for "best" too: a run that only makes the student worse on
+            # validation (too high a learning rate, say) gives back what it started from.
+            initial = self.evaluate() if self.world.is_main else None
+            state.update(best_loss=self.world.broadcast_float(initial["val_loss"] if initial else 0.0), best_step=0)
+            best.update({n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad})
+            if initial is not None:
+                log.write({"step": 0, "kind": "val", "data_free": self.data_free, "best_step": 0, **initial})
         self.net.train()
         quiet = not self.world.is_main or os.environ.get("ONNX_INHER_QUIET") == "1"
         bar = tqdm(total=self.total_steps, initial=start_step, desc="distill", unit="step",
