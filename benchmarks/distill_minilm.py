@@ -151,7 +151,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--trainable", choices=["factors", "all"], default="all")
     parser.add_argument("--pooled-weight", type=float, default=1.0, help="Pooled-embedding cosine loss weight.")
-    parser.add_argument("--token-weight", type=float, default=0.0, help="Per-token cosine loss weight.")
+    parser.add_argument("--token-weight", type=float, default=0.0,
+                        help="Per-token cosine loss weight (replaces the pooled loss when > 0).")
     parser.add_argument("--pooler-weight", type=float, default=0.0, help="pooler_output cosine loss weight.")
     parser.add_argument("--features", default="none",
                         help="Feature KD: 'none', 'hidden' (encoder layer outputs) or 'auto' (factorised layers).")
@@ -218,8 +219,8 @@ def main() -> None:
         }
         if args.steps:
             losses = {EMBEDDING: f"pooled:{args.pooled_weight}"} if args.pooled_weight else {}
-            if args.token_weight:
-                losses = {EMBEDDING: f"cosine:{args.token_weight}"} if not losses else losses
+            if args.token_weight:  # one loss per output: per-token cosine replaces the pooled one
+                losses = {EMBEDDING: f"cosine:{args.token_weight}"}
             losses[POOLER] = f"cosine:{args.pooler_weight}"
             options = DistillOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, losses=losses,
                                      trainable=args.trainable, features=feature_names(args.features, teacher),
