@@ -20,13 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
 from onnx_inher import api
 from onnx_inher.bridge import to_torch
 from onnx_inher.errors import InputError
+from onnx_inher.ir.graph import op_types
 from onnx_inher.ir.io import load_model
 from onnx_inher.plan import Options
 from tests import zoo
@@ -38,16 +38,6 @@ SIZES = ((1, 160), (3, 50), (8, 160))
 REPEATS = 5
 
 
-def _ops(graph: onnx.GraphProto) -> set[str]:
-    found = set()
-    for node in graph.node:
-        found.add(node.op_type)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                found |= _ops(a.g)
-    return found
-
-
 def _cases() -> list[object]:
     from onnx.backend.test.case import node as cases
 
@@ -55,7 +45,7 @@ def _cases() -> list[object]:
         warnings.simplefilter("ignore")
         for name in CASE_MODULES:
             importlib.import_module(f"{cases.__name__}.{name}")
-    return [c for c in cases._NodeTestCases if _ops(c.model.graph) & set(OPS)]
+    return [c for c in cases._NodeTestCases if op_types(c.model.graph) & set(OPS)]
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -91,7 +81,7 @@ def conformance() -> None:
     table: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
     for case in _cases():
         top = {n.op_type for n in case.model.graph.node}  # type: ignore[attr-defined]
-        op = next((o for o in OPS if o in top), None) or next(o for o in OPS if o in _ops(case.model.graph))  # type: ignore[attr-defined]
+        op = next((o for o in OPS if o in top), None) or next(o for o in OPS if o in op_types(case.model.graph))  # type: ignore[attr-defined]
         table[op].append((case.name, _check(case)))  # type: ignore[attr-defined]
     print("| op | cases | passed | failed: case (why) |")
     print("|---|---|---|---|")

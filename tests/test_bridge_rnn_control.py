@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_inher import api
 from onnx_inher.bridge import OnnxModule, to_torch, write_back
 from onnx_inher.errors import InputError
+from onnx_inher.ir.graph import op_types
 from onnx_inher.ir.io import load_model
 from onnx_inher.plan import Options
 from tests import zoo
@@ -38,17 +39,6 @@ OPS = ("LSTM", "GRU", "RNN", "If", "Loop", "Scan", "Einsum")
 # --------------------------------------------------------------------------- helpers
 
 
-def _ops(graph: onnx.GraphProto) -> set[str]:
-    """Op types of a graph and all its subgraphs."""
-    found = set()
-    for node in graph.node:
-        found.add(node.op_type)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                found |= _ops(a.g)
-    return found
-
-
 @functools.lru_cache(maxsize=1)
 def _cases() -> dict[str, object]:
     """The conformance cases (onnx.backend.test.case) that use one of OPS, by name."""
@@ -58,13 +48,13 @@ def _cases() -> dict[str, object]:
         warnings.simplefilter("ignore")
         for name in CASE_MODULES:
             importlib.import_module(f"{cases.__name__}.{name}")
-    return {c.name: c for c in cases._NodeTestCases if _ops(c.model.graph) & set(OPS)}
+    return {c.name: c for c in cases._NodeTestCases if op_types(c.model.graph) & set(OPS)}
 
 
 def _uses_sequences(model: onnx.ModelProto) -> bool:
     """Sequence and optional values are not tensors; the bridge runs tensor graphs only."""
     graph_io = [*model.graph.input, *model.graph.output]
-    return (any(op.startswith(("Sequence", "Optional")) for op in _ops(model.graph))
+    return (any(op.startswith(("Sequence", "Optional")) for op in op_types(model.graph))
             or any(not v.type.HasField("tensor_type") for v in graph_io))
 
 

@@ -280,7 +280,7 @@ class Trainer:
             # validation (too high a learning rate, say) gives back what it started from.
             initial = self.evaluate() if self.world.is_main else None
             state.update(best_loss=self.world.broadcast_float(initial["val_loss"] if initial else 0.0), best_step=0)
-            best.update({n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad})
+            best.update(self._trainable_snapshot())
             if initial is not None:
                 log.write({"step": 0, "kind": "val", "data_free": self.data_free, "best_step": 0, **initial})
         self.net.train()
@@ -320,6 +320,10 @@ class Trainer:
         return TrainResult(step, self.total_steps, seconds, bool(state["stopped"]), resumed, initial, final,
                            state["best_step"])
 
+    def _trainable_snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the trained weights: what "best" restores at the end of the run."""
+        return {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+
     def _checkpoint_due(self, step: int, state: dict[str, Any]) -> bool:
         every = self.options.checkpoint_every
         due = every > 0 and (step % every == 0 or step == self.total_steps or state["stopped"])
@@ -333,7 +337,7 @@ class Trainer:
         if val_loss < state["best_loss"]:
             state.update(best_loss=val_loss, best_step=step, bad_evals=0)
             best.clear()
-            best.update({n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad})
+            best.update(self._trainable_snapshot())
         else:
             state["bad_evals"] += 1
             if self.options.patience is not None and state["bad_evals"] >= self.options.patience:

@@ -125,6 +125,17 @@ class GraphIndex:
         return Constant(value, root, chain)
 
 
+def op_types(graph: onnx.GraphProto) -> set[str]:
+    """Op types of a graph and of every subgraph in it (If branches, Loop and Scan bodies)."""
+    found = set()
+    for node in graph.node:
+        found.add(node.op_type)
+        for a in node.attribute:
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                found |= op_types(g)
+    return found
+
+
 def _outer_scope_inputs(node: NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope (they keep those tensors alive)."""
     names: set[str] = set()
