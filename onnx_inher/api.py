@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,6 +24,9 @@ from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.passes.verify import verify as verify_models
 from onnx_inher.plan import Options, Plan, Spectra, apply_edits, build_plan, load_plan
 from onnx_inher.runtime import load_inputs, sample_inputs
+
+if TYPE_CHECKING:
+    from onnx_inher.calibrate import Calibration
 
 PathLike = str | os.PathLike[str]
 FULL_RANK_BOUND = 1e-4
@@ -51,17 +55,38 @@ def plan(model: PathLike, options: Options | None = None, *, target: str | None 
     """Decide, for every dense layer, whether and how to factorise it (nothing is written).
 
     With `target` ("cpu" or "cuda"), layers whose factorised form is not faster on this machine,
-    by per-layer timings (cached), are skipped with the measured times as the reason."""
+    by per-layer timings (cached), are skipped with the measured times as the reason. With
+    `allocate="sensitivity"` (and `calibration`), ranks are then moved to where the outputs need them."""
     options = options or Options()
     options.validate()
     a = _analysis or analyze(model, options.dims)
-    spectra = _spectra or Spectra()
+    return _plan(a, options, target, _spectra or Spectra())[0]
+
+
+def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -> tuple[Plan, Calibration | None]:
+    """The plan, and the calibration it measured (so that `compress` does not run the samples twice)."""
     p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra)
     if target:
         from onnx_inher.latency_cache import apply_target
 
         p = apply_target(p, a.loaded.model, a.views, target)
-    return p
+    if options.allocate != "sensitivity":
+        return p, None
+    calibration = _calibrate(a, p, options)
+    from onnx_inher.allocate import allocate_by_sensitivity
+
+    p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams)
+    return p, calibration
+
+
+def _calibrate(a: Analysis, the_plan: Plan, options: Options) -> Calibration:
+    from onnx_inher.calibrate import calibrate
+
+    assert options.calibration
+    calibration = calibrate(a.loaded.model, a.views, the_plan, options.calibration, options.dims)
+    the_plan.options.calibration = options.calibration
+    the_plan.warnings.extend(calibration.notes)
+    return calibration
 
 
 @dataclass
@@ -130,16 +155,22 @@ def compress(
         raise InputError("--target applies when planning; a --plan file is applied as written (plan with --target).")
     out = Path(output)
     check_output(out, [Path(model)])
+    if plan_path and options.allocate != "energy":
+        raise InputError("--allocate applies when planning; a --plan file's ranks are applied as written "
+                         "(plan with --allocate, then compress --plan).")
     a = analyze(model, options.dims)
     spectra = Spectra()
-    the_plan = _read_plan(plan_path, a, spectra) if plan_path else plan(model, options, target=target,
-                                                                        _spectra=spectra, _analysis=a)
+    calibration = None
+    if plan_path:
+        the_plan = _read_plan(plan_path, a, spectra)
+    else:
+        the_plan, calibration = _plan(a, options, target, spectra)
     if options.calibration:
-        from onnx_inher.calibrate import calibrated_spectra
+        from onnx_inher.calibrate import CalibratedSpectra, plan_ranks
 
-        spectra, notes = calibrated_spectra(a.loaded.model, a.views, the_plan, options.calibration, options.dims)
-        the_plan.options.calibration = options.calibration
-        the_plan.warnings.extend(notes)
+        calibration = calibration or _calibrate(a, the_plan, options)
+        spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan))
+        del calibration
     feed = load_inputs(inputs, a.loaded.model) if inputs else None
     teacher_path, external = a.loaded.path, a.loaded.external_data
     layers = factorised_outputs(the_plan, a) if verify else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,18 +117,27 @@ def as_svd(f: Factors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (f.up / safe[:, None, :]).astype(np.float32), norms.astype(np.float32), f.down
 
 
-def calibrated_spectra(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
-                       dims: dict[str, int] | None = None) -> tuple[CalibratedSpectra, list[str]]:
+@dataclass
+class Calibration:
+    """What the calibration samples gave: the samples themselves, input Grams per shared weight, notes."""
+
+    feeds: dict[str, np.ndarray]
+    grams: dict[str, np.ndarray]
+    notes: list[str]
+
+
+def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
+              dims: dict[str, int] | None = None) -> Calibration:
     """Grams of the plan's factorised layers (summed over layers sharing one weight), and notes."""
     chosen = [views[c.node] for c in the_plan.candidates if c.decision == "factorize" and c.node in views]
     tensors = {v.node: activation_input(v, model) for v in chosen}
     plain = [v.node for v in chosen if tensors[v.node] is None]
     wanted = sorted({t for t in tensors.values() if t})
-    if not wanted:
+    if not wanted and the_plan.options.allocate != "sensitivity":
         raise InputError(f"--calibration {spec}: no factorised layer is a MatMul/Gemm with its weight on the "
                          "right, so there is nothing to whiten; drop --calibration.")
     feeds = calibration_feeds(spec, model, dims=dims)
-    by_tensor = input_grams(model, wanted, feeds)
+    by_tensor = input_grams(model, wanted, feeds) if wanted else {}
     grams: dict[str, np.ndarray] = {}
     for v in chosen:
         name = tensors[v.node]
@@ -139,5 +149,15 @@ def calibrated_spectra(model: ModelProto, views: dict[str, LayerView], the_plan:
     if plain:
         notes.append(f"calibration: {len(plain)} layer(s) keep plain SVD (not a right-side MatMul/Gemm): "
                      f"{', '.join(plain[:3])}{' ...' if len(plain) > 3 else ''}")
-    ranks = {c.node: int(c.rank) for c in the_plan.candidates if c.decision == "factorize" and c.rank}
-    return CalibratedSpectra(grams, ranks), notes
+    return Calibration(feeds, grams, notes)
+
+
+def plan_ranks(the_plan: Plan) -> dict[str, int]:
+    return {c.node: int(c.rank) for c in the_plan.candidates if c.decision == "factorize" and c.rank}
+
+
+def calibrated_spectra(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
+                       dims: dict[str, int] | None = None) -> tuple[CalibratedSpectra, list[str]]:
+    """Whitened factors at the plan's ranks, and the notes for the plan's warnings."""
+    c = calibrate(model, views, the_plan, spec, dims)
+    return CalibratedSpectra(c.grams, plan_ranks(the_plan)), c.notes

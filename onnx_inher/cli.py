@@ -62,11 +62,23 @@ def policy_options(f: Callable) -> Callable:
     return f
 
 
+def data_options(f: Callable) -> Callable:
+    """Options that use real samples: whitened SVD and sensitivity rank allocation (plan and compress)."""
+    f = click.option("--allocate", type=click.Choice(["energy", "sensitivity"]), default="energy",
+                     show_default=True,
+                     help="How --param-ratio's budget is spread: by singular-value energy, or by each layer's "
+                          "measured effect on the outputs over --calibration DATA (slower, usually better).")(f)
+    return click.option("--calibration", metavar="DATA",
+                        help="Data-aware (whitened) SVD: factor each MatMul/Gemm to minimise its output error on "
+                             "DATA (as for `distill --data`: fortunes, mnist5k, an .npz, ...).")(f)
+
+
 def _options(kw: dict[str, Any]) -> Options:
     policy = parse_policy(kw.pop("rank"), kw.pop("rank_ratio"), kw.pop("param_ratio"), kw.pop("energy"))
     o = Options(mode=kw.pop("mode"), heads=kw.pop("heads"), policy=policy, rank_multiple=kw.pop("rank_multiple"),
                 guard=not kw.pop("no_guard"), include=list(kw.pop("include")), exclude=list(kw.pop("exclude")),
-                min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), seed=kw.pop("seed"))
+                min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), seed=kw.pop("seed"),
+                calibration=kw.pop("calibration", None), allocate=kw.pop("allocate", "energy"))
     o.validate()
     return o
 
@@ -129,10 +141,14 @@ def inspect(model: Path, as_json: bool, **kw: Any) -> None:
 @click.option("--target", type=click.Choice(["cpu", "cuda"]),
               help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan's totals and file as JSON.")
+@data_options
 @handled
 def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw: Any) -> None:
     """Write a JSON plan (edit ranks by hand, then `compress --plan`)."""
     options = _options(kw)
+    if options.calibration and options.allocate != "sensitivity":
+        raise InputError("a plan uses --calibration only with --allocate sensitivity; "
+                         "for whitened factors give --calibration to compress.")
     check_output(output, [model])
     p = api.plan(model, options, target=target)
     write_text(output, p.to_json())
@@ -154,16 +170,12 @@ def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]),
               help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
-@click.option("--calibration", metavar="DATA",
-              help="Data-aware (whitened) SVD: factor each MatMul/Gemm to minimise its output error on DATA "
-                   "(as for `distill --data`: fortunes, mnist5k, an .npz, ...); ranks are unchanged.")
+@data_options
 @handled
 def compress(model: Path, output: Path, plan_path: Path | None, verify: bool, inputs: Path | None,
-             max_rel_error: float | None, as_json: bool, target: str | None, calibration: str | None,
-             **kw: Any) -> None:
+             max_rel_error: float | None, as_json: bool, target: str | None, **kw: Any) -> None:
     """Rewrite the planned layers into SVD-initialised factor nodes and save the student."""
     options = _options(kw)
-    options.calibration = calibration
     check_output(output, [model, *(p for p in (plan_path, inputs) if p is not None)])
     result = api.compress(model, output, options, plan_path=plan_path, verify=verify or max_rel_error is not None,
                           inputs=inputs, bound=max_rel_error, target=target)

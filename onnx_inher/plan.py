@@ -25,6 +25,7 @@ from onnx_inher.svd import energy_kept, full_svd, singular_values
 
 FORMAT = "onnx-inher-plan/1"
 MODES = ("inher", "svd")
+ALLOCATIONS = ("energy", "sensitivity")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Candidate:
     breakeven_rank: float | None = None
     shares_factors_with: str | None = None
     note: str | None = None
+    energy_rank: int | None = None  # the energy plan's rank, when --allocate sensitivity moved it
+    sensitivity: float | None = None  # output distance with this layer alone at its energy rank
 
 
 @dataclass
@@ -62,13 +65,19 @@ class Options:
     min_params: int = 0
     dims: dict[str, int] = field(default_factory=dict)
     seed: int = 0
-    calibration: str | None = None  # DATA spec whose input Gram matrices whiten the SVD (compress only)
+    calibration: str | None = None  # DATA spec whose input Gram matrices whiten the SVD
+    allocate: str = "energy"  # or "sensitivity": ranks moved to where measured output damage is (needs data)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
         if self.heads < 1:
             raise InputError(f"--heads must be >= 1, got {self.heads}")
+        if self.allocate not in ALLOCATIONS:
+            raise InputError(f"unknown allocation '{self.allocate}'; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocate == "sensitivity" and not self.calibration:
+            raise InputError("--allocate sensitivity measures each layer on real inputs: give them with "
+                             "--calibration DATA (e.g. fortunes, mnist5k, an .npz).")
         if self.rank_multiple < 1:
             raise InputError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         if self.min_params < 0:

