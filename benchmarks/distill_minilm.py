@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["svd", "inher"], default="svd")
     parser.add_argument("--param-ratio", type=float, default=0.5)
     parser.add_argument("--calibration", default="fortunes", help="DATA spec for whitened SVD, or 'none'.")
+    parser.add_argument("--allocate", choices=["energy", "sensitivity"], default="energy",
+                        help="compress --allocate (sensitivity needs --calibration).")
     parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps (0: evaluate the init only).")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -203,7 +205,7 @@ def main() -> None:
             calibration = str(work / "calib.npz")
         began = time.perf_counter()
         options = Options(mode=args.mode, heads=2, policy=parse_policy(param_ratio=args.param_ratio),
-                          calibration=calibration)
+                          calibration=calibration, allocate=args.allocate)
         if args.student:  # made elsewhere (e.g. minilm_init_experiments.py --save); the plan is recomputed
             shutil.copyfile(args.student, student)   # for the record only
             compressed = onnx_inher.api.CompressResult(onnx_inher.plan(teacher, options), [student])
@@ -217,6 +219,9 @@ def main() -> None:
             "student": str(args.student) if args.student else "compress (below)",
             "compress": {"mode": args.mode, "heads": 2 if args.mode == "inher" else 1,
                          "param_ratio_option": args.param_ratio, "calibration": args.calibration,
+                         "allocate": args.allocate,
+                         "ranks": {c.node: [c.energy_rank, c.rank] if c.energy_rank else c.rank
+                                   for c in compressed.plan.candidates if c.decision == "factorize"},
                          "seconds": round(compress_seconds, 1), "warnings": compressed.plan.warnings,
                          **{k: compressed.plan.totals()[k] for k in ("factorized", "params_before", "params_after",
                                                                        "param_ratio")}},

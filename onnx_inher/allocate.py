@@ -34,7 +34,7 @@ from onnx import ModelProto, TensorProto, helper
 from tqdm import tqdm
 
 from onnx_inher import cost
-from onnx_inher.calibrate import BATCH, MASK
+from onnx_inher.calibrate import MASK, batches
 from onnx_inher.errors import InputError
 from onnx_inher.evaluate import _pool, cosine_rows
 from onnx_inher.layers import LayerView
@@ -135,17 +135,15 @@ class Prober:
                              "use the default energy allocation.")
         probe, self.names = _probe_model(model, views)
         self.weights = {self.names[v.node]: v.weight for v in views}
-        self.feeds = feeds
+        self.batches = batches(model, feeds)
         self.session = session(_runnable(probe), "cpu")
         self.reference = self.run({})
 
     def run(self, swapped: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Pooled float outputs over all samples, with `swapped` (node -> weight) in place of the originals."""
         weights = {**self.weights, **{self.names[n]: w for n, w in swapped.items()}}
-        n = len(next(iter(self.feeds.values())))
         pooled: list[list[np.ndarray]] = [[] for _ in self.outputs]
-        for start in range(0, n, BATCH):
-            batch = {k: np.ascontiguousarray(v[start:start + BATCH]) for k, v in self.feeds.items()}
+        for batch in self.batches:
             for j, y in enumerate(self.session.run(self.outputs, {**batch, **weights})):
                 pooled[j].append(_pool(np.asarray(y, dtype=np.float64), batch.get(MASK))[0])
         return [np.concatenate(p) for p in pooled]

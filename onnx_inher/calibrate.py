@@ -63,11 +63,40 @@ def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]).astype(np.float64)
 
 
+def _dynamic_length(model: ModelProto, feeds: dict[str, np.ndarray]) -> list[str]:
+    """Inputs laid out `[sample, token, ...]` like the attention mask, if every one has a free token axis."""
+    mask = feeds.get(MASK)
+    if mask is None or mask.ndim != 2:
+        return []
+    names = [k for k, v in feeds.items() if v.ndim >= 2 and v.shape[:2] == mask.shape]
+    declared = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
+    for name in names:
+        dims = declared.get(name)
+        if dims is None or len(dims) < 2 or dims[1].HasField("dim_value"):
+            return []
+    return names
+
+
+def batches(model: ModelProto, feeds: dict[str, np.ndarray], batch_size: int = BATCH) -> list[dict[str, np.ndarray]]:
+    """The samples in batches; for padded text with a free token axis, longest first and cropped to the
+    batch's longest sentence, which halves the work on fortunes (mean 31 of 64 tokens). Padding never
+    reaches a mask-pooled output nor a calibration row, so nothing measured changes but float order."""
+    n = len(next(iter(feeds.values())))
+    cropped = _dynamic_length(model, feeds)
+    lengths = feeds[MASK].astype(bool).sum(1) if cropped else np.zeros(n, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    out = []
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        width = max(int(lengths[idx].max()), 1)
+        out.append({k: np.ascontiguousarray(v[idx, :width] if k in cropped else v[idx]) for k, v in feeds.items()})
+    return out
+
+
 def input_grams(model: ModelProto, tensors: Sequence[str], feeds: dict[str, np.ndarray],
                 batch_size: int = BATCH) -> dict[str, np.ndarray]:
     """`X^T X` (float64) of each named tensor over every sample of `feeds`, run batch by batch in ORT."""
     names = [t for t in dict.fromkeys(tensors) if t not in feeds]  # graph inputs are read from the feeds
-    n = len(next(iter(feeds.values())))
     grams: dict[str, np.ndarray] = {}
     for name in dict.fromkeys(tensors):
         if name in feeds:
@@ -79,8 +108,8 @@ def input_grams(model: ModelProto, tensors: Sequence[str], feeds: dict[str, np.n
     quiet = True if os.environ.get("ONNX_INHER_QUIET") == "1" else None
     with tempfile.TemporaryDirectory() as spill:
         runner = session(fetched if fetched.ByteSize() < PROTOBUF_LIMIT else _spill(fetched, Path(spill)), "cpu")
-        for start in tqdm(range(0, n, batch_size), desc="calibrate", unit="batch", disable=quiet, leave=False):
-            batch = {k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in feeds.items()}
+        for batch in tqdm(batches(model, feeds, batch_size), desc="calibrate", unit="batch", disable=quiet,
+                          leave=False):
             mask = batch.get(MASK)
             for name, value in zip(names, runner.run(names, batch), strict=True):
                 x = _rows(value, mask)

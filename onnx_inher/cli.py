@@ -352,6 +352,7 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--seq-len", "seq_lens", default="", help="Bench sequence lengths (dynamic inner dims).")
 @click.option("--iters", type=int, default=50, show_default=True, help="Timed bench runs per model and shape.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's results as JSON.")
+@data_options
 @handled
 def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int, lr: float,
             temperature: float, alpha: float, features: str, trainable: str, val_fraction: float,
@@ -361,6 +362,8 @@ def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | No
     from onnx_inher.distill import DistillOptions
     from onnx_inher.pipeline import BenchSettings, run
 
+    if kw["allocate"] == "sensitivity" and not kw["calibration"]:
+        kw["calibration"] = data  # measure on the data the student will be distilled on
     options = _options(kw)
     dopts = DistillOptions(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
                            alpha=alpha, features=[f for f in features.split(",") if f], trainable=trainable,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,9 @@ def _compress_and_distill(out: RunFolder, name: str, plan_file: str, teacher: Pa
     metrics = "metrics.jsonl" if name == "student" else f"metrics_{name.removeprefix('student_')}.jsonl"
 
     def do_compress() -> dict[str, Any]:
-        res = api.compress(teacher, init, options, plan_path=out.path(plan_file), verify=True)
+        # the plan file already holds the allocated ranks; compress applies them as written
+        res = api.compress(teacher, init, replace(options, allocate="energy"), plan_path=out.path(plan_file),
+                           verify=True)
         return {"files": [p.name for p in res.outputs], "totals": res.plan.totals(),
                 "verification": res.verification.to_dict() if res.verification else None}
 

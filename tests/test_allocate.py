@@ -155,3 +155,18 @@ def test_cli_allocate_with_a_plan_file_is_a_usage_error(tmp_path: Path) -> None:
                                     "--calibration", "mnist5k", "--allocate", "sensitivity"])
     assert out.exit_code == 2 and "plan with --allocate" in out.output
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_run_allocates_on_its_distillation_data_and_compresses_what_the_plan_says(tmp_path: Path) -> None:
+    """`run --allocate sensitivity` without --calibration measures on --data; the plan file's ranks are built."""
+    out = CliRunner().invoke(main, ["run", str(MNIST), "--data", "digits", "-o", str(tmp_path / "run"), "--mode",
+                                    "svd", "--rank-multiple", "4", "--allocate", "sensitivity", "--steps", "2",
+                                    "--batch", "1", "--iters", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["options"]["allocate"] == "sensitivity" and plan["options"]["calibration"] == "digits"
+    view_ranks = {c["node"]: c["rank"] for c in plan["candidates"] if c["decision"] == "factorize"}
+    student = analyze(tmp_path / "run" / "student_init.onnx")
+    downs = [v for v in student.views.values() if v.node.endswith("/down")]
+    assert view_ranks and len(downs) == len(view_ranks)
+    assert sorted(v.out_features for v in downs) == sorted(view_ranks.values())

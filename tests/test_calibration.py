@@ -160,3 +160,37 @@ def test_pooled_cosine_matches_numpy_and_ignores_padding() -> None:
     noisy[mask == 0] = 1e3  # padding positions do not count
     assert float(pooled_cosine(noisy, t, mask)) == pytest.approx(want, abs=1e-6)
     assert float(OutputLoss("e", "pooled")(s, s, None, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _token_model(length: int | str) -> onnx.ModelProto:
+    """ids -> embedding (Gather) -> MatMul: the hidden rows are a function of the token alone."""
+    emb = np.random.default_rng(5).standard_normal((50, 8)).astype(np.float32)
+    w = np.random.default_rng(6).standard_normal((8, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+         onnx.helper.make_node("MatMul", ["h", "w"], ["y"], name="dense")], "tokens",
+        [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", length]),
+         onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", length])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", length, 4])],
+        [onnx.numpy_helper.from_array(emb, "emb"), onnx.numpy_helper.from_array(w, "w")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_padded_text_is_cropped_per_batch_only_where_the_token_axis_is_free() -> None:
+    from onnx_inher.calibrate import batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 12, size=70)
+    mask = (np.arange(16)[None, :] < lengths[:, None]).astype(np.int64)
+    feeds = {"input_ids": rng.integers(0, 50, size=(70, 16)) * mask, "attention_mask": mask}
+    free, fixed = _token_model("tokens"), _token_model(16)
+    cropped = batches(free, feeds, 32)
+    assert [b["input_ids"].shape[1] for b in cropped] == [int(lengths.max()), *[
+        int(np.sort(lengths)[::-1][s:s + 32].max()) for s in (32, 64)]]
+    assert sorted(int(b["attention_mask"].sum()) for b in cropped) == sorted(
+        int(mask[np.argsort(-lengths, kind="stable")][s:s + 32].sum()) for s in (0, 32, 64))
+    assert all(b["input_ids"].shape[1] == 16 for b in batches(fixed, feeds, 32))
+    rows = onnx.numpy_helper.to_array(free.graph.initializer[0])[feeds["input_ids"][mask.astype(bool)]]
+    expected = rows.astype(np.float64).T @ rows.astype(np.float64)
+    for model in (free, fixed):
+        np.testing.assert_allclose(input_grams(model, ["h"], feeds)["h"], expected, rtol=1e-6)
