@@ -121,10 +121,14 @@ def main() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@data_options
 @handled
 def inspect(model: Path, as_json: bool, **kw: Any) -> None:
     """Table of candidate layers: shape, params, FLOPs, and what would be factorised or skipped and why."""
-    p = api.plan(model, _options(kw))
+    options = _options(kw)
+    if options.calibration and options.allocate != "sensitivity":
+        raise InputError("inspect uses --calibration only with --allocate sensitivity.")
+    p = api.plan(model, options)
     if as_json:
         click.echo(p.to_json(), nl=False)
         return
@@ -156,6 +160,8 @@ def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw:
         click.echo(json.dumps({"plan": str(output), "totals": p.totals(), "warnings": p.warnings}, indent=2))
         return
     click.echo(report.totals_line(p))
+    for note in p.warnings:
+        click.echo(f"warning: {note}")
     click.echo(f"plan written to {output}")
 
 

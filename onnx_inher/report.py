@@ -31,6 +31,8 @@ def plan_table(plan: Plan, *, verbose_reasons: bool = True) -> str:
         shape = "x".join(map(str, c.weight_shape)) or "-"
         if c.decision == "factorize":
             what = f"{c.form} r={c.rank}" + (f" h={c.heads}" if c.heads > 1 else "")
+            if c.energy_rank and c.energy_rank != c.rank:
+                what += f" (energy plan r={c.energy_rank}, sensitivity {c.sensitivity:.3g})"
             energy = f"{c.energy_kept:.3f}" if c.energy_kept is not None else "-"
             rows.append([c.node, c.op, shape, human(c.params_before), human(c.params_after),
                          human(c.flops_before), human(c.flops_after), energy, what])
