@@ -68,6 +68,9 @@ def _dynamic_length(model: ModelProto, feeds: dict[str, np.ndarray]) -> list[str
     mask = feeds.get(MASK)
     if mask is None or mask.ndim != 2:
         return []
+    keep = mask.astype(bool)
+    if not np.array_equal(keep, np.arange(mask.shape[1])[None, :] < keep.sum(1)[:, None]):
+        return []  # not right-padded (left padding, holes): cropping the tail would cut real tokens
     names = [k for k, v in feeds.items() if v.ndim >= 2 and v.shape[:2] == mask.shape]
     declared = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
     for name in names:

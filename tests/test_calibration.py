@@ -190,6 +190,8 @@ def test_padded_text_is_cropped_per_batch_only_where_the_token_axis_is_free() ->
     assert sorted(int(b["attention_mask"].sum()) for b in cropped) == sorted(
         int(mask[np.argsort(-lengths, kind="stable")][s:s + 32].sum()) for s in (0, 32, 64))
     assert all(b["input_ids"].shape[1] == 16 for b in batches(fixed, feeds, 32))
+    left = {k: v[:, ::-1].copy() for k, v in feeds.items()}  # left-padded: the tail holds the tokens
+    assert all(b["input_ids"].shape[1] == 16 for b in batches(free, left, 32))
     rows = onnx.numpy_helper.to_array(free.graph.initializer[0])[feeds["input_ids"][mask.astype(bool)]]
     expected = rows.astype(np.float64).T @ rows.astype(np.float64)
     for model in (free, fixed):
