@@ -163,6 +163,11 @@ def compress(
     calibration = None
     if plan_path:
         the_plan = _read_plan(plan_path, a, spectra)
+        planned_on = the_plan.options.calibration
+        if planned_on and not options.calibration:
+            the_plan.options.calibration = None
+            the_plan.warnings.append(f"the plan's ranks were measured on '{planned_on}' but no --calibration was "
+                                     "given: plain SVD factors (add --calibration for whitened ones)")
     else:
         the_plan, calibration = _plan(a, options, target, spectra)
     if options.calibration:

@@ -170,3 +170,16 @@ def test_run_allocates_on_its_distillation_data_and_compresses_what_the_plan_say
     downs = [v for v in student.views.values() if v.node.endswith("/down")]
     assert view_ranks and len(downs) == len(view_ranks)
     assert sorted(v.out_features for v in downs) == sorted(view_ranks.values())
+
+
+@needs_mnist
+def test_a_sensitivity_plan_applied_without_calibration_says_its_factors_are_plain(tmp_path: Path) -> None:
+    plan = tmp_path / "p.json"
+    made = CliRunner().invoke(main, ["plan", str(MNIST), "-o", str(plan), "--mode", "svd", "--rank-multiple", "4",
+                                     "--calibration", "mnist5k", "--allocate", "sensitivity"])
+    assert made.exit_code == 0 and "sensitivity allocation" in made.output, made.output
+    out = CliRunner().invoke(main, ["compress", str(MNIST), "--plan", str(plan), "-o", str(tmp_path / "s.onnx")])
+    assert out.exit_code == 0 and "no --calibration was given" in out.output, out.output
+    ranks = {c["node"]: c["rank"] for c in json.loads(plan.read_text())["candidates"] if c["decision"] == "factorize"}
+    student = analyze(tmp_path / "s.onnx")
+    assert sorted(v.out_features for v in student.views.values() if v.node.endswith("/down")) == sorted(ranks.values())
