@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps (0: evaluate the init only).")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--trainable", choices=["factors", "all"], default="all")
+    parser.add_argument("--trainable", choices=["factors", "all", "no-embeddings"], default="all")
     parser.add_argument("--pooled-weight", type=float, default=1.0, help="Pooled-embedding cosine loss weight.")
     parser.add_argument("--token-weight", type=float, default=0.0,
                         help="Per-token cosine loss weight (replaces the pooled loss when > 0).")

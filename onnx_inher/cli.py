@@ -279,7 +279,8 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--features", default="", help="Feature KD: 'auto' (factorised layers' outputs) or comma-separated "
                                              "tensor names present in teacher and student.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True)
-@click.option("--trainable", type=click.Choice(["factors", "all"]), default="factors", show_default=True)
+@click.option("--trainable", type=click.Choice(["factors", "all", "no-embeddings"]), default="factors",
+              show_default=True, help="Weights to train: the factors compress made, all, or all but lookup tables.")
 @click.option("--patience", type=int, help="Stop after this many evaluations without a better validation loss.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (default: once per epoch).")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Default: OUTPUT's name + .checkpoints.")
@@ -349,7 +350,8 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--temperature", type=float, default=4.0, show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--features", default="", help="Feature KD: 'auto' or comma-separated tensor names.")
-@click.option("--trainable", type=click.Choice(["factors", "all"]), default="factors", show_default=True)
+@click.option("--trainable", type=click.Choice(["factors", "all", "no-embeddings"]), default="factors",
+              show_default=True, help="Weights to train: the factors compress made, all, or all but lookup tables.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--compare-pair", is_flag=True,
               help="Also distil a plain pair with the same ranks, to see whether the heads pay for themselves.")

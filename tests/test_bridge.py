@@ -284,3 +284,21 @@ def test_mixed_device_operands_meet_where_torch_allows_them() -> None:
     assert target_device([cpu_scalar, gpu_data, None]) == torch.device("meta")
     assert target_device([gpu_scalar, cpu_scalar]) == torch.device("meta")
     assert target_device([cpu_shape, cpu_scalar]) is None
+
+
+def test_no_embeddings_trains_every_float_weight_but_the_lookup_tables() -> None:
+    table = np.random.default_rng(0).standard_normal((20, 6)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "ids"], ["h"]), onnx.helper.make_node("MatMul", ["h", "w"], ["y"])],
+        "embed", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 4])],
+        [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(w, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    grads = {}
+    for mode in ("all", "no-embeddings"):
+        module, param_map = to_torch(model, trainable=mode)
+        params = dict(module.named_parameters())
+        grads[mode] = {onnx_name: params[key].requires_grad for onnx_name, key in param_map.items()}
+    assert grads["all"] == {"table": True, "w": True}
+    assert grads["no-embeddings"] == {"table": False, "w": True}

@@ -32,7 +32,7 @@ from onnx_inher.bridge.registry import Ctx, Fn, lookup
 from onnx_inher.errors import InputError
 from onnx_inher.ir.naming import node_ids
 
-TRAINABLE = ("factors", "all", "none")
+TRAINABLE = ("factors", "all", "no-embeddings", "none")
 FACTOR_TAGS = ("/svd/", "/inher/")
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 # Ops whose result differs between calls, or that must see the live module: never folded.
@@ -219,8 +219,13 @@ class _Builder:
         self.param_map: dict[str, str] = {}
         self.taken: set[str] = set()
         self.buffer_keys: dict[str, str] = {}
+        # lookup tables (a Gather's data): a fine-tuned row only moves for tokens seen in training, so a
+        # student trained on a small corpus drifts apart from the teacher on every other token
+        self.tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
 
     def _requires_grad(self, name: str) -> bool:
+        if self.trainable == "no-embeddings":
+            return name not in self.tables
         return self.trainable == "all" or (self.trainable == "factors" and is_factor(name))
 
     def _add_weight(self, program: GraphProgram, name: str, tensor: TensorProto, consts: dict[str, np.ndarray],
@@ -392,7 +397,8 @@ def _output_cast(value_info: onnx.ValueInfoProto) -> torch.dtype | None:
 def to_torch(model: ModelProto, trainable: str = "factors") -> tuple[OnnxModule, dict[str, str]]:
     """Convert `model` to an `OnnxModule` and map each float weight's ONNX name to its parameter name.
 
-    trainable: "factors" (weights created by compress), "all" (every float weight) or "none".
+    trainable: "factors" (weights created by compress), "all" (every float weight), "no-embeddings" (every
+    float weight but lookup tables read by Gather) or "none".
     Raises InputError naming the first unsupported op and its node.
     """
     if trainable not in TRAINABLE:

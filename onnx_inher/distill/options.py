@@ -9,7 +9,7 @@ from typing import Any
 from onnx_inher.errors import InputError
 
 LOSS_KINDS = ("kd", "kl", "mse", "cosine", "pooled")
-TRAINABLE = ("factors", "all")
+TRAINABLE = ("factors", "all", "no-embeddings")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
