@@ -35,6 +35,10 @@ def _sha(p: Path) -> str:
 # one BLAS thread for byte-identical output) costs a minute: `inher` mode skips layers above this many params
 # (the `svd` run still covers every layer; benchmarks/exactness.py runs inher on all of them).
 HEADS_MAX_PARAMS = 4_000_000
+# In these three the heads would only go on plain 3x3/5x5/11x11 convolutions, which the other light models
+# cover with heads too, while each `inher` pass re-plans and re-verifies a 240-550 MB model (~110 s of
+# these tests' ~400 s). Their `svd` pass still checks every layer, fc6's 4096 x 25088 included.
+SVD_ONLY = {"vgg19", "bvlc_alexnet", "zfnet512"}
 
 
 def _heads_plan(src: Path, path: Path) -> Path:
@@ -48,12 +52,12 @@ def _heads_plan(src: Path, path: Path) -> Path:
 
 @pytest.mark.parametrize("name", sorted(LIGHT))
 def test_light_models_exact_at_full_rank(name: str, tmp_path: Path) -> None:
-    """Every layer of the onnx `light` zoo, both forms. Their placeholder weights drive logits to
+    """Every layer of the onnx `light` zoo, both forms (svd only in SVD_ONLY). Their placeholder weights drive logits to
     1e10..1e31 before a softmax, so any float rounding (1e-6 relative) flips the saturated softmax:
     we check every factorised layer's output instead (teacher and student share tensor names)."""
     src = LIGHT[name]
     before = _sha(src)
-    for mode in ("svd", "inher"):
+    for mode in ("svd",) if name in SVD_ONLY else ("svd", "inher"):
         out = tmp_path / f"{mode}.onnx"
         plan_path = _heads_plan(src, tmp_path / "plan.json") if mode == "inher" else None
         r = api.compress(src, out, full_rank(mode), plan_path=plan_path, verify=True)
