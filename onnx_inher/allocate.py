@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from onnx_inher import cost
 from onnx_inher.calibrate import MASK, batches
+from onnx_inher.distill.teacher_cache import runnable_session
 from onnx_inher.errors import InputError
 from onnx_inher.evaluate import _pool, cosine_rows
 from onnx_inher.layers import LayerView
-from onnx_inher.plan import Plan, Spectra, apply_edits
-from onnx_inher.runtime import session
+from onnx_inher.plan import Plan, Spectra, _fits, apply_edits
 from onnx_inher.svd import full_svd, truncate, whitened_svd
 
 PROBE = "onnx_inher.probe."
@@ -59,11 +59,15 @@ class Layer:
     heads: int
     sensitivity: float = 0.0
 
+    def __post_init__(self) -> None:
+        # the greedy asks for errors thousands of times: keep the energy left past each rank
+        power = (self.svd[1].astype(np.float64) ** 2).sum(0)
+        total = float(power.sum())
+        self._tail = (total - np.concatenate([[0.0], np.cumsum(power)])) / total if total else np.zeros(len(power) + 1)
+
     def error(self, rank: int) -> float:
         """Relative squared truncation error at `rank` (of `M S` when whitened, of `M` otherwise)."""
-        power = self.svd[1].astype(np.float64) ** 2
-        total = float(power.sum())
-        return 0.0 if total == 0 else float(power[:, rank:].sum() / total)
+        return float(self._tail[min(rank, len(self._tail) - 1)])
 
     def cost(self, rank: int) -> np.ndarray:
         """(params, FLOPs) of the factorised layer at `rank`."""
@@ -117,15 +121,6 @@ def _distance(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return float(np.mean(out))
 
 
-def _runnable(model: ModelProto) -> ModelProto | str:
-    """ORT takes a model proto up to 2 GiB; a larger one goes through a file with external data."""
-    from onnx_inher.distill.teacher_cache import PROTOBUF_LIMIT, _spill
-
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        return model
-    return str(_spill(model, Path(tempfile.mkdtemp(prefix="onnx-inher-probe-"))))
-
-
 class Prober:
     """Runs the calibration samples with chosen weights swapped in; outputs are kept pooled."""
 
@@ -137,7 +132,8 @@ class Prober:
         probe, self.names = _probe_model(model, views)
         self.weights = {self.names[v.node]: v.weight for v in views}
         self.batches = batches(model, feeds)
-        self.session = session(_runnable(probe), "cpu")
+        self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-probe-")  # removed with the prober
+        self.session = runnable_session(probe, Path(self._spill.name))
         self.reference = self.run({})
 
     def run(self, swapped: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -192,12 +188,8 @@ def _cap(view: LayerView, heads: int, guard: bool) -> int:
     """Largest rank at which the layer still gets smaller and cheaper (full rank without the guard)."""
     if not guard:
         return view.full_rank
-    before = cost.dense(view)
     r = view.full_rank
-    while r > 1:
-        after = cost.after(view, r, heads)
-        if after.params < before.params and after.flops < before.flops:
-            break
+    while r > 1 and not _fits(view, r, heads):
         r -= 1
     return r
 

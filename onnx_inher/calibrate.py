@@ -26,11 +26,10 @@ from onnx import ModelProto
 from tqdm import tqdm
 
 from onnx_inher.distill.data import input_specs, load_data
-from onnx_inher.distill.teacher_cache import PROTOBUF_LIMIT, _spill, with_outputs
+from onnx_inher.distill.teacher_cache import runnable_session, with_outputs
 from onnx_inher.errors import InputError
 from onnx_inher.layers import LayerView
 from onnx_inher.plan import Plan, Spectra
-from onnx_inher.runtime import session
 from onnx_inher.svd import Factors, balanced, truncate, whitened_svd
 
 SAMPLES = 256
@@ -110,7 +109,7 @@ def input_grams(model: ModelProto, tensors: Sequence[str], feeds: dict[str, np.n
     fetched = with_outputs(model, names, Path("calibration model"))
     quiet = True if os.environ.get("ONNX_INHER_QUIET") == "1" else None
     with tempfile.TemporaryDirectory() as spill:
-        runner = session(fetched if fetched.ByteSize() < PROTOBUF_LIMIT else _spill(fetched, Path(spill)), "cpu")
+        runner = runnable_session(fetched, Path(spill))
         for batch in tqdm(batches(model, feeds, batch_size), desc="calibrate", unit="batch", disable=quiet,
                           leave=False):
             mask = batch.get(MASK)
@@ -187,9 +186,3 @@ def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, sp
 def plan_ranks(the_plan: Plan) -> dict[str, int]:
     return {c.node: int(c.rank) for c in the_plan.candidates if c.decision == "factorize" and c.rank}
 
-
-def calibrated_spectra(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
-                       dims: dict[str, int] | None = None) -> tuple[CalibratedSpectra, list[str]]:
-    """Whitened factors at the plan's ranks, and the notes for the plan's warnings."""
-    c = calibrate(model, views, the_plan, spec, dims)
-    return CalibratedSpectra(c.grams, plan_ranks(the_plan)), c.notes

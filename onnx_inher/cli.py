@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from onnx_inher import api, report
+from onnx_inher.distill.options import TRAINABLE
 from onnx_inher.errors import InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
 from onnx_inher.plan import Options
@@ -73,6 +74,11 @@ def data_options(f: Callable) -> Callable:
                              "DATA (as for `distill --data`: fortunes, mnist5k, an .npz, ...).")(f)
 
 
+trainable_option = click.option(
+    "--trainable", type=click.Choice(list(TRAINABLE)), default="factors", show_default=True,
+    help="Weights to train: the factors compress made, all, or all but lookup tables (no-embeddings).")
+
+
 def _options(kw: dict[str, Any]) -> Options:
     policy = parse_policy(kw.pop("rank"), kw.pop("rank_ratio"), kw.pop("param_ratio"), kw.pop("energy"))
     o = Options(mode=kw.pop("mode"), heads=kw.pop("heads"), policy=policy, rank_multiple=kw.pop("rank_multiple"),
@@ -81,6 +87,15 @@ def _options(kw: dict[str, Any]) -> Options:
                 calibration=kw.pop("calibration", None), allocate=kw.pop("allocate", "energy"))
     o.validate()
     return o
+
+
+def _planning_options(kw: dict[str, Any]) -> Options:
+    """Options of inspect and plan, which write no factors: data only serves --allocate sensitivity."""
+    options = _options(kw)
+    if options.calibration and options.allocate != "sensitivity":
+        raise InputError("a plan uses --calibration only with --allocate sensitivity; "
+                         "for whitened factors give --calibration to compress.")
+    return options
 
 
 def handled(f: Callable) -> Callable:
@@ -125,10 +140,7 @@ def main() -> None:
 @handled
 def inspect(model: Path, as_json: bool, **kw: Any) -> None:
     """Table of candidate layers: shape, params, FLOPs, and what would be factorised or skipped and why."""
-    options = _options(kw)
-    if options.calibration and options.allocate != "sensitivity":
-        raise InputError("inspect uses --calibration only with --allocate sensitivity.")
-    p = api.plan(model, options)
+    p = api.plan(model, _planning_options(kw))
     if as_json:
         click.echo(p.to_json(), nl=False)
         return
@@ -149,10 +161,7 @@ def inspect(model: Path, as_json: bool, **kw: Any) -> None:
 @handled
 def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw: Any) -> None:
     """Write a JSON plan (edit ranks by hand, then `compress --plan`)."""
-    options = _options(kw)
-    if options.calibration and options.allocate != "sensitivity":
-        raise InputError("a plan uses --calibration only with --allocate sensitivity; "
-                         "for whitened factors give --calibration to compress.")
+    options = _planning_options(kw)
     check_output(output, [model])
     p = api.plan(model, options, target=target)
     write_text(output, p.to_json())
@@ -279,8 +288,7 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--features", default="", help="Feature KD: 'auto' (factorised layers' outputs) or comma-separated "
                                              "tensor names present in teacher and student.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True)
-@click.option("--trainable", type=click.Choice(["factors", "all", "no-embeddings"]), default="factors",
-              show_default=True, help="Weights to train: the factors compress made, all, or all but lookup tables.")
+@trainable_option
 @click.option("--patience", type=int, help="Stop after this many evaluations without a better validation loss.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (default: once per epoch).")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Default: OUTPUT's name + .checkpoints.")
@@ -350,8 +358,7 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--temperature", type=float, default=4.0, show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--features", default="", help="Feature KD: 'auto' or comma-separated tensor names.")
-@click.option("--trainable", type=click.Choice(["factors", "all", "no-embeddings"]), default="factors",
-              show_default=True, help="Weights to train: the factors compress made, all, or all but lookup tables.")
+@trainable_option
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--compare-pair", is_flag=True,
               help="Also distil a plain pair with the same ranks, to see whether the heads pay for themselves.")

@@ -155,7 +155,7 @@ def _compute(model: ModelProto, data: Dataset, fetch: Sequence[str], staging: Pa
              preference: str) -> None:
     """Run the teacher batch by batch, writing each fetched tensor into its own memory-mapped .npy."""
     with tempfile.TemporaryDirectory() as spill:
-        runner = session(model if model.ByteSize() < PROTOBUF_LIMIT else _spill(model, Path(spill)), preference)
+        runner = runnable_session(model, Path(spill), preference)
         files = _run_batches(runner, data, fetch, staging, batch_size)
     manifest = {"format": FORMAT, "samples": len(data),
                 "tensors": {name: {"file": _file_name(fetch, name), "dtype": files[name].dtype.str,
@@ -187,6 +187,12 @@ def _run_batches(runner: Any, data: Dataset, fetch: Sequence[str], staging: Path
                                  "to one length.")
             target[start:start + len(index)] = value
     return files
+
+
+def runnable_session(model: ModelProto, spill: Path, preference: str = "cpu") -> Any:
+    """An ORT session on an in-memory model; over protobuf's 2 GB limit it goes through a file in `spill`,
+    which must outlive the session."""
+    return session(model if model.ByteSize() < PROTOBUF_LIMIT else _spill(model, spill), preference)
 
 
 def _spill(model: ModelProto, staging: Path) -> Path:
