@@ -180,6 +180,7 @@ def main() -> None:
                         help="npz with train/<input> and test/<input> arrays (default: tokenise Debian fortunes); "
                              "--export-tokens writes one.")
     parser.add_argument("--export-tokens", type=Path, help="Write the tokenised train/test sentences and exit.")
+    parser.add_argument("--save", type=Path, help="Also keep the distilled student ONNX here.")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "distill_minilm.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -254,6 +255,9 @@ def main() -> None:
                                         cache_dir=args.cache_dir)
             wall = time.perf_counter() - began
             final = fidelity(teacher, tuned, test)
+            if args.save:
+                args.save.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(tuned, args.save)
             record |= {
                 "final_cosine": final[EMBEDDING], "final": final,
                 "distill": {"data": f"fortunes train part ({result.train_samples} train + {result.val_samples} "

@@ -121,6 +121,17 @@ def test_feature_loss_is_mean_of_normalised_mse() -> None:
         feature_loss({"a": t([1.0])}, {"a": t([1.0, 2.0])}, ["a"])
 
 
+def test_feature_loss_ignores_padding_tokens() -> None:
+    # token 0 is real (error 2 over a mean square of 2), token 1 is padding that the student happens to match
+    teacher = {"h": t([[[2.0, 0.0], [10.0, 10.0]]]), "pooled": t([[2.0, 0.0]])}
+    student = {"h": t([[[0.0, 0.0], [10.0, 10.0]]]), "pooled": t([[0.0, 0.0]])}
+    mask = torch.tensor([[1, 0]])
+    assert normalised_mse(student["h"], teacher["h"], mask).item() == pytest.approx(1.0)
+    assert normalised_mse(student["h"], teacher["h"]).item() == pytest.approx(1.0 / 51.0)
+    # a feature without the mask's leading axes is averaged over every position
+    assert feature_loss(student, teacher, ["h", "pooled"], mask).item() == pytest.approx(1.0)
+
+
 def test_output_loss_dispatch_and_validation() -> None:
     student, teacher, labels = t([[0.0, 0.0]]), t([[0.0, LN3]]), torch.tensor([1])
     assert OutputLoss("logits", "kd", temperature=2.0, alpha=0.3)(student, teacher, labels).item() == \

@@ -93,19 +93,26 @@ def pooled_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=EPS)).mean()
 
 
-def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """MSE divided by the teacher's mean square: scale-free, so features of different layers weigh alike."""
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE divided by the teacher's mean square: scale-free, so features of different layers weigh alike.
+
+    With a `mask` (shape = the leading axes) both means run over the unmasked positions only: a padded
+    token's hidden state is computed but never used, and on short sentences padded to a fixed length
+    it would otherwise take most of the loss (and of the student's capacity).
+    """
     t = teacher.float()
-    return (student.float() - t).pow(2).mean() / (t.pow(2).mean() + EPS)
+    squared_error, scale = (student.float() - t).pow(2).mean(dim=-1), t.pow(2).mean(dim=-1)
+    return _masked_mean(squared_error, mask) / (_masked_mean(scale, mask) + EPS)
 
 
 def feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
-                 names: Sequence[str]) -> torch.Tensor:
+                 names: Sequence[str], mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean normalised MSE over intermediate tensors that exist under the same ONNX name in both models.
 
     Factorised layers keep their original output names, so the student's layer outputs line up with the
     teacher's by name; a missing name or a shape mismatch is a programming error here (the trainer checks
-    names against both graphs before training starts).
+    names against both graphs before training starts). `mask` applies to the tensors whose leading axes
+    are its shape (token-level features); others are averaged over every position.
     """
     if not names:
         raise ValueError("feature_loss needs at least one tensor name")
@@ -114,7 +121,8 @@ def feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torc
         s, t = student[name], teacher[name]
         if s.shape != t.shape:
             raise ValueError(f"feature '{name}': student shape {tuple(s.shape)} != teacher {tuple(t.shape)}")
-        terms.append(normalised_mse(s, t))
+        positions = mask if mask is not None and s.dim() >= 3 and tuple(s.shape[:2]) == tuple(mask.shape) else None
+        terms.append(normalised_mse(s, t, positions))
     return torch.stack(terms).mean()
 
 

@@ -98,7 +98,7 @@ def compute_loss(plan: LossPlan, student: dict[str, torch.Tensor], teacher: dict
         parts[loss.output] = float(value.detach())
         total = total + loss.weight * value
     if plan.features and plan.feature_weight > 0:
-        value = feature_loss(student, teacher, plan.features)
+        value = feature_loss(student, teacher, plan.features, mask)
         parts["features"] = float(value.detach())
         total = total + plan.feature_weight * value
     return total, parts
