@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=32, help="Max tokens of the training sentences.")
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--augment", choices=["none", "join"], default="none",
+                        help="distill --augment: fresh joined sentences every step (the teacher runs online).")
+    parser.add_argument("--teacher-mode", choices=["cache", "online"], default="cache")
     parser.add_argument("--augment-pairs", type=int, default=0,
                         help="Add K x N training inputs, each two random training sentences joined (0: none).")
     parser.add_argument("--train-samples", type=int, default=0, help="Train on the first N sentences (0: all).")
@@ -240,7 +243,8 @@ def main() -> None:
                                      trainable=args.trainable, features=feature_names(args.features, teacher),
                                      feature_weight=args.feature_weight, val_fraction=args.val_fraction,
                                      eval_every=args.eval_every, checkpoint_every=0, precision=args.precision,
-                                     device=args.device)
+                                     device=args.device, threads=args.threads, augment=args.augment,
+                                     teacher_mode=args.teacher_mode)
             metrics = args.output.with_suffix(".metrics.jsonl")
             args.output.parent.mkdir(parents=True, exist_ok=True)
             probe = None
@@ -269,6 +273,7 @@ def main() -> None:
                             "trainable_params": result.trainable_params,
                             "train_seconds": round(result.train.seconds, 1),
                             "seconds_per_step": round(result.train.seconds / max(result.train.steps, 1), 3),
+                            "augment": args.augment, "teacher_mode": result.teacher_mode,
                             "teacher_seconds": result.teacher_seconds, "teacher_cached": result.teacher_cached,
                             "total_seconds": round(wall, 1), "torch_threads": args.threads,
                             "device": device_name(args.device), "precision": args.precision, "probe": probe,

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from onnx_inher import api, report
-from onnx_inher.distill.options import TRAINABLE
+from onnx_inher.distill.options import AUGMENTS, TEACHER_MODES, TRAINABLE
 from onnx_inher.errors import InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
 from onnx_inher.plan import Options
@@ -297,6 +297,12 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--metrics", type=click.Path(path_type=Path), help="metrics.jsonl path (default: next to OUTPUT).")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Teacher-output cache (default: ~/.cache/onnx-inher/teacher).")
+@click.option("--teacher-mode", type=click.Choice(list(TEACHER_MODES)), default="cache", show_default=True,
+              help="cache: run the teacher once over the data and memory-map its outputs; online: run it on "
+                   "each batch (no disk, any number of --features; needed by --augment).")
+@click.option("--augment", type=click.Choice(list(AUGMENTS)), default="none", show_default=True,
+              help="join: each step, half the token sequences are followed by another one of the batch (text "
+                   "models; the teacher runs online on the new inputs).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -329,7 +335,8 @@ def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data:
     train = result.train
     click.echo(f"{train.steps} steps in {train.seconds:.1f} s on {result.train_samples} samples "
                f"({'data-free' if result.data_free else result.data}); teacher "
-               f"{'cached' if result.teacher_cached else 'run'}; ORT vs torch {result.ort_max_rel:.1e}")
+               f"{'run per batch' if result.teacher_mode == 'online' else 'cached' if result.teacher_cached else 'run'}"
+               f"; ORT vs torch {result.ort_max_rel:.1e}")
     for name, values in (("before", train.initial), ("after", train.final)):
         if values:
             click.echo(f"validation {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))

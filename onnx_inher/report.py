@@ -123,7 +123,8 @@ def _fidelity_lines(label: str, ev: dict) -> list[str]:
 
 def _training_line(label: str, dist: dict) -> str:
     train = dist.get("train", {})
-    teacher = "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
+    teacher = "run on each batch" if dist.get("teacher_mode") == "online" else \
+        "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
     return (f"{label}: {train.get('steps')} steps in {train.get('seconds', 0):.1f} s "
             f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "
             f"{dist.get('trainable_params')} trainable params" + (", stopped early" if train.get("stopped_early")

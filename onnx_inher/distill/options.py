@@ -12,6 +12,8 @@ LOSS_KINDS = ("kd", "kl", "mse", "cosine", "pooled")
 TRAINABLE = ("factors", "all", "no-embeddings")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+TEACHER_MODES = ("cache", "online")
+AUGMENTS = ("none", "join")
 
 
 @dataclass
@@ -49,6 +51,13 @@ class DistillOptions:
     teacher_batch: int = 64
     max_rel_error: float = 1e-3
     dims: dict[str, int] = field(default_factory=dict)
+    teacher_mode: str = "cache"
+    augment: str = "none"
+
+    @property
+    def online_teacher(self) -> bool:
+        """Augmented inputs exist only at training time, so the teacher must run on each batch."""
+        return self.teacher_mode == "online" or self.augment != "none"
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "teacher_batch": self.teacher_batch}
@@ -74,6 +83,9 @@ class DistillOptions:
         if self.precision not in PRECISIONS or self.device not in DEVICES:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}; --device one of "
                              f"{', '.join(DEVICES)}")
+        if self.teacher_mode not in TEACHER_MODES or self.augment not in AUGMENTS:
+            raise InputError(f"--teacher-mode must be one of {', '.join(TEACHER_MODES)}; --augment one of "
+                             f"{', '.join(AUGMENTS)}")
         if self.threads < 0:
             raise InputError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.feature_weight < 0:

@@ -1,7 +1,8 @@
 """`distill`: student + teacher + data -> a fine-tuned student ONNX, verified in ONNX Runtime first.
 
-load student -> load and check data -> pick losses and features -> teacher outputs (cached) -> bridge to
-torch -> train -> write weights back -> compare ORT with the torch module -> save atomically (rank 0).
+load student -> load and check data -> pick losses and features -> teacher outputs (cached, or run per
+batch with --teacher-mode online / --augment) -> bridge to torch -> train -> write weights back -> compare
+ORT with the torch module -> save atomically (rank 0).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch
 
 from onnx_inher.bridge import OnnxModule, to_torch, write_back
 from onnx_inher.bridge.module import is_factor
+from onnx_inher.distill.augment import augmenter
 from onnx_inher.distill.data import Dataset, input_specs, load_data, split
 from onnx_inher.distill.dist import World, close_world, init_world
 from onnx_inher.distill.losses import OutputLoss, default_kind
 from onnx_inher.distill.options import DistillOptions, default_paths, parse_loss
-from onnx_inher.distill.teacher_cache import teacher_digest, teacher_outputs
+from onnx_inher.distill.teacher_cache import OnlineTeacher, teacher_digest, teacher_outputs
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import check_output, load_model, save_model
@@ -46,6 +48,7 @@ class DistillResult:
     trainable_params: int
     teacher_cached: bool
     teacher_seconds: float
+    teacher_mode: str
     train: TrainResult
     ort_max_rel: float
     world_size: int
@@ -160,18 +163,30 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
         train, val = split(full, options.val_fraction, options.seed) if val_data is None else \
             (full, load_data(val_data, specs, seed=options.seed + 1, dims=options.dims, model=loaded.model))
         plan = loss_plan(loaded.model, teacher_model, full.labels is not None, options)
-        cache = Path(cache_dir) if cache_dir else None
-        arrays, computed, teacher_seconds = _teacher_part(world, teacher_path, full, plan.fetch, options, cache)
-        _check_labels(plan, full, arrays)
-        val_part = None
-        if val is not None:
-            val_arrays = arrays if val_data is None else \
-                _teacher_part(world, teacher_path, val, plan.fetch, options, cache)[0]
-            val_part = Part(val, val_arrays)
+        augment = augmenter(options.augment, list(full.inputs))
+        if augment is not None and full.labels is not None:
+            raise InputError(f"data '{full.source}': --augment changes the inputs, so their labels no longer "
+                             "apply; distill without labels or use --augment none.")
+        if options.online_teacher:
+            began = time.perf_counter()
+            online = OnlineTeacher(teacher_path, full, plan.fetch, threads=options.threads)
+            _check_labels(plan, full, online(full.batch(np.arange(1))))
+            computed, teacher_seconds = True, time.perf_counter() - began
+            train_part = Part(train, online=online, augment=augment)
+            val_part = None if val is None else Part(val, online=online)
+        else:
+            cache = Path(cache_dir) if cache_dir else None
+            arrays, computed, teacher_seconds = _teacher_part(world, teacher_path, full, plan.fetch, options, cache)
+            _check_labels(plan, full, arrays)
+            train_part, val_part = Part(train, arrays), None
+            if val is not None:
+                val_arrays = arrays if val_data is None else \
+                    _teacher_part(world, teacher_path, val, plan.fetch, options, cache)[0]
+                val_part = Part(val, val_arrays)
         module, param_map = to_torch(loaded.model, options.trainable)
         identity = {"student": loaded.sha256, "teacher": teacher_digest(teacher_path), "data": full.fingerprint(),
                     "world_size": world.size, **options.run_identity()}
-        trainer = Trainer(module, plan, Part(train, arrays), val_part, options, world, identity,
+        trainer = Trainer(module, plan, train_part, val_part, options, world, identity,
                           Path(checkpoint_dir) if checkpoint_dir else default_ckpt,
                           Path(metrics) if metrics else default_metrics, resume, full.data_free)
         result = trainer.run()
@@ -184,6 +199,7 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
         world.barrier()
         return DistillResult(str(out), full.source, full.data_free, len(train), len(val) if val is not None else 0,
                              [asdict(o) for o in plan.outputs], plan.features, sum(p.numel() for p in trainer.params),
-                             not computed, round(teacher_seconds, 3), result, worst, world.size)
+                             not computed, round(teacher_seconds, 3),
+                             "online" if options.online_teacher else "cache", result, worst, world.size)
     finally:
         close_world(world)

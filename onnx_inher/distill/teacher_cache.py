@@ -109,6 +109,27 @@ def teacher_outputs(teacher: Path, data: Dataset, fetch: Sequence[str], *, cache
     return TeacherOutputs(_open_entry(entry, fetch), entry, key, computed=True)
 
 
+class OnlineTeacher:
+    """The teacher run in ONNX Runtime on each batch as it is trained on, instead of from the cache.
+
+    For inputs that exist only at training time (augmented batches) and for feature KD on more tensors
+    than a disk can hold (every factorised layer's output of a text model is tens of GB over a corpus).
+    Costs one teacher forward per step, which is small next to the student's forward and backward.
+    """
+
+    def __init__(self, teacher: Path, data: Dataset, fetch: Sequence[str], preference: str = "auto",
+                 threads: int = 0) -> None:
+        loaded = load_model(teacher).model
+        _check_inputs(loaded, data, teacher)
+        self.fetch = list(fetch)
+        model = with_outputs(loaded, self.fetch, teacher)
+        self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-teacher-")
+        self._session = runnable_session(model, Path(self._spill.name), preference, threads)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.fetch, self._session.run(self.fetch, feeds), strict=True))
+
+
 def _check_inputs(model: ModelProto, data: Dataset, path: Path) -> None:
     """Teacher and student must read the same named inputs: the student was derived from the teacher."""
     inits = {t.name for t in model.graph.initializer}
@@ -189,10 +210,10 @@ def _run_batches(runner: Any, data: Dataset, fetch: Sequence[str], staging: Path
     return files
 
 
-def runnable_session(model: ModelProto, spill: Path, preference: str = "cpu") -> Any:
+def runnable_session(model: ModelProto, spill: Path, preference: str = "cpu", threads: int = 0) -> Any:
     """An ORT session on an in-memory model; over protobuf's 2 GB limit it goes through a file in `spill`,
     which must outlive the session."""
-    return session(model if model.ByteSize() < PROTOBUF_LIMIT else _spill(model, spill), preference)
+    return session(model if model.ByteSize() < PROTOBUF_LIMIT else _spill(model, spill), preference, threads)
 
 
 def _spill(model: ModelProto, staging: Path) -> Path:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from onnx_inher.bridge import OnnxModule
+from onnx_inher.distill.augment import Augment
 from onnx_inher.distill.checkpoint import latest, load_checkpoint, save_checkpoint
 from onnx_inher.distill.data import Dataset
 from onnx_inher.distill.dist import World
@@ -39,15 +40,25 @@ MASK_INPUT = "attention_mask"
 
 @dataclass
 class Part:
-    """A data set and the teacher's tensors for it (rows indexed like `data.indices`)."""
+    """A data set and the teacher's tensors for it: cached (rows indexed like `data.indices`), or `online`,
+    the teacher run on each batch, which is what lets `augment` change the inputs batch by batch."""
 
     data: Dataset
-    teacher: dict[str, np.ndarray]
+    teacher: dict[str, np.ndarray] | None = None
+    online: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    augment: Augment | None = None
 
-    def batch(self, index: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
-        rows = index if self.data.indices is None else self.data.indices[index]
+    def batch(self, index: np.ndarray, rng: np.random.Generator | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
         labels = None if self.data.labels is None else np.asarray(self.data.labels[index])
-        return self.data.batch(index), {k: np.ascontiguousarray(v[rows]) for k, v in self.teacher.items()}, labels
+        feeds = self.data.batch(index)
+        if self.augment is not None and rng is not None:
+            feeds = self.augment(feeds, rng)
+        if self.online is not None:
+            return feeds, self.online(feeds), labels
+        assert self.teacher is not None, "a Part needs cached teacher outputs or an online teacher"
+        rows = index if self.data.indices is None else self.data.indices[index]
+        return feeds, {k: np.ascontiguousarray(v[rows]) for k, v in self.teacher.items()}, labels
 
 
 @dataclass
@@ -202,9 +213,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
 
-    def _tensors(self, part: Part, index: np.ndarray) -> tuple[list[torch.Tensor], dict[str, torch.Tensor],
-                                                                torch.Tensor | None, torch.Tensor | None]:
-        feeds, teacher, labels = part.batch(index)
+    def _tensors(self, part: Part, index: np.ndarray, rng: np.random.Generator | None = None
+                 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        feeds, teacher, labels = part.batch(index, rng)
         inputs = [torch.from_numpy(feeds[n]).to(self.device) for n in self.module.input_names]
         targets = {k: torch.from_numpy(v).to(self.device) for k, v in teacher.items()}
         y = None if labels is None else torch.from_numpy(labels).to(self.device)
@@ -221,7 +232,9 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def train_step(self, index: np.ndarray, step: int) -> tuple[float, dict[str, float]]:
-        inputs, targets, labels, mask = self._tensors(self.train, index)
+        # Augmentation draws from (seed, step, rank): a resumed run sees the inputs an uninterrupted one saw.
+        rng = np.random.default_rng([self.options.seed, step, self.world.rank])
+        inputs, targets, labels, mask = self._tensors(self.train, index, rng)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.total_steps, self.options.lr, self.options.warmup)
         with self._autocast():

@@ -1,0 +1,147 @@
+"""The online teacher (`--teacher-mode online`) and input augmentation (`--augment join`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_inher
+from onnx_inher import Options, parse_policy
+from onnx_inher.cli import main
+from onnx_inher.distill import DistillOptions
+from onnx_inher.distill.augment import augmenter, join_sentences
+from onnx_inher.errors import InputError
+from tests.test_distill_trainer import mlp_teacher, weights
+
+CLS, SEP, VOCAB, WIDTH = 1, 2, 50, 12
+
+
+def rows(*lengths: int, width: int = WIDTH) -> dict[str, np.ndarray]:
+    """Right-padded [CLS] body [SEP] rows; row i's body tokens are 10*i+3, 10*i+4, ..."""
+    ids = np.zeros((len(lengths), width), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = [CLS, *range(10 * i + 3, 10 * i + 3 + n - 2), SEP]
+    mask = (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def test_join_puts_a_row_before_another_and_keeps_the_layout() -> None:
+    feeds = rows(4, 5, 3, 6)
+    out = join_sentences(feeds, np.random.default_rng(0))
+    joined = [i for i in range(4) if not np.array_equal(out["input_ids"][i], feeds["input_ids"][i])]
+    assert joined, "seed 0 joins some rows"
+    for i in range(4):
+        n = int(out["attention_mask"][i].sum())
+        assert np.array_equal(out["attention_mask"][i], np.arange(WIDTH) < n)  # still right-padded
+        tokens = out["input_ids"][i, :n]
+        assert tokens[0] == CLS and tokens[-1] == SEP and np.all(out["input_ids"][i, n:] == 0)
+        if i in joined:
+            own = feeds["input_ids"][i, 1:int(feeds["attention_mask"][i].sum()) - 1]
+            assert np.array_equal(tokens[1:1 + len(own)], own)
+            rest = tokens[1 + len(own):-1]
+            partners = [j for j in range(4) if j != i and np.array_equal(
+                feeds["input_ids"][j, 1:1 + len(rest)], rest)]
+            assert partners and len(rest) > 0
+    assert all(np.array_equal(feeds[k], v) for k, v in rows(4, 5, 3, 6).items())  # input untouched
+
+
+def test_join_cuts_at_the_row_length_and_is_a_function_of_the_generator() -> None:
+    feeds = rows(11, 12, 10, 12)
+    out = join_sentences(feeds, np.random.default_rng(1))
+    assert np.all(out["attention_mask"].sum(1) <= WIDTH) and np.all(out["input_ids"][:, -1][
+        out["attention_mask"][:, -1] == 1] == SEP)
+    again = join_sentences(feeds, np.random.default_rng(1))
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+
+
+def test_join_needs_token_inputs() -> None:
+    with pytest.raises(InputError, match="tokenised text"):
+        augmenter("join", ["x"])
+    assert augmenter("none", ["x"]) is None
+
+
+def text_teacher(path: Path) -> Path:
+    """last_hidden_state = (embedding[input_ids] @ w) * attention_mask: the shape of a text encoder."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(VOCAB, 24)).astype(np.float32)
+    w = (rng.normal(size=(24, 32)) / np.sqrt(24)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed"),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"], name="unsqueeze"),
+             helper.make_node("Mul", ["h", "m3"], ["last_hidden_state"], name="mask")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "L"]) for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "text", inputs,
+                              [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", "L", 32])],
+                              initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w"),
+                                           numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("text")
+    teacher = text_teacher(folder / "teacher.onnx")
+    onnx_inher.compress(teacher, folder / "student.onnx", Options(policy=parse_policy(param_ratio=0.5),
+                                                                     rank_multiple=1))
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(3, WIDTH + 1, size=48)
+    ids = np.zeros((48, WIDTH), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = [CLS, *rng.integers(3, VOCAB, size=n - 2), SEP]
+    mask = (np.arange(WIDTH)[None, :] < lengths[:, None]).astype(np.int64)
+    np.savez(folder / "tokens.npz", input_ids=ids, attention_mask=mask)
+    return {"dir": folder, "teacher": teacher, "student": folder / "student.onnx", "data": folder / "tokens.npz"}
+
+
+def distill_text(text: dict[str, Path], out: Path, **options: object) -> onnx_inher.distill.DistillResult:
+    settings = {"steps": 6, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 0, "val_fraction": 0.25,
+                "losses": {"last_hidden_state": "pooled"}, **options}
+    return onnx_inher.distill(text["student"], text["teacher"], str(text["data"]), out,
+                              DistillOptions(**settings), cache_dir=text["dir"] / "cache")
+
+
+def test_augmented_distill_runs_the_teacher_online_and_is_deterministic(text: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    plain = distill_text(text, tmp_path / "plain.onnx")
+    a = distill_text(text, tmp_path / "a.onnx", augment="join")
+    distill_text(text, tmp_path / "b.onnx", augment="join")
+    assert plain.teacher_mode == "cache" and a.teacher_mode == "online" and a.ort_max_rel < 1e-3
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    # the augmented inputs differ from the data's, so the student is trained differently
+    assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "plain.onnx").read_bytes()
+    assert a.train.final["val_loss"] < a.train.initial["val_loss"]
+
+
+def test_online_teacher_trains_like_the_cached_one(text: dict[str, Path], tmp_path: Path) -> None:
+    distill_text(text, tmp_path / "cache.onnx")
+    online = distill_text(text, tmp_path / "online.onnx", teacher_mode="online")
+    assert online.teacher_mode == "online" and not online.teacher_cached
+    cached, live = weights(tmp_path / "cache.onnx"), weights(tmp_path / "online.onnx")
+    assert all(np.allclose(cached[n], live[n], atol=1e-5) for n in cached)
+
+
+def test_augment_is_refused_on_labelled_or_non_text_data(tmp_path: Path) -> None:
+    teacher = mlp_teacher(tmp_path / "mlp.onnx")
+    onnx_inher.compress(teacher, tmp_path / "student.onnx", Options(policy=parse_policy(param_ratio=0.25),
+                                                                       rank_multiple=1))
+    x = np.random.default_rng(1).normal(size=(32, 32)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    args = ["distill", str(tmp_path / "student.onnx"), "--teacher", str(teacher), "--data", str(tmp_path / "data.npz"),
+            "-o", str(tmp_path / "out.onnx"), "--augment", "join"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "tokenised text" in result.output and not (tmp_path / "out.onnx").exists()
+
+
+def test_augment_refuses_labels(text: dict[str, Path], tmp_path: Path) -> None:
+    with np.load(text["data"]) as z:
+        np.savez(tmp_path / "labelled.npz", **z, labels=np.zeros(len(z["input_ids"]), np.int64))
+    with pytest.raises(InputError, match="labels"):
+        onnx_inher.distill(text["student"], text["teacher"], str(tmp_path / "labelled.npz"), tmp_path / "o.onnx",
+                           DistillOptions(steps=2, batch_size=8, augment="join", checkpoint_every=0))
