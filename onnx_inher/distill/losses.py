@@ -21,6 +21,14 @@ EPS = 1e-8
 LOGIT_HINTS = ("logit", "prob", "score", "class")
 
 
+def token_mask(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`mask` where `value` is token-level ([N, L, ...] with [N, L] = the mask's shape), else None: other
+    tensors are averaged over every position."""
+    if mask is None or value.dim() < 3 or tuple(value.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask
+
+
 def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return per_position.mean()
@@ -121,8 +129,7 @@ def feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torc
         s, t = student[name], teacher[name]
         if s.shape != t.shape:
             raise ValueError(f"feature '{name}': student shape {tuple(s.shape)} != teacher {tuple(t.shape)}")
-        positions = mask if mask is not None and s.dim() >= 3 and tuple(s.shape[:2]) == tuple(mask.shape) else None
-        terms.append(normalised_mse(s, t, positions))
+        terms.append(normalised_mse(s, t, token_mask(s, mask)))
     return torch.stack(terms).mean()
 
 

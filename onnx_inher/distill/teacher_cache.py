@@ -90,9 +90,7 @@ def teacher_outputs(teacher: Path, data: Dataset, fetch: Sequence[str], *, cache
     entry = folder / key
     if (entry / MANIFEST).is_file():
         return TeacherOutputs(_open_entry(entry, fetch), entry, key, computed=False)
-    loaded = load_model(teacher).model
-    _check_inputs(loaded, data, teacher)
-    model = with_outputs(loaded, fetch, teacher)
+    model = _fetching_teacher(teacher, data, fetch)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder))
     try:
@@ -119,15 +117,20 @@ class OnlineTeacher:
 
     def __init__(self, teacher: Path, data: Dataset, fetch: Sequence[str], preference: str = "auto",
                  threads: int = 0) -> None:
-        loaded = load_model(teacher).model
-        _check_inputs(loaded, data, teacher)
         self.fetch = list(fetch)
-        model = with_outputs(loaded, self.fetch, teacher)
+        model = _fetching_teacher(teacher, data, self.fetch)
         self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-teacher-")
         self._session = runnable_session(model, Path(self._spill.name), preference, threads)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.fetch, self._session.run(self.fetch, feeds), strict=True))
+
+
+def _fetching_teacher(teacher: Path, data: Dataset, fetch: Sequence[str]) -> ModelProto:
+    """The teacher, checked against the data's inputs, with `fetch` as its graph outputs."""
+    loaded = load_model(teacher).model
+    _check_inputs(loaded, data, teacher)
+    return with_outputs(loaded, fetch, teacher)
 
 
 def _check_inputs(model: ModelProto, data: Dataset, path: Path) -> None:

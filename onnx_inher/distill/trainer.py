@@ -31,7 +31,7 @@ from onnx_inher.distill.augment import Augment
 from onnx_inher.distill.checkpoint import latest, load_checkpoint, save_checkpoint
 from onnx_inher.distill.data import Dataset
 from onnx_inher.distill.dist import World
-from onnx_inher.distill.losses import OutputLoss, feature_loss
+from onnx_inher.distill.losses import OutputLoss, feature_loss, token_mask
 from onnx_inher.distill.options import DistillOptions
 from onnx_inher.errors import InputError
 
@@ -93,19 +93,12 @@ class StudentNet(torch.nn.Module):
         return tuple(values[n] for n in self.fetch)
 
 
-def _mask_for(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Token-level outputs [N, L, ...] ignore padding; anything else is averaged over every position."""
-    if mask is None or value.dim() < 3 or tuple(value.shape[:2]) != tuple(mask.shape):
-        return None
-    return mask
-
-
 def compute_loss(plan: LossPlan, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                  labels: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
     total = torch.zeros((), device=next(iter(student.values())).device)
     parts = {}
     for loss in plan.outputs:
-        value = loss(student[loss.output], teacher[loss.output], labels, _mask_for(student[loss.output], mask))
+        value = loss(student[loss.output], teacher[loss.output], labels, token_mask(student[loss.output], mask))
         parts[loss.output] = float(value.detach())
         total = total + loss.weight * value
     if plan.features and plan.feature_weight > 0:
@@ -369,8 +362,8 @@ def _output_metrics(loss: OutputLoss, student: torch.Tensor, teacher: torch.Tens
             out[f"{name}/acc"] = float((student.argmax(-1) == labels).float().mean())
         return out
     similarity = torch.nn.functional.cosine_similarity(student, teacher, dim=-1)
-    token_mask = _mask_for(student, mask)
-    if token_mask is not None:
-        w = token_mask.to(similarity.dtype)
+    positions = token_mask(student, mask)
+    if positions is not None:
+        w = positions.to(similarity.dtype)
         return {f"{name}/cos": float((similarity * w).sum() / w.sum().clamp_min(1))}
     return {f"{name}/cos": float(similarity.mean())}
