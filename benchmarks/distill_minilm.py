@@ -163,8 +163,8 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=32, help="Max tokens of the training sentences.")
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--augment", choices=["none", "join"], default="none",
-                        help="distill --augment: fresh joined sentences every step (the teacher runs online).")
+    parser.add_argument("--augment", choices=["none", "join", "crop", "mix"], default="none",
+                        help="distill --augment: fresh joined/cropped sentences every step (the teacher runs online).")
     parser.add_argument("--teacher-mode", choices=["cache", "online"], default="cache")
     parser.add_argument("--augment-pairs", type=int, default=0,
                         help="Add K x N training inputs, each two random training sentences joined (0: none).")

@@ -301,8 +301,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
               help="cache: run the teacher once over the data and memory-map its outputs; online: run it on "
                    "each batch (no disk, any number of --features; needed by --augment).")
 @click.option("--augment", type=click.Choice(list(AUGMENTS)), default="none", show_default=True,
-              help="join: each step, half the token sequences are followed by another one of the batch (text "
-                   "models; the teacher runs online on the new inputs).")
+              help="Text models, new inputs each step (the teacher runs online on them). join: half the token "
+                   "sequences are followed by another one of the batch; crop: half become a random part of "
+                   "themselves; mix: a third joined, a third cropped.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

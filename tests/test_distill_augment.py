@@ -1,4 +1,4 @@
-"""The online teacher (`--teacher-mode online`) and input augmentation (`--augment join`)."""
+"""The online teacher (`--teacher-mode online`) and input augmentation (`--augment join|crop|mix`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import onnx_inher
 from onnx_inher import Options, parse_policy
 from onnx_inher.cli import main
 from onnx_inher.distill import DistillOptions
-from onnx_inher.distill.augment import augmenter, join_sentences
+from onnx_inher.distill.augment import augmenter, crop_sentences, join_sentences, mix_sentences
 from onnx_inher.errors import InputError
 from tests.test_distill_trainer import mlp_teacher, weights
 
@@ -59,10 +59,55 @@ def test_join_cuts_at_the_row_length_and_is_a_function_of_the_generator() -> Non
     assert all(np.array_equal(out[k], again[k]) for k in out)
 
 
-def test_join_needs_token_inputs() -> None:
-    with pytest.raises(InputError, match="tokenised text"):
-        augmenter("join", ["x"])
+def is_span_of(tokens: np.ndarray, feeds: dict[str, np.ndarray], row: int) -> bool:
+    own = feeds["input_ids"][row, 1:int(feeds["attention_mask"][row].sum()) - 1]
+    body = tokens[1:-1]
+    return 0 < len(body) < len(own) and any(np.array_equal(own[s:s + len(body)], body)
+                                            for s in range(len(own) - len(body) + 1))
+
+
+def test_crop_keeps_a_shorter_contiguous_part_of_the_row() -> None:
+    feeds = rows(9, 12, 3, 7, 10, 5)
+    out = crop_sentences(feeds, np.random.default_rng(3))
+    cropped = [i for i in range(6) if not np.array_equal(out["input_ids"][i], feeds["input_ids"][i])]
+    assert cropped and 2 not in cropped  # a one-token body has nothing shorter to cut
+    for i in range(6):
+        n = int(out["attention_mask"][i].sum())
+        assert np.array_equal(out["attention_mask"][i], np.arange(WIDTH) < n)
+        tokens = out["input_ids"][i, :n]
+        assert tokens[0] == CLS and tokens[-1] == SEP and np.all(out["input_ids"][i, n:] == 0)
+        if i in cropped:
+            assert is_span_of(tokens, feeds, i)
+    again = crop_sentences(feeds, np.random.default_rng(3))
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+    assert all(np.array_equal(feeds[k], v) for k, v in rows(9, 12, 3, 7, 10, 5).items())  # input untouched
+
+
+def test_mix_joins_crops_and_keeps_rows() -> None:
+    feeds = rows(*([6, 9, 4, 11, 7, 5, 8, 10] * 4))
+    out = mix_sentences(feeds, np.random.default_rng(0))
+    n_in, n_out = feeds["attention_mask"].sum(1), out["attention_mask"].sum(1)
+    kinds = {"kept": 0, "longer": 0, "span": 0}
+    for i in range(len(n_in)):
+        tokens = out["input_ids"][i, :n_out[i]]
+        if np.array_equal(out["input_ids"][i], feeds["input_ids"][i]):
+            kinds["kept"] += 1
+        elif n_out[i] > n_in[i]:
+            kinds["longer"] += 1
+        else:
+            assert is_span_of(tokens, feeds, i)
+            kinds["span"] += 1
+    assert all(v >= 5 for v in kinds.values()), kinds  # about a third each of 32 rows
+
+
+def test_augments_need_token_inputs() -> None:
+    for kind in ("join", "crop", "mix"):
+        with pytest.raises(InputError, match="tokenised text"):
+            augmenter(kind, ["x"])
+        assert augmenter(kind, ["input_ids", "attention_mask"]) is not None
     assert augmenter("none", ["x"]) is None
+    with pytest.raises(InputError, match="must be one of"):
+        augmenter("shuffle", ["input_ids", "attention_mask"])
 
 
 def text_teacher(path: Path) -> Path:
@@ -107,11 +152,12 @@ def distill_text(text: dict[str, Path], out: Path, **options: object) -> onnx_in
                               DistillOptions(**settings), cache_dir=text["dir"] / "cache")
 
 
-def test_augmented_distill_runs_the_teacher_online_and_is_deterministic(text: dict[str, Path],
-                                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["join", "mix"])
+def test_augmented_distill_runs_the_teacher_online_and_is_deterministic(text: dict[str, Path], tmp_path: Path,
+                                                                         kind: str) -> None:
     plain = distill_text(text, tmp_path / "plain.onnx")
-    a = distill_text(text, tmp_path / "a.onnx", augment="join")
-    distill_text(text, tmp_path / "b.onnx", augment="join")
+    a = distill_text(text, tmp_path / "a.onnx", augment=kind)
+    distill_text(text, tmp_path / "b.onnx", augment=kind)
     assert plain.teacher_mode == "cache" and a.teacher_mode == "online" and a.ort_max_rel < 1e-3
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     # the augmented inputs differ from the data's, so the student is trained differently

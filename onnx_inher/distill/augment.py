@@ -22,6 +22,7 @@ from onnx_inher.errors import InputError
 
 IDS, MASK, TYPES = "input_ids", "attention_mask", "token_type_ids"
 JOIN_SHARE = 0.5
+CROP_SHARE = 0.5
 
 Augment = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
 
@@ -30,13 +31,14 @@ def augmenter(kind: str, input_names: list[str]) -> Augment | None:
     """The augmentation `kind` for a model with these inputs (None for 'none'); checked before training."""
     if kind == "none":
         return None
-    if kind == "join":
-        extra = sorted(set(input_names) - {IDS, MASK, TYPES})
-        if IDS not in input_names or MASK not in input_names or extra:
-            raise InputError(f"--augment join works on tokenised text (inputs {IDS}, {MASK}, optional {TYPES}); "
-                             f"this model reads {sorted(input_names)}. Use --augment none.")
-        return join_sentences
-    raise InputError(f"--augment must be one of {', '.join(AUGMENTS)}, got '{kind}'")
+    kinds = {"join": join_sentences, "crop": crop_sentences, "mix": mix_sentences}
+    if kind not in kinds:
+        raise InputError(f"--augment must be one of {', '.join(AUGMENTS)}, got '{kind}'")
+    extra = sorted(set(input_names) - {IDS, MASK, TYPES})
+    if IDS not in input_names or MASK not in input_names or extra:
+        raise InputError(f"--augment {kind} works on tokenised text (inputs {IDS}, {MASK}, optional {TYPES}); "
+                         f"this model reads {sorted(input_names)}. Use --augment none.")
+    return kinds[kind]
 
 
 def join_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -47,26 +49,85 @@ def join_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> di
     row without its end token, the partner without its start token, cut to the row length and closed
     with the first row's own end token. Token types, if present, follow the first row's (one segment).
     """
+    lengths = _row_lengths(feeds)
+    if lengths is None:
+        return feeds
+    chosen = np.flatnonzero(rng.random(len(lengths)) < JOIN_SHARE)
+    out = {k: v.copy() for k, v in feeds.items()}
+    _join(feeds, out, lengths, chosen, rng)
+    return out
+
+
+def crop_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Half the rows (drawn by `rng`) become a random contiguous part of their own text, `[CLS] span [SEP]`.
+
+    Joining makes long inputs; cropping makes short ones, from every position of the corpus's sentences,
+    so the student also sees many more inputs of the few-token kind, where mean pooling leans hardest
+    on each token (and on the start and end tokens)."""
+    lengths = _row_lengths(feeds)
+    if lengths is None:
+        return feeds
+    chosen = np.flatnonzero(rng.random(len(lengths)) < CROP_SHARE)
+    out = {k: v.copy() for k, v in feeds.items()}
+    _crop(feeds, out, lengths, chosen, rng)
+    return out
+
+
+def mix_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A third of the rows joined, a third cropped, a third as they are (drawn by `rng`)."""
+    lengths = _row_lengths(feeds)
+    if lengths is None:
+        return feeds
+    draw = rng.random(len(lengths))
+    out = {k: v.copy() for k, v in feeds.items()}
+    _join(feeds, out, lengths, np.flatnonzero(draw < 1 / 3), rng)
+    _crop(feeds, out, lengths, np.flatnonzero((draw >= 1 / 3) & (draw < 2 / 3)), rng)
+    return out
+
+
+def _row_lengths(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Tokens per row, or None for a batch these augmentations leave alone: a single row, or rows that
+    are not right-padded `[start ... end]` sequences."""
     ids, mask = feeds[IDS], feeds[MASK]
     n, width = ids.shape
     lengths = mask.sum(axis=1).astype(np.int64)
     if n < 2 or np.any(lengths < 2) or np.any(mask[np.arange(width)[None, :] >= lengths[:, None]] != 0):
-        return feeds  # a batch of one, or rows that are not right-padded [start ... end]: leave it alone
-    chosen = np.flatnonzero(rng.random(n) < JOIN_SHARE)
+        return None
+    return lengths
+
+
+def _join(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], lengths: np.ndarray, chosen: np.ndarray,
+          rng: np.random.Generator) -> None:
+    ids = feeds[IDS]
+    n, width = ids.shape
     partners = (chosen + rng.integers(1, n, size=len(chosen))) % n  # never the row itself
-    pad = ids[mask == 0][0] if np.any(mask == 0) else 0
-    out = {k: v.copy() for k, v in feeds.items()}
     for row, partner in zip(chosen, partners, strict=True):
         head = ids[row, :lengths[row] - 1]
         tail = ids[partner, 1:lengths[partner] - 1]
-        end = ids[row, lengths[row] - 1]
         body = np.concatenate([head, tail])[:width - 1]
-        joined = np.concatenate([body, [end]])
-        out[IDS][row] = pad
-        out[IDS][row, :len(joined)] = joined
-        out[MASK][row] = 0
-        out[MASK][row, :len(joined)] = 1
-        if TYPES in out:
-            out[TYPES][row] = 0
-            out[TYPES][row, :len(joined)] = feeds[TYPES][row, 0]
-    return out
+        _write(feeds, out, row, np.concatenate([body, [ids[row, lengths[row] - 1]]]))
+
+
+def _crop(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], lengths: np.ndarray, chosen: np.ndarray,
+          rng: np.random.Generator) -> None:
+    ids = feeds[IDS]
+    for row in chosen:
+        body = ids[row, 1:lengths[row] - 1]
+        if len(body) < 2:
+            continue  # nothing shorter to cut out
+        size = int(rng.integers(1, len(body)))
+        start = int(rng.integers(0, len(body) - size + 1))
+        _write(feeds, out, row, np.concatenate([[ids[row, 0]], body[start:start + size], [ids[row, lengths[row] - 1]]]))
+
+
+def _write(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], row: int, tokens: np.ndarray) -> None:
+    """Row `row` of `out` becomes `tokens`, right-padded with the batch's pad token (one segment)."""
+    ids, mask = feeds[IDS], feeds[MASK]
+    pad = ids[mask == 0][0] if np.any(mask == 0) else 0
+    out[IDS][row] = pad
+    out[IDS][row, :len(tokens)] = tokens
+    out[MASK][row] = 0
+    out[MASK][row, :len(tokens)] = 1
+    if TYPES in out:
+        out[TYPES][row] = 0
+        out[TYPES][row, :len(tokens)] = feeds[TYPES][row, 0]

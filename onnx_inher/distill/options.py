@@ -13,7 +13,7 @@ TRAINABLE = ("factors", "all", "no-embeddings")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 TEACHER_MODES = ("cache", "online")
-AUGMENTS = ("none", "join")
+AUGMENTS = ("none", "join", "crop", "mix")
 
 
 @dataclass
