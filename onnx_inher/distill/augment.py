@@ -25,6 +25,8 @@ JOIN_SHARE = 0.5
 CROP_SHARE = 0.5
 
 Augment = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
+# (feeds, out, row lengths, chosen rows, rng): rewrites the chosen rows of `out` in place
+Change = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray, np.random.Generator], None]
 
 
 def augmenter(kind: str, input_names: list[str]) -> Augment | None:
@@ -49,13 +51,7 @@ def join_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> di
     row without its end token, the partner without its start token, cut to the row length and closed
     with the first row's own end token. Token types, if present, follow the first row's (one segment).
     """
-    lengths = _row_lengths(feeds)
-    if lengths is None:
-        return feeds
-    chosen = np.flatnonzero(rng.random(len(lengths)) < JOIN_SHARE)
-    out = {k: v.copy() for k, v in feeds.items()}
-    _join(feeds, out, lengths, chosen, rng)
-    return out
+    return _change_share(feeds, rng, JOIN_SHARE, _join)
 
 
 def crop_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -64,13 +60,7 @@ def crop_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> di
     Joining makes long inputs; cropping makes short ones, from every position of the corpus's sentences,
     so the student also sees many more inputs of the few-token kind, where mean pooling leans hardest
     on each token (and on the start and end tokens)."""
-    lengths = _row_lengths(feeds)
-    if lengths is None:
-        return feeds
-    chosen = np.flatnonzero(rng.random(len(lengths)) < CROP_SHARE)
-    out = {k: v.copy() for k, v in feeds.items()}
-    _crop(feeds, out, lengths, chosen, rng)
-    return out
+    return _change_share(feeds, rng, CROP_SHARE, _crop)
 
 
 def mix_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -82,6 +72,18 @@ def mix_sentences(feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dic
     out = {k: v.copy() for k, v in feeds.items()}
     _join(feeds, out, lengths, np.flatnonzero(draw < 1 / 3), rng)
     _crop(feeds, out, lengths, np.flatnonzero((draw >= 1 / 3) & (draw < 2 / 3)), rng)
+    return out
+
+
+def _change_share(feeds: dict[str, np.ndarray], rng: np.random.Generator, share: float, change: Change
+                  ) -> dict[str, np.ndarray]:
+    """A copy of `feeds` where `change` rewrote the rows drawn with probability `share`."""
+    lengths = _row_lengths(feeds)
+    if lengths is None:
+        return feeds
+    chosen = np.flatnonzero(rng.random(len(lengths)) < share)
+    out = {k: v.copy() for k, v in feeds.items()}
+    change(feeds, out, lengths, chosen, rng)
     return out
 
 
