@@ -100,32 +100,37 @@ def _row_lengths(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
 
 def _join(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], lengths: np.ndarray, chosen: np.ndarray,
           rng: np.random.Generator) -> None:
-    ids = feeds[IDS]
+    ids, pad = feeds[IDS], _pad_token(feeds)
     n, width = ids.shape
     partners = (chosen + rng.integers(1, n, size=len(chosen))) % n  # never the row itself
     for row, partner in zip(chosen, partners, strict=True):
         head = ids[row, :lengths[row] - 1]
         tail = ids[partner, 1:lengths[partner] - 1]
         body = np.concatenate([head, tail])[:width - 1]
-        _write(feeds, out, row, np.concatenate([body, [ids[row, lengths[row] - 1]]]))
+        _write(feeds, out, row, np.concatenate([body, [ids[row, lengths[row] - 1]]]), pad)
 
 
 def _crop(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], lengths: np.ndarray, chosen: np.ndarray,
           rng: np.random.Generator) -> None:
-    ids = feeds[IDS]
+    ids, pad = feeds[IDS], _pad_token(feeds)
     for row in chosen:
         body = ids[row, 1:lengths[row] - 1]
         if len(body) < 2:
             continue  # nothing shorter to cut out
         size = int(rng.integers(1, len(body)))
         start = int(rng.integers(0, len(body) - size + 1))
-        _write(feeds, out, row, np.concatenate([[ids[row, 0]], body[start:start + size], [ids[row, lengths[row] - 1]]]))
+        span = body[start:start + size]
+        _write(feeds, out, row, np.concatenate([[ids[row, 0]], span, [ids[row, lengths[row] - 1]]]), pad)
 
 
-def _write(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], row: int, tokens: np.ndarray) -> None:
-    """Row `row` of `out` becomes `tokens`, right-padded with the batch's pad token (one segment)."""
+def _pad_token(feeds: dict[str, np.ndarray]) -> int:
+    """The batch's padding token (0 when no row is padded)."""
     ids, mask = feeds[IDS], feeds[MASK]
-    pad = ids[mask == 0][0] if np.any(mask == 0) else 0
+    return int(ids[mask == 0][0]) if np.any(mask == 0) else 0
+
+
+def _write(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], row: int, tokens: np.ndarray, pad: int) -> None:
+    """Row `row` of `out` becomes `tokens`, right-padded with `pad` (one segment)."""
     out[IDS][row] = pad
     out[IDS][row, :len(tokens)] = tokens
     out[MASK][row] = 0
