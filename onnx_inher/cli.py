@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from onnx_inher import api, report
-from onnx_inher.distill.options import AUGMENTS, TEACHER_MODES, TRAINABLE
+from onnx_inher.distill.options import AUGMENTS, TEACHER_MODES, TEACHER_RUNTIMES, TRAINABLE
 from onnx_inher.errors import InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
 from onnx_inher.plan import Options
@@ -300,6 +300,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--teacher-mode", type=click.Choice(list(TEACHER_MODES)), default="cache", show_default=True,
               help="cache: run the teacher once over the data and memory-map its outputs; online: run it on "
                    "each batch (no disk, any number of --features; needed by --augment).")
+@click.option("--teacher-runtime", type=click.Choice(list(TEACHER_RUNTIMES)), default="auto", show_default=True,
+              help="Where an online teacher runs. auto: ONNX Runtime, unless training is on CUDA and onnxruntime "
+                   "has no CUDA provider: then torch on the GPU (fp32, checked against ORT first).")
 @click.option("--augment", type=click.Choice(list(AUGMENTS)), default="none", show_default=True,
               help="Text models, new inputs each step (the teacher runs online on them). join: half the token "
                    "sequences are followed by another one of the batch; crop: half become a random part of "
@@ -334,9 +337,10 @@ def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data:
         click.echo(json.dumps(doc, indent=2, default=str))
         return
     train = result.train
+    teacher = f"run per batch in {result.teacher_runtime}" if result.teacher_mode == "online" else \
+        "cached" if result.teacher_cached else "run"
     click.echo(f"{train.steps} steps in {train.seconds:.1f} s on {result.train_samples} samples "
-               f"({'data-free' if result.data_free else result.data}); teacher "
-               f"{'run per batch' if result.teacher_mode == 'online' else 'cached' if result.teacher_cached else 'run'}"
+               f"({'data-free' if result.data_free else result.data}); teacher {teacher}"
                f"; ORT vs torch {result.ort_max_rel:.1e}")
     for name, values in (("before", train.initial), ("after", train.final)):
         if values:

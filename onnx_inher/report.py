@@ -123,7 +123,8 @@ def _fidelity_lines(label: str, ev: dict) -> list[str]:
 
 def _training_line(label: str, dist: dict) -> str:
     train = dist.get("train", {})
-    teacher = "run on each batch" if dist.get("teacher_mode") == "online" else \
+    runtime = "ONNX Runtime" if dist.get("teacher_runtime", "ort") == "ort" else "torch"
+    teacher = f"run on each batch in {runtime}" if dist.get("teacher_mode") == "online" else \
         "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
     return (f"{label}: {train.get('steps')} steps in {train.get('seconds', 0):.1f} s "
             f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "

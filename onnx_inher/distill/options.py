@@ -14,6 +14,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 TEACHER_MODES = ("cache", "online")
 AUGMENTS = ("none", "join", "crop", "mix")
+TEACHER_RUNTIMES = ("auto", "ort", "torch")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DistillOptions:
     dims: dict[str, int] = field(default_factory=dict)
     teacher_mode: str = "cache"
     augment: str = "none"
+    teacher_runtime: str = "auto"
 
     @property
     def online_teacher(self) -> bool:
@@ -86,6 +88,9 @@ class DistillOptions:
         if self.teacher_mode not in TEACHER_MODES or self.augment not in AUGMENTS:
             raise InputError(f"--teacher-mode must be one of {', '.join(TEACHER_MODES)}; --augment one of "
                              f"{', '.join(AUGMENTS)}")
+        if self.teacher_runtime not in TEACHER_RUNTIMES:
+            raise InputError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}, "
+                             f"got '{self.teacher_runtime}'")
         if self.threads < 0:
             raise InputError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.feature_weight < 0:
@@ -95,7 +100,8 @@ class DistillOptions:
 
     def run_identity(self) -> dict[str, Any]:
         """The options that change the trained weights (a resumed run must match them exactly)."""
-        skip = {"checkpoint_every", "keep_checkpoints", "teacher_batch", "max_rel_error", "device", "threads"}
+        skip = {"checkpoint_every", "keep_checkpoints", "teacher_batch", "max_rel_error", "device", "threads",
+                "teacher_runtime"}
         return {k: v for k, v in sorted(asdict(self).items()) if k not in skip}
 
 

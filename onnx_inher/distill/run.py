@@ -24,7 +24,8 @@ from onnx_inher.distill.data import Dataset, input_specs, load_data, split
 from onnx_inher.distill.dist import World, close_world, init_world
 from onnx_inher.distill.losses import OutputLoss, default_kind
 from onnx_inher.distill.options import DistillOptions, default_paths, parse_loss
-from onnx_inher.distill.teacher_cache import OnlineTeacher, teacher_digest, teacher_outputs
+from onnx_inher.distill.teacher_cache import teacher_digest, teacher_outputs
+from onnx_inher.distill.torch_teacher import online_teacher
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import check_output, load_model, save_model
@@ -49,6 +50,7 @@ class DistillResult:
     teacher_cached: bool
     teacher_seconds: float
     teacher_mode: str
+    teacher_runtime: str
     train: TrainResult
     ort_max_rel: float
     world_size: int
@@ -169,12 +171,14 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
                              "apply; distill without labels or use --augment none.")
         if options.online_teacher:
             began = time.perf_counter()
-            online = OnlineTeacher(teacher_path, full, plan.fetch, threads=options.threads)
+            online, runtime = online_teacher(teacher_path, full, plan.fetch, world.device, options.teacher_runtime,
+                                             threads=options.threads)
             _check_labels(plan, full, online(full.batch(np.arange(1))))
             computed, teacher_seconds = True, time.perf_counter() - began
             train_part = Part(train, online=online, augment=augment)
             val_part = None if val is None else Part(val, online=online)
         else:
+            runtime = "ort"
             cache = Path(cache_dir) if cache_dir else None
             arrays, computed, teacher_seconds = _teacher_part(world, teacher_path, full, plan.fetch, options, cache)
             _check_labels(plan, full, arrays)
@@ -200,6 +204,6 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
         return DistillResult(str(out), full.source, full.data_free, len(train), len(val) if val is not None else 0,
                              [asdict(o) for o in plan.outputs], plan.features, sum(p.numel() for p in trainer.params),
                              not computed, round(teacher_seconds, 3),
-                             "online" if options.online_teacher else "cache", result, worst, world.size)
+                             "online" if options.online_teacher else "cache", runtime, result, worst, world.size)
     finally:
         close_world(world)

@@ -90,7 +90,7 @@ def teacher_outputs(teacher: Path, data: Dataset, fetch: Sequence[str], *, cache
     entry = folder / key
     if (entry / MANIFEST).is_file():
         return TeacherOutputs(_open_entry(entry, fetch), entry, key, computed=False)
-    model = _fetching_teacher(teacher, data, fetch)
+    model = fetching_teacher(teacher, data, fetch)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder))
     try:
@@ -118,7 +118,7 @@ class OnlineTeacher:
     def __init__(self, teacher: Path, data: Dataset, fetch: Sequence[str], preference: str = "auto",
                  threads: int = 0) -> None:
         self.fetch = list(fetch)
-        model = _fetching_teacher(teacher, data, self.fetch)
+        model = fetching_teacher(teacher, data, self.fetch)
         self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-teacher-")
         self._session = runnable_session(model, Path(self._spill.name), preference, threads)
 
@@ -126,7 +126,7 @@ class OnlineTeacher:
         return dict(zip(self.fetch, self._session.run(self.fetch, feeds), strict=True))
 
 
-def _fetching_teacher(teacher: Path, data: Dataset, fetch: Sequence[str]) -> ModelProto:
+def fetching_teacher(teacher: Path, data: Dataset, fetch: Sequence[str]) -> ModelProto:
     """The teacher, checked against the data's inputs, with `fetch` as its graph outputs."""
     loaded = load_model(teacher).model
     _check_inputs(loaded, data, teacher)

@@ -1,0 +1,85 @@
+"""The online teacher in torch (`--teacher-runtime torch`): same targets as ONNX Runtime, chosen when it helps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onnx_inher.distill import torch_teacher
+from onnx_inher.distill.data import Dataset, input_specs, load_data
+from onnx_inher.distill.options import DistillOptions
+from onnx_inher.distill.teacher_cache import OnlineTeacher
+from onnx_inher.distill.torch_teacher import TorchTeacher, choose_runtime, online_teacher
+from onnx_inher.errors import CheckFailed, InputError
+from onnx_inher.ir.io import load_model
+from tests.test_distill_augment import distill_text, text  # noqa: F401  (module fixture)
+from tests.test_distill_trainer import weights
+from tests.zoo import minilm_torchscript
+
+CPU = torch.device("cpu")
+MINILM_FEATURES = ["/encoder/layer.2/output/LayerNorm/LayerNormalization_output_0", "last_hidden_state"]
+
+
+def minilm_data(tmp_path: Path, rows: int = 6, width: int = 16) -> tuple[Path, Dataset]:
+    """Right-padded token rows of random lengths; the teacher only needs well-formed ids."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, width + 1, size=rows)
+    ids = np.zeros((rows, width), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = [101, *rng.integers(1000, 30000, size=n - 2), 102]
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    path = tmp_path / "tokens.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
+    teacher = minilm_torchscript()
+    return teacher, load_data(str(path), input_specs(load_model(teacher).model))
+
+
+def test_torch_teacher_matches_onnx_runtime_on_minilm_features(tmp_path: Path) -> None:
+    teacher, data = minilm_data(tmp_path)
+    feeds = data.batch(np.arange(len(data)))
+    ort = OnlineTeacher(teacher, data, MINILM_FEATURES, preference="cpu")(feeds)
+    got = TorchTeacher(teacher, data, MINILM_FEATURES, CPU)(feeds)
+    assert list(got) == MINILM_FEATURES
+    for name in MINILM_FEATURES:
+        assert got[name].dtype == np.float32 and got[name].shape == ort[name].shape
+        assert np.abs(got[name] - ort[name]).max() / np.abs(ort[name]).max() < 1e-5
+
+
+def test_online_teacher_refuses_a_torch_teacher_that_disagrees_with_ort(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher, data = minilm_data(tmp_path, rows=2, width=8)
+    real = TorchTeacher.__call__
+
+    def off(self: TorchTeacher, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v * 1.01 for k, v in real(self, feeds).items()}
+
+    monkeypatch.setattr(TorchTeacher, "__call__", off)
+    with pytest.raises(CheckFailed, match=r"differs from ONNX Runtime.*--teacher-runtime ort"):
+        online_teacher(teacher, data, ["last_hidden_state"], CPU, "torch")
+
+
+def test_auto_runs_the_teacher_in_ort_unless_only_torch_reaches_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda", 0)
+    assert choose_runtime("auto", CPU) == "ort"
+    assert choose_runtime("torch", CPU) == "torch" and choose_runtime("ort", cuda) == "ort"
+    monkeypatch.setattr(torch_teacher, "providers", lambda _: ["CPUExecutionProvider"])
+    assert choose_runtime("auto", cuda) == "torch"
+    monkeypatch.setattr(torch_teacher, "providers", lambda _: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert choose_runtime("auto", cuda) == "ort"
+    with pytest.raises(InputError, match="--teacher-runtime must be one of"):
+        choose_runtime("tensorrt", CPU)
+    with pytest.raises(InputError, match="--teacher-runtime must be one of"):
+        DistillOptions(teacher_runtime="tensorrt").validate()
+
+
+def test_distill_with_the_torch_teacher_trains_like_the_ort_one(text: dict[str, Path],  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    ort = distill_text(text, tmp_path / "ort.onnx", augment="mix", teacher_runtime="ort")
+    bridged = distill_text(text, tmp_path / "torch.onnx", augment="mix", teacher_runtime="torch")
+    assert (ort.teacher_runtime, bridged.teacher_runtime) == ("ort", "torch")
+    a, b = weights(tmp_path / "ort.onnx"), weights(tmp_path / "torch.onnx")
+    assert a.keys() == b.keys() and all(np.allclose(a[n], b[n], atol=1e-5) for n in a)
+    assert bridged.train.final["val_loss"] < bridged.train.initial["val_loss"]
