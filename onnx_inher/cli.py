@@ -300,6 +300,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--teacher-mode", type=click.Choice(list(TEACHER_MODES)), default="cache", show_default=True,
               help="cache: run the teacher once over the data and memory-map its outputs; online: run it on "
                    "each batch (no disk, any number of --features; needed by --augment).")
+@click.option("--time-limit", type=float, default=0.0, show_default=True, metavar="SECONDS",
+              help="Stop training after this many seconds (0: no limit), even mid-schedule; the student keeps "
+                   "the weights it has then (or the best validated ones) and the summary says so.")
 @click.option("--teacher-runtime", type=click.Choice(list(TEACHER_RUNTIMES)), default="auto", show_default=True,
               help="Where an online teacher runs. auto: ONNX Runtime, unless training is on CUDA and onnxruntime "
                    "has no CUDA provider: then torch on the GPU (fp32, checked against ORT first).")
@@ -339,6 +342,8 @@ def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data:
     train = result.train
     teacher = f"run per batch in {result.teacher_runtime}" if result.teacher_mode == "online" else \
         "cached" if result.teacher_cached else "run"
+    if train.out_of_time:
+        click.echo(f"stopped by --time-limit at step {train.steps} of {train.total_steps}")
     click.echo(f"{train.steps} steps in {train.seconds:.1f} s on {result.train_samples} samples "
                f"({'data-free' if result.data_free else result.data}); teacher {teacher}"
                f"; ORT vs torch {result.ort_max_rel:.1e}")

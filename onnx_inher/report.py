@@ -126,11 +126,12 @@ def _training_line(label: str, dist: dict) -> str:
     runtime = "ONNX Runtime" if dist.get("teacher_runtime", "ort") == "ort" else "torch"
     teacher = f"run on each batch in {runtime}" if dist.get("teacher_mode") == "online" else \
         "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
+    stop = ", stopped by the time limit" if train.get("out_of_time") else \
+        ", stopped early" if train.get("stopped_early") else ""
     return (f"{label}: {train.get('steps')} steps in {train.get('seconds', 0):.1f} s "
             f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "
-            f"{dist.get('trainable_params')} trainable params" + (", stopped early" if train.get("stopped_early")
-                                                                   else "")
-            + f"); teacher outputs {teacher}; ORT vs torch after write-back: max rel err "
+            f"{dist.get('trainable_params')} trainable params{stop}"
+            f"); teacher outputs {teacher}; ORT vs torch after write-back: max rel err "
             f"{dist.get('ort_max_rel', 0):.2g}.")
 
 

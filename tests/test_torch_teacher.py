@@ -41,7 +41,7 @@ def test_torch_teacher_matches_onnx_runtime_on_minilm_features(tmp_path: Path) -
     teacher, data = minilm_data(tmp_path)
     feeds = data.batch(np.arange(len(data)))
     ort = OnlineTeacher(teacher, data, MINILM_FEATURES, preference="cpu")(feeds)
-    got = TorchTeacher(teacher, data, MINILM_FEATURES, CPU)(feeds)
+    got = {k: v.numpy() for k, v in TorchTeacher(teacher, data, MINILM_FEATURES, CPU)(feeds).items()}
     assert list(got) == MINILM_FEATURES
     for name in MINILM_FEATURES:
         assert got[name].dtype == np.float32 and got[name].shape == ort[name].shape
@@ -53,7 +53,7 @@ def test_online_teacher_refuses_a_torch_teacher_that_disagrees_with_ort(tmp_path
     teacher, data = minilm_data(tmp_path, rows=2, width=8)
     real = TorchTeacher.__call__
 
-    def off(self: TorchTeacher, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def off(self: TorchTeacher, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: v * 1.01 for k, v in real(self, feeds).items()}
 
     monkeypatch.setattr(TorchTeacher, "__call__", off)
@@ -83,3 +83,12 @@ def test_distill_with_the_torch_teacher_trains_like_the_ort_one(text: dict[str, 
     a, b = weights(tmp_path / "ort.onnx"), weights(tmp_path / "torch.onnx")
     assert a.keys() == b.keys() and all(np.allclose(a[n], b[n], atol=1e-5) for n in a)
     assert bridged.train.final["val_loss"] < bridged.train.initial["val_loss"]
+
+
+def test_time_limit_stops_mid_schedule_and_says_so(text: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    result = distill_text(text, tmp_path / "late.onnx", steps=10**7, time_limit=0.5)
+    assert result.train.out_of_time and result.train.stopped_early
+    assert 0 < result.train.steps < result.train.total_steps and result.train.seconds < 30
+    assert (tmp_path / "late.onnx").is_file() and result.ort_max_rel < 1e-3
+    with pytest.raises(InputError, match="--time-limit must be >= 0"):
+        DistillOptions(time_limit=-1).validate()

@@ -55,6 +55,7 @@ class DistillOptions:
     teacher_mode: str = "cache"
     augment: str = "none"
     teacher_runtime: str = "auto"
+    time_limit: float = 0.0  # seconds of training; 0: none
 
     @property
     def online_teacher(self) -> bool:
@@ -91,6 +92,8 @@ class DistillOptions:
         if self.teacher_runtime not in TEACHER_RUNTIMES:
             raise InputError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}, "
                              f"got '{self.teacher_runtime}'")
+        if self.time_limit < 0:
+            raise InputError(f"--time-limit must be >= 0 seconds (0: none), got {self.time_limit}")
         if self.threads < 0:
             raise InputError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.feature_weight < 0:
@@ -101,7 +104,7 @@ class DistillOptions:
     def run_identity(self) -> dict[str, Any]:
         """The options that change the trained weights (a resumed run must match them exactly)."""
         skip = {"checkpoint_every", "keep_checkpoints", "teacher_batch", "max_rel_error", "device", "threads",
-                "teacher_runtime"}
+                "teacher_runtime", "time_limit"}
         return {k: v for k, v in sorted(asdict(self).items()) if k not in skip}
 
 

@@ -45,11 +45,11 @@ class Part:
 
     data: Dataset
     teacher: dict[str, np.ndarray] | None = None
-    online: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    online: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None  # numpy or on-device tensors
     augment: Augment | None = None
 
     def batch(self, index: np.ndarray, rng: np.random.Generator | None = None
-              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray | None]:
         labels = None if self.data.labels is None else np.asarray(self.data.labels[index])
         feeds = self.data.batch(index)
         if self.augment is not None and rng is not None:
@@ -157,6 +157,12 @@ class TrainResult:
     initial: dict[str, float] | None
     final: dict[str, float] | None
     best_step: int | None
+    out_of_time: bool = False
+
+
+def _on(device: torch.device, value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A teacher tensor on the training device: cached/ORT outputs are numpy, a torch teacher's are there."""
+    return value.to(device) if isinstance(value, torch.Tensor) else torch.from_numpy(value).to(device)
 
 
 @dataclass
@@ -210,7 +216,7 @@ class Trainer:
                  ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         feeds, teacher, labels = part.batch(index, rng)
         inputs = [torch.from_numpy(feeds[n]).to(self.device) for n in self.module.input_names]
-        targets = {k: torch.from_numpy(v).to(self.device) for k, v in teacher.items()}
+        targets = {k: _on(self.device, v) for k, v in teacher.items()}
         y = None if labels is None else torch.from_numpy(labels).to(self.device)
         mask = torch.from_numpy(feeds[MASK_INPUT]).to(self.device) if MASK_INPUT in feeds else None
         return inputs, targets, y, mask
@@ -267,7 +273,7 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def run(self) -> TrainResult:
-        state = {"best_loss": math.inf, "best_step": None, "bad_evals": 0, "stopped": False}
+        state = {"best_loss": math.inf, "best_step": None, "bad_evals": 0, "stopped": False, "out_of_time": False}
         best: dict[str, torch.Tensor] = {}
         start_step, resumed = 0, None
         found = latest(self.checkpoint_dir) if self.resume and self.checkpoint_dir is not None else None
@@ -311,6 +317,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in list(final.items())[:2]})
             else:
                 bar.set_postfix(loss=f"{loss:.4f}")
+            if self._out_of_time(began):
+                state.update(stopped=True, out_of_time=True)
             if self._checkpoint_due(step, state):
                 save_checkpoint(self.checkpoint_dir, step, self.module, self.optimizer,  # type: ignore[arg-type]
                                 {"run": self.identity, **state, "scaler": self.scaler.state_dict()},
@@ -324,7 +332,14 @@ class Trainer:
                         p.copy_(best[name])
         self.net.eval()
         return TrainResult(step, self.total_steps, seconds, bool(state["stopped"]), resumed, initial, final,
-                           state["best_step"])
+                           state["best_step"], bool(state["out_of_time"]))
+
+    def _out_of_time(self, began: float) -> bool:
+        """--time-limit: every rank stops at the same step, so rank 0's clock decides."""
+        limit = self.options.time_limit
+        if not limit:
+            return False
+        return self.world.broadcast_float(1.0 if time.perf_counter() - began >= limit else 0.0) > 0.5
 
     def _trainable_snapshot(self) -> dict[str, torch.Tensor]:
         """Copies of the trained weights: what "best" restores at the end of the run."""
