@@ -166,6 +166,11 @@ def main() -> None:
     parser.add_argument("--augment", choices=["none", "join", "crop", "mix"], default="none",
                         help="distill --augment: fresh joined/cropped sentences every step (the teacher runs online).")
     parser.add_argument("--teacher-mode", choices=["cache", "online"], default="cache")
+    parser.add_argument("--teacher-runtime", choices=["auto", "ort", "torch"], default="auto",
+                        help="Where the online teacher runs (auto: torch on CUDA when ORT has no CUDA provider).")
+    parser.add_argument("--time-limit", type=float, default=0.0, help="Stop training after this many seconds.")
+    parser.add_argument("--no-init-score", dest="init_score", action="store_false",
+                        help="Skip scoring the starting student (e.g. a --student already scored).")
     parser.add_argument("--augment-pairs", type=int, default=0,
                         help="Add K x N training inputs, each two random training sentences joined (0: none).")
     parser.add_argument("--train-samples", type=int, default=0, help="Train on the first N sentences (0: all).")
@@ -210,29 +215,29 @@ def main() -> None:
         began = time.perf_counter()
         options = Options(mode=args.mode, heads=2, policy=parse_policy(param_ratio=args.param_ratio),
                           calibration=calibration, allocate=args.allocate)
-        if args.student:  # made elsewhere (e.g. minilm_init_experiments.py --save); the plan is recomputed
-            shutil.copyfile(args.student, student)   # for the record only
-            compressed = onnx_inher.api.CompressResult(onnx_inher.plan(teacher, options), [student])
+        if args.student:  # made elsewhere (an earlier run's --save): its plan is in that run's JSON
+            shutil.copyfile(args.student, student)
+            compress_record: dict = {"student": str(args.student), "plan": "see the JSON of the run that made it"}
         else:
             compressed = onnx_inher.compress(teacher, student, options)
-        compress_seconds = time.perf_counter() - began
-        init = fidelity(teacher, student, test)
+            plan = compressed.plan
+            compress_record = {
+                "mode": args.mode, "heads": 2 if args.mode == "inher" else 1,
+                "param_ratio_option": args.param_ratio, "calibration": args.calibration, "allocate": args.allocate,
+                "ranks": {c.node: [c.energy_rank, c.rank] if c.energy_rank else c.rank
+                          for c in plan.candidates if c.decision == "factorize"},
+                "seconds": round(time.perf_counter() - began, 1), "warnings": plan.warnings,
+                **{k: plan.totals()[k] for k in ("factorized", "params_before", "params_after", "param_ratio")}}
+        init = fidelity(teacher, student, test) if args.init_score else None
         print(f"init: {init}", flush=True)
         record: dict = {
             "teacher": "all-MiniLM-L6-v2 (tests/zoo.py minilm_torchscript)",
             "student": str(args.student) if args.student else "compress (below)",
-            "compress": {"mode": args.mode, "heads": 2 if args.mode == "inher" else 1,
-                         "param_ratio_option": args.param_ratio, "calibration": args.calibration,
-                         "allocate": args.allocate,
-                         "ranks": {c.node: [c.energy_rank, c.rank] if c.energy_rank else c.rank
-                                   for c in compressed.plan.candidates if c.decision == "factorize"},
-                         "seconds": round(compress_seconds, 1), "warnings": compressed.plan.warnings,
-                         **{k: compressed.plan.totals()[k] for k in ("factorized", "params_before", "params_after",
-                                                                       "param_ratio")}},
+            "compress": compress_record,
             "test": {"data": "fortunes:test (held aside, never trained on)", "sentences": len(test["input_ids"]),
                      "max_tokens": int(test["input_ids"].shape[1]),
                      "metric": "mean cosine of mask-mean-pooled last_hidden_state, teacher vs student, ORT"},
-            "init_cosine": init[EMBEDDING], "init": init,
+            "init_cosine": init[EMBEDDING] if init else None, "init": init,
         }
         if args.steps:
             losses = {EMBEDDING: f"pooled:{args.pooled_weight}"} if args.pooled_weight else {}
@@ -244,7 +249,8 @@ def main() -> None:
                                      feature_weight=args.feature_weight, val_fraction=args.val_fraction,
                                      eval_every=args.eval_every, checkpoint_every=0, precision=args.precision,
                                      device=args.device, threads=args.threads, augment=args.augment,
-                                     teacher_mode=args.teacher_mode)
+                                     teacher_mode=args.teacher_mode, teacher_runtime=args.teacher_runtime,
+                                     time_limit=args.time_limit)
             metrics = args.output.with_suffix(".metrics.jsonl")
             args.output.parent.mkdir(parents=True, exist_ok=True)
             probe = None
@@ -277,7 +283,8 @@ def main() -> None:
                             "teacher_seconds": result.teacher_seconds, "teacher_cached": result.teacher_cached,
                             "total_seconds": round(wall, 1), "torch_threads": args.threads,
                             "device": device_name(args.device), "precision": args.precision, "probe": probe,
-                            "best_step": result.train.best_step},
+                            "best_step": result.train.best_step, "teacher_runtime": result.teacher_runtime,
+                            "out_of_time": result.train.out_of_time, "planned_steps": result.train.total_steps},
                 "curve": curve(metrics),
             }
         record["command"] = shlex.join(["python", "benchmarks/distill_minilm.py", *sys.argv[1:]])
