@@ -12,7 +12,6 @@ puts them back into the same starting student and checks the result is byte-iden
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -25,16 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnx_inher.ir.io import save_model  # noqa: E402
+from onnx_inher.stages import file_sha256 as sha256  # noqa: E402
 
 CONSTANT = "Constant:"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
