@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from onnx_inher.cli import main
 from onnx_inher.distill import torch_teacher
 from onnx_inher.distill.data import Dataset, input_specs, load_data
 from onnx_inher.distill.options import DistillOptions
@@ -73,6 +75,9 @@ def test_auto_runs_the_teacher_in_ort_unless_only_torch_reaches_the_gpu(monkeypa
         choose_runtime("tensorrt", CPU)
     with pytest.raises(InputError, match="--teacher-runtime must be one of"):
         DistillOptions(teacher_runtime="tensorrt").validate()
+    with pytest.raises(InputError, match="add --teacher-mode online"):
+        DistillOptions(teacher_runtime="torch").validate()
+    DistillOptions(teacher_runtime="torch", augment="mix").validate()
 
 
 def test_distill_with_the_torch_teacher_trains_like_the_ort_one(text: dict[str, Path],  # noqa: F811
@@ -92,3 +97,11 @@ def test_time_limit_stops_mid_schedule_and_says_so(text: dict[str, Path], tmp_pa
     assert (tmp_path / "late.onnx").is_file() and result.ort_max_rel < 1e-3
     with pytest.raises(InputError, match="--time-limit must be >= 0"):
         DistillOptions(time_limit=-1).validate()
+
+
+def test_cli_refuses_a_torch_teacher_without_the_online_mode(text: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["distill", str(text["student"]), "--teacher", str(text["teacher"]), "--data",
+                                       str(text["data"]), "-o", str(out), "--teacher-runtime", "torch"])
+    assert result.exit_code == 2 and "add --teacher-mode online" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -92,6 +92,9 @@ class DistillOptions:
         if self.teacher_runtime not in TEACHER_RUNTIMES:
             raise InputError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}, "
                              f"got '{self.teacher_runtime}'")
+        if self.teacher_runtime == "torch" and not self.online_teacher:
+            raise InputError("--teacher-runtime torch runs the teacher on each batch: add --teacher-mode online "
+                             "(the teacher cache is always filled by ONNX Runtime)")
         if self.time_limit < 0:
             raise InputError(f"--time-limit must be >= 0 seconds (0: none), got {self.time_limit}")
         if self.threads < 0:
