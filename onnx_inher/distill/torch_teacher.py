@@ -1,10 +1,10 @@
 """The online teacher run in torch (through our bridge) on the training device, for CUDA without ORT-CUDA.
 
 An online teacher (`--teacher-mode online`, `--augment`) runs once per training step. With the CPU-only
-`onnxruntime` wheel and torch on a GPU, ORT puts that forward pass on the CPU, which then dominates the
-step: a MiniLM teacher at batch 64 costs ~100x the GPU's time for it. The bridge already executes any graph
-we train, so the teacher can run beside the student on the same device, in fp32 with autocast off and TF32
-off (its outputs are targets: they must be the teacher's, not a cheaper approximation of it).
+`onnxruntime` wheel and torch on a GPU, ORT puts that forward pass on the host CPU, every step, beside a
+student that trains on the GPU. The bridge already executes any graph we train, so the teacher can run
+beside the student on the same device, in fp32 with autocast off and TF32 off (its outputs are targets:
+they must be the teacher's, not a cheaper approximation of it).
 
 It is checked once against ORT on the CPU before training: a bridge bug must not silently change the targets.
 """
@@ -29,7 +29,7 @@ CHECK_ROWS = 4
 
 class TorchTeacher:
     """Callable like `OnlineTeacher`: numpy feeds in, the fetched tensors out, left on the device (the
-    trainer reads them there; a MiniLM batch's features are ~150 MB, a round trip through the host per step)."""
+    trainer reads them there; MiniLM's features at batch 256 are ~150 MB, a round trip through the host a step)."""
 
     def __init__(self, teacher: Path, data: Dataset, fetch: Sequence[str], device: torch.device) -> None:
         self.fetch = list(fetch)

@@ -280,7 +280,7 @@ class Trainer:
         if found is not None:
             ckpt = load_checkpoint(found, self.module, self.optimizer, self.identity)
             start_step = resumed = ckpt.step
-            state.update({k: ckpt.state[k] for k in state})
+            state.update({k: ckpt.state.get(k, v) for k, v in state.items()})  # older checkpoints lack keys
             state["best_loss"] = float(state["best_loss"])
             best = {k: v.to(self.device) for k, v in ckpt.extra.items()}
             if "scaler" in ckpt.state:
