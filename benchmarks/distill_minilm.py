@@ -208,17 +208,17 @@ def main() -> None:
         work = Path(tmp)
         student, tuned, train_npz = work / "student.onnx", work / "tuned.onnx", work / "fortunes_train.npz"
         np.savez(train_npz, **tokens["train"])
-        calibration = None if args.calibration == "none" else args.calibration
-        if calibration == "fortunes" and tokens["calib"] is not None:  # the same 256 sentences, from the npz
-            np.savez(work / "calib.npz", **tokens["calib"])
-            calibration = str(work / "calib.npz")
-        began = time.perf_counter()
-        options = Options(mode=args.mode, heads=2, policy=parse_policy(param_ratio=args.param_ratio),
-                          calibration=calibration, allocate=args.allocate)
         if args.student:  # made elsewhere (an earlier run's --save): its plan is in that run's JSON
             shutil.copyfile(args.student, student)
             compress_record: dict = {"student": str(args.student), "plan": "see the JSON of the run that made it"}
         else:
+            calibration = None if args.calibration == "none" else args.calibration
+            if calibration == "fortunes" and tokens["calib"] is not None:  # the same 256 sentences, from the npz
+                np.savez(work / "calib.npz", **tokens["calib"])
+                calibration = str(work / "calib.npz")
+            began = time.perf_counter()
+            options = Options(mode=args.mode, heads=2, policy=parse_policy(param_ratio=args.param_ratio),
+                              calibration=calibration, allocate=args.allocate)
             compressed = onnx_inher.compress(teacher, student, options)
             plan = compressed.plan
             compress_record = {
