@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint venv clean
+.PHONY: test test-fast demo lint lint-imports venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,12 +22,26 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-lint: $(STAMP)
+lint: $(STAMP) lint-imports
 	$(BIN)/ruff check .
 
-test: $(STAMP)
+# The layer contract (pyproject.toml, [tool.importlinter]) is checked on the installed layout: passes/ is
+# installed as onnx_inher.passes, so a copy under build/ puts it there for import-linter.
+LINT_VIEW := build/lint-imports
+lint-imports: $(STAMP)
+	@rm -rf $(LINT_VIEW) && mkdir -p $(LINT_VIEW)
+	@cp -r onnx_inher $(LINT_VIEW)/ && cp -r passes $(LINT_VIEW)/onnx_inher/passes
+	cd $(LINT_VIEW) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --no-cache $(CURDIR)/pyproject.toml
+
+# Everything: ruff, the layer contract, the whole suite on both cores (real models, subprocess CLI runs).
+test: $(STAMP) lint-imports
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
+
+# The edit loop: everything but the tests marked slow (real-model fixtures) or cli (subprocess runs).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not cli"
 
 demo: $(STAMP)
 	$(BIN)/onnx-inher demo

@@ -1,21 +1,18 @@
 """Energy vs sensitivity rank allocation on the embedded MNIST CNN, before any training.
 
-    python benchmarks/allocation.py [-o benchmarks/results/allocation_mnist.json]
+    python -m benchmarks.allocation [-o benchmarks/results/allocation_mnist.json]
 
 For each budget (`--param-ratio`) and rank step (`--rank-multiple`), compress the CNN with whitened SVD
 calibrated on 256 MNIST-5k training digits, once with the energy plan's ranks and once with
 `--allocate sensitivity`, and score both students in ONNX Runtime on 500 held-out digits: the relative
 error of the logits against the teacher's and the top-1 agreement with it. Also records params, FLOPs,
 ranks and the allocation's own verdict (its warning line). MiniLM's figure comes from
-`python benchmarks/distill_minilm.py --steps 0 --allocate sensitivity`.
+`python -m benchmarks.distill_minilm --steps 0 --allocate sensitivity`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("ONNX_INHER_QUIET", "1")
-
-import onnx_inher  # noqa: E402
-from onnx_inher import Options, parse_policy  # noqa: E402
-from onnx_inher.distill.data import input_specs, load_data  # noqa: E402
-from onnx_inher.runtime import session  # noqa: E402
-
-TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
+import onnx_inher
+from benchmarks.common import MNIST_TEACHER as TEACHER
+from benchmarks.common import command, quiet, write_json
+from onnx_inher import Options, parse_policy
+from onnx_inher.datasets import input_specs, load_data
+from onnx_inher.runtime import session
 
 
 def main() -> None:
@@ -41,6 +34,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--multiples", default="1,4,8,16")
     args = parser.parse_args()
+    quiet()
     data = load_data("mnist5k:test", input_specs(onnx.load(str(TEACHER))))
     images = data.inputs["image"][:500]
     teacher = session(TEACHER, "cpu").run(["logits"], {"image": images})[0]
@@ -74,9 +68,9 @@ def main() -> None:
                       f"{s['flops_after']}", flush=True)
     record = {"teacher": "embedded MNIST CNN", "calibration": "mnist5k (256 training digits)",
               "test": "mnist5k:test[:500]", "mode": "svd", "rows": rows,
-              "command": "python benchmarks/allocation.py"}
+              "command": command("benchmarks.allocation")}
     if args.output:
-        args.output.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.output, record)
 
 
 if __name__ == "__main__":

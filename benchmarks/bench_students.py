@@ -5,7 +5,7 @@ and 32 (128 tokens), and the compressed MNIST CNN vs its teacher, each with per-
 Students are made here with `compress --param-ratio 0.5` in both forms (svd: plain pairs; inher:
 2 heads). Reports go to benchmarks/bench_students/ (JSON, Markdown, PNG; minilm.png joins batch 1 and 32).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_students.py [--only minilm|mnist] [--iters 100] [--threads 1]
+    .venv/bin/python -m benchmarks.bench_students [--only minilm|mnist] [--iters 100] [--threads 1]
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import MNIST_TEACHER, ROOT, zoo
 from onnx_inher import api
-from onnx_inher.bench import bench, plot_png, terminal, write_reports
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
+from onnx_inher.bench import bench
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
+from onnx_inher.reporting.bench import plot_png, terminal, write_reports
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "bench_students"
 
 
@@ -107,15 +107,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if args.only in (None, "mnist"):
-            teacher = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
-            models = [teacher, *students(teacher, tmp, "mnist_cnn")]
+            models = [MNIST_TEACHER, *students(MNIST_TEACHER, tmp, "mnist_cnn")]
             run("mnist_cnn", models, [1, 32, 256], [], args.iters, 10, args.threads)
         if args.only in (None, "minilm"):
-            sys.path.insert(0, str(ROOT))
-            from tests.zoo import minilm_torchscript
-
             teacher = tmp / "minilm.onnx"  # a short label in the reports
-            teacher.symlink_to(minilm_torchscript())
+            teacher.symlink_to(zoo.minilm_torchscript())
             models = [teacher, *students(teacher, tmp, "minilm")]
             run("minilm_b1", models, [1], [128], args.iters, 10, args.threads)
             run("minilm_b32", models, [32], [128], args.iters_large, 3, args.threads, args.layer_iters_large)

@@ -1,7 +1,7 @@
 """Training-step throughput of bridged ONNX graphs vs equivalent hand-written torch modules.
 
-    python benchmarks/bridge_speed.py                 # CREPE tiny (CNN) and MiniLM, teacher and SVD student
-    python benchmarks/bridge_speed.py --compile       # also try torch.compile on the bridged modules
+    python -m benchmarks.bridge_speed                 # CREPE tiny (CNN) and MiniLM, teacher and SVD student
+    python -m benchmarks.bridge_speed --compile       # also try torch.compile on the bridged modules
 
 A step is forward + MSE loss + backward + SGD update, on the parameters the distiller trains: all of them
 for the teachers, only the factors for the students (`to_torch(..., trainable="factors")`; the hand-written
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,13 +28,11 @@ import numpy as np
 import onnx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common import zoo
 from onnx_inher import api
 from onnx_inher.bridge import to_torch
 from onnx_inher.ir.io import load_model
-from onnx_inher.plan import Options
-from tests import zoo
+from onnx_inher.planning.plan import Options
 
 Step = Callable[[], None]
 

@@ -15,7 +15,7 @@ Targets (issue): wall < 60 s and peak RSS < 3x the model's file size, on a 2-cor
 
 Usage (from the repository root):
 
-    PYTHONPATH=. .venv/bin/python benchmarks/compress_bench.py [--repeat 2] [--json results.json]
+    .venv/bin/python -m benchmarks.compress_bench [--repeat 2] [--json results.json]
         [--models minilm_torchscript,minilm_dynamo,bert_base_random] [--modes inher,svd] [--blas-threads N]
 
 Every (model, mode) runs `--repeat` times; the table shows the minimum wall time, CPU time and
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -42,7 +41,8 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT, write_json
+
 POLL_S = 0.020
 WALL_TARGET_S = 60.0
 RSS_TARGET_RATIO = 3.0
@@ -177,7 +177,7 @@ def fixture(name: str) -> Path:
     """The fixture's path, built in a separate process: a forked child starts with the parent's
     current RSS and Linux keeps the high-water mark across exec, so a CLI forked from this process
     with torch and the zoo loaded would report at least that as its `ru_maxrss`."""
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests import zoo; print(zoo.{name}())"
+    code = f"from benchmarks.common import zoo; print(zoo.{name}())"  # run in ROOT, which -c puts on sys.path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -252,7 +252,7 @@ def table(results: list[Result]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated tests.zoo fixtures")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated fixtures of tests/zoo.py")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeat", type=int, default=2, help="runs per (model, mode); the table shows the min")
     ap.add_argument("--json", type=Path, help="write all runs and the machine state here")
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine['blas_threads']}; "
           f"before: {machine['uptime_before']}; after: {machine['uptime_after']}")
     if ns.json:
-        ns.json.write_text(json.dumps({"machine": machine, "poll_s": POLL_S, "import_baseline": asdict(base),
-                                       "results": [r.to_dict() for r in results]}, indent=2) + "\n")
+        write_json(ns.json, {"machine": machine, "poll_s": POLL_S, "import_baseline": asdict(base),
+                             "results": [r.to_dict() for r in results]})
     return 0 if all(r.ok for r in results) else 1
 
 

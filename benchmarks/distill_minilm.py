@@ -1,8 +1,8 @@
 """Figure: all-MiniLM-L6-v2 compressed to 50% of its MatMul params, distilled on fortunes, scored on held-aside text.
 
-    python benchmarks/distill_minilm.py                                   # svd, whitened init, the defaults below
-    python benchmarks/distill_minilm.py --calibration none --steps 0      # plain-SVD init only (no training)
-    python benchmarks/distill_minilm.py --mode inher -o benchmarks/results/distill_minilm_inher.json
+    python -m benchmarks.distill_minilm                                   # svd, whitened init, the defaults below
+    python -m benchmarks.distill_minilm --calibration none --steps 0      # plain-SVD init only (no training)
+    python -m benchmarks.distill_minilm --mode inher -o benchmarks/results/distill_minilm_inher.json
 
 compress (`--param-ratio`, `--mode`, optional data-aware `--calibration` on 256 fortunes) -> distill on
 `fortunes` (train part, tokenised to `--train-tokens`; a small validation split) -> evaluate teacher vs student
@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +26,11 @@ import numpy as np
 import onnx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import onnx_inher  # noqa: E402
-from onnx_inher import DistillOptions, Options, parse_policy  # noqa: E402
-from onnx_inher.distill import text  # noqa: E402
-from onnx_inher.evaluate import evaluate  # noqa: E402
-from onnx_inher.ir.io import write_text  # noqa: E402
-from tests.zoo import minilm_torchscript  # noqa: E402
+import onnx_inher
+from benchmarks.common import RESULTS, command, quiet, write_json, zoo
+from onnx_inher import DistillOptions, Options, parse_policy
+from onnx_inher.datasets import text
+from onnx_inher.metrics import evaluate
 
 EMBEDDING = "last_hidden_state"
 POOLER = "pooler_output"
@@ -189,14 +182,14 @@ def main() -> None:
                              "--export-tokens writes one.")
     parser.add_argument("--export-tokens", type=Path, help="Write the tokenised train/test sentences and exit.")
     parser.add_argument("--save", type=Path, help="Also keep the distilled student ONNX here.")
-    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "distill_minilm.json")
+    parser.add_argument("-o", "--output", type=Path, default=RESULTS / "distill_minilm.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("ONNX_INHER_QUIET", "1")
+    quiet()
     if args.export_tokens:
         export_tokens(args.export_tokens, args.train_tokens, args.train_samples, args.augment_pairs)
         return
-    teacher = args.teacher or minilm_torchscript()
+    teacher = args.teacher or zoo.minilm_torchscript()
     tokens = load_tokens(args.tokens, args.train_tokens, args.train_samples, args.augment_pairs)
     test = tokens["test"]
     if args.tokens is not None and args.train_samples:
@@ -287,9 +280,8 @@ def main() -> None:
                             "out_of_time": result.train.out_of_time, "planned_steps": result.train.total_steps},
                 "curve": curve(metrics),
             }
-        record["command"] = shlex.join(["python", "benchmarks/distill_minilm.py", *sys.argv[1:]])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.output, json.dumps(record, indent=2) + "\n")
+        record["command"] = command("benchmarks.distill_minilm")
+    write_json(args.output, record)
     print(json.dumps(record, indent=2))
 
 

@@ -1,7 +1,7 @@
 """Figure: the embedded MNIST CNN, compressed with `inher` (2 heads), distilled back on real digits.
 
-    python benchmarks/distill_mnist.py                          # --param-ratio 0.5 (default), 3 epochs
-    python benchmarks/distill_mnist.py --param-ratio 0.25 -o benchmarks/results/distill_mnist_025.json
+    python -m benchmarks.distill_mnist                          # --param-ratio 0.5 (default), 3 epochs
+    python -m benchmarks.distill_mnist --param-ratio 0.25 -o benchmarks/results/distill_mnist_025.json
 
 Teacher and student are both scored in ONNX Runtime on `mnist5k:test`, the 1,000 digits the teacher never saw
 (the student trains on `mnist5k`, the other 4,000, of which 10% are its validation split). Prints and writes
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +21,11 @@ import onnx
 import torch
 
 import onnx_inher
+from benchmarks.common import MNIST_TEACHER as TEACHER
+from benchmarks.common import RESULTS, ROOT, command, quiet, write_json
 from onnx_inher import DistillOptions, Options, parse_policy
-from onnx_inher.distill.data import input_specs, load_data
-from onnx_inher.ir.io import write_text
+from onnx_inher.datasets import input_specs, load_data
 from onnx_inher.runtime import session
-
-ROOT = Path(__file__).resolve().parents[1]
-TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
 
 
 def accuracy(model: Path) -> float:
@@ -50,10 +45,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "results" / "distill_mnist.json")
+    parser.add_argument("-o", "--output", type=Path, default=RESULTS / "distill_mnist.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("ONNX_INHER_QUIET", "1")
+    quiet()
 
     with tempfile.TemporaryDirectory() as tmp:
         student, tuned = Path(tmp) / "student.onnx", Path(tmp) / "tuned.onnx"
@@ -81,10 +76,9 @@ def main() -> None:
                         "train_seconds": round(result.train.seconds, 1), "total_seconds": round(wall, 1),
                         "teacher_seconds": result.teacher_seconds, "trainable_params": result.trainable_params,
                         "torch_threads": args.threads, "device": "cpu"},
-            "command": shlex.join(["python", "benchmarks/distill_mnist.py", *sys.argv[1:]]),
+            "command": command("benchmarks.distill_mnist"),
         }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.output, json.dumps(record, indent=2) + "\n")
+    write_json(args.output, record)
     print(json.dumps(record, indent=2))
 
 

@@ -1,6 +1,6 @@
 """Full-rank exactness of compress on the real teachers, in ONNX Runtime (figures for RESULTS.md).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/exactness.py
+    .venv/bin/python -m benchmarks.exactness
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from benchmarks.common import zoo
 from onnx_inher import api
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
-from tests import zoo
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
 
 FORMS = (("svd", 1), ("inher", 2), ("inher", 3))
 

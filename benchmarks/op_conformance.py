@@ -1,7 +1,7 @@
 """Pass rate of the PyTorch bridge on the ONNX node conformance cases, per supported op.
 
-    python benchmarks/op_conformance.py            # prints the table, rewrites docs/bridge_ops.md
-    python benchmarks/op_conformance.py --failures # also lists every failing case and why
+    python -m benchmarks.op_conformance            # prints the table, rewrites docs/bridge_ops.md
+    python -m benchmarks.op_conformance --failures # also lists every failing case and why
 
 Each case of `onnx.backend.test.case.node.collect_testcases()` is one small model with reference
 inputs and outputs. A case is converted with `to_torch(model, trainable="none")`, run, and compared like
@@ -18,18 +18,18 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
+from benchmarks.common import ROOT
 from onnx_inher.bridge import to_torch
 from onnx_inher.bridge.registry import lookup
 from onnx_inher.errors import InputError
 from onnx_inher.ir.io import write_text
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "bridge_ops.md"
+DOC = ROOT / "docs" / "bridge_ops.md"
 GOAL = 0.95
 
 
@@ -174,7 +174,7 @@ time with an `InputError` naming the op and its node (exit 2 from the CLI), neve
 
 ## Conformance on the ONNX node test cases
 
-Measured by `python benchmarks/op_conformance.py` (onnx {onnx.__version__}, torch {torch.__version__}) over
+Measured by `python -m benchmarks.op_conformance` (onnx {onnx.__version__}, torch {torch.__version__}) over
 `onnx.backend.test.case.node.collect_testcases()`: each case converted with `trainable="none"`, run, and
 compared like the ONNX backend runner (same dtype, the case's rtol/atol). Expanded cases (a function's
 body written out in primitive ops) count for the function's op, and only when all their ops are supported.

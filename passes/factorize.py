@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from onnx_inher.errors import InputError, PassError
 from onnx_inher.ir.io import copy_model, release_memory
-from onnx_inher.layers import LayerView
-from onnx_inher.plan import Candidate, Plan, Spectra
-from onnx_inher.svd import Factors, truncate
+from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.naming import factor_tag
+from onnx_inher.planning.plan import Candidate, Plan, Spectra
+from onnx_inher.planning.svd import Factors, truncate
 
 PERTURBATION = 1e-2
 INT64_MAX = np.iinfo(np.int64).max
@@ -194,7 +195,7 @@ def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: i
          weight_prefix: str) -> Emitter:
     """Nodes and initializers replacing `node`; weights are named after `weight_prefix`, the first
     node sharing them, so layers that share one weight share its factors too."""
-    tag = "inher" if cand.heads > 1 else "svd"
+    tag = factor_tag(cand.heads)
     e = Emitter(f"{view.node}/{tag}", f"{weight_prefix}/{tag}", view.dtype, opset)
     z = _down(e, view, node, f)
     if cand.heads <= 1:

@@ -16,9 +16,9 @@ from onnx import ModelProto, NodeProto
 
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import FOLDABLE, Constant, GraphIndex, NotConstant, attr
+from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.naming import node_ids
 from onnx_inher.ir.shapes import TensorInfo, infer, resolve
-from onnx_inher.layers import LayerView
 
 DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)

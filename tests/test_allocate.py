@@ -15,13 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_inher
 from onnx_inher import Options, parse_policy
-from onnx_inher import allocate as alloc
 from onnx_inher.api import analyze
 from onnx_inher.cli import main
-from onnx_inher.distill.data import input_specs, load_data
+from onnx_inher.datasets import input_specs, load_data
+from onnx_inher.planning.svd import full_svd, truncate
 from onnx_inher.runtime import session
-from onnx_inher.svd import full_svd, truncate
-from tests.test_calibration import MNIST, _logit_error, needs_mnist
+from onnx_inher.tuning import allocate as alloc
+from tests.helpers import MNIST, logit_error, needs_mnist
 
 RANK = 2
 
@@ -105,7 +105,7 @@ def test_sensitivity_allocation_beats_energy_on_held_out_digits_at_no_more_param
     assert tm["params_after"] <= te["params_after"] and tm["flops_after"] <= te["flops_after"]
     assert [c.node for c in energy.plan.candidates if c.decision == "factorize"] == \
         [c.node for c in moved.plan.candidates if c.decision == "factorize"]
-    e_energy, e_moved = _logit_error(tmp_path / "energy.onnx", images), _logit_error(tmp_path / "moved.onnx", images)
+    e_energy, e_moved = logit_error(tmp_path / "energy.onnx", images), logit_error(tmp_path / "moved.onnx", images)
     assert e_moved < 0.5 * e_energy, (e_moved, e_energy)
     doc = json.loads(moved.plan.to_json())
     assert doc["options"]["allocate"] == "sensitivity"
@@ -149,6 +149,7 @@ def test_cli_allocate_with_a_plan_file_is_a_usage_error(tmp_path: Path) -> None:
     assert not (tmp_path / "s.onnx").exists()
 
 
+@pytest.mark.slow
 def test_run_allocates_on_its_distillation_data_and_compresses_what_the_plan_says(tmp_path: Path) -> None:
     """`run --allocate sensitivity` without --calibration measures on --data; the plan file's ranks are built."""
     out = CliRunner().invoke(main, ["run", str(MNIST), "--data", "digits", "-o", str(tmp_path / "run"), "--mode",

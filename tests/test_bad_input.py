@@ -478,6 +478,7 @@ def _cli() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from onnx_inher.cli import main; main()"]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", ["truncated_protobuf", "nan_conv_weight", "unknown_mode"])
 def test_bad_input_subprocess(ws: Workspace, name: str) -> None:
     """The installed entry point in a fresh process: real exit status, nothing but one line on stderr."""

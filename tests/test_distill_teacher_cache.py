@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_inher.datasets import Dataset
 from onnx_inher.distill import teacher_cache
-from onnx_inher.distill.data import Dataset
 from onnx_inher.distill.teacher_cache import teacher_outputs
 from onnx_inher.errors import InputError
 from onnx_inher.runtime import session
@@ -48,7 +48,7 @@ def test_outputs_and_intermediates_match_ort_then_come_from_disk(tmp_path: Path,
     direct = session(teacher, "cpu").run(["y"], data.inputs)[0]
     np.testing.assert_array_equal(first.arrays["y"], direct)
 
-    monkeypatch.setattr(teacher_cache, "session", lambda *a, **k: pytest.fail("teacher ran again"))
+    monkeypatch.setattr(teacher_cache, "runnable_session", lambda *a, **k: pytest.fail("teacher ran again"))
     again = teacher_outputs(teacher, data, ["y", "hidden/relu"], cache_dir=cache, batch_size=8)
     assert not again.computed and again.key == first.key
     assert isinstance(again.arrays["y"], np.memmap)
@@ -91,7 +91,7 @@ def test_clear_errors_before_running(tmp_path: Path) -> None:
 def test_embedded_mnist_teacher_logits(tmp_path: Path) -> None:
     path = Path(__file__).resolve().parents[1] / "onnx_inher" / "data" / "mnist_cnn.onnx"
     if not path.is_file():
-        pytest.skip("embedded teacher not built yet: python benchmarks/train_mnist_teacher.py")
+        pytest.skip("embedded teacher not built yet: python -m benchmarks.train_mnist_teacher")
     images = np.random.default_rng(0).normal(size=(10, 1, 28, 28)).astype(np.float32)
     out = teacher_outputs(path, Dataset({"image": images}, None, "toy"),
                           ["logits", "/features/features.3/Conv_output_0"], cache_dir=tmp_path, batch_size=4)

@@ -16,15 +16,14 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
 
 import onnx_inher
 from onnx_inher import Options, parse_policy
 from onnx_inher.bridge import to_torch
 from onnx_inher.cli import main
+from onnx_inher.datasets import input_specs, load_data, split
 from onnx_inher.distill import DistillOptions
 from onnx_inher.distill.checkpoint import list_checkpoints
-from onnx_inher.distill.data import input_specs, load_data, split
 from onnx_inher.distill.dist import World
 from onnx_inher.distill.losses import OutputLoss
 from onnx_inher.distill.options import parse_assignments
@@ -32,6 +31,7 @@ from onnx_inher.distill.run import DistillResult
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, autocast_dtype, lr_at
 from onnx_inher.errors import InputError
 from onnx_inher.runtime import session
+from tests.helpers import mlp_teacher, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "checkpoint_every": 0, "val_fraction": 0.2}
@@ -51,24 +51,6 @@ if os.environ.get("RANK", "0") == "0":  # every rank returns the result; one pri
 """
 
 
-def mlp_teacher(path: Path) -> Path:
-    """logits = relu(x @ w1 + b1) @ w2, 32 -> 96 -> 10, with a hidden tensor 'h' for feature KD."""
-    rng = np.random.default_rng(0)
-    w1 = (rng.normal(size=(32, 96)) / np.sqrt(32)).astype(np.float32)
-    w2 = (rng.normal(size=(96, 10)) / np.sqrt(96)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
-             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2")]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-                              initializer=[numpy_helper.from_array(w1, "w1"),
-                                           numpy_helper.from_array(np.full(96, 0.1, np.float32), "b1"),
-                                           numpy_helper.from_array(w2, "w2")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Teacher, its 25%-of-params student, and 80 labelled samples (64 train + 16 validation)."""
@@ -85,10 +67,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def run_distill(setup: dict[str, Path], out: Path, **options: object) -> DistillResult:
     return onnx_inher.distill(setup["student"], setup["teacher"], str(setup["data"]), out,
                               DistillOptions(**{**FAST, **options}), cache_dir=setup["dir"] / "cache")
-
-
-def weights(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
 def test_distill_trains_factors_verifies_and_logs(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -179,6 +157,7 @@ def uninterrupted(setup: dict[str, Path]) -> Path:
     return out
 
 
+@pytest.mark.cli
 def test_resume_after_kill_9_matches_an_uninterrupted_run(setup: dict[str, Path], uninterrupted: Path,
                                                           tmp_path: Path) -> None:
 
@@ -200,6 +179,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(setup: dict[str, Path]
     assert steps == list(range(1, 25))
 
 
+@pytest.mark.cli
 def test_two_gloo_processes_match_one(setup: dict[str, Path], uninterrupted: Path, tmp_path: Path) -> None:
     double = spawn(setup, tmp_path / "two.onnx", torchrun=2)
     stdout, stderr = double.communicate(timeout=300)

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_inher import api
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
 
 RNG = np.random.default_rng(0)
 

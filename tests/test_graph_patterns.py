@@ -19,8 +19,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 ort = pytest.importorskip("onnxruntime")
 
 from onnx_inher import api  # noqa: E402
-from onnx_inher.plan import Options  # noqa: E402
-from onnx_inher.rank import parse_policy  # noqa: E402
+from onnx_inher.planning.plan import Options  # noqa: E402
+from onnx_inher.planning.rank import parse_policy  # noqa: E402
 from onnx_inher.runtime import sample_inputs  # noqa: E402
 
 OPSET = 17

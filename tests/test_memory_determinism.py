@@ -23,6 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_inher.ir.io import load_model, save_model
 
+pytestmark = pytest.mark.cli  # fresh Python processes
+
 HIDDEN = 384  # large enough for OpenBLAS to use its threads in the 384 x 384 eigensolver
 
 
@@ -51,7 +53,7 @@ def _compress_with_threads(teacher: Path, out: Path, threads: int, mode: str) ->
     env = dict(os.environ, ONNX_INHER_QUIET="1")
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
-    code = ("import sys; from onnx_inher import api; from onnx_inher.plan import Options; "
+    code = ("import sys; from onnx_inher import api; from onnx_inher.planning.plan import Options; "
             "api.compress(sys.argv[1], sys.argv[2], Options(mode=sys.argv[3]))")
     subprocess.run([sys.executable, "-c", code, str(teacher), str(out), mode], env=env, check=True)
     return hashlib.sha256(out.read_bytes()).hexdigest()

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import onnx_inher.passes
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +17,7 @@ def test_editable_install_maps_passes_to_the_repo_folder() -> None:
     assert Path(onnx_inher.passes.__file__).resolve() == ROOT / "passes" / "__init__.py"
 
 
+@pytest.mark.cli
 def test_wheel_installs_passes_as_onnx_inher_passes(tmp_path: Path) -> None:
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",

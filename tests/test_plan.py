@@ -20,9 +20,9 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from onnx_inher import api
 from onnx_inher.cli import main
 from onnx_inher.errors import InputError
-from onnx_inher.plan import Options, Plan
-from onnx_inher.rank import RankPolicy, parse_policy, round_rank
-from onnx_inher.svd import rank_for_energy
+from onnx_inher.planning.plan import Options, Plan
+from onnx_inher.planning.rank import RankPolicy, parse_policy, round_rank
+from onnx_inher.planning.svd import rank_for_energy
 
 OPSET = 17
 ROWS = 4  # fixed batch of every MatMul/Gemm teacher: FLOPs = 2 * ROWS * MACs per row

@@ -38,8 +38,8 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from onnx_inher.api import compress  # noqa: E402
-from onnx_inher.plan import Options  # noqa: E402
-from onnx_inher.rank import parse_policy  # noqa: E402
+from onnx_inher.planning.plan import Options  # noqa: E402
+from onnx_inher.planning.rank import parse_policy  # noqa: E402
 
 TOL = 1e-4
 GAP = 1e-3

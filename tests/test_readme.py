@@ -30,9 +30,9 @@ COVERED_ELSEWHERE = {
     "pip install": "tests/test_packaging.py (builds the wheel and installs it)",
     "pip uninstall": "documentation of the gpu extra (nothing to run on a CPU machine)",
     "torchrun": "tests/test_distill_trainer.py (2 gloo processes vs 1)",
-    "bash benchmarks/gpu_check.sh": "tests/test_bench.py (the CPU fallback path)",
-    "python benchmarks/": "benchmarks (long measurements, figures in benchmarks/RESULTS.md)",
-    "PYTHONPATH=. .venv/bin/python benchmarks/": "benchmarks (long measurements, figures in benchmarks/RESULTS.md)",
+    "bash benchmarks/gpu/gpu_check.sh": "tests/test_bench.py (the CPU fallback path)",
+    "python -m benchmarks.": "benchmarks (long measurements, figures in benchmarks/RESULTS.md)",
+    ".venv/bin/python -m benchmarks.": "benchmarks (long measurements, figures in benchmarks/RESULTS.md)",
 }
 
 
@@ -63,7 +63,7 @@ def shorten(line: str) -> str:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """teacher.onnx (the embedded CNN), sample.npz and images.npz with labels, like a user would have."""
-    from onnx_inher.distill.adapters import mnist5k, normalise
+    from onnx_inher.datasets.adapters import mnist5k, normalise
 
     d = tmp_path_factory.mktemp("readme")
     shutil.copy(TEACHER, d / "teacher.onnx")

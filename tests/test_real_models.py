@@ -14,10 +14,12 @@ import onnx
 import pytest
 
 from onnx_inher import api
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
 from onnx_inher.runtime import sample_inputs
 from tests import zoo
+
+pytestmark = pytest.mark.slow  # real-model fixtures from tests/zoo.py
 
 FULL = parse_policy(rank_ratio=1.0)
 LIGHT = {p.stem.removeprefix("light_"): p for p in zoo.light_models()}
@@ -33,7 +35,7 @@ def _sha(p: Path) -> str:
 
 # The heads' emission does not depend on a layer's size, and a full-rank SVD of VGG-19's fc6 (4096 x 25088,
 # one BLAS thread for byte-identical output) costs a minute: `inher` mode skips layers above this many params
-# (the `svd` run still covers every layer; benchmarks/exactness.py runs inher on all of them).
+# (the `svd` run still covers every layer; `python -m benchmarks.exactness` runs inher on all of them).
 HEADS_MAX_PARAMS = 4_000_000
 # In these three the heads would only go on plain 3x3/5x5/11x11 convolutions, which the other light models
 # cover with heads too, while each `inher` pass re-plans and re-verifies a 240-550 MB model (~110 s of

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onnx_inher import pipeline
 from onnx_inher.cli import main
 from onnx_inher.demo import QUICK_TOLERANCE, TEACHER
 from onnx_inher.distill import DistillOptions
-from onnx_inher.pipeline import BenchSettings
-from onnx_inher.plan import Options
-from onnx_inher.rank import parse_policy
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
+from onnx_inher.run import pipeline
+from onnx_inher.run.pipeline import BenchSettings
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_inher
-from onnx_inher.evaluate import cosine_rows, evaluate
-from onnx_inher.plots import plot_layers, plot_training
-from onnx_inher.stages import MANIFEST, RunFolder
+from onnx_inher.metrics import cosine_rows, evaluate
+from onnx_inher.reporting.plots import plot_layers, plot_training
+from onnx_inher.run.stages import MANIFEST, RunFolder
 
 
 def _stage(folder: RunFolder, calls: list[str], option: int = 1, inputs: tuple[Path, ...] = ()) -> dict:

@@ -10,15 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from onnx_inher.cli import main
+from onnx_inher.datasets import Dataset, input_specs, load_data
 from onnx_inher.distill import torch_teacher
-from onnx_inher.distill.data import Dataset, input_specs, load_data
 from onnx_inher.distill.options import DistillOptions
 from onnx_inher.distill.teacher_cache import OnlineTeacher
 from onnx_inher.distill.torch_teacher import TorchTeacher, choose_runtime, online_teacher
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import load_model
-from tests.test_distill_augment import distill_text, text  # noqa: F401  (module fixture)
-from tests.test_distill_trainer import weights
+from tests.helpers import distill_text, weights
 from tests.zoo import minilm_torchscript
 
 CPU = torch.device("cpu")
@@ -39,6 +38,7 @@ def minilm_data(tmp_path: Path, rows: int = 6, width: int = 16) -> tuple[Path, D
     return teacher, load_data(str(path), input_specs(load_model(teacher).model))
 
 
+@pytest.mark.slow
 def test_torch_teacher_matches_onnx_runtime_on_minilm_features(tmp_path: Path) -> None:
     teacher, data = minilm_data(tmp_path)
     feeds = data.batch(np.arange(len(data)))
@@ -50,6 +50,7 @@ def test_torch_teacher_matches_onnx_runtime_on_minilm_features(tmp_path: Path) -
         assert np.abs(got[name] - ort[name]).max() / np.abs(ort[name]).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_online_teacher_refuses_a_torch_teacher_that_disagrees_with_ort(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     teacher, data = minilm_data(tmp_path, rows=2, width=8)
@@ -80,7 +81,7 @@ def test_auto_runs_the_teacher_in_ort_unless_only_torch_reaches_the_gpu(monkeypa
     DistillOptions(teacher_runtime="torch", augment="mix").validate()
 
 
-def test_distill_with_the_torch_teacher_trains_like_the_ort_one(text: dict[str, Path],  # noqa: F811
+def test_distill_with_the_torch_teacher_trains_like_the_ort_one(text: dict[str, Path],
                                                                tmp_path: Path) -> None:
     ort = distill_text(text, tmp_path / "ort.onnx", augment="mix", teacher_runtime="ort")
     bridged = distill_text(text, tmp_path / "torch.onnx", augment="mix", teacher_runtime="torch")
@@ -90,7 +91,7 @@ def test_distill_with_the_torch_teacher_trains_like_the_ort_one(text: dict[str, 
     assert bridged.train.final["val_loss"] < bridged.train.initial["val_loss"]
 
 
-def test_time_limit_stops_mid_schedule_and_says_so(text: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_time_limit_stops_mid_schedule_and_says_so(text: dict[str, Path], tmp_path: Path) -> None:
     result = distill_text(text, tmp_path / "late.onnx", steps=10**7, time_limit=0.5)
     assert result.train.out_of_time and result.train.stopped_early
     assert 0 < result.train.steps < result.train.total_steps and result.train.seconds < 30
@@ -99,7 +100,7 @@ def test_time_limit_stops_mid_schedule_and_says_so(text: dict[str, Path], tmp_pa
         DistillOptions(time_limit=-1).validate()
 
 
-def test_cli_refuses_a_torch_teacher_without_the_online_mode(text: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_cli_refuses_a_torch_teacher_without_the_online_mode(text: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(main, ["distill", str(text["student"]), "--teacher", str(text["teacher"]), "--data",
                                        str(text["data"]), "-o", str(out), "--teacher-runtime", "torch"])

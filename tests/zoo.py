@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from onnx_inher._env import cache_root
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,8 +52,7 @@ MEL_CHANNELS = 40
 
 def zoo_dir() -> Path:
     """Folder of the cached fixtures: ``$ONNX_INHER_CACHE/zoo``, else ``~/.cache/onnx-inher/zoo``."""
-    root = os.environ.get("ONNX_INHER_CACHE") or Path.home() / ".cache" / "onnx-inher"
-    return Path(root) / "zoo"
+    return cache_root() / "zoo"
 
 
 def _version_key(builder_version: int, *packages: str) -> str:

@@ -1,6 +1,9 @@
-"""Honest latency benchmarking on ONNX Runtime: interleaved timing, ratios with intervals, ideal vs measured."""
+"""Honest latency benchmarking on ONNX Runtime: interleaved timing, ratios with intervals, ideal vs measured.
 
-from onnx_inher.bench.core import BenchResult, bench, interleave
-from onnx_inher.bench.render import markdown, plot_png, terminal, write_reports
+Pure measurement: renderings of a result (terminal, Markdown, PNG) live in `onnx_inher.reporting.bench`.
+"""
 
-__all__ = ["BenchResult", "bench", "interleave", "markdown", "plot_png", "terminal", "write_reports"]
+from onnx_inher.bench.core import BenchResult, bench
+from onnx_inher.bench.sessions import interleave
+
+__all__ = ["BenchResult", "bench", "interleave"]

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,13 @@ import onnx
 from onnx import ModelProto
 from tqdm import tqdm
 
+from onnx_inher import _env
+from onnx_inher.bench.layers import per_layer_results
 from onnx_inher.bench.profile import Profile, feed_shapes, profile
-from onnx_inher.bench.sessions import Runner, Settings, create, first_line
+from onnx_inher.bench.sessions import Runner, Settings, create, first_line, interleave
 from onnx_inher.bench.stats import Ratio, Summary, speedup, summarize
 from onnx_inher.errors import InputError
-from onnx_inher.runtime import sample_inputs
+from onnx_inher.runtime import machine_info, sample_inputs
 
 FORMAT = "onnx-inher-bench/1"
 DEFAULT_SEQ_LEN = 128
@@ -103,21 +104,6 @@ class BenchResult:
                 "layers": self.layers}
 
 
-def interleave(runners: Sequence[Callable[[], float]], warmup: int, iters: int,
-               progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """Warm up, then time rounds of A, B, A, B...: row j holds model j's seconds, one per round."""
-    for _ in range(warmup):
-        for run in runners:
-            run()
-    out = np.zeros((len(runners), iters))
-    for i in range(iters):
-        for j, run in enumerate(runners):
-            out[j, i] = run()
-        if progress:
-            progress(len(runners))
-    return list(out)
-
-
 def _labels(paths: Sequence[Path]) -> list[str]:
     stems = [p.stem for p in paths]
     return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
@@ -187,23 +173,6 @@ def point_dims(model: ModelProto, batch: int, seq_len: int | None) -> tuple[dict
     return dims, None
 
 
-def machine_info(provider: str) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version(),
-            "provider": provider, "platform": platform.platform()}
-
-
-def _quiet() -> bool | None:
-    return True if os.environ.get("ONNX_INHER_QUIET") == "1" else None
-
-
 def _validate(paths: Sequence[Path], batches: Sequence[int], seq_lens: Sequence[int], warmup: int, iters: int,
               threads: int) -> None:
     if not paths:
@@ -260,7 +229,6 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
                   "layer_iters": (layer_iters or iters) if per_layer else None, "seed": seed},
         machine=machine_info(used), models=entries, points=points, skipped=skipped)
     if per_layer and len(entries) > 1:
-        from onnx_inher.bench.layers import per_layer_results
 
         result.layers = per_layer_results(entries, points, settings, min(warmup, layer_iters or iters),
                                           layer_iters or iters)
@@ -304,7 +272,7 @@ def _run_points(entries: list[Model], points: list[Point], settings: Settings, w
     which replay one shape). Returns the provider the sessions actually run on."""
     total = len(points) * iters * len(entries)
     runners: list[Runner] = []
-    with tqdm(total=total, desc="bench", unit="run", disable=_quiet(), leave=False) as bar:
+    with tqdm(total=total, desc="bench", unit="run", disable=_env.progress_disabled(), leave=False) as bar:
         for point in sorted(points, key=lambda p: -(p.batch * (p.seq_len or 1))):  # largest first: memory peak
             if not runners or settings.cuda_graph:
                 runners = []

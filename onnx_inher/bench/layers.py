@@ -16,13 +16,15 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
+from onnx_inher import _env
 from onnx_inher.bench.profile import FLOAT_TYPES, concrete_shapes, node_flops, shape_table
-from onnx_inher.bench.sessions import Runner, Settings, create
+from onnx_inher.bench.sessions import Runner, Settings, create, interleave
 from onnx_inher.bench.stats import speedup, summarize
 from onnx_inher.ir.graph import Constant, GraphIndex
-from onnx_inher.layers import LayerView
+from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.naming import HEADS_TAG, PAIR_TAG
 
-FORMS = {"svd": "pair", "inher": "heads"}
+FORMS = {PAIR_TAG: "pair", HEADS_TAG: "heads"}
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,6 @@ def time_pair(dense: LayerGraph, factorized: LayerGraph, settings: Settings, war
 def time_pair_samples(dense: LayerGraph, factorized: LayerGraph, settings: Settings, warmup: int, iters: int,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seconds per round of the dense and factorised graphs, timed interleaved on the same input."""
-    from onnx_inher.bench.core import interleave
-
     dtype = onnx.helper.tensor_dtype_to_np_dtype(dense.model.graph.input[0].type.tensor_type.elem_type)
     x = np.random.default_rng(seed).standard_normal(dense.x_shape).astype(dtype)
     solo = Settings(settings.provider, settings.threads, spinning=False, cuda_graph=False)
@@ -130,7 +130,6 @@ def per_layer_results(entries: list[Any], points: list[Any], settings: Settings,
     """Every factorised layer of every student, dense vs replacement, at every benchmarked shape."""
     from tqdm import tqdm
 
-    from onnx_inher.bench.core import _quiet
     from onnx_inher.ir.io import load_model
     from onnx_inher.passes.locate import locate
 
@@ -146,7 +145,8 @@ def per_layer_results(entries: list[Any], points: list[Any], settings: Settings,
             if found:
                 jobs.append((label, student, s_index, view, *found))
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(jobs) * len(points), desc="layers", unit="layer", disable=_quiet(), leave=False) as bar:
+    with tqdm(total=len(jobs) * len(points), desc="layers", unit="layer", disable=_env.progress_disabled(),
+              leave=False) as bar:
         for point in points:
             table = shape_table(entries[0].path, teacher, point.feed)
             for label, student, s_index, view, nodes, form in jobs:

@@ -10,6 +10,7 @@ exhaustive cuDNN convolution search, optional CUDA graphs, synchronisation befor
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,18 @@ class Runner:
             self.session.run(None, self.feed)
         except Exception as err:  # onnxruntime's own exception types
             raise InputError(f"{self.label}: ONNX Runtime failed on the benchmark inputs: {first_line(err)}") from None
+
+
+def interleave(runners: Sequence[Callable[[], float]], warmup: int, iters: int,
+               progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Warm up, then time rounds of A, B, A, B...: row j holds model j's seconds, one per round."""
+    for _ in range(warmup):
+        for run in runners:
+            run()
+    out = np.zeros((len(runners), iters))
+    for i in range(iters):
+        for j, run in enumerate(runners):
+            out[j, i] = run()
+        if progress:
+            progress(len(runners))
+    return list(out)

@@ -30,10 +30,9 @@ from onnx import GraphProto, ModelProto, TensorProto, numpy_helper
 from onnx_inher.bridge import ops as _ops  # noqa: F401  (registers the converters)
 from onnx_inher.bridge.registry import Ctx, Fn, lookup
 from onnx_inher.errors import InputError
-from onnx_inher.ir.naming import node_ids
+from onnx_inher.ir.naming import is_factor, node_ids
 
 TRAINABLE = ("factors", "all", "no-embeddings", "none")
-FACTOR_TAGS = ("/svd/", "/inher/")
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 # Ops whose result differs between calls, or that must see the live module: never folded.
 NOT_FOLDABLE = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
@@ -58,11 +57,6 @@ def compute_dtype(onnx_type: int) -> torch.dtype:
     if onnx_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
         return torch.float32
     return torch_dtype(onnx_type)
-
-
-def is_factor(name: str) -> bool:
-    """A weight created by compress (passes/factorize.py names them `<node>/svd/...`, `<node>/inher/...`)."""
-    return any(tag in name for tag in FACTOR_TAGS)
 
 
 def _sanitise(name: str, taken: set[str]) -> str:

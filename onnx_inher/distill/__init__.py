@@ -1,4 +1,4 @@
-"""Knowledge-distillation fine-tuning: losses, data, teacher cache, trainer, checkpoints (issue 5).
+"""Knowledge-distillation fine-tuning: losses, teacher cache, trainer, checkpoints (data: `onnx_inher.datasets`).
 
 Importing this package does not import torch: `distill` loads the trainer when it is called, so
 `import onnx_inher` stays cheap for people who only compress.
@@ -9,12 +9,20 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from onnx_inher.distill.options import DistillOptions
+from onnx_inher.distill.options import (
+    AUGMENTS,
+    TEACHER_MODES,
+    TEACHER_RUNTIMES,
+    TRAINABLE,
+    DistillOptions,
+    parse_assignments,
+)
 
 if TYPE_CHECKING:
     from onnx_inher.distill.run import DistillResult
 
-__all__ = ["DistillOptions", "distill"]
+__all__ = ["AUGMENTS", "TEACHER_MODES", "TEACHER_RUNTIMES", "TRAINABLE", "DistillOptions", "distill",
+           "parse_assignments"]
 
 
 def distill(student: str | os.PathLike[str], teacher: str | os.PathLike[str], data: str,

@@ -17,10 +17,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from onnx_inher.datasets.text import ATTENTION_MASK as MASK
+from onnx_inher.datasets.text import INPUT_IDS as IDS
+from onnx_inher.datasets.text import TOKEN_TYPE_IDS as TYPES
 from onnx_inher.distill.options import AUGMENTS
 from onnx_inher.errors import InputError
 
-IDS, MASK, TYPES = "input_ids", "attention_mask", "token_type_ids"
 JOIN_SHARE = 0.5
 CROP_SHARE = 0.5
 

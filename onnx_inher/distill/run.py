@@ -18,9 +18,8 @@ import onnx
 import torch
 
 from onnx_inher.bridge import OnnxModule, to_torch, write_back
-from onnx_inher.bridge.module import is_factor
+from onnx_inher.datasets import Dataset, input_specs, load_data, split
 from onnx_inher.distill.augment import augmenter
-from onnx_inher.distill.data import Dataset, input_specs, load_data, split
 from onnx_inher.distill.dist import World, close_world, init_world
 from onnx_inher.distill.losses import OutputLoss, default_kind
 from onnx_inher.distill.options import DistillOptions, default_paths, parse_loss
@@ -29,6 +28,7 @@ from onnx_inher.distill.torch_teacher import online_teacher
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import check_output, load_model, save_model
+from onnx_inher.ir.naming import is_factor
 from onnx_inher.runtime import session
 
 PathLike = str | os.PathLike[str]

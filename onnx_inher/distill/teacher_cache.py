@@ -28,10 +28,11 @@ import onnx
 from onnx import ModelProto
 from tqdm import tqdm
 
-from onnx_inher.distill.data import Dataset
+from onnx_inher import _env
+from onnx_inher.datasets import Dataset
 from onnx_inher.errors import InputError
-from onnx_inher.ir.io import PROTOBUF_LIMIT, iter_tensors, load_model
-from onnx_inher.runtime import session
+from onnx_inher.ir.io import iter_tensors, load_model
+from onnx_inher.runtime import runnable_session, with_outputs
 
 MANIFEST = "manifest.json"
 FORMAT = "onnx-inher-teacher-cache/1"
@@ -52,8 +53,7 @@ class TeacherOutputs:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("ONNX_INHER_CACHE") or Path.home() / ".cache" / "onnx-inher"
-    return Path(root) / "teacher"
+    return _env.cache_root() / "teacher"
 
 
 def teacher_digest(path: Path) -> str:
@@ -142,39 +142,6 @@ def _check_inputs(model: ModelProto, data: Dataset, path: Path) -> None:
                          "distill a student compressed from this teacher.")
 
 
-def with_outputs(model: ModelProto, fetch: Sequence[str], path: Path) -> ModelProto:
-    """`model` with graph outputs = `fetch` (existing outputs or any node output, typed by shape inference)."""
-    graph = model.graph
-    outputs = {o.name: o for o in graph.output}
-    produced = {name for node in graph.node for name in node.output if name}
-    missing = [n for n in fetch if n not in outputs and n not in produced]
-    if missing:
-        raise InputError(f"{path}: the teacher has no tensor named {missing}; feature KD names must be outputs "
-                         "of nodes present in both teacher and student (see `onnx-inher inspect`).")
-    if all(n in outputs for n in fetch) and len(fetch) == len(outputs):
-        return model
-    typed = _value_infos(model, [n for n in fetch if n not in outputs])
-    copy = ModelProto()
-    copy.CopyFrom(model)
-    del copy.graph.output[:]
-    copy.graph.output.extend([outputs.get(n) or typed[n] for n in fetch])
-    return copy
-
-
-def _value_infos(model: ModelProto, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
-    """Types of intermediate tensors; ORT needs an element type on every graph output."""
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
-    known = {v.name: v for v in inferred.graph.value_info}
-    found = {}
-    for name in names:
-        info = known.get(name)
-        elem = info.type.tensor_type.elem_type if info is not None else 0
-        if not elem:
-            raise InputError(f"cannot infer the type of intermediate tensor '{name}'; fetch another tensor.")
-        found[name] = onnx.helper.make_tensor_value_info(name, elem, None)
-    return found
-
-
 def _compute(model: ModelProto, data: Dataset, fetch: Sequence[str], staging: Path, batch_size: int,
              preference: str) -> None:
     """Run the teacher batch by batch, writing each fetched tensor into its own memory-mapped .npy."""
@@ -193,7 +160,7 @@ def _run_batches(runner: Any, data: Dataset, fetch: Sequence[str], staging: Path
                  batch_size: int) -> dict[str, np.ndarray]:
     n = len(data)
     files: dict[str, np.ndarray] = {}
-    quiet = True if os.environ.get("ONNX_INHER_QUIET") == "1" else None
+    quiet = _env.progress_disabled()
     for start in tqdm(range(0, n, batch_size), desc="teacher", unit="batch", disable=quiet, leave=False):
         index = np.arange(start, min(start + batch_size, n))
         results = runner.run(list(fetch), data.batch(index))
@@ -211,19 +178,6 @@ def _run_batches(runner: Any, data: Dataset, fetch: Sequence[str], staging: Path
                                  "to one length.")
             target[start:start + len(index)] = value
     return files
-
-
-def runnable_session(model: ModelProto, spill: Path, preference: str = "cpu", threads: int = 0) -> Any:
-    """An ORT session on an in-memory model; over protobuf's 2 GB limit it goes through a file in `spill`,
-    which must outlive the session."""
-    return session(model if model.ByteSize() < PROTOBUF_LIMIT else _spill(model, spill), preference, threads)
-
-
-def _spill(model: ModelProto, staging: Path) -> Path:
-    """Models over protobuf's 2 GB limit reach ORT as a file with external data."""
-    path = staging / "teacher.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="teacher.onnx.data")
-    return path
 
 
 def _file_name(fetch: Sequence[str], name: str) -> str:

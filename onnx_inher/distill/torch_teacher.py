@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from onnx_inher.bridge import to_torch
-from onnx_inher.distill.data import Dataset
+from onnx_inher.datasets import Dataset
 from onnx_inher.distill.options import TEACHER_RUNTIMES
 from onnx_inher.distill.teacher_cache import OnlineTeacher, fetching_teacher
 from onnx_inher.errors import CheckFailed, InputError

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -26,16 +25,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from onnx_inher import _env
 from onnx_inher.bridge import OnnxModule
+from onnx_inher.datasets import Dataset
+from onnx_inher.datasets.text import ATTENTION_MASK as MASK_INPUT
 from onnx_inher.distill.augment import Augment
 from onnx_inher.distill.checkpoint import latest, load_checkpoint, save_checkpoint
-from onnx_inher.distill.data import Dataset
 from onnx_inher.distill.dist import World
 from onnx_inher.distill.losses import OutputLoss, feature_loss, token_mask
 from onnx_inher.distill.options import DistillOptions
 from onnx_inher.errors import InputError
-
-MASK_INPUT = "attention_mask"
 
 
 @dataclass
@@ -296,7 +295,7 @@ class Trainer:
             if initial is not None:
                 log.write({"step": 0, "kind": "val", "data_free": self.data_free, "best_step": 0, **initial})
         self.net.train()
-        quiet = not self.world.is_main or os.environ.get("ONNX_INHER_QUIET") == "1"
+        quiet = not self.world.is_main or _env.quiet()
         bar = tqdm(total=self.total_steps, initial=start_step, desc="distill", unit="step",
                    disable=True if quiet else None, leave=False)
         began, step, final = time.perf_counter(), start_step, None

@@ -1,4 +1,9 @@
-"""Deterministic names: everything we create derives from the node it replaces."""
+"""Deterministic names: everything we create derives from the node it replaces.
+
+A factorised layer's nodes and weights are named `<node>/<tag>/...`, with the tag saying which form
+replaced it. The bridge (which weights are factors), the benchmarks (which nodes replaced a layer) and
+the factorize pass (which writes them) all read the tags from here.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +26,18 @@ def node_ids(graph: GraphProto) -> list[str]:
 
 def node_id(node: NodeProto, graph: GraphProto) -> str:
     return node_ids(graph)[list(graph.node).index(node)]
+
+
+PAIR_TAG = "svd"
+HEADS_TAG = "inher"
+FACTOR_TAGS = (PAIR_TAG, HEADS_TAG)
+
+
+def factor_tag(heads: int) -> str:
+    """The tag of a replacement with `heads` up-projections (1: the plain pair)."""
+    return HEADS_TAG if heads > 1 else PAIR_TAG
+
+
+def is_factor(name: str) -> bool:
+    """A node or weight created by compress (`<node>/svd/...`, `<node>/inher/...`)."""
+    return any(f"/{tag}/" in name for tag in FACTOR_TAGS)

@@ -1,0 +1,72 @@
+"""What the benchmark scripts share: the repository's paths, the real-model fixtures, JSON records, RSS probes.
+
+Every script runs as a module from the repository root (`python -m benchmarks.compress_bench`,
+`python -m benchmarks.experiments.soup_minilm`), which puts the root on `sys.path`; no script edits it.
+This is the only module that reaches into the test fixtures: `zoo` is `tests/zoo.py` (real third-party
+teachers, built once and cached), imported on first use.
+
+Importing this module loads only the standard library: `compress_bench` measures the peak RSS of the
+processes it spawns, which inherit its own, and `gpu/gpu_check` must start on a bare interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests import zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MNIST_TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
+
+__all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "command", "proc_status", "quiet", "reset_peak_rss", "write_json",
+           "zoo"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "zoo":  # PEP 562: `from benchmarks.common import zoo` imports the fixtures only when asked
+        from tests import zoo
+
+        return zoo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def quiet() -> None:
+    """No progress bars or notices, unless the caller's environment already sets ONNX_INHER_QUIET."""
+    from onnx_inher._env import QUIET_VAR
+
+    os.environ.setdefault(QUIET_VAR, "1")
+
+
+def command(module: str) -> str:
+    """How this run was started, for its JSON record: `python -m MODULE ARGS...`."""
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def write_json(path: Path, record: Any) -> None:
+    """`record` as indented JSON, written atomically; parent folders are created."""
+    from onnx_inher.ir.io import write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def proc_status(key: str) -> int:
+    """A memory line of /proc/self/status in bytes: `VmRSS` (now) or `VmHWM` (peak since the last reset). Linux."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark (`VmHWM`) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

@@ -1,0 +1,1 @@
+"""One-off investigations behind figures and decisions in `benchmarks/RESULTS.md` (not product benchmarks)."""

@@ -1,0 +1,77 @@
+"""Parameter and FLOP counts of a dense layer and of its replacements (pure arithmetic).
+
+FLOPs are 2 x multiply-accumulates at the plan's shape basis (dynamic dims from `--dim`, else 1).
+The counts follow exactly the nodes `factorize` emits, so the guard ("never factorise a layer
+that would not get smaller and cheaper") compares like with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_inher.ir.layers import LayerView
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+
+
+def _bias(view: LayerView) -> int:
+    """Bias params as stored (a Gemm's scalar C is one param, broadcast over the outputs)."""
+    if view.bias is None:
+        return 0
+    return int(view.attrs.get("c_size", view.bias.size))  # type: ignore[call-overload]
+
+
+def _k(view: LayerView) -> int:
+    return int(np.prod(view.kernel)) if view.kernel else 1
+
+
+def dense(view: LayerView) -> Cost:
+    g, o, i = view.groups, view.out_features, view.in_features
+    macs = g * o * i * (view.in_rows if view.op == "ConvTranspose" else view.rows)
+    return Cost(g * o * i + _bias(view), 2 * macs)
+
+
+def pair(view: LayerView, rank: int) -> Cost:
+    """Down (x -> r) then up (r -> out, with the bias)."""
+    g, o, i = view.groups, view.out_features, view.in_features
+    if view.op == "ConvTranspose":
+        macs = view.in_rows * g * rank * i + view.rows * g * rank * o
+    else:
+        macs = view.rows * g * rank * (i + o)
+    return Cost(g * rank * (i + o) + _bias(view), 2 * macs)
+
+
+def heads(view: LayerView, rank: int, h: int) -> Cost:
+    """Shared down, h up-projection heads and a softmax gate (see passes/factorize.py for the graph).
+
+    Per-token gate (MatMul/Gemm): one fused up-projection r -> h*out, then the gated sum.
+    Per-sample gate (Conv): the gate mixes the heads' weights, then one r -> out product per pixel.
+    """
+    g, o, i = view.groups, view.out_features, view.in_features
+    r = g * rank
+    bias = h * (int(view.bias.size) if view.bias is not None else 0)  # every head stores a full bias
+    gate_params = r * h + h
+    if view.op in ("MatMul", "Gemm"):
+        per_row = i * rank + h * rank * o + rank * h + h * o
+        return Cost(i * rank + h * rank * o + gate_params + bias, 2 * view.rows * per_row)
+    down = (view.in_rows * g * rank * i) if view.op == "ConvTranspose" else view.rows * g * rank * i
+    apply = view.rows * g * rank * o
+    mix = view.batch * (h * g * o * rank + h * g * o + r * h)
+    pool = view.rows * r
+    return Cost(g * rank * i + h * g * o * rank + gate_params + bias, 2 * (down + apply + mix) + pool)
+
+
+def after(view: LayerView, rank: int, h: int) -> Cost:
+    return pair(view, rank) if h <= 1 else heads(view, rank, h)
+
+
+def breakeven_rank(view: LayerView, h: int) -> float:
+    """Largest rank (exclusive) at which h heads still have fewer weights: in*out/(in + h*out)."""
+    i, o = view.in_features, view.out_features
+    return i * o / (i + max(h, 1) * o)

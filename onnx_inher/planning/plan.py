@@ -1,0 +1,388 @@
+"""The plan: every candidate layer, the decision taken for it and why, and what it costs.
+
+A plan is data (JSON), separate from applying it, so users can read it, edit ranks by hand and
+feed it back to `compress --plan`. Ranks given in a plan are applied as written (no guard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from onnx_inher.errors import InputError
+from onnx_inher.ir.layers import LayerView, heads_unsupported
+from onnx_inher.planning import cost
+from onnx_inher.planning.rank import RankPolicy, raw_rank, round_rank
+from onnx_inher.planning.svd import energy_kept, full_svd, singular_values
+
+FORMAT = "onnx-inher-plan/1"
+MODES = ("inher", "svd")
+ALLOCATIONS = ("energy", "sensitivity")
+
+
+@dataclass
+class Candidate:
+    node: str
+    op: str
+    weight: str = ""
+    weight_shape: list[int] = field(default_factory=list)
+    groups: int = 1
+    full_rank: int = 0
+    decision: str = "skip"
+    reason: str | None = None
+    rank: int | None = None
+    heads: int = 1
+    form: str | None = None
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    energy_kept: float | None = None
+    breakeven_rank: float | None = None
+    shares_factors_with: str | None = None
+    note: str | None = None
+    energy_rank: int | None = None  # the energy plan's rank, when --allocate sensitivity moved it
+    sensitivity: float | None = None  # output distance with this layer alone at its energy rank
+
+
+@dataclass
+class Options:
+    mode: str = "inher"
+    heads: int = 2
+    policy: RankPolicy = field(default_factory=lambda: RankPolicy("param_ratio", 0.5))
+    rank_multiple: int = 16
+    guard: bool = True
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    min_params: int = 0
+    dims: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+    calibration: str | None = None  # DATA spec whose input Gram matrices whiten the SVD
+    allocate: str = "energy"  # or "sensitivity": ranks moved to where measured output damage is (needs data)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
+        if self.heads < 1:
+            raise InputError(f"--heads must be >= 1, got {self.heads}")
+        if self.allocate not in ALLOCATIONS:
+            raise InputError(f"unknown allocation '{self.allocate}'; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocate == "sensitivity" and not self.calibration:
+            raise InputError("--allocate sensitivity measures each layer on real inputs: give them with "
+                             "--calibration DATA (e.g. fortunes, mnist5k, an .npz).")
+        if self.rank_multiple < 1:
+            raise InputError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
+        if self.min_params < 0:
+            raise InputError(f"--min-params must be >= 0, got {self.min_params}")
+        for pattern in [*self.include, *self.exclude]:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise InputError(f"bad node-name regex '{pattern}': {err}") from None
+
+    @property
+    def requested_heads(self) -> int:
+        return 1 if self.mode == "svd" else self.heads
+
+
+@dataclass
+class Plan:
+    model: str
+    sha256: str
+    opset: int
+    options: Options
+    candidates: list[Candidate]
+    warnings: list[str] = field(default_factory=list)
+
+    def totals(self) -> dict[str, Any]:
+        chosen = [c for c in self.candidates if c.decision == "factorize"]
+        pb = sum(c.params_before for c in self.candidates)
+        pa = sum(c.params_after if c.decision == "factorize" else c.params_before for c in self.candidates)
+        fb = sum(c.flops_before for c in self.candidates)
+        fa = sum(c.flops_after if c.decision == "factorize" else c.flops_before for c in self.candidates)
+        return {
+            "candidates": len(self.candidates),
+            "factorized": len(chosen),
+            "skipped": len(self.candidates) - len(chosen),
+            "params_before": pb,
+            "params_after": pa,
+            "param_ratio": pa / pb if pb else 1.0,
+            "flops_before": fb,
+            "flops_after": fa,
+            "flop_ratio": fa / fb if fb else 1.0,
+        }
+
+    def to_json(self) -> str:
+        opts = asdict(self.options)
+        opts["policy"] = {"kind": self.options.policy.kind, "value": self.options.policy.value}
+        doc = {
+            "format": FORMAT,
+            "model": {"path": self.model, "sha256": self.sha256, "opset": self.opset},
+            "options": opts,
+            "totals": self.totals(),
+            "warnings": self.warnings,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+        return json.dumps(doc, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != FORMAT:
+                raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+            o = dict(doc["options"])
+            o["policy"] = RankPolicy(o["policy"]["kind"], float(o["policy"]["value"]))
+            options = Options(**o)
+            names = {f for f in Candidate.__dataclass_fields__}
+            cands = [Candidate(**{k: v for k, v in c.items() if k in names}) for c in doc["candidates"]]
+            return cls(doc["model"]["path"], doc["model"]["sha256"], int(doc["model"]["opset"]), options,
+                       cands, list(doc.get("warnings", [])))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InputError(f"{source}: not a valid onnx-inher plan ({err}); regenerate it with `onnx-inher plan`.") \
+                from None
+
+
+class Spectra:
+    """Singular values per shared weight (kept: a few KiB per layer); full SVDs only on request.
+
+    A plan needs only the singular values. The full SVD (`U`, `V`: as large as the weight) is
+    computed when a layer is factorised and is not kept here: holding every layer's SVD was about
+    500 MiB of `compress`'s peak on BERT-base. Small weights go through the process-wide cache.
+    """
+
+    def __init__(self) -> None:
+        self._s: dict[str, np.ndarray] = {}
+
+    def values(self, view: LayerView) -> np.ndarray:
+        if view.shared_key not in self._s:
+            self._s[view.shared_key] = _cached(view.matrices(), "values")[0]
+        return self._s[view.shared_key]
+
+    def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The full SVD, computed anew unless the weight is small enough for the process-wide cache."""
+        u, s, vt = _cached(view.matrices(), "svd")
+        return u, s, vt
+
+
+_CACHE: OrderedDict[tuple[str, str], tuple[np.ndarray, ...]] = OrderedDict()
+CACHE_MATRIX_BYTES = 1 << 20
+CACHE_BYTES = 64 << 20
+
+
+def _cached(matrices: np.ndarray, kind: str) -> tuple[np.ndarray, ...]:
+    """`singular_values` or `full_svd` of small weights, remembered by content in this process.
+
+    Users tune ranks by compressing the same model several times (a notebook, a sweep, the test
+    suite). Only weights up to 1 MiB are cached (64 MiB in all): a big model's SVDs would stay in
+    memory for the life of the process, and hashing its weights costs time on every run.
+    """
+    compute = (lambda m: (singular_values(m),)) if kind == "values" else full_svd
+    if matrices.nbytes > CACHE_MATRIX_BYTES:
+        return compute(matrices)
+    data = np.ascontiguousarray(matrices).view(np.uint8).reshape(-1)
+    key = (hashlib.sha256(data).hexdigest() + str(matrices.shape) + str(matrices.dtype), kind)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    result = compute(matrices)
+    _CACHE[key] = result
+    while sum(a.nbytes for v in _CACHE.values() for a in v) > CACHE_BYTES and len(_CACHE) > 1:
+        _CACHE.popitem(last=False)
+    return result
+
+
+def _base(view: LayerView, h: int) -> Candidate:
+    before = cost.dense(view)
+    return Candidate(
+        node=view.node, op=view.op, weight=view.weight_root, weight_shape=list(view.weight.shape),
+        groups=view.groups, full_rank=view.full_rank, heads=h, params_before=before.params,
+        flops_before=before.flops, breakeven_rank=round(cost.breakeven_rank(view, h), 2),
+    )
+
+
+def fits(view: LayerView, rank: int, h: int) -> bool:
+    """The guard: at `rank` with `h` heads the layer gets both smaller and cheaper than its dense form."""
+    before, after = cost.dense(view), cost.after(view, rank, h)
+    return after.params < before.params and after.flops < before.flops
+
+
+def decide(view: LayerView, rank: int, h: int, guard: bool, multiple: int, s: np.ndarray) -> Candidate:
+    """Round, guard and cost one layer at a raw rank."""
+    c = _base(view, h)
+    c.form = "heads" if h > 1 else "pair"
+    up, down = round_rank(rank, view.full_rank, multiple)
+    chosen = up
+    if guard:
+        if view.other_users:
+            c.reason = f"weight is also used by {', '.join(view.other_users)}; factorising would add parameters"
+            return c
+        ok = [r for r in dict.fromkeys((up, down)) if fits(view, r, h)]
+        if not ok:
+            a = cost.after(view, up, h)
+            c.rank = up
+            c.reason = (f"rank {up} would not make it smaller and cheaper with {h} head(s) "
+                        f"(params {c.params_before}->{a.params}, FLOPs {c.flops_before}->{a.flops}); "
+                        f"needs rank < {c.breakeven_rank:g}")
+            return c
+        chosen = ok[0]
+    a = cost.after(view, chosen, h)
+    c.decision, c.rank, c.params_after, c.flops_after = "factorize", chosen, a.params, a.flops
+    c.energy_kept = round(energy_kept(s, chosen), 6)
+    return c
+
+
+def _filter_reason(view: LayerView, options: Options) -> str | None:
+    if options.include and not any(re.search(p, view.node) for p in options.include):
+        return "not matched by --include"
+    hit = next((p for p in options.exclude if re.search(p, view.node)), None)
+    if hit is not None:
+        return f"excluded by --exclude '{hit}'"
+    if view.weight_params < options.min_params:
+        return f"{view.weight_params} weight params < --min-params {options.min_params}"
+    return None
+
+
+def _decide_all(views: list[LayerView], policy: RankPolicy, options: Options, opset: int,
+                spectra: Spectra) -> dict[str, Candidate]:
+    out: dict[str, Candidate] = {}
+    primary: dict[str, Candidate] = {}
+    for v in views:
+        h = options.requested_heads
+        note = heads_unsupported(v, opset) if h > 1 else None
+        if note:
+            h = 1
+        first = primary.get(v.shared_key)
+        if first is not None:
+            c = _base(v, first.heads)
+            c.params_before = 0
+            c.shares_factors_with = first.node
+            c.form, c.note = first.form, note
+            if first.decision == "factorize":
+                a = cost.after(v, first.rank or 1, first.heads)
+                c.decision, c.rank, c.flops_after = "factorize", first.rank, a.flops
+                c.energy_kept = first.energy_kept
+            else:
+                c.reason = f"shares its weight with '{first.node}', which is skipped"
+            out[v.node] = c
+            continue
+        s = spectra.values(v)
+        c = decide(v, raw_rank(policy, s, v.full_rank), h, options.guard, options.rank_multiple, s)
+        c.note = note
+        if policy.kind == "rank" and policy.value > v.full_rank:
+            c.note = "; ".join(filter(None, [c.note, f"--rank clamped to full rank {v.full_rank}"]))
+        primary[v.shared_key] = c
+        out[v.node] = c
+    return out
+
+
+def _param_total(cands: dict[str, Candidate]) -> int:
+    return sum(c.params_after if c.decision == "factorize" else c.params_before for c in cands.values())
+
+
+def _solve_param_ratio(views: list[LayerView], options: Options, opset: int,
+                       spectra: Spectra) -> tuple[dict[str, Candidate], list[str]]:
+    """Highest shared energy threshold whose plan keeps at most `ratio` of the candidate params."""
+    ratio = options.policy.value
+    weights = {v.shared_key: cost.dense(v).params for v in reversed(views)}
+    budget = ratio * sum(weights.values())
+    lo, hi = 0.0, 1.0
+    best = _decide_all(views, RankPolicy("energy", 1e-9), options, opset, spectra)
+    warnings: list[str] = []
+    if _param_total(best) > budget:
+        warnings.append(f"--param-ratio {ratio:g} is not reachable: the smallest plan keeps "
+                        f"{_param_total(best) / max(sum(weights.values()), 1):.3f} of the candidate params")
+        return best, warnings
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        trial = _decide_all(views, RankPolicy("energy", mid), options, opset, spectra)
+        if _param_total(trial) <= budget:
+            lo, best = mid, trial
+        else:
+            hi = mid
+    return best, warnings
+
+
+def build_plan(model_path: str, sha256: str, opset: int, found: list, options: Options,
+               spectra: Spectra) -> Plan:
+    """Decide every candidate from `locate`'s findings under the options' policy."""
+    options.validate()
+    views: list[LayerView] = []
+    filtered: dict[str, Candidate] = {}
+    for f in found:
+        if isinstance(f, LayerView):
+            why = _filter_reason(f, options)
+            if why:
+                c = _base(f, options.requested_heads)
+                c.reason = why
+                filtered[f.node] = c
+            else:
+                views.append(f)
+    policy = options.policy
+    warnings: list[str] = []
+    for v in tqdm(views, desc="SVD", unit="layer", disable=None, leave=False):
+        spectra.values(v)
+    if policy.kind == "rank" and views and policy.value > max(v.full_rank for v in views):
+        raise InputError(f"--rank {int(policy.value)} is above the full rank of every candidate layer "
+                         f"(largest is {max(v.full_rank for v in views)}); choose a smaller rank.")
+    if policy.kind == "param_ratio":
+        decided, warnings = _solve_param_ratio(views, options, opset, spectra)
+    else:
+        decided = _decide_all(views, policy, options, opset, spectra)
+    candidates = []
+    for f in found:
+        if isinstance(f, LayerView):
+            candidates.append(decided.get(f.node) or filtered[f.node])
+        else:
+            candidates.append(Candidate(node=f.node, op=f.op, weight_shape=list(f.weight_shape),
+                                        reason=f.reason, params_before=f.params))
+    return Plan(str(model_path), sha256, opset, options, candidates, warnings)
+
+
+def load_plan(path: str | Path) -> Plan:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: plan file not found; write one with `onnx-inher plan MODEL -o {p}`.")
+    return Plan.from_json(p.read_text(), str(p))
+
+
+def apply_edits(plan: Plan, views: dict[str, LayerView], spectra: Spectra) -> Plan:
+    """Recompute the numbers of a (possibly hand-edited) plan; its ranks and heads are applied as written."""
+    owners: dict[tuple[str, int, int], str] = {}  # as `Factorize` names shared factors: first of each key
+    for c in plan.candidates:
+        view = views.get(c.node)
+        if c.decision not in ("factorize", "skip"):
+            raise InputError(f"plan: node '{c.node}' has decision '{c.decision}'; use 'factorize' or 'skip'.")
+        if c.decision != "factorize":
+            continue
+        if view is None:
+            raise InputError(f"plan names node '{c.node}', which is not a factorisable layer of this model; "
+                             "regenerate the plan for this model.")
+        if not isinstance(c.rank, int) or not 1 <= c.rank <= view.full_rank:
+            raise InputError(f"plan gives node '{c.node}' rank {c.rank}; it must be an integer in "
+                             f"1..{view.full_rank} (its full rank).")
+        if not isinstance(c.heads, int) or c.heads < 1:
+            raise InputError(f"plan gives node '{c.node}' heads {c.heads}; use an integer >= 1.")
+        if c.heads > 1:
+            why = heads_unsupported(view, plan.opset)
+            if why:
+                c.heads, c.note = 1, why
+        a = cost.after(view, c.rank, c.heads)
+        c.form = "heads" if c.heads > 1 else "pair"
+        c.params_after, c.flops_after = a.params, a.flops
+        # a layer that reuses another's factors (same weight, rank and heads) adds no parameters
+        owner = owners.setdefault((view.shared_key, c.rank, c.heads), c.node)
+        c.shares_factors_with = owner if owner != c.node else None
+        if c.shares_factors_with:
+            c.params_after = 0
+        c.energy_kept = round(energy_kept(spectra.values(view), c.rank), 6)
+        c.reason = None
+    return plan

@@ -1,0 +1,157 @@
+"""The benchmark report as a terminal table, JSON, Markdown and a latency-vs-batch PNG."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from onnx_inher.ir.io import write_bytes
+from onnx_inher.reporting.text import human
+
+
+def _mib(n: int | None) -> str:
+    return f"{n / 2**20:.1f}" if n is not None else "-"
+
+
+def _x(v: float | None) -> str:
+    return f"{v:.2f}x" if v is not None else "-"
+
+
+def _pct(v: float | None) -> str:
+    return f"{v:.0%}" if v is not None else "-"
+
+
+def _shape(p: dict[str, Any]) -> str:
+    return f"b={p['batch']}" + (f" s={p['seq_len']}" if p["seq_len"] else "")
+
+
+def rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["shape", "model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "speedup [95% CI]",
+              "ideal FLOPs", "eff", "ideal bytes", "eff"]
+    out = []
+    for p in doc["points"]:
+        for r in p["results"]:
+            lat, sp = r["latency_ms"], r["speedup"]
+            ci = f"{sp['value']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}]" if sp else "baseline"
+            out.append([_shape(p), r["model"], f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                        f"{lat['mean']:.3f}", f"{r['throughput_items_per_s']:.1f}", ci, _x(r["ideal_speedup_flops"]),
+                        _pct(r["efficiency_flops"]), _x(r["ideal_speedup_bytes"]), _pct(r["efficiency_bytes"])])
+    return header, out
+
+
+def model_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "params", "FLOPs (largest shape)", "file MiB", "session peak MiB"]
+    largest = doc["points"][-1]["results"] if doc["points"] else []
+    flops = {r["model"]: r["flops"] for r in largest}
+    return header, [[m["label"], human(m["params"] or 0), human(flops.get(m["label"], 0)), _mib(m["file_bytes"]),
+                     _mib(m["session_peak_rss_bytes"])] for m in doc["models"]]
+
+
+def layer_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["shape", "model", "layer", "form", "x shape", "dense ms", "factor ms", "speedup [95% CI]", "ideal FLOPs",
+              "eff", "ideal bytes"]
+    out = []
+    for r in doc["layers"]:
+        ci = f"{r['speedup']:.2f}x [{r['speedup_low']:.2f}, {r['speedup_high']:.2f}]"
+        out.append([_shape(r), r["model"], r["node"], r["form"], "x".join(map(str, r["x_shape"])),
+                    f"{r['dense_ms']:.3f}", f"{r['factorized_ms']:.3f}", ci, _x(r["ideal_speedup_flops"]),
+                    _pct(r["efficiency_flops"]), _x(r["ideal_speedup_bytes"])])
+    return header, out
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _settings_line(doc: dict[str, Any]) -> str:
+    s, m = doc["settings"], doc["machine"]
+    return (f"{s['provider']} on {m['cpu']} ({m['cores']} cores), onnxruntime {m['onnxruntime']}; "
+            f"{s['threads_intra_op']} intra-op thread(s), spinning {'on' if s['spinning'] else 'off'}, "
+            f"IO binding {'on' if s['io_binding'] else 'off'}, CUDA graphs {'on' if s['cuda_graph'] else 'off'}; "
+            f"{s['warmup']} warm-up + {s['iters']} timed runs per model and shape, interleaved")
+
+
+def terminal(doc: dict[str, Any]) -> str:
+    parts = [_settings_line(doc), "", _table(*rows(doc)), "", _table(*model_rows(doc))]
+    if doc["layers"]:
+        parts += ["", _table(*layer_rows(doc))]
+    parts += [f"skipped: {s}" for s in doc["skipped"]]
+    return "\n".join(parts)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    parts = [f"# Benchmark: baseline `{doc['baseline']}`", "", _settings_line(doc) + ".", "",
+             "Speedup = baseline p50 / model p50 (95% paired bootstrap interval over rounds). Ideal = baseline / model "
+             "FLOPs (dense ops) or weight bytes; eff = measured / ideal.", "", _markdown(*rows(doc)), "",
+             "## Models", "", _markdown(*model_rows(doc)), "", f"Session memory: {doc['memory_method']}."]
+    if doc["layers"]:
+        parts += ["", "## Factorised layers (dense node vs its replacement, alone, at its real input shape)", "",
+                  _markdown(*layer_rows(doc))]
+    if doc["skipped"]:
+        parts += ["", "Skipped: " + "; ".join(doc["skipped"]) + "."]
+    return "\n".join(parts) + "\n"
+
+
+def plot_png(doc: dict[str, Any]) -> bytes:
+    """p50 latency vs batch size, one line per model (and sequence length), p10-p90 as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    seqs = sorted({p["seq_len"] or 0 for p in doc["points"]})
+    styles = ["-", "--", ":", "-."]
+    for j, m in enumerate(doc["models"]):
+        for k, seq in enumerate(seqs):
+            pts = [(p["batch"], r["latency_ms"]) for p in doc["points"] if (p["seq_len"] or 0) == seq
+                   for r in p["results"] if r["model"] == m["label"]]
+            if not pts:
+                continue
+            xs = [b for b, _ in pts]
+            mid = [lat["p50"] for _, lat in pts]
+            hi = [lat["p90"] - lat["p50"] for _, lat in pts]
+            lo = [max(lat["p50"] - lat["min"], 0.0) for _, lat in pts]
+            label = m["label"] + (" (baseline)" if j == 0 else "") + (f", seq {seq}" if seq else "")
+            ax.errorbar(xs, mid, yerr=[lo, hi], marker="o", capsize=3, linestyle=styles[k % len(styles)],
+                        color=f"C{j}", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    batches = sorted({p["batch"] for p in doc["points"]})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency per run, ms (p50; bars: min to p90)")
+    ax.set_title(f"{doc['settings']['provider']}: latency vs batch", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def report_paths(prefix: str | os.PathLike[str]) -> dict[str, Path]:
+    p = Path(prefix)
+    stem = p.with_suffix("") if p.suffix in (".json", ".md", ".png") else p
+    return {ext: stem.with_name(stem.name + "." + ext) for ext in ("json", "md", "png")}
+
+
+def write_reports(doc: dict[str, Any], prefix: str | os.PathLike[str]) -> list[Path]:
+    """`<prefix>.json`, `<prefix>.md` and `<prefix>.png`, each written atomically."""
+    paths = report_paths(prefix)
+    write_bytes(paths["json"], (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(paths["md"], markdown(doc).encode())
+    write_bytes(paths["png"], plot_png(doc))
+    return list(paths.values())

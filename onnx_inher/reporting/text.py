@@ -1,0 +1,200 @@
+"""Human-readable renderings: plan and verification tables for the terminal, the run's report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onnx_inher.passes.verify import VerifyReport
+from onnx_inher.planning.plan import Plan
+from onnx_inher.reporting.result import RunResult
+
+
+def human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plan_table(plan: Plan, *, verbose_reasons: bool = True) -> str:
+    rows = []
+    for c in plan.candidates:
+        shape = "x".join(map(str, c.weight_shape)) or "-"
+        if c.decision == "factorize":
+            what = f"{c.form} r={c.rank}" + (f" h={c.heads}" if c.heads > 1 else "")
+            if c.energy_rank and c.energy_rank != c.rank:
+                what += f" (energy plan r={c.energy_rank}, sensitivity {c.sensitivity:.3g})"
+            energy = f"{c.energy_kept:.3f}" if c.energy_kept is not None else "-"
+            rows.append([c.node, c.op, shape, human(c.params_before), human(c.params_after),
+                         human(c.flops_before), human(c.flops_after), energy, what])
+        else:
+            rows.append([c.node, c.op, shape, human(c.params_before), "=", human(c.flops_before), "=", "-",
+                         f"skip: {c.reason}" if verbose_reasons else "skip"])
+    header = ["node", "op", "weight", "params", "->", "FLOPs", "->", "energy", "decision"]
+    return _table(rows, header)
+
+
+def totals_line(plan: Plan) -> str:
+    t = plan.totals()
+    return (f"{t['factorized']}/{t['candidates']} layers factorised; params {human(t['params_before'])} -> "
+            f"{human(t['params_after'])} ({t['param_ratio']:.1%}); FLOPs {human(t['flops_before'])} -> "
+            f"{human(t['flops_after'])} ({t['flop_ratio']:.1%})")
+
+
+def verify_table(report: VerifyReport) -> str:
+    rows = [[o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}"] for o in report.outputs]
+    text = _table(rows, ["output", "shape", "max abs err", "max rel err"])
+    if report.layers:
+        worst = max(report.layers, key=lambda o: o.max_rel)
+        text += (f"\n{len(report.layers)} factorised layer outputs compared; worst '{worst.name}' "
+                 f"max rel err {worst.max_rel:.3g}")
+    if report.bound is not None:
+        verdict = "OK" if report.ok else "FAILED"
+        text += f"\nverify: {verdict} (max rel err {report.max_rel:.3g}, bound {report.bound:g})"
+    return text
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _val(metric: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2%}" if metric == "accuracy" else f"{v:.4f}"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _speed(d: dict | None, key: str = "value") -> str:
+    if not d:
+        return "-"
+    parts = []
+    for batch, s in sorted(d.items(), key=lambda kv: int(kv[0])):
+        if s is None:
+            continue
+        value = s[key] if isinstance(s, dict) else s
+        ci = f" [{s['low']:.2f}–{s['high']:.2f}]" if isinstance(s, dict) and "low" in s else ""
+        parts.append(f"b{batch}: {value:.2f}×{ci}")
+    return "; ".join(parts) or "-"
+
+
+def run_summary_table(rows: list[dict], markdown: bool = True) -> str:
+    """Teacher vs student: params, FLOPs, file size, task metric, measured and ideal speedups."""
+    header = ["model", "params", "FLOPs", "file", rows[0]["metric"] if rows else "metric", "speedup (measured)",
+              "speedup (ideal, FLOPs)"]
+    body = []
+    for r in rows:
+        ideal = r.get("ideal_speedup_flops")
+        body.append([r["model"], human(r["params"]), human(r["flops"]), _mib(r.get("file_bytes")),
+                     _val(r["metric"], r["value"]), _speed(r.get("speedup")),
+                     "; ".join(f"b{b}: {v:.2f}×" for b, v in sorted(ideal.items(), key=lambda kv: int(kv[0]))
+                               if v) if ideal else "-"])
+    if not markdown:
+        return _table(body, header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, b)) + " |" for b in body]
+    return "\n".join(lines)
+
+
+def _fidelity_lines(label: str, ev: dict) -> list[str]:
+    lines = []
+    final, init = ev["final"], ev["init"]
+    if final.get("top1_agreement") is not None:
+        lines.append(f"{label}: top-1 agrees with the teacher on {final['top1_agreement']:.2%} of them "
+                     f"(SVD init: {init['top1_agreement']:.2%}).")
+    for o, o0 in zip(final["outputs"], init["outputs"], strict=True):
+        pooled = " (mean-pooled with the attention mask)" if o["pooled"] else ""
+        lines.append(f"{label}, output `{o['name']}`{pooled}: cosine to teacher {o['cosine_mean']:.4f} "
+                     f"(min {o['cosine_min']:.4f}; SVD init {o0['cosine_mean']:.4f}), max rel err {o['max_rel']:.3g}.")
+    return lines
+
+
+def _training_line(label: str, dist: dict) -> str:
+    train = dist.get("train", {})
+    runtime = "ONNX Runtime" if dist.get("teacher_runtime", "ort") == "ort" else "torch"
+    teacher = f"run on each batch in {runtime}" if dist.get("teacher_mode") == "online" else \
+        "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
+    stop = ", stopped by the time limit" if train.get("out_of_time") else \
+        ", stopped early" if train.get("stopped_early") else ""
+    return (f"{label}: {train.get('steps')} steps in {train.get('seconds', 0):.1f} s "
+            f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "
+            f"{dist.get('trainable_params')} trainable params{stop}"
+            f"); teacher outputs {teacher}; ORT vs torch after write-back: max rel err "
+            f"{dist.get('ort_max_rel', 0):.2g}.")
+
+
+def _heads_verdict(result: RunResult) -> list[str]:
+    """Do the heads pay for themselves? Same ranks, same training: metric and latency side by side."""
+    if "student_pair" not in result.distill:
+        return []
+    ev = result.evaluation
+    metric = result.summary[0]["metric"]
+    heads = next(r for r in result.summary if r["model"].startswith("student (heads), distilled"))
+    pair = next(r for r in result.summary if r["model"].startswith("student pair, distilled"))
+    lines = ["## Do the heads pay for themselves?", "",
+             f"Same ranks and the same distillation; the only difference is the gated heads. On {ev['samples']} "
+             f"held-out samples the headed student scores {_val(metric, heads['value'])} and the plain pair "
+             f"{_val(metric, pair['value'])}; headed params {human(heads['params'])} vs {human(pair['params'])}."]
+    for p in result.bench["points"]:
+        h, q = p["student"]["latency_ms"]["p50"], p["student_pair"]["latency_ms"]["p50"]
+        lines.append(f"Batch {p['batch']}: heads p50 {h:.3f} ms vs pair {q:.3f} ms ({h / q:.2f}× the pair's time).")
+    lines += ["", "Verdict: " + _verdict(metric, heads["value"], pair["value"], ev["samples"]), ""]
+    return lines
+
+
+def _verdict(metric: str, heads: float | None, pair: float | None, n: int) -> str:
+    if heads is None or pair is None:
+        return "no comparable metric."
+    if metric == "accuracy":
+        p = (heads + pair) / 2
+        noise = 2 * (2 * p * (1 - p) / max(n, 1)) ** 0.5  # two standard errors of a difference of two accuracies
+        gap = heads - pair
+        if abs(gap) <= noise:
+            return (f"the difference ({gap:+.2%}) is within noise (±{noise:.2%} at {n} samples): prefer "
+                    "`--heads 1`, the plain pair, which is smaller and faster.")
+        if gap > 0:
+            return (f"the heads score {gap:+.2%} higher (beyond the ±{noise:.2%} noise); weigh that against "
+                    "their latency.")
+        return f"the plain pair scores {-gap:.2%} higher: use `--heads 1`."
+    if heads > pair:
+        return f"the heads are closer to the teacher ({heads:.4f} vs {pair:.4f}); weigh that against their latency."
+    return "the heads are not closer to the teacher here: use `--heads 1`, the plain pair is smaller and faster."
+
+
+def run_markdown(result: RunResult, folder: Path) -> str:
+    """report.md of a run folder: the summary, the heads question, training, latency, and the plots."""
+    plan = result.plan["totals"]
+    ev, bench = result.evaluation, result.bench
+    first = result.distill["student"]["distill"]
+    labels = {"student": "headed student" if "student_pair" in result.distill else "student",
+              "student_pair": "plain pair"}
+    lines = ["# onnx-inher run report", "",
+             f"Teacher compressed to {plan['param_ratio']:.1%} of its candidate-layer params "
+             f"({plan['factorized']}/{plan['candidates']} layers factorised), FLOPs {plan['flop_ratio']:.1%}, "
+             f"then distilled on `{first.get('data')}`"
+             + (" (**data-free: random inputs**)" if first.get("data_free") else "") + ".", "",
+             "## Summary", "", run_summary_table(result.summary), "",
+             f"Task metric measured in ONNX Runtime on {ev['samples']} held-out samples (`{ev['data']}`); "
+             "speedups are teacher p50 / student p50 with a 95% bootstrap interval, ideal = FLOP ratio."]
+    for name in result.distill:
+        lines += _fidelity_lines(labels[name], ev[name])
+    lines += ["", *_heads_verdict(result), "## Training", ""]
+    lines += [_training_line(labels[name], v["distill"]) for name, v in result.distill.items()]
+    if (folder / "training.png").exists():
+        lines += ["", "![training and validation curves](training.png)"]
+    settings = bench.get("settings", {})
+    lines += ["", "## Latency", "", f"{settings.get('provider')}, {settings.get('threads_intra_op')} intra-op "
+              "threads, models run interleaved. Full table (p50/p90/p99, throughput, efficiency vs ideal): "
+              "[bench.md](bench.md).", "", "![latency vs batch](bench.png)", "",
+              "## Factorised layers", "", "Every candidate with its decision and reason: [plan.json](plan.json).",
+              "", "![rank and energy kept per layer](layers.png)", ""]
+    return "\n".join(lines)

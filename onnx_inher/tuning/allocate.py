@@ -1,0 +1,255 @@
+"""Rank allocation by measured sensitivity: spend the plan's budget where the model's outputs need it.
+
+The energy policy gives every layer the same share of its singular-value energy, as if a layer's
+weight error cost the same everywhere. It does not: on all-MiniLM-L6-v2 at half its MatMul params,
+some projections move the sentence embedding many times more than the same relative error in
+another layer (benchmarks/experiments/minilm_init_experiments.py). So we measure it.
+
+1. Each factorised layer is replaced, alone, by its rank-r reconstruction at the energy plan's rank
+   (whitened SVD where calibration gave the layer's input Gram matrix, plain SVD otherwise), and the
+   model's float outputs on the calibration samples are compared with the unmodified ones: the
+   layer's *sensitivity* `d` (1 - cosine of the mask-pooled rows, or the relative squared error for
+   1-wide outputs, averaged over the outputs). One ONNX Runtime session serves every probe: the
+   layers' weights are fed as inputs, so no graph is rewritten or reloaded per layer.
+2. `d / e(r)`, with `e(r)` the layer's relative (whitened) truncation error at that rank, is the
+   output damage per unit of that layer's error. Ranks grow from one `--rank-multiple` step where
+   `weight x (e(r) - e(r + step))` falls most per added parameter, greedily, until the energy plan's
+   parameter count or FLOPs would be exceeded, and never past a layer's break-even rank.
+3. That model of damage is linear and measured at one rank, so the whole student is then measured
+   both ways on the same samples; if the moved ranks do not give closer outputs, the energy ranks stay
+   (the plan says which, with both distances).
+
+The layers chosen and the budget are the energy plan's; only ranks move. While it runs it holds every
+factorised layer's SVD, about twice the layers' weights (86 MB for MiniLM).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto, TensorProto, helper
+from tqdm import tqdm
+
+from onnx_inher import _env
+from onnx_inher.datasets.text import ATTENTION_MASK as MASK
+from onnx_inher.errors import InputError
+from onnx_inher.ir.layers import LayerView
+from onnx_inher.metrics import cosine_rows, pool
+from onnx_inher.planning import cost
+from onnx_inher.planning.plan import Plan, Spectra, apply_edits, fits
+from onnx_inher.planning.svd import full_svd, truncate, whitened_svd
+from onnx_inher.runtime import runnable_session
+from onnx_inher.tuning.calibrate import batches
+
+PROBE = "onnx_inher.probe."
+SIGNIFICANT = 4  # distances are rounded so that float noise between machines cannot reorder the greedy
+FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+@dataclass
+class Layer:
+    """One factorised layer as the allocation sees it: spectrum, cost per rank and measured damage."""
+
+    view: LayerView
+    svd: tuple[np.ndarray, np.ndarray, np.ndarray]
+    plan_rank: int
+    cap: int
+    heads: int
+    sensitivity: float = 0.0
+
+    def __post_init__(self) -> None:
+        # the greedy asks for errors thousands of times: keep the energy left past each rank
+        power = (self.svd[1].astype(np.float64) ** 2).sum(0)
+        total = float(power.sum())
+        self._tail = (total - np.concatenate([[0.0], np.cumsum(power)])) / total if total else np.zeros(len(power) + 1)
+
+    def error(self, rank: int) -> float:
+        """Relative squared truncation error at `rank` (of `M S` when whitened, of `M` otherwise)."""
+        return float(self._tail[min(rank, len(self._tail) - 1)])
+
+    def cost(self, rank: int) -> np.ndarray:
+        """(params, FLOPs) of the factorised layer at `rank`."""
+        c = cost.after(self.view, rank, self.heads)
+        return np.array([c.params, c.flops], dtype=np.int64)
+
+    def weight(self) -> float:
+        return self.sensitivity / max(self.error(self.plan_rank), 1e-12)
+
+
+def weight_from_matrices(view: LayerView, m: np.ndarray) -> np.ndarray:
+    """Inverse of `LayerView.matrices`: `[g, out, in]` back to the layout the node reads."""
+    g, o = view.groups, view.out_features
+    shape = view.weight.shape
+    if view.op == "Conv":
+        w = m.reshape(shape)
+    elif view.op == "ConvTranspose":
+        cin_g, k = shape[0] // g, int(np.prod(view.kernel))
+        w = m.reshape(g, o, cin_g, k).transpose(0, 2, 1, 3).reshape(shape)
+    else:
+        w = m[0] / float(view.attrs.get("alpha", 1.0))  # type: ignore[arg-type]
+        w = w.T if view.side == "right" else w
+        if view.op == "Gemm" and view.attrs.get("transB" if view.side == "right" else "transA"):
+            w = w.T
+        w = w.reshape(shape)
+    return np.ascontiguousarray(w).astype(view.dtype)
+
+
+def _probe_model(model: ModelProto, views: list[LayerView]) -> tuple[ModelProto, dict[str, str]]:
+    """A copy of `model` whose probed nodes read their weight from a graph input of the same shape."""
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    names: dict[str, str] = {}
+    for view in views:
+        name = f"{PROBE}{view.node}"
+        probe.graph.node[view.node_index].input[view.weight_input] = name
+        elem = helper.np_dtype_to_tensor_dtype(view.dtype)
+        probe.graph.input.append(helper.make_tensor_value_info(name, elem, list(view.weight.shape)))
+        names[view.node] = name
+    return probe, names
+
+
+def _distance(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """Mean over outputs of 1 - cosine of pooled rows (relative squared error when rows are 1 wide)."""
+    out = []
+    for r, g in zip(ref, got, strict=True):
+        if r.shape[1] > 1:
+            out.append(float(1.0 - cosine_rows(r, g).mean()))
+        else:
+            out.append(float(((r - g) ** 2).sum() / max(float((r ** 2).sum()), 1e-30)))
+    return float(np.mean(out))
+
+
+class Prober:
+    """Runs the calibration samples with chosen weights swapped in; outputs are kept pooled."""
+
+    def __init__(self, model: ModelProto, views: list[LayerView], feeds: dict[str, np.ndarray]) -> None:
+        self.outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOATS]
+        if not self.outputs:
+            raise InputError("--allocate sensitivity: the model has no float output to measure; "
+                             "use the default energy allocation.")
+        probe, self.names = _probe_model(model, views)
+        self.weights = {self.names[v.node]: v.weight for v in views}
+        self.batches = batches(model, feeds)
+        self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-probe-")  # removed with the prober
+        self.session = runnable_session(probe, Path(self._spill.name))
+        self.reference = self.run({})
+
+    def run(self, swapped: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Pooled float outputs over all samples, with `swapped` (node -> weight) in place of the originals."""
+        weights = {**self.weights, **{self.names[n]: w for n, w in swapped.items()}}
+        pooled: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        for batch in self.batches:
+            for j, y in enumerate(self.session.run(self.outputs, {**batch, **weights})):
+                pooled[j].append(pool(np.asarray(y, dtype=np.float64), batch.get(MASK))[0])
+        return [np.concatenate(p) for p in pooled]
+
+    def distance(self, swapped: dict[str, np.ndarray]) -> float:
+        return _round(_distance(self.reference, self.run(swapped)))
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.{SIGNIFICANT}g}")
+
+
+def greedy_ranks(layers: dict[str, Layer], budget: np.ndarray, step: int) -> dict[str, int]:
+    """Ranks (multiples of `step`, at most each layer's cap) within `budget` = (params, FLOPs).
+
+    Both count: on a CNN the parameters that help most often sit in convolutions whose FLOPs per
+    parameter are high, and a student of equal size but twice the FLOPs is not what a user asked
+    for. Each round adds one step to the layer whose weighted error falls most per added parameter;
+    ties go to the node name, so the result does not depend on dict order."""
+    ranks = {n: min(step, layer.cap) for n, layer in layers.items()}
+    used = sum((layer.cost(ranks[n]) for n, layer in layers.items()), np.zeros(2, dtype=np.int64))
+    weights = {n: layer.weight() for n, layer in layers.items()}
+    while True:
+        best: tuple[float, str] | None = None
+        for n in sorted(layers):
+            layer, r = layers[n], ranks[n]
+            nxt = min(r + step, layer.cap)
+            if nxt <= r:
+                continue
+            added = layer.cost(nxt) - layer.cost(r)
+            if np.any(used + added > budget):
+                continue
+            gain = weights[n] * (layer.error(r) - layer.error(nxt)) / max(int(added[0]), 1)
+            if best is None or gain > best[0]:
+                best = (gain, n)
+        if best is None:
+            return ranks
+        n = best[1]
+        nxt = min(ranks[n] + step, layers[n].cap)
+        used += layers[n].cost(nxt) - layers[n].cost(ranks[n])
+        ranks[n] = nxt
+
+
+def _cap(view: LayerView, heads: int, guard: bool) -> int:
+    """Largest rank at which the layer still gets smaller and cheaper (full rank without the guard)."""
+    if not guard:
+        return view.full_rank
+    r = view.full_rank
+    while r > 1 and not fits(view, r, heads):
+        r -= 1
+    return r
+
+
+def _swapped(layer: Layer, rank: int, sharers: dict[str, list[LayerView]]) -> dict[str, np.ndarray]:
+    """The layer's rank-r reconstruction, in the weight layout of every node that shares its weight."""
+    f = truncate(layer.svd, rank)
+    m = (f.up.astype(np.float64) @ f.down.astype(np.float64)).astype(np.float32)
+    return {v.node: weight_from_matrices(v, m) for v in sharers[layer.view.shared_key]}
+
+
+def _all_swapped(layers: dict[str, Layer], ranks: dict[str, int],
+                 sharers: dict[str, list[LayerView]]) -> dict[str, np.ndarray]:
+    """Every layer at `ranks` (at its energy-plan rank where absent): the whole student, kept dense."""
+    out: dict[str, np.ndarray] = {}
+    for n, layer in layers.items():
+        out.update(_swapped(layer, ranks.get(n, layer.plan_rank), sharers))
+    return out
+
+
+def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spectra: Spectra,
+                            feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray]) -> Plan:
+    """Re-rank the plan's factorised layers by measured output sensitivity, within its params and FLOPs."""
+    chosen = [c for c in the_plan.candidates if c.decision == "factorize" and c.node in views and c.rank]
+    sharers: dict[str, list[LayerView]] = {}
+    for c in chosen:
+        sharers.setdefault(views[c.node].shared_key, []).append(views[c.node])
+    owners = {key: group[0].node for key, group in sharers.items()}
+    if not chosen:
+        return the_plan
+    quiet = _env.progress_disabled()
+    by_node = {c.node: c for c in chosen}
+    layers: dict[str, Layer] = {}
+    for n in owners.values():
+        view, c = views[n], by_node[n]
+        gram = grams.get(view.shared_key)
+        svd = whitened_svd(view.matrices(), gram) if gram is not None else full_svd(view.matrices())
+        layers[n] = Layer(view, svd, int(c.rank or 1), _cap(view, c.heads, the_plan.options.guard), c.heads)
+    prober = Prober(model, [v for group in sharers.values() for v in group], feeds)
+    for n in tqdm(sorted(layers), desc="sensitivity", unit="layer", disable=quiet, leave=False):
+        layers[n].sensitivity = prober.distance(_swapped(layers[n], layers[n].plan_rank, sharers))
+    budget = sum((layer.cost(layer.plan_rank) for layer in layers.values()), np.zeros(2, dtype=np.int64))
+    ranks = greedy_ranks(layers, budget, max(1, the_plan.options.rank_multiple))
+    energy, moved = prober.distance(_all_swapped(layers, {}, sharers)), prober.distance(
+        _all_swapped(layers, ranks, sharers))
+    kept = moved < energy
+    for c in chosen:
+        owner = layers[owners[views[c.node].shared_key]]
+        c.energy_rank, c.sensitivity = c.rank, owner.sensitivity
+        c.rank = ranks[owner.view.node] if kept else c.rank
+    apply_edits(the_plan, views, spectra)
+    spent = sum((layer.cost(ranks[n] if kept else layer.plan_rank) for n, layer in layers.items()),
+                np.zeros(2, dtype=np.int64))
+    the_plan.options.allocate = "sensitivity"
+    samples = len(next(iter(feeds.values())))
+    same = all(ranks[n] == layer.plan_rank for n, layer in layers.items())
+    verdict = "moved no rank" if same else "applied" if kept else "not applied, the energy ranks stay"
+    the_plan.warnings.append(
+        f"sensitivity allocation ({len(layers)} layers probed on {samples} samples) {verdict}: output distance "
+        f"{moved:g} with the moved ranks vs {energy:g} with the energy ranks; {int(spent[0])} factor params and "
+        f"{int(spent[1])} FLOPs (energy plan: {int(budget[0])} and {int(budget[1])})")
+    return the_plan

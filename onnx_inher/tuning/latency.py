@@ -1,0 +1,159 @@
+"""Latency-aware planning: skip factorisations that are not faster on this machine.
+
+`plan --target cpu|cuda` times every chosen layer's dense node against its factorised replacement
+(`passes/factorize.py`'s `emit`, with random factors of the planned rank: timing does not depend on
+the values) at the layer's input shape, and turns a layer that is not faster into a skip with the
+measured times as its reason. Timings are cached per machine (CPU model, core count, onnxruntime
+version, provider, threads), so planning the same model again, or another model with the same
+layer shapes, measures nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import helper, numpy_helper
+from tqdm import tqdm
+
+from onnx_inher import _env
+from onnx_inher.bench.layers import LayerGraph, activation_input, build, dense_graph, fold, time_pair
+from onnx_inher.bench.profile import shape_table
+from onnx_inher.bench.sessions import Settings
+from onnx_inher.errors import InputError
+from onnx_inher.ir.graph import GraphIndex
+from onnx_inher.ir.io import write_text
+from onnx_inher.ir.layers import LayerView
+from onnx_inher.planning.plan import Candidate, Plan
+from onnx_inher.planning.svd import Factors
+from onnx_inher.runtime import machine_info, sample_inputs
+
+FORMAT = "onnx-inher-latency/1"
+TARGETS = ("cpu", "cuda")
+WARMUP, ITERS = 5, 30
+
+
+def cache_root() -> Path:
+    return _env.cache_root() / "latency"
+
+
+def machine_key(settings: Settings) -> tuple[str, dict[str, Any]]:
+    info = machine_info(settings.provider)
+    ident = {k: info[k] for k in ("cpu", "cores", "onnxruntime")}
+    ident.update(provider=settings.provider, threads=settings.threads)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16], ident
+
+
+@dataclass
+class LatencyCache:
+    """`{layer key: [dense ms, factorised ms]}` in one JSON file per machine fingerprint."""
+
+    path: Path
+    machine: dict[str, Any]
+    entries: dict[str, list[float]]
+
+    @classmethod
+    def open(cls, settings: Settings, root: Path | None = None) -> LatencyCache:
+        key, ident = machine_key(settings)
+        path = (root or cache_root()) / f"{key}.json"
+        entries: dict[str, list[float]] = {}
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+                if doc.get("format") == FORMAT:
+                    entries = {k: [float(a), float(b)] for k, (a, b) in doc["entries"].items()}
+            except (ValueError, KeyError, TypeError):
+                entries = {}  # a corrupt cache is re-measured, never trusted
+        return cls(path, ident, entries)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"format": FORMAT, "machine": self.machine, "entries": dict(sorted(self.entries.items()))}
+        write_text(self.path, json.dumps(doc, indent=1) + "\n")
+
+
+def layer_key(view: LayerView, node_attrs: list[Any], x_shape: tuple[int, ...], rank: int, heads: int) -> str:
+    doc = [view.op, view.side, view.groups, list(view.weight.shape), str(view.dtype), view.bias is not None,
+           sorted((a.name, str(helper.get_attribute_value(a))) for a in node_attrs), list(x_shape), rank, heads,
+           sorted((k, str(v)) for k, v in view.attrs.items() if k in ("alpha", "beta", "transA", "transB", "c"))]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
+
+
+def replacement_graph(view: LayerView, model: Any, index: GraphIndex, cand: Candidate, dense: LayerGraph,
+                      opset: int) -> LayerGraph:
+    """The factorised replacement as `compress` would emit it, with random factors of the planned rank."""
+    from onnx_inher.passes.factorize import emit
+
+    rank = int(cand.rank or 1)
+    rng = np.random.default_rng(0)
+    g, o, i = view.groups, view.out_features, view.in_features
+    f = Factors(up=(rng.standard_normal((g, o, rank)) * 0.05).astype(np.float32),
+                down=(rng.standard_normal((g, rank, i)) * 0.05).astype(np.float32))
+    node = model.graph.node[view.node_index]
+    e = emit(view, node, cand, f, opset, 0, view.node)
+    consts = {k: numpy_helper.to_array(t) for k, t in e.inits.items()}
+    consts.update({k: v for k, v in fold(node.input, index).items() if k not in consts})
+    return build(e.nodes, consts, dense.x, dense.x_shape, dense.model.graph.input[0].type.tensor_type.elem_type,
+                 view.output, model)
+
+
+def plan_dims(model: Any, dims: dict[str, int]) -> dict[str, int]:
+    """The plan's shape basis: `--dim` values, every other named dim 1 (as the plan's FLOP counts)."""
+    out = dict(dims)
+    for inp in model.graph.input:
+        for d in inp.type.tensor_type.shape.dim:
+            if d.dim_param:
+                out.setdefault(d.dim_param, 1)
+    return out
+
+
+def apply_target(plan: Plan, model: Any, views: dict[str, LayerView], target: str,
+                 cache_dir: Path | None = None, warmup: int = WARMUP, iters: int = ITERS) -> Plan:
+    """Skip every factorisation the measured per-layer timings say is not faster on `target`."""
+    if target not in TARGETS:
+        raise InputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
+    settings = Settings(provider=target, threads=os.cpu_count() or 1)
+    settings.provider_list()  # a clear error when the target's provider is missing
+    cache = LatencyCache.open(settings, cache_dir)
+    index = GraphIndex.build(model.graph)
+    table = shape_table(Path(plan.model), model, sample_inputs(model, plan_dims(model, plan.options.dims)))
+    chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views]
+    skipped: dict[str, str] = {}
+    for c in tqdm(chosen, desc=f"timing layers ({target})", unit="layer", disable=_env.progress_disabled(),
+                  leave=False):
+        view = views[c.node]
+        if c.shares_factors_with in skipped:
+            c.decision, c.reason = "skip", f"shares its weight with '{c.shares_factors_with}', which is skipped"
+            continue
+        node = model.graph.node[view.node_index]
+        x = activation_input(node, index)
+        info = table.get(x) if x else None
+        if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
+            c.note = "; ".join(filter(None, [c.note, f"not timed for --target {target}: input shape unknown"]))
+            continue
+        x_shape = tuple(int(d) for d in info.dims)
+        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads)
+        if key not in cache.entries:
+            dense = dense_graph(view, model, index, x_shape)
+            if dense is None:
+                continue
+            fact = replacement_graph(view, model, index, c, dense, plan.opset)
+            cache.entries[key] = list(time_pair(dense, fact, settings, warmup, iters))
+        d_ms, f_ms = cache.entries[key]
+        where = f"input {'x'.join(map(str, x_shape))}"
+        if f_ms >= d_ms:
+            skipped[c.node] = c.reason = (f"not faster on {target}: factorised {f_ms:.3f} ms vs dense {d_ms:.3f} ms "
+                                          f"at {where} (measured on this machine, cache {cache.path})")
+            c.decision = "skip"
+        else:
+            c.note = "; ".join(filter(None, [c.note, f"{target}: factorised {f_ms:.3f} ms vs dense {d_ms:.3f} ms "
+                                                      f"at {where}"]))
+    cache.save()
+    plan.warnings.append(f"--target {target}: {len(skipped)} of {len(chosen)} factorisations skipped as not faster "
+                         "on this machine (per-layer timings)")
+    return plan
