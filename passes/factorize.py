@@ -35,6 +35,7 @@ from onnx_inher.errors import InputError, PassError
 from onnx_inher.ir.io import copy_model, release_memory
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.naming import factor_tag
+from onnx_inher.ir.tensors import flush_denormals
 from onnx_inher.planning.plan import Candidate, Plan, Spectra
 from onnx_inher.planning.svd import Factors, truncate
 
@@ -56,7 +57,8 @@ class Emitter:
     def weight(self, suffix: str, array: np.ndarray) -> str:
         name = f"{self.weight_prefix}/{suffix}"
         if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array.astype(self.dtype)), name)
+            values = flush_denormals(np.ascontiguousarray(array.astype(self.dtype)))
+            self.inits[name] = numpy_helper.from_array(values, name)
         return name
 
     def ints(self, suffix: str, values: list[int]) -> str:
