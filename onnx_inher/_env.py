@@ -12,6 +12,8 @@ from pathlib import Path
 
 QUIET_VAR = "ONNX_INHER_QUIET"
 CACHE_VAR = "ONNX_INHER_CACHE"
+CACHE_CAP_VAR = "ONNX_INHER_CACHE_MAX_GB"
+DEFAULT_CACHE_CAP_GB = 4.0
 
 
 def quiet() -> bool:
@@ -27,3 +29,17 @@ def progress_disabled() -> bool | None:
 def cache_root() -> Path:
     """Root of every onnx-inher cache (teacher outputs, latency tables, test fixtures)."""
     return Path(os.environ.get(CACHE_VAR) or Path.home() / ".cache" / "onnx-inher")
+
+
+def cache_cap_bytes() -> int:
+    """How much disk the teacher-output cache may hold (`ONNX_INHER_CACHE_MAX_GB`, default 4 GB).
+
+    A user's data set with feature KD can ask for tens of GB; past the cap the teacher runs on each batch
+    instead, and older entries are evicted, so a default run never fills a disk silently.
+    """
+    text = os.environ.get(CACHE_CAP_VAR)
+    try:
+        gb = float(text) if text else DEFAULT_CACHE_CAP_GB
+    except ValueError:
+        gb = DEFAULT_CACHE_CAP_GB
+    return int(max(gb, 0.0) * 1e9)

@@ -97,3 +97,45 @@ def test_embedded_mnist_teacher_logits(tmp_path: Path) -> None:
                           ["logits", "/features/features.3/Conv_output_0"], cache_dir=tmp_path, batch_size=4)
     assert out.arrays["logits"].shape == (10, 10)
     assert out.arrays["/features/features.3/Conv_output_0"].shape == (10, 64, 14, 14)
+
+
+def test_an_entry_over_the_cap_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    teacher, data, cache = mlp(tmp_path / "t.onnx"), dataset(n=1000), tmp_path / "cache"
+    # 1000 samples x (3 + 5) float32 = 32 kB: a 20 kB cap is too small
+    monkeypatch.setenv("ONNX_INHER_CACHE_MAX_GB", str(20e3 / 1e9))
+    over = r"would take 32\.0 kB on disk, over the cache cap of 20\.0 kB"
+    with pytest.raises(teacher_cache.CacheOverCap, match=over) as caught:
+        teacher_outputs(teacher, data, ["y", "hidden/relu"], cache_dir=cache)
+    assert caught.value.estimate == 1000 * 8 * 4 and caught.value.cap == 20_000
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_least_recently_used_entries_are_evicted_to_fit_the_cap(tmp_path: Path, monkeypatch, capsys) -> None:
+    teacher, cache = mlp(tmp_path / "t.onnx"), tmp_path / "cache"
+    monkeypatch.setenv("ONNX_INHER_QUIET", "0")
+    monkeypatch.setenv("ONNX_INHER_CACHE_MAX_GB", str(50e3 / 1e9))  # room for one 32 kB entry, not two
+    first = teacher_outputs(teacher, dataset(n=1000, seed=1), ["y", "hidden/relu"], cache_dir=cache)
+    assert "teacher outputs cached" in capsys.readouterr().err
+    second = teacher_outputs(teacher, dataset(n=1000, seed=2), ["y", "hidden/relu"], cache_dir=cache)
+    notice = capsys.readouterr().err
+    assert "1 older entry evicted" in notice and f"rm -rf {cache}" in notice
+    assert not first.folder.exists() and second.folder.exists()
+
+
+def test_distill_runs_the_teacher_online_when_the_cache_would_overflow(tmp_path: Path, monkeypatch, capsys) -> None:
+    import onnx_inher
+    from onnx_inher import Options, parse_policy
+    from onnx_inher.distill import DistillOptions
+
+    teacher = mlp(tmp_path / "t.onnx")
+    onnx_inher.compress(teacher, tmp_path / "s.onnx", Options(mode="svd", policy=parse_policy(rank=2),
+                                                                 rank_multiple=1, guard=False))
+    np.savez(tmp_path / "d.npz", x=dataset(n=64).inputs["x"])
+    monkeypatch.setenv("ONNX_INHER_QUIET", "0")
+    monkeypatch.setenv("ONNX_INHER_CACHE_MAX_GB", "0")
+    result = onnx_inher.distill(tmp_path / "s.onnx", teacher, str(tmp_path / "d.npz"), tmp_path / "out.onnx",
+                                DistillOptions(steps=3, batch_size=16, checkpoint_every=0),
+                                cache_dir=tmp_path / "cache")
+    assert result.teacher_mode == "online" and result.train.steps == 3
+    assert "running the teacher on each batch instead" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -23,6 +23,7 @@ from onnx_inher.bridge import to_torch
 from onnx_inher.cli import main
 from onnx_inher.datasets import input_specs, load_data, split
 from onnx_inher.distill import DistillOptions
+from onnx_inher.distill import trainer as trainer_module
 from onnx_inher.distill.checkpoint import list_checkpoints
 from onnx_inher.distill.dist import World
 from onnx_inher.distill.losses import OutputLoss
@@ -74,7 +75,7 @@ def test_distill_trains_factors_verifies_and_logs(setup: dict[str, Path], tmp_pa
     result = run_distill(setup, out)
     assert result.train.steps == 12 and result.train_samples == 64 and result.val_samples == 16
     assert result.losses[0]["kind"] == "kd" and result.ort_max_rel < 1e-3
-    assert result.train.final["val_loss"] < result.train.initial["val_loss"]
+    assert result.train.final["val_loss"] < result.train.initial["val_loss"] and result.train.improved is True
     before, after = weights(setup["student"]), weights(out)
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     assert changed and all("/inher/" in n for n in changed)
@@ -117,7 +118,7 @@ def test_a_run_that_only_hurts_gives_back_the_starting_weights(setup: dict[str, 
     result = run_distill(setup, tmp_path / "w.onnx", lr=50.0, warmup=0.0, clip=0.0, steps=4, eval_every=2,
                          trainable="all")
     assert result.train.final["val_loss"] > result.train.initial["val_loss"]
-    assert result.train.best_step == 0
+    assert result.train.best_step == 0 and result.train.improved is False
     before, after = weights(setup["student"]), weights(tmp_path / "w.onnx")
     assert all(np.array_equal(before[n], after[n]) for n in before)
 
@@ -253,3 +254,13 @@ def test_train_and_eval_modes_switch_around_validation(setup: dict[str, Path]) -
     trainer.run()
     assert modes == [False, True, True, False]  # initial validation, two steps, final validation
     assert not module.training
+
+
+def test_without_a_terminal_progress_comes_as_plain_lines(setup: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("ONNX_INHER_QUIET", "0")
+    monkeypatch.setattr(trainer_module, "LOG_EVERY", 0.0)  # a line per step instead of one per 30 s
+    run_distill(setup, tmp_path / "p.onnx", steps=3)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("distill: step")]
+    assert [ln.split(",")[0] for ln in lines] == ["distill: step 1/3", "distill: step 2/3", "distill: step 3/3"]
+    assert all("s/step" in ln and "min left" in ln for ln in lines)

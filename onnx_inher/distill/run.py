@@ -8,6 +8,7 @@ ORT with the torch module -> save atomically (rank 0).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,13 +18,14 @@ import numpy as np
 import onnx
 import torch
 
+from onnx_inher import _env
 from onnx_inher.bridge import OnnxModule, to_torch, write_back
 from onnx_inher.datasets import Dataset, input_specs, load_data, split
 from onnx_inher.distill.augment import augmenter
 from onnx_inher.distill.dist import World, close_world, init_world
 from onnx_inher.distill.losses import OutputLoss, default_kind
 from onnx_inher.distill.options import DistillOptions, default_paths, parse_loss
-from onnx_inher.distill.teacher_cache import teacher_digest, teacher_outputs
+from onnx_inher.distill.teacher_cache import CacheOverCap, teacher_digest, teacher_outputs
 from onnx_inher.distill.torch_teacher import online_teacher
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
 from onnx_inher.errors import CheckFailed, InputError
@@ -110,14 +112,39 @@ def _check_labels(plan: LossPlan, data: Dataset, teacher: dict[str, np.ndarray])
                              f"'{loss.output}' with {classes} classes.")
 
 
+def _cached_teacher(world: World, teacher: Path, full: Dataset, val: Dataset | None, val_data: str | None,
+                    plan: LossPlan, options: DistillOptions, cache_dir: PathLike | None) \
+        -> tuple[tuple[dict[str, np.ndarray], dict[str, np.ndarray]], bool, float] | None:
+    """The teacher's outputs from the cache (computed first if new), or None when they would not fit under
+    the cache's size cap: the teacher then runs on each batch instead, and the user is told why."""
+    cache = Path(cache_dir) if cache_dir else None
+    try:
+        arrays, computed, seconds = _teacher_part(world, teacher, full, plan.fetch, options, cache)
+        _check_labels(plan, full, arrays)
+        val_arrays = arrays if val is None or val_data is None else \
+            _teacher_part(world, teacher, val, plan.fetch, options, cache)[0]
+    except CacheOverCap as over:
+        if world.is_main and not _env.quiet():
+            print(f"onnx-inher: {over}; running the teacher on each batch instead (--teacher-mode online).",
+                  file=sys.stderr)
+        return None
+    return (arrays, val_arrays), computed, seconds
+
+
 def _teacher_part(world: World, teacher: Path, data: Dataset, fetch: list[str], options: DistillOptions,
                   cache_dir: Path | None) -> tuple[dict[str, np.ndarray], bool, float]:
     """Rank 0 runs (or finds) the teacher; the other ranks then open the same cache entry."""
     began = time.perf_counter()
+    over: CacheOverCap | None = None
     if world.is_main:
-        result = teacher_outputs(teacher, data, fetch, cache_dir=cache_dir, batch_size=options.teacher_batch)
+        try:
+            result = teacher_outputs(teacher, data, fetch, cache_dir=cache_dir, batch_size=options.teacher_batch)
+        except CacheOverCap as err:  # every rank must pass the barrier before it is raised
+            over = err
     world.barrier()
-    if not world.is_main:
+    if over is not None:
+        raise over
+    if not world.is_main:  # the same estimate raises CacheOverCap here too when it did on rank 0
         result = teacher_outputs(teacher, data, fetch, cache_dir=cache_dir, batch_size=options.teacher_batch)
     return result.arrays, result.computed, time.perf_counter() - began
 
@@ -169,7 +196,9 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
         if augment is not None and full.labels is not None:
             raise InputError(f"data '{full.source}': --augment changes the inputs, so their labels no longer "
                              "apply; distill without labels or use --augment none.")
-        if options.online_teacher:
+        cached = None if options.online_teacher else \
+            _cached_teacher(world, teacher_path, full, val, val_data, plan, options, cache_dir)
+        if cached is None:
             began = time.perf_counter()
             online, runtime = online_teacher(teacher_path, full, plan.fetch, world.device, options.teacher_runtime,
                                              threads=options.threads)
@@ -179,14 +208,9 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
             val_part = None if val is None else Part(val, online=online)
         else:
             runtime = "ort"
-            cache = Path(cache_dir) if cache_dir else None
-            arrays, computed, teacher_seconds = _teacher_part(world, teacher_path, full, plan.fetch, options, cache)
-            _check_labels(plan, full, arrays)
-            train_part, val_part = Part(train, arrays), None
-            if val is not None:
-                val_arrays = arrays if val_data is None else \
-                    _teacher_part(world, teacher_path, val, plan.fetch, options, cache)[0]
-                val_part = Part(val, val_arrays)
+            (arrays, val_arrays), computed, teacher_seconds = cached
+            train_part = Part(train, arrays)
+            val_part = None if val is None else Part(val, val_arrays)
         module, param_map = to_torch(loaded.model, options.trainable)
         identity = {"student": loaded.sha256, "teacher": teacher_digest(teacher_path), "data": full.fingerprint(),
                     "world_size": world.size, **options.run_identity()}
@@ -204,6 +228,6 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
         return DistillResult(str(out), full.source, full.data_free, len(train), len(val) if val is not None else 0,
                              [asdict(o) for o in plan.outputs], plan.features, sum(p.numel() for p in trainer.params),
                              not computed, round(teacher_seconds, 3),
-                             "online" if options.online_teacher else "cache", runtime, result, worst, world.size)
+                             "online" if cached is None else "cache", runtime, result, worst, world.size)
     finally:
         close_world(world)

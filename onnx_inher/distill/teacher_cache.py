@@ -6,6 +6,11 @@ store every fetched tensor (graph outputs and, for feature KD, intermediate tens
 outputs on a copy of the teacher) as one ``.npy`` per name. Later epochs and later runs open those files
 memory-mapped, so a data set larger than RAM costs no RAM.
 
+The folder is bounded (`ONNX_INHER_CACHE_MAX_GB`, default 4 GB): an entry that would not fit raises
+`CacheOverCap` before any work (distill then runs the teacher on each batch instead), and after an entry is
+written the least recently used others are evicted until the folder fits. Each new entry is announced with
+its size and how to clear the folder.
+
 The cache key is the sha256 of the teacher's files (the ``.onnx`` and any external data), the data set's
 fingerprint, and the fetched names: change any of them and the teacher runs again. A cache entry is built
 in a temporary folder and renamed into place with its manifest, so a killed run never leaves a partial one.
@@ -13,10 +18,12 @@ in a temporary folder and renamed into place with its manifest, so a killed run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +57,21 @@ class TeacherOutputs:
 
     def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
         return {k: np.ascontiguousarray(v[index]) for k, v in self.arrays.items()}
+
+
+class CacheOverCap(InputError):
+    """The entry would exceed the cache's size cap; `estimate` and `cap` are in bytes."""
+
+    def __init__(self, estimate: int, cap: int) -> None:
+        super().__init__(f"the teacher outputs would take {_gb(estimate)} on disk, over the cache cap of {_gb(cap)} "
+                         f"({_env.CACHE_CAP_VAR}); use --teacher-mode online, or raise the cap.")
+        self.estimate, self.cap = estimate, cap
+
+
+def _gb(n: float) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def default_cache_dir() -> Path:
@@ -89,8 +111,14 @@ def teacher_outputs(teacher: Path, data: Dataset, fetch: Sequence[str], *, cache
     key = cache_key(teacher_digest(teacher), data.fingerprint(), fetch)
     entry = folder / key
     if (entry / MANIFEST).is_file():
+        with contextlib.suppress(OSError):  # recently used: the last to be evicted
+            os.utime(entry / MANIFEST)
         return TeacherOutputs(_open_entry(entry, fetch), entry, key, computed=False)
     model = fetching_teacher(teacher, data, fetch)
+    cap = _env.cache_cap_bytes()
+    estimate = entry_bytes(model, data, fetch, preference)
+    if estimate > cap:
+        raise CacheOverCap(estimate, cap)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder))
     try:
@@ -104,7 +132,38 @@ def teacher_outputs(teacher: Path, data: Dataset, fetch: Sequence[str], *, cache
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    evicted = evict(folder, cap, keep=entry)
+    if not _env.quiet():
+        print(f"onnx-inher: teacher outputs cached: {_gb(_size(entry))} in {entry}"
+              + (f" ({evicted} older entr{'y' if evicted == 1 else 'ies'} evicted)" if evicted else "")
+              + f"; the folder holds {_gb(_size(folder))} of at most {_gb(cap)} ({_env.CACHE_CAP_VAR}); "
+              f"clear it with `rm -rf {folder}`.", file=sys.stderr)
     return TeacherOutputs(_open_entry(entry, fetch), entry, key, computed=True)
+
+
+def entry_bytes(model: ModelProto, data: Dataset, fetch: Sequence[str], preference: str = "cpu") -> int:
+    """Bytes the fetched tensors of every sample would take: the teacher run on one sample, times N."""
+    with tempfile.TemporaryDirectory() as spill:
+        one = runnable_session(model, Path(spill), preference).run(list(fetch), data.batch(np.arange(1)))
+    return sum(int(a.nbytes) for a in one) * len(data)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def evict(folder: Path, cap: int, keep: Path) -> int:
+    """Delete the least recently used complete entries (never `keep`) until `folder` fits in `cap` bytes."""
+    entries = [e for e in folder.iterdir() if e != keep and (e / MANIFEST).is_file()]
+    entries.sort(key=lambda e: (e / MANIFEST).stat().st_mtime)
+    total, removed = _size(folder), 0
+    for old in entries:
+        if total <= cap:
+            break
+        total -= _size(old)
+        shutil.rmtree(old, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 class OnlineTeacher:

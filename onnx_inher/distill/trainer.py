@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -146,6 +147,27 @@ class MetricsLog:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+LOG_EVERY = 30.0
+
+
+class _Heartbeat:
+    """Plain progress lines for a stderr that is no terminal: step, s/step, time left, last loss."""
+
+    def __init__(self, total: int, start: int) -> None:
+        self.total, self.start = total, start
+        self.began = self.last = time.perf_counter()
+
+    def tick(self, step: int, loss: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < LOG_EVERY and step < self.total:
+            return
+        self.last = now
+        rate = (now - self.began) / max(step - self.start, 1)
+        left = rate * (self.total - step)
+        print(f"distill: step {step}/{self.total}, {rate:.2f} s/step, {left / 60:.1f} min left, loss {loss:.4f}",
+              file=sys.stderr, flush=True)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -157,6 +179,9 @@ class TrainResult:
     final: dict[str, float] | None
     best_step: int | None
     out_of_time: bool = False
+    # Did validation ever beat the starting student? False: the run gave the starting weights back (the
+    # student is its initialisation); None: there was no validation to tell.
+    improved: bool | None = None
 
 
 def _on(device: torch.device, value: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -298,6 +323,9 @@ class Trainer:
         quiet = not self.world.is_main or _env.quiet()
         bar = tqdm(total=self.total_steps, initial=start_step, desc="distill", unit="step",
                    disable=True if quiet else None, leave=False)
+        # Without a terminal tqdm stays silent; a log (CI, nohup, a notebook's captured stderr) still gets a
+        # line with the step, the rate and the time left every LOG_EVERY seconds.
+        heartbeat = None if quiet or not bar.disable else _Heartbeat(self.total_steps, start_step)
         began, step, final = time.perf_counter(), start_step, None
         order_epoch, order = -1, np.zeros(0, dtype=np.int64)
         while step < self.total_steps and not state["stopped"]:
@@ -316,6 +344,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in list(final.items())[:2]})
             else:
                 bar.set_postfix(loss=f"{loss:.4f}")
+            if heartbeat is not None:
+                heartbeat.tick(step, loss)
             if self._out_of_time(began):
                 state.update(stopped=True, out_of_time=True)
             if self._checkpoint_due(step, state):
@@ -330,8 +360,9 @@ class Trainer:
                     if name in best:
                         p.copy_(best[name])
         self.net.eval()
+        improved = None if self.val is None else bool(state["best_step"])
         return TrainResult(step, self.total_steps, seconds, bool(state["stopped"]), resumed, initial, final,
-                           state["best_step"], bool(state["out_of_time"]))
+                           state["best_step"], bool(state["out_of_time"]), improved)
 
     def _out_of_time(self, began: float) -> bool:
         """--time-limit: every rank stops at the same step, so rank 0's clock decides."""
