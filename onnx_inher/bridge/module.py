@@ -5,11 +5,13 @@ The node list is converted once into a list of steps `(callable, input names, ou
 input, one call), so nothing grows with the batch size, and every tensor keeps its ONNX name:
 `run(feeds, fetch)` returns any intermediate by name, which feature distillation needs.
 
-Weights: every float initializer or `Constant` output becomes an `nn.Parameter` (trainable as asked),
-kept in the `weights` ParameterDict under a sanitised, deterministic key; `param_map` gives the exact
-ONNX name -> qualified parameter name, which `write_back` uses. Integer and bool constants, and values
-folded from constants at conversion time (e.g. the onnx `light` models' `ConstantOfShape` weights),
-are buffers of the `consts` submodule.
+Weights: every float initializer or `Constant` output used as a learned value (`ir.weights`: the
+weight/bias/scale inputs of MatMul, Gemm, Conv, normalisations, RNNs, Gather tables, channel biases and
+scales of Add/Mul) becomes an `nn.Parameter` (trainable as asked), kept in the `weights` ParameterDict
+under a sanitised, deterministic key; `param_map` gives the exact ONNX name -> qualified parameter name,
+which `write_back` uses. Every other constant (Resize scales, Clip bounds, the attention scale, mask
+fills, integers), and values folded from constants at conversion time (e.g. the onnx `light` models'
+`ConstantOfShape` weights), are buffers of the `consts` submodule in every trainable mode.
 
 fp16 graphs compute in fp32 (parameters are fp32 master weights, written back as fp16): ONNX Runtime
 computes most fp16 kernels in fp32 on the CPU, and fp32 master weights are what mixed-precision
@@ -31,6 +33,7 @@ from onnx_inher.bridge import ops as _ops  # noqa: F401  (registers the converte
 from onnx_inher.bridge.registry import Ctx, Fn, lookup
 from onnx_inher.errors import InputError
 from onnx_inher.ir.naming import is_factor, node_ids
+from onnx_inher.ir.weights import weight_names
 
 TRAINABLE = ("factors", "all", "no-embeddings", "none")
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
@@ -216,6 +219,8 @@ class _Builder:
         # lookup tables (a Gather's data): a fine-tuned row only moves for tokens seen in training, so a
         # student trained on a small corpus drifts apart from the teacher on every other token
         self.tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
+        # only learned values become parameters: Resize scales, mask fills, epsilons... stay constants
+        self.weights = weight_names(model)
 
     def _requires_grad(self, name: str) -> bool:
         if self.trainable == "no-embeddings":
@@ -225,9 +230,13 @@ class _Builder:
     def _add_weight(self, program: GraphProgram, name: str, tensor: TensorProto, consts: dict[str, np.ndarray],
                     tensors: dict[str, torch.Tensor]) -> None:
         array = numpy_helper.to_array(tensor)
-        if tensor.data_type in FLOAT_TYPES:
+        if tensor.data_type in FLOAT_TYPES:  # computed in fp32 (fp64 stays fp64), weights or not
             value = torch.from_numpy(np.array(array, dtype=np.float32 if tensor.data_type != TensorProto.DOUBLE
                                               else np.float64))
+            if name not in self.weights:  # a fixed constant in every trainable mode
+                consts[name] = array
+                tensors[name] = value
+                return
             grad = self._requires_grad(name)
             if name in self.param_map:
                 key = self.param_map[name].removeprefix("weights.")
