@@ -6,7 +6,8 @@ Data flows one way: load -> locate -> plan -> factorize -> cleanup -> check -> s
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from onnx import ModelProto
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import LoadedModel, check_output, load_model, release_memory, save_model
 from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.shapes import Shapes, TensorInfo, check_shapes, complete_shapes, format_shape, infer, shape_symbols
 from onnx_inher.passes.cleanup import Cleanup
 from onnx_inher.passes.factorize import Factorize, release_weight
 from onnx_inher.passes.locate import locate
@@ -41,13 +43,42 @@ class Analysis:
     loaded: LoadedModel
     found: list
     views: dict[str, LayerView]
+    symbols: dict[str, int] = field(default_factory=dict)  # named dims: --dim and those the shapes fix
 
 
-def analyze(model: PathLike, dims: dict[str, int] | None = None) -> Analysis:
+def analyze(model: PathLike, dims: dict[str, int] | None = None,
+            shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
+    """Load and locate; FLOPs are counted at `shapes` (real input shapes, checked against the model)
+    and `dims` (named dynamic dims), every other dynamic dim at 1."""
     loaded = load_model(model)
-    found = locate(loaded.model, dims or {})
+    checked = check_shapes(loaded.model, shapes or {})
+    symbols = shape_symbols(loaded.model, checked, dims)
+    found = locate(loaded.model, symbols, counted_shapes(loaded, checked) if checked else None)
     views = {f.node: f for f in found if isinstance(f, LayerView)}
-    return Analysis(loaded, found, views)
+    return Analysis(loaded, found, views, symbols)
+
+
+def counted_shapes(loaded: LoadedModel, shapes: Shapes) -> dict[str, TensorInfo]:
+    """The shapes FLOPs are counted at: inferred with the inputs at `shapes`. When every input's shape is
+    then known, the dense nodes' tensors that inference leaves open (a Reshape whose target comes from
+    Shape/Slice ops) are observed in one ONNX Runtime run at those shapes, as `bench` counts them."""
+    try:
+        full = complete_shapes(loaded.model, shapes)
+    except InputError:
+        return infer(loaded.model, shapes)
+    from onnx_inher.bench.profile import shape_table
+
+    try:
+        return shape_table(loaded.path, loaded.model, sample_inputs(loaded.model, shapes=full))
+    except ImportError:  # no onnxruntime: what inference resolves
+        return infer(loaded.model, full)
+    except (InputError, MemoryError):
+        raise
+    except Exception as err:  # ORT's errors have several types: say which shape failed
+        given = ", ".join(f"{k}={format_shape(v)}" for k, v in full.items())
+        raise InputError(f"--shape {given}: the model does not run at this shape in ONNX Runtime "
+                         f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                         "check the shape.") from None
 
 
 def plan(model: PathLike, options: Options | None = None, *, target: str | None = None,
@@ -59,7 +90,7 @@ def plan(model: PathLike, options: Options | None = None, *, target: str | None 
     `allocate="sensitivity"` (and `calibration`), ranks are then moved to where the outputs need them."""
     options = options or Options()
     options.validate()
-    a = _analysis or analyze(model, options.dims)
+    a = _analysis or analyze(model, options.dims, options.shapes)
     return _plan(a, options, target, _spectra or Spectra())[0]
 
 
@@ -83,7 +114,7 @@ def _calibrate(a: Analysis, the_plan: Plan, options: Options) -> Calibration:
     from onnx_inher.tuning.calibrate import calibrate
 
     assert options.calibration
-    calibration = calibrate(a.loaded.model, a.views, the_plan, options.calibration, options.dims)
+    calibration = calibrate(a.loaded.model, a.views, the_plan, options.calibration, a.symbols)
     the_plan.options.calibration = options.calibration
     the_plan.warnings.extend(calibration.notes)
     return calibration
@@ -158,7 +189,10 @@ def compress(
     if plan_path and options.allocate != "energy":
         raise InputError("--allocate applies when planning; a --plan file's ranks are applied as written "
                          "(plan with --allocate, then compress --plan).")
-    a = analyze(model, options.dims)
+    if plan_path and not options.dims and not options.shapes:  # count at the plan's shapes, as it was made
+        planned = load_plan(plan_path).options
+        options = replace(options, dims=planned.dims, shapes=planned.shapes)
+    a = analyze(model, options.dims, options.shapes)
     spectra = Spectra()
     calibration = None
     if plan_path:
@@ -189,17 +223,25 @@ def compress(
     result = CompressResult(the_plan, written, notes=list(the_plan.warnings))
     if verify:
         result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,
-                                           feed=feed, layers=layers)
+                                           shapes=options.shapes, feed=feed, layers=layers)
     return result
 
 
 def verify_files(teacher: PathLike, student: PathLike, *, inputs: PathLike | None = None,
                  bound: float | None = None, dims: dict[str, int] | None = None,
+                 shapes: Mapping[str, Sequence[int]] | None = None,
                  feed: dict[str, np.ndarray] | None = None, seed: int = 0,
                  layers: dict[str, int] | None = None) -> VerifyReport:
-    """Teacher vs student in ONNX Runtime, on `inputs` (.npz) or random inputs of the right shapes."""
+    """Teacher vs student in ONNX Runtime, on `inputs` (.npz) or random inputs of the right shapes:
+    `shapes` (real input shapes, checked against the teacher), named dims from `dims`."""
+    if feed is None and inputs and shapes:
+        raise InputError("give the inputs (an .npz) or their shapes (--shape), not both: an .npz fixes the shapes.")
     t = load_model(teacher)
     load_model(student)
     if feed is None:
-        feed = load_inputs(inputs, t.model) if inputs else sample_inputs(t.model, dims, seed)
+        if inputs:
+            feed = load_inputs(inputs, t.model)
+        else:
+            checked = check_shapes(t.model, shapes or {})
+            feed = sample_inputs(t.model, shape_symbols(t.model, checked, dims), seed, shapes=checked)
     return verify_models(teacher, student, feed, bound, tensors=layers)

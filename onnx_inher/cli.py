@@ -17,7 +17,7 @@ import click
 
 from onnx_inher import api
 from onnx_inher.distill import AUGMENTS, TEACHER_MODES, TEACHER_RUNTIMES, TRAINABLE
-from onnx_inher.errors import InputError, OnnxInherError
+from onnx_inher.errors import CheckFailed, InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
 from onnx_inher.planning import Options, parse_policy
 from onnx_inher.reporting import text as report
@@ -31,6 +31,27 @@ def _dims(values: tuple[str, ...]) -> dict[str, int]:
             raise InputError(f"--dim: expected NAME=POSITIVE_INT (e.g. --dim batch=4), got '{v}'")
         out[name] = int(num)
     return out
+
+
+def _shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    """`--shape NAME=DxDxD` (repeatable, one per input): the trtexec / onnxruntime_perf_test convention."""
+    out: dict[str, list[int]] = {}
+    for v in values:
+        name, _, dims = v.rpartition("=")
+        parts = dims.split("x")
+        if not name or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise InputError(f"--shape: expected NAME=DxDx... with positive dims (e.g. --shape x=1x3x48x320), "
+                             f"got '{v}'")
+        if name in out:
+            raise InputError(f"--shape: input '{name}' is given twice; give one --shape per input.")
+        out[name] = [int(p) for p in parts]
+    return out
+
+
+shape_option = click.option(
+    "--shape", "shapes", multiple=True, metavar="NAME=DxD...",
+    help="Real shape of an input, e.g. x=1x3x48x320 (repeatable, one per input): FLOPs and sample inputs "
+         "use it, unnamed dynamic dims and spatial dims after a conv included.")
 
 
 def policy_options(f: Callable) -> Callable:
@@ -83,7 +104,8 @@ def _options(kw: dict[str, Any]) -> Options:
     policy = parse_policy(kw.pop("rank"), kw.pop("rank_ratio"), kw.pop("param_ratio"), kw.pop("energy"))
     o = Options(mode=kw.pop("mode"), heads=kw.pop("heads"), policy=policy, rank_multiple=kw.pop("rank_multiple"),
                 guard=not kw.pop("no_guard"), include=list(kw.pop("include")), exclude=list(kw.pop("exclude")),
-                min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), seed=kw.pop("seed"),
+                min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), shapes=_shapes(kw.pop("shapes", ())),
+                seed=kw.pop("seed"),
                 calibration=kw.pop("calibration", None), allocate=kw.pop("allocate", "energy"))
     o.validate()
     return o
@@ -135,6 +157,7 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @policy_options
+@shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @data_options
 @handled
@@ -154,6 +177,7 @@ def inspect(model: Path, as_json: bool, **kw: Any) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan JSON to write.")
 @policy_options
+@shape_option
 @click.option("--target", type=click.Choice(["cpu", "cuda"]),
               help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan's totals and file as JSON.")
@@ -178,6 +202,7 @@ def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Student ONNX to write.")
 @policy_options
+@shape_option
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Apply this plan instead of a policy.")
 @click.option("--verify/--no-verify", default=False, help="Run teacher and student in ONNX Runtime and compare.")
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of inputs keyed by input name for --verify.")
@@ -216,12 +241,15 @@ def compress(model: Path, output: Path, plan_path: Path | None, verify: bool, in
 @click.option("--inputs", type=click.Path(path_type=Path), help=".npz of inputs keyed by input name.")
 @click.option("--max-rel-error", type=float, help="Exit 1 if the relative error exceeds this.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Value of a dynamic dim (repeatable).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD...",
+              help="Shape of an input's random sample, e.g. x=1x3x48x320 (repeatable, one per input).")
 @click.option("--json", "as_json", is_flag=True)
 @handled
 def verify(teacher: Path, student: Path, inputs: Path | None, max_rel_error: float | None, dims: tuple[str, ...],
-           as_json: bool) -> None:
+           shapes: tuple[str, ...], as_json: bool) -> None:
     """Compare teacher and student outputs in ONNX Runtime."""
-    rep = api.verify_files(teacher, student, inputs=inputs, bound=max_rel_error, dims=_dims(dims))
+    rep = api.verify_files(teacher, student, inputs=inputs, bound=max_rel_error, dims=_dims(dims),
+                           shapes=_shapes(shapes))
     click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else report.verify_table(rep))
     if not rep.ok:
         sys.exit(1)
@@ -238,9 +266,15 @@ def _ints(value: str, option: str) -> list[int]:
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--provider", type=click.Choice(["auto", "cuda", "tensorrt", "cpu"]), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime offers it, else CPU (with a notice).")
-@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--batch", "batches", default=None,
+              help="Batch sizes, comma-separated (default 1; with --shape, each replaces the shapes' batch axis).")
 @click.option("--seq-len", "seq_lens", default="",
               help="Values of the inputs' dynamic dims after the batch axis, comma-separated (default 128).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD...",
+              help="Benchmark at this input shape, e.g. x=1x3x48x320 (repeatable, one per input; "
+                   "instead of --seq-len).")
+@click.option("--inputs", type=click.Path(path_type=Path),
+              help="Benchmark on these inputs: an .npz keyed by input name (instead of --shape/--batch/--seq-len).")
 @click.option("--threads", type=int, default=0, help="Intra-op threads on CPU (default: all cores).")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model and shape.")
 @click.option("--iters", type=int, default=100, show_default=True, help="Timed runs per model and shape.")
@@ -250,14 +284,15 @@ def _ints(value: str, option: str) -> list[int]:
               help="Report prefix: writes PREFIX.json, PREFIX.md and PREFIX.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
 @handled
-def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Path | None, as_json: bool,
-              **kw: Any) -> None:
+def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shapes: tuple[str, ...],
+              inputs: Path | None, output: Path | None, as_json: bool, **kw: Any) -> None:
     """Time MODELS interleaved in ONNX Runtime; the first is the baseline, the others get speedups vs it."""
     from onnx_inher.bench import bench
     from onnx_inher.reporting.bench import terminal, write_reports
 
-    result = bench(list(models), batches=_ints(batches, "--batch"),
-                   seq_lens=_ints(seq_lens, "--seq-len") if seq_lens else [], **kw)
+    result = bench(list(models), batches=_ints(batches, "--batch") if batches is not None else None,
+                   seq_lens=_ints(seq_lens, "--seq-len") if seq_lens else [],
+                   shapes=_shapes(shapes) if shapes else None, inputs=inputs, **kw)
     doc = result.to_dict()
     written = write_reports(doc, output) if output else []
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else terminal(doc))
@@ -285,7 +320,8 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="KD weight of the label loss.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
               help="Loss of a graph output: kd, kl, mse, cosine or pooled (cosine of mask-mean-pooled "
-                   "token outputs), optionally weighted (repeatable).")
+                   "token outputs), optionally weighted (repeatable). kd/kl read logits, or the log of a "
+                   "Softmax output's probabilities (never a second softmax); the default follows the output.")
 @click.option("--features", default="", help="Feature KD: 'auto' (factorised layers' outputs) or comma-separated "
                                              "tensor names present in teacher and student.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True)
@@ -318,11 +354,13 @@ def bench_cmd(models: tuple[Path, ...], batches: str, seq_lens: str, output: Pat
 @click.option("--threads", type=int, default=0, show_default=True,
               help="torch intra-op threads on the CPU (0: one per core; 1 is often faster on a busy machine).")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Dynamic dims for data-free inputs.")
+@click.option("--require-improvement", is_flag=True,
+              help="Exit 1 (after writing OUTPUT) when validation never improved on the starting student.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handled
 def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data: str | None, losses: tuple[str, ...],
                 features: str, dims: tuple[str, ...], checkpoint_dir: Path | None, resume: bool, metrics: Path | None,
-                cache_dir: Path | None, as_json: bool, **kw: Any) -> None:
+                cache_dir: Path | None, require_improvement: bool, as_json: bool, **kw: Any) -> None:
     """Fine-tune a compressed STUDENT to match its teacher (KD), verify it in ONNX Runtime, write it.
 
     Under `torchrun --nproc_per_node N onnx-inher distill ...` it trains with DistributedDataParallel.
@@ -336,9 +374,17 @@ def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data:
     if result.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
         return
     doc = result.to_json()
+    train = result.train
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
-        return
+    else:
+        _print_distill(result)
+    if require_improvement and train.improved is False:
+        raise CheckFailed("--require-improvement: validation never improved on the starting student; "
+                          f"{result.output} holds its starting weights.")
+
+
+def _print_distill(result: Any) -> None:
     train = result.train
     teacher = f"run per batch in {result.teacher_runtime}" if result.teacher_mode == "online" else \
         "cached" if result.teacher_cached else "run"
@@ -350,6 +396,9 @@ def distill_cmd(student: Path, teacher: Path, data: str, output: Path, val_data:
     for name, values in (("before", train.initial), ("after", train.final)):
         if values:
             click.echo(f"validation {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    if train.improved is False:
+        click.echo("validation never improved on the starting student: it keeps its starting weights "
+                   "(try a lower --lr, more --steps, --features auto)")
     click.echo(f"student written to {result.output}")
 
 
@@ -375,14 +424,30 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--temperature", type=float, default=4.0, show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--features", default="", help="Feature KD: 'auto' or comma-separated tensor names.")
+@click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
+              help="Loss of a graph output, as for `distill --loss` (kd/kl also mark it as class scores for the "
+                   "evaluation, mse/cosine/pooled as features; repeatable).")
+@click.option("--metric", metavar="MODULE:FUNCTION",
+              help="Your metric, the report's headline: f(teacher_outputs, student_outputs, inputs) -> float or "
+                   "{name: float}, dicts of arrays (samples on axis 0; inputs with 'labels' when the data has "
+                   "them). MODULE is imported from the current folder, or give path/to/file.py:FUNCTION.")
+@click.option("--ctc-blank", default="auto", show_default=True, metavar="auto|none|N",
+              help="Blank class for CTC-greedy decoded agreement of [N,T,C] outputs. auto: class 0 (PaddleOCR, "
+                   "torch) or C-1 (TensorFlow), whichever the teacher predicts on most frames if it is the most "
+                   "frequent class; none: no CTC decoding.")
 @trainable_option
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--compare-pair", is_flag=True,
               help="Also distil a plain pair with the same ranks, to see whether the heads pay for themselves.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--batch", "batches", default="1,32", show_default=True, help="Bench batch sizes.")
-@click.option("--seq-len", "seq_lens", default="", help="Bench sequence lengths (dynamic inner dims).")
+@click.option("--batch", "batches", default="1,32", show_default=True,
+              help="Bench batch sizes (the bench runs at --data's sample shape with this batch axis).")
+@click.option("--seq-len", "seq_lens", default="",
+              help="Bench sequence lengths (dynamic inner dims) instead of --data's sample shape.")
 @click.option("--iters", type=int, default=50, show_default=True, help="Timed bench runs per model and shape.")
+@click.option("--require-improvement", is_flag=True,
+              help="Exit 1 when a distillation never improved on its SVD-initialised student (validation never "
+                   "beat the starting weights, which were then kept); the run folder and report are written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's results as JSON.")
 @data_options
 @handled
@@ -391,21 +456,28 @@ def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | No
             compare_pair: bool, provider: str, batches: str, seq_lens: str, iters: int, as_json: bool,
             **kw: Any) -> None:
     """plan -> compress -> verify -> distill -> verify -> bench -> report, into one resumable run folder."""
-    from onnx_inher.distill import DistillOptions
-    from onnx_inher.run import BenchSettings, run
+    from onnx_inher.distill import DistillOptions, parse_assignments
+    from onnx_inher.run import BenchSettings, not_improved, run
 
+    losses, metric, ctc_blank = kw.pop("losses"), kw.pop("metric"), kw.pop("ctc_blank")
+    require_improvement = kw.pop("require_improvement")
     if kw["allocate"] == "sensitivity" and not kw["calibration"]:
         kw["calibration"] = data  # measure on the data the student will be distilled on
     options = _options(kw)
     dopts = DistillOptions(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
                            alpha=alpha, features=[f for f in features.split(",") if f], trainable=trainable,
-                           val_fraction=val_fraction, seed=options.seed, dims=options.dims)
+                           val_fraction=val_fraction, seed=options.seed, dims=options.dims,
+                           losses=parse_assignments(losses, "--loss"))
     bset = BenchSettings(batches=tuple(_ints(batches, "--batch")),
                          seq_lens=tuple(_ints(seq_lens, "--seq-len")) if seq_lens else (), provider=provider,
                          iters=iters)
-    result = run(teacher, data, output, options, dopts, bset, compare_pair=compare_pair,
-                 log=(lambda m: click.echo(m, err=True)))
+    result = run(teacher, data, output, options, dopts, bset, compare_pair=compare_pair, metric=metric,
+                 ctc_blank=ctc_blank, log=(lambda m: click.echo(m, err=True)))
     _print_run(result, as_json)
+    stuck = not_improved(result.distill)
+    if require_improvement and stuck:
+        raise CheckFailed(f"--require-improvement: distillation did not improve {', '.join(stuck)} on its SVD "
+                          f"initialisation (see {output / 'report.md'}).")
 
 
 @main.command()

@@ -33,17 +33,24 @@ class Skip:
     params: int = 0
 
 
-def locate(model: ModelProto, symbols: dict[str, int] | None = None) -> list[LayerView | Skip]:
-    """Views and skips for every dense node, in graph order (subgraph findings last)."""
+def locate(model: ModelProto, symbols: dict[str, int] | None = None,
+           counted: dict[str, TensorInfo] | None = None) -> list[LayerView | Skip]:
+    """Views and skips for every dense node, in graph order (subgraph findings last).
+
+    Row counts (FLOPs) come from the `counted` shape table when given (shapes at the real input shapes,
+    `ir.shapes.infer(model, inputs)`), else from the model's inferred shapes; dynamic dims left in it
+    resolve through `symbols` (default 1). The views' own dims are always the declared ones, so what
+    `factorize` emits does not depend on the shape the plan was counted at."""
     symbols = symbols or {}
     graph = model.graph
     index = GraphIndex.build(graph)
     shapes = infer(model)
+    basis = Basis(counted if counted is not None else shapes, symbols)
     ids = node_ids(graph)
     found: list[LayerView | Skip] = []
     for i, node in enumerate(graph.node):
         if node.op_type in DENSE_OPS and node.domain in ("", "ai.onnx"):
-            found.append(_view(node, i, ids[i], index, shapes, symbols))
+            found.append(_view(node, i, ids[i], index, shapes, basis))
     _mark_shared(found, index)
     for i, node in enumerate(graph.node):
         found.extend(_subgraph_skips(node, ids[i]))
@@ -70,6 +77,17 @@ def _dims(shapes: dict[str, TensorInfo], name: str) -> tuple | None:
     return info.dims if info is not None else None
 
 
+@dataclass(frozen=True)
+class Basis:
+    """What row counts are computed at: a shape table and values for its named dims (others count 1)."""
+
+    shapes: dict[str, TensorInfo]
+    symbols: dict[str, int]
+
+    def dims(self, name: str) -> tuple | None:
+        return _dims(self.shapes, name)
+
+
 def _count(dims: tuple | None, symbols: dict[str, int]) -> int:
     return int(np.prod(resolve(dims, symbols))) if dims else 1
 
@@ -87,12 +105,12 @@ def _weight(node: NodeProto, nid: str, index: GraphIndex, slot: int) -> Constant
     return folded
 
 
-def _view(node: NodeProto, i: int, nid: str, index: GraphIndex, shapes: dict, symbols: dict) -> LayerView | Skip:
+def _view(node: NodeProto, i: int, nid: str, index: GraphIndex, shapes: dict, basis: Basis) -> LayerView | Skip:
     if node.op_type == "MatMul":
-        return _matmul(node, i, nid, index, shapes, symbols)
+        return _matmul(node, i, nid, index, shapes, basis)
     if node.op_type == "Gemm":
-        return _gemm(node, i, nid, index, shapes, symbols)
-    return _conv(node, i, nid, index, shapes, symbols)
+        return _gemm(node, i, nid, index, shapes, basis)
+    return _conv(node, i, nid, index, shapes, basis)
 
 
 def _skip(node: NodeProto, nid: str, reason: str, w: Constant | None = None) -> Skip:
@@ -100,7 +118,7 @@ def _skip(node: NodeProto, nid: str, reason: str, w: Constant | None = None) -> 
     return Skip(nid, node.op_type, reason, shape, int(w.value.size) if w is not None else 0)
 
 
-def _matmul(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
+def _matmul(node, i, nid, index, shapes, basis) -> LayerView | Skip:
     right, left = _weight(node, nid, index, 1), _weight(node, nid, index, 0)
     if isinstance(right, Constant) and isinstance(left, Constant):
         return _skip(node, nid, "both inputs are constant (constant folding, not a layer)")
@@ -110,19 +128,19 @@ def _matmul(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
         return _skip(node, nid, why.reason if isinstance(why, NotConstant) else "no constant weight")
     if w.value.ndim != 2:
         return _skip(node, nid, f"weight is {w.value.ndim}-D; only 2-D weights are factorised", w)
-    x_dims = _dims(shapes, x_name)
+    x_dims, cx = _dims(shapes, x_name), basis.dims(x_name)
     if side == "right":
         n_in, n_out = w.value.shape
-        rows = _count(x_dims[:-1] if x_dims else None, symbols)
+        rows = _count(cx[:-1] if cx else None, basis.symbols)
     else:
         n_out, n_in = w.value.shape
-        rows = _count(x_dims[:-2] + x_dims[-1:] if x_dims and len(x_dims) >= 2 else None, symbols)
+        rows = _count(cx[:-2] + cx[-1:] if cx and len(cx) >= 2 else None, basis.symbols)
     return LayerView(nid, "MatMul", i, node.output[0], 1 if side == "right" else 0, w.root, w.chain, w.value, side, 1,
                      int(n_out), int(n_in), (), None, rows, rows, 1, len(x_dims) if x_dims else None,
                      _dims(shapes, node.output[0]), {})
 
 
-def _gemm(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
+def _gemm(node, i, nid, index, shapes, basis) -> LayerView | Skip:
     attrs = {k: attr(node, k, d) for k, d in (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0))}
     right, left = _weight(node, nid, index, 1), _weight(node, nid, index, 0)
     if isinstance(right, Constant) and isinstance(left, Constant):
@@ -131,14 +149,14 @@ def _gemm(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
         side, w, slot = "right", right, 1
         wm = w.value.T if attrs["transB"] else w.value
         n_in, n_out = wm.shape
-        a_dims = _dims(shapes, node.input[0])
-        rows = _count(a_dims[1:] if a_dims and attrs["transA"] else a_dims[:1] if a_dims else None, symbols)
+        a_dims = basis.dims(node.input[0])
+        rows = _count(a_dims[1:] if a_dims and attrs["transA"] else a_dims[:1] if a_dims else None, basis.symbols)
     elif isinstance(left, Constant):
         side, w, slot = "left", left, 0
         wm = w.value.T if attrs["transA"] else w.value
         n_out, n_in = wm.shape
-        b_dims = _dims(shapes, node.input[1])
-        rows = _count(b_dims[:1] if b_dims and attrs["transB"] else b_dims[1:] if b_dims else None, symbols)
+        b_dims = basis.dims(node.input[1])
+        rows = _count(b_dims[:1] if b_dims and attrs["transB"] else b_dims[1:] if b_dims else None, basis.symbols)
     else:
         return _skip(node, nid, right.reason if isinstance(right, NotConstant) else "no constant weight")
     bias = None
@@ -154,7 +172,7 @@ def _gemm(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
                      bias, rows, rows, 1, 2, _dims(shapes, node.output[0]), attrs)
 
 
-def _conv(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
+def _conv(node, i, nid, index, shapes, basis) -> LayerView | Skip:
     w = _weight(node, nid, index, 1)
     if isinstance(w, NotConstant):
         return _skip(node, nid, w.reason)
@@ -178,11 +196,12 @@ def _conv(node, i, nid, index, shapes, symbols) -> LayerView | Skip:
             return _skip(node, nid, f"bias is not a constant ({b.reason})", w)
         bias = b.value
     x_dims, y_dims = _dims(shapes, node.input[0]), _dims(shapes, node.output[0])
-    batch = _count(x_dims[:1], symbols) if x_dims else 1
+    cx, cy, sym = basis.dims(node.input[0]), basis.dims(node.output[0]), basis.symbols
+    batch = _count(cx[:1], sym) if cx else 1
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     return LayerView(nid, node.op_type, i, node.output[0], 1, w.root, w.chain, value, "right", groups, int(out_g),
-                     int(cin_g * k), kernel, bias, _count(y_dims[:1] + y_dims[2:] if y_dims else None, symbols),
-                     _count(x_dims[:1] + x_dims[2:] if x_dims else None, symbols), batch,
+                     int(cin_g * k), kernel, bias, _count(cy[:1] + cy[2:] if cy else None, sym),
+                     _count(cx[:1] + cx[2:] if cx else None, sym), batch,
                      len(x_dims) if x_dims else None, y_dims, attrs)
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from onnx_inher.distill import DistillOptions
 from onnx_inher.distill.losses import (
+    LOG_FLOOR,
     OutputLoss,
+    class_scores,
     cosine,
     cross_entropy,
     default_kind,
@@ -19,6 +24,9 @@ from onnx_inher.distill.losses import (
     mse,
     normalised_mse,
 )
+from onnx_inher.distill.run import loss_plan
+from onnx_inher.ir.outputs import LOG_PROBABILITIES, LOGITS, OTHER, PROBABILITIES, OutputKind
+from tests.helpers import ctc_inputs, ctc_teacher, mlp_teacher, ort_run, softmax
 
 LN3 = math.log(3.0)
 
@@ -143,9 +151,106 @@ def test_output_loss_dispatch_and_validation() -> None:
         OutputLoss("y", "mse", weight=-1.0)
 
 
-@pytest.mark.parametrize(("name", "rank", "labels", "kind"), [
-    ("logits", 2, True, "kd"), ("logits", 2, False, "kl"), ("output_probability", 2, False, "kl"),
-    ("fc_out", 2, True, "kd"), ("pooler_output", 2, False, "cosine"), ("last_hidden_state", 3, False, "cosine"),
+def kind(name: str, what: str, rank: int, axis: int | None = None) -> OutputKind:
+    return OutputKind(name, what, axis if axis is not None or what == OTHER else rank - 1, rank, None, "test")
+
+
+@pytest.mark.parametrize(("output", "labels", "expected"), [
+    (kind("logits", LOGITS, 2), True, "kd"), (kind("logits", LOGITS, 2), False, "kl"),
+    (kind("y", PROBABILITIES, 2), True, "kd"), (kind("fetch_name_0", PROBABILITIES, 3), True, "kl"),
+    (kind("seg", LOGITS, 4, axis=1), False, "kl"), (kind("lp", LOG_PROBABILITIES, 3), False, "kl"),
+    (kind("pooler_output", OTHER, 2), True, "cosine"), (kind("last_hidden_state", OTHER, 3), False, "cosine"),
 ])
-def test_default_kind_per_output(name: str, rank: int, labels: bool, kind: str) -> None:
-    assert default_kind(name, rank, labels) == kind
+def test_default_kind_follows_what_the_output_holds(output: OutputKind, labels: bool, expected: str) -> None:
+    assert default_kind(output, labels) == expected
+
+
+def numpy_kl_probabilities(student: np.ndarray, teacher: np.ndarray, temperature: float) -> float:
+    """Reference for probability outputs: T² · mean over positions of KL between p^(1/T) renormalised."""
+    def sharpen(p: np.ndarray) -> np.ndarray:
+        q = p.astype(np.float64) ** (1.0 / temperature)
+        return q / q.sum(-1, keepdims=True)
+
+    p, q = sharpen(teacher), sharpen(student)
+    return float((p * np.log(p / q)).sum(-1).mean() * temperature**2)
+
+
+def test_kl_on_probabilities_by_hand() -> None:
+    # teacher [1/4, 3/4], student [1/2, 1/2] as probabilities: the same KL as on their logits [0, ln 3], [0, 0]
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    loss = OutputLoss("p", "kl", temperature=1.0, space=PROBABILITIES)
+    assert loss(t([[0.5, 0.5]]), t([[0.25, 0.75]]), None).item() == pytest.approx(expected, rel=1e-6)
+    # the bug this replaces: a softmax over probabilities flattens both towards uniform (0.030, not 0.131)
+    assert kl(t([[0.5, 0.5]]), t([[0.25, 0.75]]), 1.0).item() < 0.25 * expected
+
+
+def test_kl_on_probabilities_with_temperature_matches_numpy_and_logits() -> None:
+    rng = np.random.default_rng(1)
+    zs, zt = rng.normal(size=(2, 3, 7)) * 3, rng.normal(size=(2, 3, 7)) * 3  # [N, T, C] logits
+    ps, pt = softmax(zs).astype(np.float32), softmax(zt).astype(np.float32)
+    for temperature in (1.0, 2.0, 4.0):
+        loss = OutputLoss("p", "kl", temperature=temperature, space=PROBABILITIES, class_axis=2)
+        got = loss(torch.from_numpy(ps), torch.from_numpy(pt), None).item()
+        assert got == pytest.approx(numpy_kl_probabilities(ps, pt, temperature), rel=1e-4)
+        # p^(1/T) renormalised = softmax(logits / T): the model is distilled as if it exported logits
+        assert got == pytest.approx(numpy_kl(zs.reshape(-1, 7), zt.reshape(-1, 7), temperature), rel=1e-4)
+        assert loss(torch.from_numpy(pt), torch.from_numpy(pt), None).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_on_log_probabilities_and_class_axis_one() -> None:
+    rng = np.random.default_rng(2)
+    zs, zt = rng.normal(size=(2, 4, 3, 3)), rng.normal(size=(2, 4, 3, 3))  # [N, C, H, W]
+    lps = torch.from_numpy(np.log(softmax(zs, axis=1))).float()
+    lpt = torch.from_numpy(np.log(softmax(zt, axis=1))).float()
+    expected = numpy_kl(np.moveaxis(zs, 1, -1).reshape(-1, 4), np.moveaxis(zt, 1, -1).reshape(-1, 4), 2.0)
+    loss = OutputLoss("seg", "kl", temperature=2.0, space=LOG_PROBABILITIES, class_axis=1)
+    assert loss(lps, lpt, None).item() == pytest.approx(expected, rel=1e-5)
+    logits = OutputLoss("seg", "kl", temperature=2.0, class_axis=1)  # per pixel on logits, same value
+    assert logits(torch.from_numpy(zs).float(), torch.from_numpy(zt).float(), None).item() == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_on_probabilities_is_masked_per_position() -> None:
+    pt = t([[[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]]])  # [N=1, T=3, C=2]; frame 2 is padding
+    ps = t([[[0.5, 0.5], [0.5, 0.5], [0.0, 1.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    expected = (0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5) + 0.0) / 2
+    loss = OutputLoss("p", "kl", temperature=1.0, space=PROBABILITIES)
+    assert loss(ps, pt, None, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_probabilities_kd_uses_their_log_for_the_label_term() -> None:
+    ps, pt, labels = t([[0.5, 0.5]]), t([[0.25, 0.75]]), torch.tensor([1])
+    soft = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    loss = OutputLoss("p", "kd", temperature=1.0, alpha=0.3, space=PROBABILITIES)
+    assert loss(ps, pt, labels).item() == pytest.approx(0.3 * math.log(2.0) + 0.7 * soft, rel=1e-6)
+
+
+def test_underflowed_probabilities_give_finite_loss_and_gradient() -> None:
+    student = torch.tensor([[1.0, 0.0, 1e-40, 3e-38]], requires_grad=True)
+    teacher = t([[0.5, 0.5, 0.0, 0.0]])
+    value = OutputLoss("p", "kl", temperature=4.0, space=PROBABILITIES)(student, teacher, None)
+    value.backward()
+    assert math.isfinite(value.item()) and torch.isfinite(student.grad).all()
+    assert class_scores(t([[0.0, 1.0]]), PROBABILITIES).tolist() == [[pytest.approx(LOG_FLOOR), 0.0]]
+    with pytest.raises(ValueError, match="space"):
+        OutputLoss("p", "kl", space="odds")
+
+
+def test_default_losses_of_a_softmax_teacher_and_a_logits_teacher(tmp_path: Path) -> None:
+    path = ctc_teacher(tmp_path / "ctc.onnx")
+    ctc = onnx.load(str(path))
+    for options in (DistillOptions(), DistillOptions(losses={"fetch_name_0": "kl"})):  # default, and named
+        (loss,) = loss_plan(ctc, ctc, False, options).outputs
+        assert (loss.kind, loss.space, loss.class_axis, loss.temperature) == ("kl", PROBABILITIES, 2, 4.0)
+    p = ort_run(path, {"x": ctc_inputs(8)})[0]
+    assert loss(torch.from_numpy(p), torch.from_numpy(p), None).item() == pytest.approx(0.0, abs=1e-6)
+    noisy = softmax(np.log(p) + np.random.default_rng(0).normal(scale=0.5, size=p.shape)).astype(np.float32)
+    got = loss(torch.from_numpy(noisy), torch.from_numpy(p), None).item()
+    assert got == pytest.approx(numpy_kl_probabilities(noisy, p, 4.0), rel=1e-4) and got > 1e-3
+    (cos,) = loss_plan(ctc, ctc, False, DistillOptions(losses={"fetch_name_0": "cosine"})).outputs
+    assert cos.kind == "cosine"
+    mlp = onnx.load(str(mlp_teacher(tmp_path / "mlp.onnx")))
+    for labels, expected in ((True, "kd"), (False, "kl")):
+        (loss,) = loss_plan(mlp, mlp, labels, DistillOptions()).outputs
+        assert (loss.kind, loss.space, loss.class_axis) == (expected, LOGITS, 1)

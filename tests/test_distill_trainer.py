@@ -207,6 +207,21 @@ def test_cli_distill_json_and_bad_data(setup: dict[str, Path], tmp_path: Path) -
     assert not (tmp_path / "d.onnx").exists()
 
 
+def test_a_run_that_never_improves_says_so_and_can_fail(setup: dict[str, Path], tmp_path: Path) -> None:
+    args = ["distill", str(setup["student"]), "--teacher", str(setup["teacher"]), "--data", str(setup["data"]),
+            "--cache-dir", str(setup["dir"] / "cache"), "--steps", "4", "--eval-every", "2", "--lr", "50",
+            "--warmup", "0", "--clip", "0", "--trainable", "all", "--batch-size", "16"]
+    runner = CliRunner()
+    told = runner.invoke(main, [*args, "-o", str(tmp_path / "a.onnx")])
+    assert told.exit_code == 0 and "validation never improved on the starting student" in told.stdout
+    failed = runner.invoke(main, [*args, "-o", str(tmp_path / "b.onnx"), "--require-improvement"])
+    assert failed.exit_code == 1 and "--require-improvement" in failed.stderr
+    assert (tmp_path / "b.onnx").exists()  # written, with its starting weights
+    fine = runner.invoke(main, [*args[:8], "--steps", "12", "--eval-every", "4", "-o", str(tmp_path / "c.onnx"),
+                                "--require-improvement", "--batch-size", "16"])
+    assert fine.exit_code == 0, fine.output
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
     lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
     assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3]) and lrs[9] == pytest.approx(1.0)

@@ -124,3 +124,16 @@ def test_reports_are_readable_by_others(tmp_path: Path) -> None:
         os.umask(old)
     assert (tmp_path / "plan.json").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_a_distillation_that_gave_its_start_back_is_reported_as_such() -> None:
+    from onnx_inher.reporting.text import _training_line
+    from onnx_inher.run import not_improved
+
+    variants = {"student": {"distill": {"train": {"improved": False, "steps": 80}}},
+                "student_pair": {"distill": {"train": {"improved": True, "steps": 80}}}}
+    assert not_improved(variants) == ["student"]
+    assert not_improved({"student": {"distill": {"train": {"improved": None}}}}) == []
+    line = _training_line("student", variants["student"]["distill"])
+    assert "validation never improved on the starting student" in line and "SVD-initialised" in line
+    assert "never improved" not in _training_line("pair", variants["student_pair"]["distill"])

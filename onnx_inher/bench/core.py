@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from onnx_inher.bench.profile import Profile, feed_shapes, profile
 from onnx_inher.bench.sessions import Runner, Settings, create, first_line, interleave
 from onnx_inher.bench.stats import Ratio, Summary, speedup, summarize
 from onnx_inher.errors import InputError
-from onnx_inher.runtime import machine_info, sample_inputs
+from onnx_inher.ir.shapes import Shapes, check_shapes, complete_shapes, format_shape, graph_inputs
+from onnx_inher.runtime import load_inputs, machine_info, sample_inputs
 
 FORMAT = "onnx-inher-bench/1"
 DEFAULT_SEQ_LEN = 128
@@ -173,6 +174,55 @@ def point_dims(model: ModelProto, batch: int, seq_len: int | None) -> tuple[dict
     return dims, None
 
 
+def with_batch(model: ModelProto, shapes: Shapes, batch: int) -> tuple[Shapes | None, str | None]:
+    """`shapes` with axis 0 set to `batch` where the model's axis 0 is dynamic, or why it cannot be."""
+    out: Shapes = {}
+    dynamic = False
+    for inp in graph_inputs(model):
+        shape = shapes[inp.name]
+        dims = inp.type.tensor_type.shape.dim
+        if shape and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            dynamic = True
+            shape = (batch, *shape[1:])
+        out[inp.name] = shape
+    first = next((s[0] for s in shapes.values() if s), None)
+    if not dynamic and batch != first:
+        return None, f"batch {batch}: no input has a dynamic batch axis (the shapes are {_shapes_text(shapes)})"
+    return out, None
+
+
+def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}={format_shape(tuple(v))}" for k, v in shapes.items())
+
+
+def _given_points(model: ModelProto, batches: Sequence[int] | None, shapes: Mapping[str, Sequence[int]] | None,
+                  inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None, seed: int,
+                  skipped: list[str]) -> list[Point]:
+    """The points of `shapes` (one per batch when `batches` is given) or the one point of `inputs`."""
+    if inputs is not None:
+        if isinstance(inputs, Mapping):
+            feed = {k: np.asarray(v) for k, v in inputs.items()}
+            names = [i.name for i in graph_inputs(model)]
+            if sorted(feed) != sorted(names):
+                raise InputError(f"bench: inputs must be keyed by the model's input names {names}; got {sorted(feed)}")
+            check_shapes(model, {k: v.shape for k, v in feed.items()}, source="bench inputs")
+        else:
+            feed = load_inputs(inputs, model)
+        first = next((v.shape[0] for v in feed.values() if v.ndim), 1)
+        return [Point(int(first), None, feed)]
+    assert shapes is not None
+    full = complete_shapes(model, shapes)
+    points = []
+    for batch in [None] if batches is None else sorted(set(batches)):
+        point_shapes, why = (full, None) if batch is None else with_batch(model, full, batch)
+        if point_shapes is None:
+            skipped.append(str(why))
+            continue
+        first = next((s[0] for s in point_shapes.values() if s), 1)
+        points.append(Point(int(first), None, sample_inputs(model, seed=seed, shapes=point_shapes)))
+    return points
+
+
 def _validate(paths: Sequence[Path], batches: Sequence[int], seq_lens: Sequence[int], warmup: int, iters: int,
               threads: int) -> None:
     if not paths:
@@ -184,41 +234,59 @@ def _validate(paths: Sequence[Path], batches: Sequence[int], seq_lens: Sequence[
         raise InputError("bench: --batch and --seq-len take positive integers, e.g. --batch 1,8,32.")
 
 
-def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", batches: Sequence[int] = (1,),
-          seq_lens: Sequence[int] = (), threads: int = 0, warmup: int = 10, iters: int = 100,
-          cuda_graph: bool = False, per_layer: bool = False, layer_iters: int | None = None,
-          seed: int = 0) -> BenchResult:
+def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", batches: Sequence[int] | None = None,
+          seq_lens: Sequence[int] = (), shapes: Mapping[str, Sequence[int]] | None = None,
+          inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None, threads: int = 0,
+          warmup: int = 10, iters: int = 100, cuda_graph: bool = False, per_layer: bool = False,
+          layer_iters: int | None = None, seed: int = 0) -> BenchResult:
     """Time `models` interleaved at every (batch, seq_len); the first model is the baseline.
+
+    `shapes` ({input: dims}, the trtexec `--shapes` convention) or `inputs` (an .npz keyed by input name,
+    or the arrays) give the benchmarked shapes instead; they are checked against the baseline. With
+    `shapes`, `batches` (when given) replaces the dynamic batch axis, one point per batch; `inputs` are
+    fed as they are. `seq_lens` does not combine with either. `batches` defaults to 1.
 
     `per_layer` also times every factorised layer alone against its dense original (`layer_iters`
     timed runs each, default `iters`)."""
     paths = [Path(m) for m in models]
     threads = threads or (os.cpu_count() or 1)
-    _validate(paths, batches, seq_lens, warmup, iters, threads)
+    given = shapes is not None or inputs is not None
+    if shapes is not None and inputs is not None:
+        raise InputError("bench: give --shape or --inputs, not both (an .npz fixes the shapes).")
+    if given and seq_lens:
+        raise InputError(f"bench: --seq-len sets dynamic dims, but {'--shape' if shapes is not None else '--inputs'} "
+                         "already gives the shapes; drop --seq-len.")
+    if inputs is not None and batches is not None:
+        raise InputError("bench: --inputs are fed as they are (batch included); drop --batch, or give --shape "
+                         "and --batch.")
+    _validate(paths, (1,) if batches is None else batches, seq_lens, warmup, iters, threads)
     entries = [Model(label, p, _load(p)) for label, p in zip(_labels(paths), paths, strict=True)]
     check_same_inputs(entries)
-    settings = Settings(provider=provider, threads=threads, spinning=len(entries) == 1, cuda_graph=cuda_graph)
-    chosen = settings.provider_list()  # fail early on an unavailable provider
-    if cuda_graph and not any(isinstance(p, tuple) and p[0] == "CUDAExecutionProvider" for p in chosen):
-        raise InputError("--cuda-graph needs the CUDA provider; drop it or run with --provider cuda on a GPU.")
     skipped: list[str] = []
     points: list[Point] = []
     sampler = _with_external_data(entries[0])  # token-id bounds read the embedding tables
-    inner = dynamic_inner_dims(entries[0].proto)
-    if seq_lens and not inner:
-        skipped.append("--seq-len ignored: the baseline's inputs have no dynamic dim after the batch axis")
-    seqs: list[int | None] = (list(sorted(set(seq_lens))) or [DEFAULT_SEQ_LEN]) if inner else [None]
-    for batch in sorted(set(batches)):
-        for seq in seqs:
-            dims, why = point_dims(entries[0].proto, batch, seq)
-            if dims is None:
-                skipped.append(str(why))
-                continue
-            points.append(Point(batch, seq, sample_inputs(sampler, dims, seed)))
+    if given:
+        points = _given_points(sampler, batches, shapes, inputs, seed, skipped)
+    else:
+        inner = dynamic_inner_dims(entries[0].proto)
+        if seq_lens and not inner:
+            skipped.append("--seq-len ignored: the baseline's inputs have no dynamic dim after the batch axis")
+        seqs: list[int | None] = (list(sorted(set(seq_lens))) or [DEFAULT_SEQ_LEN]) if inner else [None]
+        for batch in sorted(set((1,) if batches is None else batches)):
+            for seq in seqs:
+                dims, why = point_dims(entries[0].proto, batch, seq)
+                if dims is None:
+                    skipped.append(str(why))
+                    continue
+                points.append(Point(batch, seq, sample_inputs(sampler, dims, seed)))
     del sampler
     if not points:
         raise InputError(f"bench: no requested shape fits the baseline ({'; '.join(skipped)}); "
                          "pick --batch values the model accepts.")
+    settings = Settings(provider=provider, threads=threads, spinning=len(entries) == 1, cuda_graph=cuda_graph)
+    chosen = settings.provider_list()  # fail before timing on an unavailable provider
+    if cuda_graph and not any(isinstance(p, tuple) and p[0] == "CUDAExecutionProvider" for p in chosen):
+        raise InputError("--cuda-graph needs the CUDA provider; drop it or run with --provider cuda on a GPU.")
     used = _run_points(entries, points, settings, warmup, iters, seed)
     result = BenchResult(
         settings={"provider_requested": provider, "provider": used, "threads_intra_op": threads,
@@ -226,13 +294,21 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
                   "io_binding": used != "CPUExecutionProvider", "warmup": warmup, "iters": iters,
                   "order": "interleaved round-robin (A, B, A, B, ...) after per-shape warm-up",
                   "ratio": "baseline p50 / model p50; paired percentile bootstrap over rounds",
-                  "layer_iters": (layer_iters or iters) if per_layer else None, "seed": seed},
+                  "layer_iters": (layer_iters or iters) if per_layer else None, "seed": seed,
+                  "shapes": {k: [int(d) for d in v] for k, v in shapes.items()} if shapes is not None else None,
+                  "inputs": _inputs_label(inputs)},
         machine=machine_info(used), models=entries, points=points, skipped=skipped)
     if per_layer and len(entries) > 1:
 
         result.layers = per_layer_results(entries, points, settings, min(warmup, layer_iters or iters),
                                           layer_iters or iters)
     return result
+
+
+def _inputs_label(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None) -> str | None:
+    if inputs is None:
+        return None
+    return "arrays given to bench()" if isinstance(inputs, Mapping) else str(inputs)
 
 
 def _sessions(entries: list[Model], point: Point, settings: Settings) -> list[Runner]:

@@ -36,19 +36,8 @@ class Profile:
 
 
 def concrete_shapes(model: ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
-    """Inferred shapes with the graph inputs set to `shapes` (the inputs are restored afterwards;
-    editing them in place avoids copying the weights)."""
-    saved = [(inp, onnx.TypeProto()) for inp in model.graph.input if inp.name in shapes]
-    for inp, backup in saved:
-        backup.CopyFrom(inp.type)
-        for d, v in zip(inp.type.tensor_type.shape.dim, shapes[inp.name], strict=True):
-            d.Clear()
-            d.dim_value = int(v)
-    try:
-        return infer(model)
-    finally:
-        for inp, backup in saved:
-            inp.type.CopyFrom(backup)
+    """Inferred shapes with the graph inputs set to `shapes` (see `ir.shapes.infer`)."""
+    return infer(model, shapes)
 
 
 def _dense_tensors(model: ModelProto) -> list[str]:

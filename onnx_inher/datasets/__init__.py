@@ -4,6 +4,6 @@ Calibration, evaluation and distillation all load data here, numpy only (no torc
 that needs data never depends on the trainer.
 """
 
-from onnx_inher.datasets.loading import Dataset, InputSpec, input_specs, load_data, split
+from onnx_inher.datasets.loading import Dataset, InputSpec, input_specs, load_data, sample_shapes, split
 
-__all__ = ["Dataset", "InputSpec", "input_specs", "load_data", "split"]
+__all__ = ["Dataset", "InputSpec", "input_specs", "load_data", "sample_shapes", "split"]

@@ -127,6 +127,12 @@ def load_data(spec: str, specs: Sequence[InputSpec], *, seed: int = 0,
     return data
 
 
+def sample_shapes(data: Dataset, specs: Sequence[InputSpec]) -> dict[str, list[int]]:
+    """Each input's shape for one sample of `data` (axis 0: 1, or the input's fixed first dim): the real
+    shapes the model runs at, for FLOP counts, sample inputs and benchmarks."""
+    return {s.name: [s.shape[0] or 1, *(int(d) for d in data.inputs[s.name].shape[1:])] for s in specs}
+
+
 def _random_count(part: str) -> int:
     if not part:
         return RANDOM_SAMPLES

@@ -9,6 +9,7 @@ Conventions shared by all of them, so a trainer can mix them freely:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,9 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from onnx_inher.distill.options import LOSS_KINDS
+from onnx_inher.ir.outputs import LOG_PROBABILITIES, LOGITS, PROBABILITIES, OutputKind
 
 EPS = 1e-8
-LOGIT_HINTS = ("logit", "prob", "score", "class")
+SPACES = (LOGITS, PROBABILITIES, LOG_PROBABILITIES)
+# the smallest normal float32 and its log: probabilities that underflowed to 0 (or to a subnormal) count as it
+TINY = torch.finfo(torch.float32).tiny
+LOG_FLOOR = math.log(TINY)
 
 
 def token_mask(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -48,6 +53,26 @@ def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: 
     log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
     per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     return _masked_mean(per_position, mask) * (t * t)
+
+
+def class_scores(value: torch.Tensor, space: str = LOGITS, class_axis: int = -1) -> torch.Tensor:
+    """What `kl`, `kd_loss` and `cross_entropy` read, from an output in any space: the class axis moved last,
+    probabilities turned into their log (float32), log-probabilities and logits as they are.
+
+    The log of probabilities is a logit up to a constant per position, and softmax ignores such constants:
+    softmax(log p / T) = p^(1/T) / Σ p^(1/T). So a model that ends in Softmax is distilled exactly as if it
+    had exported its logits, temperature included, and no softmax is ever applied to probabilities.
+    Probabilities that underflowed to 0 count as the smallest normal float32 (log -87.3); at any T >= 1
+    their share of the soft targets is below 1e-38^(1/T) each.
+    """
+    if space not in SPACES:
+        raise ValueError(f"unknown output space '{space}'; use one of {', '.join(SPACES)}")
+    x = value if class_axis in (-1, value.dim() - 1) else value.movedim(class_axis, -1)
+    if space == PROBABILITIES:
+        return x.float().clamp_min(TINY).log()  # clamped first: no 0/0 in the gradient
+    if space == LOG_PROBABILITIES:
+        return x.float().clamp_min(LOG_FLOOR)
+    return x
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor,
@@ -135,26 +160,38 @@ def feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torc
 
 @dataclass(frozen=True)
 class OutputLoss:
-    """How one graph output is distilled: a loss kind and its weight (plus T and α for kd/kl)."""
+    """How one graph output is distilled: a loss kind and its weight (plus T and α for kd/kl).
+
+    `space` and `class_axis` say what a kd/kl loss reads (see `class_scores`): logits, probabilities (a
+    Softmax output: the KL is taken on their log, never on a second softmax) or log-probabilities, with
+    the classes on `class_axis` (1 for `[N,C,H,W]`); every other axis is a position.
+    """
 
     output: str
     kind: str
     weight: float = 1.0
     temperature: float = 4.0
     alpha: float = 0.5
+    space: str = LOGITS
+    class_axis: int = -1
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"output '{self.output}': unknown loss '{self.kind}'; use one of {', '.join(LOSS_KINDS)}")
         if self.weight < 0:
             raise ValueError(f"output '{self.output}': loss weight must be >= 0, got {self.weight}")
+        if self.space not in SPACES:
+            raise ValueError(f"output '{self.output}': unknown space '{self.space}'; use one of {', '.join(SPACES)}")
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "kd":
-            return kd_loss(student, teacher, labels, self.temperature, self.alpha, mask)
-        if self.kind == "kl":
-            return kl(student, teacher, self.temperature, mask)
+        if self.kind in ("kd", "kl"):
+            s, t = (class_scores(v, self.space, self.class_axis) for v in (student, teacher))
+            if mask is not None and tuple(s.shape[:2]) != tuple(mask.shape):
+                mask = None
+            if self.kind == "kd":
+                return kd_loss(s, t, labels, self.temperature, self.alpha, mask)
+            return kl(s, t, self.temperature, mask)
         if self.kind == "mse":
             return mse(student, teacher, mask)
         if self.kind == "pooled":
@@ -162,14 +199,15 @@ class OutputLoss:
         return cosine(student, teacher, mask)
 
 
-def default_kind(output: str, rank: int, has_labels: bool) -> str:
-    """The loss an output gets unless the user says otherwise.
+def default_kind(output: OutputKind, has_labels: bool) -> str:
+    """The loss an output gets unless the user says otherwise, from what the graph says it is
+    (`onnx_inher.ir.outputs.detect`).
 
-    Class scores (a name hinting at logits/probabilities, or any rank-2 output when labels are given) get
-    Hinton KD with labels and KL without; everything else is treated as an embedding or a regression
-    output and gets the cosine loss, which is what embedding similarity is measured by.
+    Class outputs (probabilities, log-probabilities, logits) get Hinton KD when the data has one label per
+    sample and the output is `[N,C]`, else KL (per position for `[N,T,C]` and `[N,C,H,W]`); everything else
+    is treated as an embedding or a regression output and gets the cosine loss, which is what embedding
+    similarity is measured by.
     """
-    looks_like_logits = any(h in output.lower() for h in LOGIT_HINTS) or (has_labels and rank == 2)
-    if looks_like_logits:
-        return "kd" if has_labels else "kl"
-    return "cosine"
+    if not output.is_classes:
+        return "cosine"
+    return "kd" if has_labels and output.rank == 2 else "kl"

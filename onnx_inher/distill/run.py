@@ -31,6 +31,7 @@ from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import check_output, load_model, save_model
 from onnx_inher.ir.naming import is_factor
+from onnx_inher.ir.outputs import declared_roles, detect
 from onnx_inher.runtime import session
 
 PathLike = str | os.PathLike[str]
@@ -69,14 +70,16 @@ def loss_plan(student: onnx.ModelProto, teacher: onnx.ModelProto, labels: bool, 
     if unknown:
         raise InputError(f"--loss names output(s) {unknown} the student does not have; its outputs are "
                          f"{[n for n, _ in student_outputs]}")
+    kinds = {k.name: k for k in detect(teacher, labels=labels, declared=declared_roles(options.losses))}
     outputs = []
-    for name, rank in student_outputs:
+    for name, _rank in student_outputs:
         if name not in teacher_outputs_:
             continue
         kind, weight = parse_loss(name, options.losses[name]) if name in options.losses else \
-            (default_kind(name, rank, labels), 1.0)
-        if weight > 0:
-            outputs.append(OutputLoss(name, kind, weight, options.temperature, options.alpha))
+            (default_kind(kinds[name], labels), 1.0)
+        if weight > 0:  # kd/kl read the detected space and class axis (the log of a Softmax's probabilities)
+            outputs.append(OutputLoss(name, kind, weight, options.temperature, options.alpha, kinds[name].space,
+                                      kinds[name].class_axis if kinds[name].class_axis is not None else -1))
     if not outputs:
         raise InputError("student and teacher share no graph output to distill on (or every loss weight is 0); "
                          "distill a student compressed from this teacher.")

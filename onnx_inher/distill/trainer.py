@@ -402,9 +402,10 @@ def _output_metrics(loss: OutputLoss, student: torch.Tensor, teacher: torch.Tens
                     mask: torch.Tensor | None) -> dict[str, float]:
     name = loss.output
     if loss.kind in ("kd", "kl"):
-        out = {f"{name}/agree": float((student.argmax(-1) == teacher.argmax(-1)).float().mean())}
+        axis = loss.class_axis  # argmax is the same in every space (logits, probabilities, their log)
+        out = {f"{name}/agree": float((student.argmax(axis) == teacher.argmax(axis)).float().mean())}
         if labels is not None and student.dim() == 2:
-            out[f"{name}/acc"] = float((student.argmax(-1) == labels).float().mean())
+            out[f"{name}/acc"] = float((student.argmax(axis) == labels).float().mean())
         return out
     similarity = torch.nn.functional.cosine_similarity(student, teacher, dim=-1)
     positions = token_mask(student, mask)

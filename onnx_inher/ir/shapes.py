@@ -1,18 +1,24 @@
 """Shape inference as a lookup table: tensor name -> (dims, dtype).
 
 Dynamic dims stay symbolic (`str`) or unknown (`None`); FLOP counts resolve them through a
-user-given mapping (default 1 per symbol), so the plan states the basis its numbers assume.
+user-given mapping (default 1 per symbol), so the plan states the basis its numbers assume. Given the
+inputs' real shapes (`--shape x=1x3x48x320`, checked by `check_shapes`), inference runs with the graph
+inputs set to them, so every dim after them (a conv's output height and width) is concrete too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
-from onnx import ModelProto, TensorProto
+from onnx import ModelProto, TensorProto, ValueInfoProto
+
+from onnx_inher.errors import InputError
 
 Dim = int | str | None
+Shapes = dict[str, tuple[int, ...]]
 
 # Float initializers at least this large are weights: no operator reads the values of such a tensor to
 # infer a shape (value-dependent inputs - Resize/Upsample scales, Range and OneHot scalars, int64 shape
@@ -88,9 +94,27 @@ def _skeleton(model: ModelProto) -> ModelProto:
     return skeleton
 
 
-def infer(model: ModelProto) -> dict[str, TensorInfo]:
+def infer(model: ModelProto, inputs: Mapping[str, Sequence[int]] | None = None) -> dict[str, TensorInfo]:
     """Run ONNX shape inference (on a skeleton without the weights' data) and index every typed value
-    of the main graph."""
+    of the main graph. With `inputs`, the named graph inputs have those concrete shapes during the
+    inference (they are edited in place and restored afterwards, which avoids copying the weights)."""
+    if not inputs:
+        return _infer(model)
+    saved = [(inp, onnx.TypeProto()) for inp in model.graph.input if inp.name in inputs]
+    for inp, backup in saved:
+        backup.CopyFrom(inp.type)
+        shape = inp.type.tensor_type.shape
+        shape.ClearField("dim")
+        for v in inputs[inp.name]:
+            shape.dim.add().dim_value = int(v)
+    try:
+        return _infer(model)
+    finally:
+        for inp, backup in saved:
+            inp.type.CopyFrom(backup)
+
+
+def _infer(model: ModelProto) -> dict[str, TensorInfo]:
     try:
         inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError, onnx.checker.ValidationError):
@@ -107,3 +131,80 @@ def infer(model: ModelProto) -> dict[str, TensorInfo]:
 def resolve(dims: tuple[Dim, ...], symbols: dict[str, int]) -> tuple[int, ...]:
     """Concrete dims for counting: symbols from the mapping, anything unknown counts as 1."""
     return tuple(d if isinstance(d, int) else symbols.get(d, 1) if isinstance(d, str) else 1 for d in dims)
+
+
+def graph_inputs(model: ModelProto) -> list[ValueInfoProto]:
+    """The inputs fed at run time (initializers listed as inputs are not)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def format_shape(dims: Sequence[Dim]) -> str:
+    """`1x3x48x320`; a symbolic dim by its name, an unknown one as `?` (the --shape convention)."""
+    return "x".join("?" if d is None else str(d) for d in dims) if dims else "scalar"
+
+
+def check_shapes(model: ModelProto, shapes: Mapping[str, Sequence[int]], source: str = "--shape") -> Shapes:
+    """`shapes` checked against the model's inputs: known names, one value per dim, fixed dims as declared,
+    one value per named dim across inputs. Each problem is a one-line `InputError` naming the input and
+    the fix; `source` says where the shapes came from (`--shape`, an .npz path)."""
+    inputs = {i.name: i for i in graph_inputs(model)}
+    out: Shapes = {}
+    seen: dict[str, tuple[int, str]] = {}  # named dim -> (value, input that set it)
+    for name, given in shapes.items():
+        shape = tuple(int(d) for d in given)
+        if name not in inputs:
+            raise InputError(f"{source}: the model has no input '{name}'; its inputs are "
+                             f"{', '.join(inputs) or 'none'}.")
+        declared = _dims(inputs[name].type) or ()
+        decl = format_shape(declared)
+        if len(shape) != len(declared):
+            raise InputError(f"{source}: input '{name}' is given {len(shape)} dims ({format_shape(shape)}) but is "
+                             f"{len(declared)}-D in the model ({decl}); give one value per dim.")
+        for axis, (want, got) in enumerate(zip(declared, shape, strict=True)):
+            if isinstance(want, int) and want != got:
+                raise InputError(f"{source}: input '{name}' is given {format_shape(shape)}, but its axis {axis} is "
+                                 f"fixed at {want} in the model ({decl}); use {want} there.")
+            if isinstance(want, str) and want:
+                value, where = seen.setdefault(want, (got, name))
+                if value != got:
+                    raise InputError(f"{source}: dim '{want}' is {value} in input '{where}' but {got} in input "
+                                     f"'{name}'; give it one value.")
+        out[name] = shape
+    return out
+
+
+def shape_symbols(model: ModelProto, shapes: Mapping[str, Sequence[int]],
+                  dims: Mapping[str, int] | None = None, source: str = "--shape") -> dict[str, int]:
+    """Named-dim values: `dims` (--dim) and those that `shapes` (checked) imply; a contradiction between
+    the two is an `InputError`."""
+    out = dict(dims or {})
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, shape in shapes.items():
+        declared = _dims(inputs[name].type) if name in inputs else None
+        for d, v in zip(declared or (), shape, strict=False):
+            if isinstance(d, str) and d:
+                if d in (dims or {}) and out[d] != int(v):
+                    raise InputError(f"--dim {d}={out[d]} contradicts {source} (dim '{d}' of input '{name}' is "
+                                     f"{int(v)}); drop one of them.")
+                out[d] = int(v)
+    return out
+
+
+def complete_shapes(model: ModelProto, shapes: Mapping[str, Sequence[int]], source: str = "--shape") -> Shapes:
+    """Every input's shape from `shapes` (checked against the model): an input it leaves out takes its fixed
+    dims and the named dims the others fix, or is an `InputError` naming it."""
+    checked = check_shapes(model, shapes, source)
+    symbols = shape_symbols(model, checked, source=source)
+    out: Shapes = {}
+    for inp in graph_inputs(model):
+        if inp.name in checked:
+            out[inp.name] = checked[inp.name]
+            continue
+        declared = _dims(inp.type)
+        dims = [d if isinstance(d, int) else symbols.get(d) if isinstance(d, str) else None for d in declared or ()]
+        if declared is None or any(d is None for d in dims):
+            raise InputError(f"{source}: input '{inp.name}' ({format_shape(declared or ())}) has dynamic dims that "
+                             f"no shape given fixes; give it one too (--shape {inp.name}=...).")
+        out[inp.name] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    return out

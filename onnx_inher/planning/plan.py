@@ -64,6 +64,7 @@ class Options:
     exclude: list[str] = field(default_factory=list)
     min_params: int = 0
     dims: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # real input shapes FLOPs are counted at
     seed: int = 0
     calibration: str | None = None  # DATA spec whose input Gram matrices whiten the SVD
     allocate: str = "energy"  # or "sensitivity": ranks moved to where measured output damage is (needs data)
@@ -82,6 +83,9 @@ class Options:
             raise InputError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         if self.min_params < 0:
             raise InputError(f"--min-params must be >= 0, got {self.min_params}")
+        for name, shape in self.shapes.items():
+            if not all(isinstance(d, int) and d >= 1 for d in shape):
+                raise InputError(f"--shape {name}: dims must be positive integers, got {list(shape)}")
         for pattern in [*self.include, *self.exclude]:
             try:
                 re.compile(pattern)

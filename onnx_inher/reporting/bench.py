@@ -24,19 +24,28 @@ def _pct(v: float | None) -> str:
     return f"{v:.0%}" if v is not None else "-"
 
 
-def _shape(p: dict[str, Any]) -> str:
+def _shape(p: dict[str, Any], given: bool = False) -> str:
+    """`b=8 s=128`; with shapes given by --shape or --inputs, the inputs' shapes (`x=1x3x48x320`)."""
+    if given and p.get("inputs"):
+        return " ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in p["inputs"].items())
     return f"b={p['batch']}" + (f" s={p['seq_len']}" if p["seq_len"] else "")
+
+
+def _given(doc: dict[str, Any]) -> bool:
+    s = doc.get("settings", {})
+    return s.get("shapes") is not None or s.get("inputs") is not None
 
 
 def rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["shape", "model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "speedup [95% CI]",
               "ideal FLOPs", "eff", "ideal bytes", "eff"]
     out = []
+    given = _given(doc)
     for p in doc["points"]:
         for r in p["results"]:
             lat, sp = r["latency_ms"], r["speedup"]
             ci = f"{sp['value']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}]" if sp else "baseline"
-            out.append([_shape(p), r["model"], f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+            out.append([_shape(p, given), r["model"], f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
                         f"{lat['mean']:.3f}", f"{r['throughput_items_per_s']:.1f}", ci, _x(r["ideal_speedup_flops"]),
                         _pct(r["efficiency_flops"]), _x(r["ideal_speedup_bytes"]), _pct(r["efficiency_bytes"])])
     return header, out

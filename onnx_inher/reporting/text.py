@@ -64,10 +64,15 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2%}"
 
 
-def _val(metric: str, v: float | None) -> str:
+def _val(v: float | None, share: bool) -> str:
+    """A summary figure: a share of samples or positions as a percentage, anything else with 4 digits."""
     if v is None:
         return "-"
-    return f"{v:.2%}" if metric == "accuracy" else f"{v:.4f}"
+    return f"{v:.2%}" if share else f"{v:.4g}" if abs(v) >= 1e4 or 0 < abs(v) < 1e-3 else f"{v:.4f}"
+
+
+def _share(row: dict) -> bool:
+    return bool(row.get("share", row.get("metric") == "accuracy"))  # rows written before `share` existed
 
 
 def _mib(n: int | None) -> str:
@@ -88,14 +93,17 @@ def _speed(d: dict | None, key: str = "value") -> str:
 
 
 def run_summary_table(rows: list[dict], markdown: bool = True) -> str:
-    """Teacher vs student: params, FLOPs, file size, task metric, measured and ideal speedups."""
-    header = ["model", "params", "FLOPs", "file", rows[0]["metric"] if rows else "metric", "speedup (measured)",
-              "speedup (ideal, FLOPs)"]
+    """Teacher vs student: params, FLOPs, file size, task metric (headline first, then the next figure),
+    measured and ideal speedups."""
+    second = bool(rows and rows[0].get("second"))
+    header = ["model", "params", "FLOPs", "file", rows[0]["metric"] if rows else "metric",
+              *([rows[0]["second"]["metric"]] if second else []), "speedup (measured)", "speedup (ideal, FLOPs)"]
     body = []
     for r in rows:
         ideal = r.get("ideal_speedup_flops")
+        extra = [_val(r["second"]["value"], r["second"]["share"]) if r.get("second") else "-"] if second else []
         body.append([r["model"], human(r["params"]), human(r["flops"]), _mib(r.get("file_bytes")),
-                     _val(r["metric"], r["value"]), _speed(r.get("speedup")),
+                     _val(r["value"], _share(r)), *extra, _speed(r.get("speedup")),
                      "; ".join(f"b{b}: {v:.2f}×" for b, v in sorted(ideal.items(), key=lambda kv: int(kv[0]))
                                if v) if ideal else "-"])
     if not markdown:
@@ -105,16 +113,39 @@ def run_summary_table(rows: list[dict], markdown: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _pair(final: float | None, init: float | None, what: str) -> str:
+    return f"{_pct(final)} of the {what} (SVD init {_pct(init)})"
+
+
 def _fidelity_lines(label: str, ev: dict) -> list[str]:
+    """Per output, what it holds and the metric that fits it: class agreement (every position, whole
+    sequences, CTC-decoded) for class outputs, the cosine for features; then the user's metric."""
     lines = []
     final, init = ev["final"], ev["init"]
-    if final.get("top1_agreement") is not None:
-        lines.append(f"{label}: top-1 agrees with the teacher on {final['top1_agreement']:.2%} of them "
-                     f"(SVD init: {init['top1_agreement']:.2%}).")
     for o, o0 in zip(final["outputs"], init["outputs"], strict=True):
+        kind = o.get("kind", "other")
+        what = f"{kind.replace('_', '-')}; {o['kind_reason']}" if o.get("kind_reason") else kind.replace("_", "-")
+        if o.get("top1_agreement") is not None:
+            per = o.get("positions") or 1
+            where = "samples" if per == 1 else f"positions ({per} per sample)"
+            parts = [f"top-1 agrees with the teacher on {_pair(o['top1_agreement'], o0.get('top1_agreement'), where)}"]
+            if o.get("sequence_agreement") is not None:
+                parts.append(f"at every position of "
+                             f"{_pair(o['sequence_agreement'], o0.get('sequence_agreement'), 'sequences')}")
+            if o.get("ctc_agreement") is not None:
+                parts.append(f"CTC-greedy decoded (blank = class {o['ctc_blank']}) identical for "
+                             f"{_pair(o['ctc_agreement'], o0.get('ctc_agreement'), 'samples')}")
+            lines.append(f"{label}, output `{o['name']}` ({what}): " + "; ".join(parts)
+                         + f"; max rel err {o['max_rel']:.3g}.")
+            continue
         pooled = " (mean-pooled with the attention mask)" if o["pooled"] else ""
-        lines.append(f"{label}, output `{o['name']}`{pooled}: cosine to teacher {o['cosine_mean']:.4f} "
+        lines.append(f"{label}, output `{o['name']}` ({what}){pooled}: cosine to teacher {o['cosine_mean']:.4f} "
                      f"(min {o['cosine_min']:.4f}; SVD init {o0['cosine_mean']:.4f}), max rel err {o['max_rel']:.3g}.")
+    if final.get("student_metric"):
+        values = ", ".join(f"{k} {v:.4g} (teacher {final['teacher_metric'].get(k, float('nan')):.4g}; SVD init "
+                           f"{(init.get('student_metric') or {}).get(k, float('nan')):.4g})"
+                           for k, v in final["student_metric"].items())
+        lines.append(f"{label}, `--metric {final['metric']}`: {values}.")
     return lines
 
 
@@ -125,6 +156,9 @@ def _training_line(label: str, dist: dict) -> str:
         "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
     stop = ", stopped by the time limit" if train.get("out_of_time") else \
         ", stopped early" if train.get("stopped_early") else ""
+    if train.get("improved") is False:
+        stop += ("; **validation never improved on the starting student, so it keeps its SVD-initialised "
+                 "weights** (try a lower --lr, more steps, --features auto or --calibration)")
     return (f"{label}: {train.get('steps')} steps in {train.get('seconds', 0):.1f} s "
             f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "
             f"{dist.get('trainable_params')} trainable params{stop}"
@@ -137,24 +171,29 @@ def _heads_verdict(result: RunResult) -> list[str]:
     if "student_pair" not in result.distill:
         return []
     ev = result.evaluation
-    metric = result.summary[0]["metric"]
+    metric, share = result.summary[0]["metric"], _share(result.summary[0])
     heads = next(r for r in result.summary if r["model"].startswith("student (heads), distilled"))
     pair = next(r for r in result.summary if r["model"].startswith("student pair, distilled"))
     lines = ["## Do the heads pay for themselves?", "",
              f"Same ranks and the same distillation; the only difference is the gated heads. On {ev['samples']} "
-             f"held-out samples the headed student scores {_val(metric, heads['value'])} and the plain pair "
-             f"{_val(metric, pair['value'])}; headed params {human(heads['params'])} vs {human(pair['params'])}."]
+             f"held-out samples the headed student scores {_val(heads['value'], share)} ({metric}) and the plain "
+             f"pair {_val(pair['value'], share)}; headed params {human(heads['params'])} vs {human(pair['params'])}."]
     for p in result.bench["points"]:
         h, q = p["student"]["latency_ms"]["p50"], p["student_pair"]["latency_ms"]["p50"]
         lines.append(f"Batch {p['batch']}: heads p50 {h:.3f} ms vs pair {q:.3f} ms ({h / q:.2f}× the pair's time).")
-    lines += ["", "Verdict: " + _verdict(metric, heads["value"], pair["value"], ev["samples"]), ""]
+    user = bool(ev["student"]["final"].get("student_metric"))
+    lines += ["", "Verdict: " + _verdict(metric, heads["value"], pair["value"], ev["samples"], share, user), ""]
     return lines
 
 
-def _verdict(metric: str, heads: float | None, pair: float | None, n: int) -> str:
+def _verdict(metric: str, heads: float | None, pair: float | None, n: int, share: bool = False,
+             user: bool = False) -> str:
     if heads is None or pair is None:
         return "no comparable metric."
-    if metric == "accuracy":
+    if user:
+        return (f"by your metric `{metric}` the heads score {heads:.4g} and the plain pair {pair:.4g}; onnx-inher "
+                "does not know whether higher is better there: weigh that against their latency.")
+    if share or metric == "accuracy":
         p = (heads + pair) / 2
         noise = 2 * (2 * p * (1 - p) / max(n, 1)) ** 0.5  # two standard errors of a difference of two accuracies
         gap = heads - pair

@@ -19,9 +19,11 @@ from typing import Any
 import onnx
 
 from onnx_inher import api
-from onnx_inher.errors import InputError
+from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import load_model, write_text
-from onnx_inher.metrics import Evaluation, evaluate
+from onnx_inher.ir.outputs import declared_roles
+from onnx_inher.ir.shapes import shape_symbols
+from onnx_inher.metrics import Evaluation, UserMetric, evaluate, load_metric, parse_ctc_blank
 from onnx_inher.planning.plan import Options
 from onnx_inher.reporting.plots import plot_layers, plot_training, read_metrics
 from onnx_inher.reporting.result import RunResult
@@ -29,6 +31,8 @@ from onnx_inher.run.stages import RunFolder
 
 PathLike = str | os.PathLike[str]
 HELD_OUT_ADAPTERS = ("mnist5k", "digits", "fashion-mnist", "fortunes")
+EVAL_FORMAT = 2  # eval.json with per-output kinds and class agreements: older run folders re-evaluate
+PROBE_SAMPLES = 4
 
 
 @dataclass
@@ -71,6 +75,44 @@ def _eval_data(teacher: Path, data: str, seed: int, val_fraction: float) -> Any:
     return val
 
 
+def with_data_shapes(options: Options, teacher: Path, data: str, seed: int) -> Options:
+    """`options` with the shapes of one sample of `data` (batch 1): the run counts FLOPs, makes sample
+    inputs and benchmarks at the shape it distils on. `--dim` values those shapes fix give way to them."""
+    from onnx_inher.datasets import input_specs, load_data, sample_shapes
+
+    model = onnx.load(str(teacher), load_external_data=False)
+    specs = input_specs(model)
+    shapes = sample_shapes(load_data(data, specs, seed=seed, dims=options.dims, model=model), specs)
+    fixed = shape_symbols(model, shapes)
+    return replace(options, shapes=shapes, dims={k: v for k, v in options.dims.items() if k not in fixed})
+
+
+def _check_losses(teacher: Path, losses: dict[str, str]) -> None:
+    from onnx_inher.distill.options import parse_loss
+
+    names = [o.name for o in onnx.load(str(teacher), load_external_data=False).graph.output]
+    for output, spec in losses.items():
+        if output not in names:
+            raise InputError(f"--loss {output}={spec}: the teacher has no output '{output}'; its outputs are "
+                             f"{', '.join(names)}")
+        parse_loss(output, spec)
+
+
+def _probe_metric(metric: UserMetric, teacher: Path, data: str, dopts: Any) -> None:
+    """Call the user's metric on a few held-out samples (teacher vs itself) before anything is trained, so a
+    metric that fails or returns the wrong type stops the run now (exit 2), not after distillation."""
+    from onnx_inher.datasets.loading import LABELS
+    from onnx_inher.runtime import session
+
+    held = _eval_data(teacher, data, dopts.seed, dopts.val_fraction)
+    feed = {k: v[:PROBE_SAMPLES] for k, v in held.inputs.items()}
+    sess = session(teacher, "cpu")
+    names = [o.name for o in sess.get_outputs()]
+    outputs = dict(zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()}), strict=True))
+    labels = {LABELS: held.labels[:PROBE_SAMPLES]} if held.labels is not None else {}
+    metric(outputs, outputs, {**feed, **labels})
+
+
 def pair_plan_text(plan_text: str) -> str | None:
     """The same plan with every headed layer turned into a plain pair (same ranks), or None if there is none.
 
@@ -87,11 +129,18 @@ def pair_plan_text(plan_text: str) -> str | None:
 
 def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None = None,
         distill_options: Any = None, bench_settings: BenchSettings | None = None, *, compare_pair: bool = False,
+        metric: str | None = None, ctc_blank: int | str | None = "auto", require_improvement: bool = False,
         log: Callable[[str], None] = print) -> RunResult:
     """plan -> compress -> distill -> evaluate -> bench -> report, resumable, into `folder`.
 
     With `compare_pair`, a plain-pair student with the same ranks is compressed, distilled, evaluated and
     benchmarked beside the headed one, so the report shows whether the heads pay for themselves.
+    `distill_options.losses` ({output: "kind[:weight]"}, `--loss`) also tells evaluation which outputs hold
+    classes; `metric` ("module:function" or "file.py:function", `--metric`) is the user's own metric and
+    the report's headline (see `onnx_inher.metrics.UserMetric`); `ctc_blank` ("auto", None or a class) is
+    the blank of CTC-greedy decoding for `[N,T,C]` outputs (see `onnx_inher.metrics.ctc_blank_of`).
+    With `require_improvement`, a distillation whose validation never beat its starting student (the run
+    gave the SVD-initialised weights back) raises `CheckFailed` (exit 1) once the report is written.
     """
     from onnx_inher.distill import DistillOptions
 
@@ -101,9 +150,15 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     dopts.validate()
     bset = bench_settings or BenchSettings()
     teacher_path = load_model(teacher).path
+    blank, user_metric = parse_ctc_blank(ctc_blank), load_metric(metric) if metric else None
+    _check_losses(teacher_path, dopts.losses)  # before hours of work, not at the distill stage
+    if user_metric is not None:
+        _probe_metric(user_metric, teacher_path, data, dopts)
     out = RunFolder(Path(folder))
     if teacher_path.parent.resolve() == out.folder.resolve():
         raise InputError(f"{folder}: the teacher lives in the run folder; choose another -o folder.")
+    if not options.shapes:  # the real shapes: FLOPs, sample inputs and the bench are at the data's shape
+        options = with_data_shapes(options, teacher_path, data, dopts.seed)
 
     def do_plan() -> dict[str, Any]:
         p = api.plan(teacher_path, options)
@@ -128,29 +183,35 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     def do_evaluate() -> dict[str, Any]:
         held = _eval_data(teacher_path, data, dopts.seed, dopts.val_fraction)
         doc: dict[str, Any] = {"data": held.source, "samples": len(held)}
+        settings = {"source": held.source, "declared": declared_roles(dopts.losses), "ctc_blank": blank,
+                    "metric": user_metric}
         for (name, _), init, final in zip(variants, inits, students, strict=True):
-            doc[name] = {"init": evaluate(teacher_path, init, held.inputs, held.labels, source=held.source).to_dict(),
-                         "final": evaluate(teacher_path, final, held.inputs, held.labels,
-                                           source=held.source).to_dict()}
+            doc[name] = {"init": evaluate(teacher_path, init, held.inputs, held.labels, **settings).to_dict(),
+                         "final": evaluate(teacher_path, final, held.inputs, held.labels, **settings).to_dict()}
         write_text(out.path("eval.json"), json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return doc
 
-    eval_result = out.stage("evaluate", {"data": data, "seed": dopts.seed, "val": dopts.val_fraction},
-                            [teacher_path, *inits, *students], ["eval.json"], do_evaluate, log=log)
+    eval_options = {"data": data, "seed": dopts.seed, "val": dopts.val_fraction, "format": EVAL_FORMAT,
+                    "losses": dopts.losses, "ctc_blank": blank, "metric": metric}
+    metric_files = [user_metric.file] if user_metric is not None and user_metric.file is not None else []
+    eval_result = out.stage("evaluate", eval_options, [teacher_path, *inits, *students, *metric_files],
+                            ["eval.json"], do_evaluate, log=log)
 
     def do_bench() -> dict[str, Any]:
         from onnx_inher.bench import bench
         from onnx_inher.reporting.bench import write_reports
 
         res = bench([teacher_path, *students], provider=bset.provider, batches=bset.batches,
-                    seq_lens=bset.seq_lens, threads=bset.threads, warmup=bset.warmup, iters=bset.iters)
+                    seq_lens=bset.seq_lens, shapes=bench_shapes, threads=bset.threads, warmup=bset.warmup,
+                    iters=bset.iters)
         doc = res.to_dict()
         write_reports(doc, out.path("bench"))
         return {"points": [{"batch": p["batch"], "seq_len": p["seq_len"],
                             **{name: p["results"][j + 1] for j, (name, _) in enumerate(variants)}}
                            for p in doc["points"]], "settings": doc.get("settings", {})}
 
-    bench_result = out.stage("bench", asdict(bset), [teacher_path, *students],
+    bench_shapes = None if bset.seq_lens else options.shapes  # --seq-len asks for other inner dims
+    bench_result = out.stage("bench", {**asdict(bset), "shapes": bench_shapes}, [teacher_path, *students],
                              ["bench.json", "bench.md", "bench.png"], do_bench, log=log)
     result = RunResult(str(out.folder), plan_result, eval_result, distilled, bench_result)
     result.summary = summary_rows(teacher_path, out.folder, distilled, plan_result, eval_result, bench_result)
@@ -159,7 +220,19 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     write_text(out.path("report.md"), run_markdown(result, out.folder))
     write_text(out.path("report.json"), result.to_json())
     plot_training(read_metrics(out.path("metrics.jsonl")), out.path("training.png"))
+    stuck = not_improved(distilled)
+    if stuck:
+        log(f"distillation did not improve on the SVD-initialised student for: {', '.join(stuck)} "
+            "(validation never beat the starting weights, so they were kept); see report.md")
+        if require_improvement:
+            raise CheckFailed(f"--require-improvement: distillation did not improve {', '.join(stuck)}; try a "
+                              "lower --lr, more --steps, feature KD (--features auto) or calibration.")
     return result
+
+
+def not_improved(variants: dict[str, dict[str, Any]]) -> list[str]:
+    """The students whose distillation gave their starting weights back (validation never improved)."""
+    return [name for name, v in variants.items() if v["distill"].get("train", {}).get("improved") is False]
 
 
 def _compress_and_distill(out: RunFolder, name: str, plan_file: str, teacher: Path, data: str, options: Options,
@@ -197,26 +270,46 @@ def _evaluation(doc: dict[str, Any]) -> Evaluation:
     return Evaluation(**{**doc, "outputs": outputs})
 
 
+def _figure_cells(ev: Evaluation, names: list[str], teacher: bool) -> dict[str, Any]:
+    """The summary row's metric cells: `metric`/`value`/`share` (the headline), then `second` (the next one)."""
+    figures = {f.name: f for f in ev.figures()}
+    cells: dict[str, Any] = {}
+    for key, name in zip(("", "second"), names, strict=False):
+        f = figures.get(name)
+        value = None if f is None else f.teacher if teacher else f.student
+        share = f.share if f is not None else False
+        if key:
+            cells[key] = {"metric": name, "value": value, "share": share}
+        else:
+            cells.update(metric=name, value=value, share=share)
+    return cells
+
+
 def summary_rows(teacher: Path, folder: Path, variants: dict[str, dict[str, Any]], plan_result: dict[str, Any],
                  eval_result: dict[str, Any], bench_result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The numbers a user looks at first: teacher, then each student at SVD init and after distillation."""
+    """The numbers a user looks at first: teacher, then each student at SVD init and after distillation.
+
+    `metric`/`value` is the headline task metric (`Evaluation.figures`); `second` the next figure (top-1
+    agreement beside accuracy, per-frame agreement beside the decoded one), when there is one.
+    """
     totals = plan_result["totals"]
+    stuck = set(not_improved(variants))
     first = _evaluation(eval_result["student"]["final"])
-    metric, teacher_value, _ = first.headline
+    names = [f.name for f in first.figures()][:2]
     rows = [{"model": "teacher", "params": totals["params_before"], "flops": totals["flops_before"],
-             "file_bytes": teacher.stat().st_size, "metric": metric, "value": teacher_value}]
+             "file_bytes": teacher.stat().st_size, **_figure_cells(first, names, teacher=True)}]
     for name in variants:
         label = "student (heads)" if name == "student" and len(variants) > 1 else name.replace("_", " ")
         costs = variants[name]["compress"]["totals"]
         for stage in ("init", "final"):
             ev = _evaluation(eval_result[name][stage])
             latency = {p["batch"]: p[name] for p in bench_result["points"]} if stage == "final" else {}
-            rows.append({"model": f"{label}, {'SVD init' if stage == 'init' else 'distilled'}",
+            trained = "distilled" + (" (no gain: kept its init weights)" if name in stuck else "")
+            rows.append({"model": f"{label}, {'SVD init' if stage == 'init' else trained}",
                          "params": costs["params_after"], "flops": costs["flops_after"],
-                         "file_bytes": (folder / f"{name}.onnx").stat().st_size, "metric": metric,
-                         "value": ev.headline[2],
+                         "file_bytes": (folder / f"{name}.onnx").stat().st_size,
+                         **_figure_cells(ev, names, teacher=False),
                          "speedup": {b: s.get("speedup") for b, s in latency.items()} or None,
                          "ideal_speedup_flops": {b: s.get("ideal_speedup_flops") for b, s in latency.items()}
                          or None})
     return rows
-

@@ -6,6 +6,7 @@ feeds never crash a real model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from onnx import ModelProto
 
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import GraphIndex
+from onnx_inher.ir.shapes import check_shapes, shape_symbols
 
 
 def _index_bounds(model: ModelProto) -> dict[str, int]:
@@ -39,10 +41,13 @@ def _index_bounds(model: ModelProto) -> dict[str, int]:
 
 
 
-def sample_inputs(model: ModelProto, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the right dtype and shape: named dims from `dims` (default 2 for the first
-    axis, 8 elsewhere), unnamed dynamic dims 1."""
-    dims = dict(dims or {})
+def sample_inputs(model: ModelProto, dims: dict[str, int] | None = None, seed: int = 0,
+                  shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs of the right dtype and shape: the inputs named in `shapes` (checked with
+    `ir.shapes.check_shapes`) exactly at those shapes, the others with named dims from `dims` (default
+    2 for the first axis, 8 elsewhere) and unnamed dynamic dims 1."""
+    shapes = shapes or {}
+    dims = shape_symbols(model, shapes, dims)  # the named dims the shapes fix hold for every input
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
     bounds = _index_bounds(model)
@@ -51,8 +56,8 @@ def sample_inputs(model: ModelProto, dims: dict[str, int] | None = None, seed: i
         if inp.name in inits:
             continue
         tt = inp.type.tensor_type
-        shape = []
-        for axis, d in enumerate(tt.shape.dim):
+        shape = [int(v) for v in shapes.get(inp.name, ())]
+        for axis, d in enumerate(tt.shape.dim if inp.name not in shapes else ()):
             if d.HasField("dim_value") and d.dim_value > 0:
                 shape.append(d.dim_value)
             elif d.dim_param:
@@ -84,5 +89,6 @@ def load_inputs(path: str | Path, model: ModelProto) -> dict[str, np.ndarray]:
     if missing or extra:
         raise InputError(f"{p}: inputs must be keyed by the model's input names {names}; "
                          f"missing {missing}, unknown {extra}")
+    check_shapes(model, {k: v.shape for k, v in feed.items()}, source=str(p))
     return feed
 

@@ -29,6 +29,7 @@ from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import GraphIndex
 from onnx_inher.ir.io import write_text
 from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.shapes import check_shapes, shape_symbols
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.planning.svd import Factors
 from onnx_inher.runtime import machine_info, sample_inputs
@@ -102,9 +103,10 @@ def replacement_graph(view: LayerView, model: Any, index: GraphIndex, cand: Cand
                  view.output, model)
 
 
-def plan_dims(model: Any, dims: dict[str, int]) -> dict[str, int]:
-    """The plan's shape basis: `--dim` values, every other named dim 1 (as the plan's FLOP counts)."""
-    out = dict(dims)
+def plan_dims(model: Any, dims: dict[str, int], shapes: dict[str, list[int]] | None = None) -> dict[str, int]:
+    """The plan's shape basis: `--dim` values and the named dims `--shape` fixes, every other named dim 1
+    (as the plan's FLOP counts)."""
+    out = shape_symbols(model, check_shapes(model, shapes or {}), dims)
     for inp in model.graph.input:
         for d in inp.type.tensor_type.shape.dim:
             if d.dim_param:
@@ -121,7 +123,8 @@ def apply_target(plan: Plan, model: Any, views: dict[str, LayerView], target: st
     settings.provider_list()  # a clear error when the target's provider is missing
     cache = LatencyCache.open(settings, cache_dir)
     index = GraphIndex.build(model.graph)
-    table = shape_table(Path(plan.model), model, sample_inputs(model, plan_dims(model, plan.options.dims)))
+    basis = plan_dims(model, plan.options.dims, plan.options.shapes)
+    table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
     chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views]
     skipped: dict[str, str] = {}
     for c in tqdm(chosen, desc=f"timing layers ({target})", unit="layer", disable=_env.progress_disabled(),

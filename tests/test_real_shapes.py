@@ -1,0 +1,208 @@
+"""Real shapes (issue 18, point 2): FLOPs, sample inputs, `--target`, `bench` and `run` at the model's real
+input shape, on a recogniser-shaped teacher x[N,3,48,W] (fixed height, free unnamed width).
+
+Nothing here asserts a timing: only shapes, FLOP counts, recorded options, files and exit codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onnx_inher import api
+from onnx_inher.bench import bench
+from onnx_inher.cli import main
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
+from tests.helpers import ort_run, width_conv_teacher
+
+PREFIX = "onnx-inher: error:"
+SHAPE = [1, 3, 48, 320]
+QUICK = ["--iters", "2", "--warmup", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("real_shapes")
+    teacher = width_conv_teacher(folder / "teacher.onnx")
+    student = folder / "student.onnx"
+    api.compress(teacher, student, Options(mode="svd", policy=parse_policy(param_ratio=0.5), rank_multiple=1))
+    inputs = folder / "x.npz"
+    np.savez(inputs, x=np.random.default_rng(0).standard_normal((1, 3, 48, 40)).astype(np.float32))
+    return {"dir": folder, "teacher": teacher, "student": student, "inputs": inputs}
+
+
+def _options(**kw: object) -> Options:
+    return Options(policy=parse_policy(param_ratio=0.5), rank_multiple=1, **kw)  # type: ignore[arg-type]
+
+
+def _flops(plan: api.Plan, op: str | None = None) -> int:
+    return sum(c.flops_before for c in plan.candidates if op is None or c.op == op)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_flops_count_the_real_width(models: dict[str, Path]) -> None:
+    """Without a shape the free width counts 1 (the old per-pixel basis); at W=320 every conv and the head
+    (behind a Reshape that ONNX inference leaves open) cost exactly 320 times that."""
+    default = api.plan(models["teacher"], _options())
+    one = api.plan(models["teacher"], _options(shapes={"x": [1, 3, 48, 1]}))
+    real = api.plan(models["teacher"], _options(shapes={"x": SHAPE}))
+    assert _flops(default, "Conv") == _flops(one, "Conv") > 0
+    assert _flops(real, "Conv") == 320 * _flops(one, "Conv")
+    head_one, head_real = (next(c for c in p.candidates if c.node == "head").flops_before for p in (one, real))
+    assert head_real == 2 * 320 * 64 * 10 == 320 * head_one
+    assert json.loads(real.to_json())["options"]["shapes"] == {"x": SHAPE}
+    assert json.loads(default.to_json())["options"]["shapes"] == {}
+
+
+def test_shape_fixes_named_dims_too(models: dict[str, Path]) -> None:
+    batch4 = api.plan(models["teacher"], _options(shapes={"x": [4, 3, 48, 8]}))
+    batch1 = api.plan(models["teacher"], _options(shapes={"x": [1, 3, 48, 8]}))
+    assert _flops(batch4) == 4 * _flops(batch1)
+
+
+def test_student_does_not_depend_on_the_counted_shape(models: dict[str, Path], tmp_path: Path) -> None:
+    """The shape only changes what is counted: an svd student is byte-identical with and without it, and a
+    headed student planned at W=320 still runs at any width."""
+    plain, shaped = tmp_path / "plain.onnx", tmp_path / "shaped.onnx"
+    svd = dict(mode="svd", policy=parse_policy(param_ratio=0.5), rank_multiple=1)
+    api.compress(models["teacher"], plain, Options(**svd))  # type: ignore[arg-type]
+    api.compress(models["teacher"], shaped, Options(**svd, shapes={"x": SHAPE}))  # type: ignore[arg-type]
+    assert _sha(plain) == _sha(shaped)
+    heads = tmp_path / "heads.onnx"
+    result = api.compress(models["teacher"], heads, _options(shapes={"x": SHAPE}), verify=True)
+    assert result.verification is not None and result.verification.ok
+    assert any(c.heads > 1 for c in result.plan.candidates if c.decision == "factorize")
+    x = np.random.default_rng(1).standard_normal((2, 3, 48, 37)).astype(np.float32)
+    assert ort_run(heads, {"x": x})[0].shape == ort_run(models["teacher"], {"x": x})[0].shape == (2, 37, 10)
+
+
+def test_compress_plan_counts_at_the_plans_shape(models: dict[str, Path], tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", str(models["teacher"]), "-o", str(plan), "--mode", "svd",
+                                       "--shape", "x=1x3x48x320"])
+    assert result.exit_code == 0, result.output
+    written = api.compress(models["teacher"], tmp_path / "s.onnx", Options(mode="svd"), plan_path=plan)
+    totals, planned = written.plan.totals(), json.loads(plan.read_text())["totals"]
+    assert totals["flops_after"] == planned["flops_after"] and totals["flops_before"] == planned["flops_before"]
+
+
+def test_bench_at_given_shapes(models: dict[str, Path]) -> None:
+    """--shape fixes the shape (the report records it); --batch, when given, replaces its batch axis;
+    --inputs benchmarks the .npz as it is. FLOPs of the baseline at W=320 are 320 times those at W=1."""
+    pair = [models["teacher"], models["student"]]
+    doc = bench(pair, shapes={"x": SHAPE}, iters=2, warmup=0, threads=1).to_dict()
+    assert doc["settings"]["shapes"] == {"x": SHAPE}
+    assert [p["inputs"] for p in doc["points"]] == [{"x": SHAPE}]
+    narrow = bench(pair[:1], shapes={"x": [1, 3, 48, 1]}, iters=2, warmup=0, threads=1).to_dict()
+    assert doc["points"][0]["results"][0]["flops"] == 320 * narrow["points"][0]["results"][0]["flops"]
+    batched = bench(pair, shapes={"x": SHAPE}, batches=[1, 2], iters=2, warmup=0, threads=1).to_dict()
+    assert sorted(p["inputs"]["x"][0] for p in batched["points"]) == [1, 2]
+    assert {p["batch"]: p["inputs"]["x"][1:] for p in batched["points"]} == {1: SHAPE[1:], 2: SHAPE[1:]}
+    fed = bench(pair, inputs=models["inputs"], iters=2, warmup=0, threads=1).to_dict()
+    assert fed["settings"]["inputs"] == str(models["inputs"])
+    assert [p["inputs"] for p in fed["points"]] == [{"x": [1, 3, 48, 40]}]
+
+
+def test_plan_target_times_layers_at_the_real_shape(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    monkeypatch.setenv("ONNX_INHER_CACHE", str(tmp_path / "cache"))
+    planned = api.plan(models["teacher"], _options(mode="svd", shapes={"x": [1, 3, 48, 24]}), target="cpu")
+    conv2 = next(c for c in planned.candidates if c.node == "conv2")
+    assert "at input 1x32x48x24" in (conv2.reason or conv2.note or "")
+
+
+def test_verify_at_a_shape(models: dict[str, Path]) -> None:
+    result = CliRunner().invoke(main, ["verify", str(models["teacher"]), str(models["student"]),
+                                       "--shape", "x=2x3x48x33", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outputs"][0]["shape"] == [2, 33, 10]
+
+
+def _bad_cases(m: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
+    t, s, npz = str(m["teacher"]), str(m["student"]), str(m["inputs"])
+    return {
+        "fixed dim": (["bench", t, "--shape", "x=1x3x32x320"], "axis 2 is fixed at 48"),
+        "rank": (["bench", t, "--shape", "x=1x3x320"], "input 'x' is given 3 dims"),
+        "unknown input": (["bench", t, "--shape", "y=1x3x48x320"], "no input 'y'"),
+        "zero dim": (["bench", t, "--shape", "x=1x3x48x0"], "positive dims"),
+        "not a shape": (["bench", t, "--shape", "x"], "NAME=DxDx"),
+        "twice": (["bench", t, "--shape", "x=1x3x48x8", "--shape", "x=1x3x48x9"], "given twice"),
+        "with seq-len": (["bench", t, "--shape", "x=1x3x48x8", "--seq-len", "8"], "drop --seq-len"),
+        "inputs and batch": (["bench", t, "--inputs", npz, "--batch", "2"], "drop --batch"),
+        "inputs and shape": (["bench", t, "--inputs", npz, "--shape", "x=1x3x48x8"], "not both"),
+        "plan fixed dim": (["plan", t, "-o", str(m["dir"] / "p.json"), "--shape", "x=1x3x47x8"], "use 48 there"),
+        "inspect dim clash": (["inspect", t, "--shape", "x=2x3x48x8", "--dim", "N=4"], "--dim N=4 contradicts"),
+        "verify both": (["verify", t, s, "--inputs", npz, "--shape", "x=1x3x48x8"], "not both"),
+        "verify rank": (["verify", t, s, "--shape", "x=1x3x48"], "input 'x' is given 3 dims"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases({"teacher": Path(), "student": Path(), "inputs": Path(),
+                                                  "dir": Path()})))
+def test_bad_shapes_exit_2_with_one_line(models: dict[str, Path], case: str) -> None:
+    args, expected = _bad_cases(models)[case]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PREFIX) and expected in lines[0], result.stderr
+    assert result.stdout == ""
+    assert not (models["dir"] / "p.json").exists()
+
+
+def test_bad_npz_shape_names_the_file(models: dict[str, Path]) -> None:
+    bad = models["dir"] / "bad.npz"
+    np.savez(bad, x=np.zeros((1, 3, 40, 8), np.float32))
+    result = CliRunner().invoke(main, ["bench", str(models["teacher"]), "--inputs", str(bad)])
+    assert result.exit_code == 2
+    assert str(bad) in result.stderr and "fixed at 48" in result.stderr
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).with_name("onnx-inher")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from onnx_inher.cli import main; main()"]
+
+
+@pytest.mark.cli
+def test_bench_shape_through_the_entry_point(models: dict[str, Path]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ONNX_INHER_DEBUG"}
+    args = [*_cli(), "bench", str(models["teacher"]), str(models["student"]), "--shape", "x=1x3x48x320", *QUICK]
+    done = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["settings"]["shapes"] == {"x": SHAPE} and doc["points"][0]["inputs"] == {"x": SHAPE}
+    shown = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0 and "x=1x3x48x320" in shown.stdout
+    bad = subprocess.run([*_cli(), "bench", str(models["teacher"]), "--shape", "x=1x3x32x320"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [f"{PREFIX} --shape: input 'x' is given 1x3x32x320, but its axis 2 is "
+                                               "fixed at 48 in the model (Nx3x48x?); use 48 there."]
+
+
+def test_run_takes_the_shapes_from_its_data(models: dict[str, Path], tmp_path: Path) -> None:
+    """FLOPs, sample inputs and the bench of `run` are at one sample of --data (batch 1), recorded in plan.json."""
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(2).standard_normal((16, 3, 48, 24)).astype(np.float32))
+    folder = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", str(models["teacher"]), "--data", str(data), "-o", str(folder),
+                                       "--mode", "svd", "--steps", "2", "--batch-size", "4", "--val-fraction", "0.25",
+                                       "--batch", "1,2", "--iters", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["options"]["shapes"] == {"x": [1, 3, 48, 24]}
+    at_one = api.plan(models["teacher"], Options(mode="svd", shapes={"x": [1, 3, 48, 1]}))
+    assert plan["totals"]["flops_before"] == 24 * at_one.totals()["flops_before"]
+    points = json.loads((folder / "bench.json").read_text())["points"]
+    assert sorted(tuple(p["inputs"]["x"]) for p in points) == [(1, 3, 48, 24), (2, 3, 48, 24)]
