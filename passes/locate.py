@@ -15,7 +15,7 @@ import onnx
 from onnx import ModelProto, NodeProto
 
 from onnx_inher.errors import InputError
-from onnx_inher.ir.graph import FOLDABLE, Constant, GraphIndex, NotConstant, attr
+from onnx_inher.ir.graph import FOLDABLE, QUANTISED_ADVICE, Constant, GraphIndex, NotConstant, attr
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.naming import node_ids
 from onnx_inher.ir.shapes import TensorInfo, infer, resolve
@@ -51,10 +51,17 @@ def locate(model: ModelProto, symbols: dict[str, int] | None = None,
     for i, node in enumerate(graph.node):
         if node.op_type in DENSE_OPS and node.domain in ("", "ai.onnx"):
             found.append(_view(node, i, ids[i], index, shapes, basis))
+        elif node.op_type in INTEGER_OPS and node.domain in ("", "ai.onnx", "com.microsoft"):
+            found.append(_skip(node, ids[i], f"an integer (quantised) layer: {QUANTISED_ADVICE}"))
     _mark_shared(found, index)
     for i, node in enumerate(graph.node):
         found.extend(_subgraph_skips(node, ids[i]))
     return found
+
+
+# Dense layers computed in integers; their weights are int8/uint8, not factorisable as they are.
+INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul",
+                         "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM"})
 
 
 def _subgraph_skips(parent: NodeProto, parent_id: str) -> list[Skip]:

@@ -351,9 +351,26 @@ def test_int8_qdq_weight_is_skipped_and_the_rest_compresses(tmp_path: Path) -> N
         result, student = compress_exact(model, folder, full(mode, heads))
         q = cand(result, "qfc")
         assert q.decision == "skip" and "quantised" in q.reason and "DequantizeLinear" in q.reason
+        assert "compress the float model" in q.reason  # what the user can do about it
         assert cand(result, "fc").decision == "factorize"
         assert {"dq", "qfc"} <= node_names(student)
         assert {"Wq", "w_scale", "w_zp"} <= init_names(student)
+
+
+def test_integer_layers_are_listed_with_what_to_do(tmp_path: Path) -> None:
+    """A dynamic-quantised graph (MatMulInteger) has no float layer: inspect must still show its layers."""
+    wq = rng(9).integers(-127, 128, (IN, OUT)).astype(np.int8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["X"], ["Xq", "x_scale", "x_zp"], name="dql"),
+             helper.make_node("MatMulInteger", ["Xq", "Wq", "x_zp", "w_zp"], ["Yi"], name="qmm"),
+             helper.make_node("Cast", ["Yi"], ["Yf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["Yf", "x_scale"], ["Y"], name="rescale")]
+    model = make_model(nodes, [vi("X", TensorProto.FLOAT, [2, IN])], [vi("Y", TensorProto.FLOAT, [2, OUT])],
+                       [init("Wq", wq), init("w_zp", np.array(0, np.int8))])
+    onnx.save(model, str(tmp_path / "q.onnx"))
+    the_plan = api.plan(tmp_path / "q.onnx")
+    q = cand(the_plan, "qmm")
+    assert q.op == "MatMulInteger" and q.decision == "skip" and "integer (quantised) layer" in q.reason
+    assert "then quantise the student" in q.reason
 
 
 def _if_model() -> ModelProto:

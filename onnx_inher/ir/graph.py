@@ -19,6 +19,9 @@ FOLDABLE = frozenset(
     {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "ConstantOfShape"}
 )
 QUANTIZED = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
+# What a user can do with a quantised layer, said wherever one is skipped.
+QUANTISED_ADVICE = ("compress the float model it was quantised from (or dequantise it), then quantise the student "
+                    "the same way (e.g. onnxruntime.quantization.quantize_dynamic)")
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ class GraphIndex:
                 return NotConstant(f"Constant node '{node.name}' holds no dense tensor")
             return Constant(value, name, ())
         if node.op_type in QUANTIZED:
-            return NotConstant(f"weight is quantised (behind {node.op_type} '{node.name}')", quantized=True)
+            return NotConstant(f"weight is quantised (behind {node.op_type} '{node.name}'): {QUANTISED_ADVICE}",
+                               quantized=True)
         if node.op_type not in FOLDABLE:
             return NotConstant(f"weight is computed by {node.op_type} '{node.name}', not a constant")
         parents: list[Constant] = []
