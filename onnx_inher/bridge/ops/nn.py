@@ -81,6 +81,35 @@ def conv(ctx: Ctx) -> Fn:
     return run
 
 
+@register("ConvInteger", since=10)
+def conv_integer(ctx: Ctx) -> Fn:
+    """int32 convolution of zero-point-shifted uint8/int8 operands, exact: computed in float64, where
+    every product and partial sum of 8-bit values is an integer below 2**53. Padding is the input's zero
+    point (0 after the shift), as ONNX Runtime pads."""
+    window = _Window(ctx, ctx.attr("kernel_shape"))
+    group = int(ctx.attr("group", 1))
+
+    def run(x: torch.Tensor, w: torch.Tensor, zx: torch.Tensor | None = None,
+            zw: torch.Tensor | None = None) -> torch.Tensor:
+        xd, wd = x.to(torch.float64), w.to(torch.float64)
+        if zx is not None:
+            xd = xd - zx.to(torch.float64).reshape(())
+        if zw is not None:
+            zwd = zw.to(torch.float64)
+            wd = wd - (zwd.reshape(-1, *[1] * (w.dim() - 1)) if zwd.numel() > 1 else zwd.reshape(()))
+        kernel = list(w.shape[2:])
+        strides, dilations, pads = window.resolve(xd, kernel)
+        n = len(kernel)
+        if _symmetric(pads):
+            padding: list[int] | int = pads[:n]
+        else:
+            xd = F.pad(xd, pairs(pads))
+            padding = 0
+        return CONV[n](xd, wd, None, strides, padding, dilations, group).round().to(torch.int32)
+
+    return run
+
+
 @register("ConvTranspose")
 def conv_transpose(ctx: Ctx) -> Fn:
     group = int(ctx.attr("group", 1))

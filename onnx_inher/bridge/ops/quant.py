@@ -65,12 +65,16 @@ def dequantize_linear(ctx: Ctx) -> Fn:
 
 @register("DynamicQuantizeLinear", since=11)
 def dynamic_quantize_linear(ctx: Ctx) -> Fn:
+    """ONNX Runtime's arithmetic, step for step (float32): the range always holds 0, scale = range / 255
+    (1 for an all-zero input, as ORT does), zero point and values rounded half to even, then saturated."""
+
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lo = torch.clamp(x.min(), max=0.0)
-        hi = torch.clamp(x.max(), min=0.0)
-        scale = (hi - lo) / 255.0
-        zero = torch.clamp(torch.round(-lo / scale), 0, 255) if float(scale) != 0 else torch.zeros(())
-        q = torch.clamp(torch.round(x / scale) + zero, 0, 255) if float(scale) != 0 else torch.zeros_like(x)
-        return q.to(torch.uint8), scale.to(torch.float32), zero.to(torch.uint8)
+        xf = x.to(torch.float32)
+        lo = torch.clamp(xf.min(), max=0.0)
+        hi = torch.clamp(xf.max(), min=0.0)
+        scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255.0)
+        zero = torch.clamp(torch.round(0.0 - lo / scale), 0, 255)
+        q = torch.clamp(torch.round(xf / scale) + zero, 0, 255)
+        return q.to(torch.uint8), scale, zero.to(torch.uint8)
 
     return run
