@@ -13,6 +13,7 @@ from pathlib import Path
 QUIET_VAR = "ONNX_INHER_QUIET"
 CACHE_VAR = "ONNX_INHER_CACHE"
 CACHE_CAP_VAR = "ONNX_INHER_CACHE_MAX_GB"
+LATENCY_CHECK_VAR = "ONNX_INHER_LATENCY_CHECK"
 DEFAULT_CACHE_CAP_GB = 4.0
 
 
@@ -43,3 +44,10 @@ def cache_cap_bytes() -> int:
     except ValueError:
         gb = DEFAULT_CACHE_CAP_GB
     return int(max(gb, 0.0) * 1e9)
+
+
+def latency_check_default() -> bool:
+    """Whether `compress` and `run` time the student against the teacher when the caller did not say
+    (`ONNX_INHER_LATENCY_CHECK=0` turns the default off: the test suite sets it, so timing never decides
+    what a test writes)."""
+    return os.environ.get(LATENCY_CHECK_VAR, "1") != "0"

@@ -127,6 +127,11 @@ class CompressResult:
     verification: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def speed_ok(self) -> bool:
+        """False when the latency check measured the student below `Options.min_speedup`."""
+        return bool((self.plan.latency_check or {}).get("ok", True))
+
 
 def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
     p = load_plan(path)
@@ -215,6 +220,7 @@ def compress(
     layers = factorised_outputs(the_plan, a) if verify else None
     rewritten = rewrite(a, the_plan, spectra)
     del a  # the teacher proto and every folded weight: peak memory is what lives at once
+    rewritten = _latency_check(the_plan, options, rewritten, model, spectra)
     release_memory()
     written = save_model(rewritten, out, external_data=external, inputs=[teacher_path])
     del rewritten
@@ -225,6 +231,23 @@ def compress(
         result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,
                                            shapes=options.shapes, feed=feed, layers=layers)
     return result
+
+
+def _latency_check(the_plan: Plan, options: Options, student: ModelProto, model: PathLike,
+                   spectra: Spectra) -> ModelProto:
+    """Time the student against the teacher; choose the form and revert what does not pay (tuning/speed.py)."""
+    from onnx_inher.tuning import speed
+
+    if not speed.enabled(options.latency_check) and options.min_speedup is None:
+        return student
+    the_plan.options = replace(the_plan.options, latency_check=options.latency_check,
+                               min_speedup=options.min_speedup, pick_form=options.pick_form)
+
+    def fresh() -> speed.Analysed:
+        a = analyze(model, options.dims, options.shapes)
+        return speed.Analysed(a.loaded.model, a.views, a)
+
+    return speed.check(the_plan, student, Path(model), fresh, lambda an, p: rewrite(an.handle, p, spectra))
 
 
 def verify_files(teacher: PathLike, student: PathLike, *, inputs: PathLike | None = None,

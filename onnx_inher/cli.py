@@ -63,10 +63,12 @@ def policy_options(f: Callable) -> Callable:
                      help="Keep this fraction of all candidate params, spread by singular-value energy "
                           "(default 0.5)."),
         click.option("--energy", type=float, help="Smallest rank keeping this share of singular-value energy."),
-        click.option("--mode", type=click.Choice(["inher", "svd"]), default="inher", show_default=True,
-                     help="inher: shared down-projection + gated heads; svd: a plain factor pair."),
-        click.option("--heads", type=int, default=2, show_default=True,
-                     help="Up-projection heads in inher mode; 1 gives a plain pair (fastest)."),
+        click.option("--mode", type=click.Choice(["inher", "svd"]),
+                     help="inher: shared down-projection + gated heads; svd: a plain factor pair. Default: inher "
+                          "with 2 heads, which compress and run turn into plain pairs when those measure "
+                          "faster on this machine (see --no-latency-check)."),
+        click.option("--heads", type=int,
+                     help="Up-projection heads in inher mode (default 2); 1 gives a plain pair (fastest)."),
         click.option("--rank-multiple", type=int, default=16, show_default=True,
                      help="Round ranks up to a multiple of this (latency steps with it on CPU)."),
         click.option("--include", multiple=True, help="Only nodes whose name matches this regex (repeatable)."),
@@ -91,8 +93,19 @@ def data_options(f: Callable) -> Callable:
                      help="How --param-ratio's budget is spread: by singular-value energy, or by each layer's "
                           "measured effect on the outputs over --calibration DATA (slower, usually better).")(f)
     return click.option("--calibration", metavar="DATA",
-                        help="Data-aware (whitened) SVD: factor each MatMul/Gemm to minimise its output error on "
-                             "DATA (as for `distill --data`: fortunes, mnist5k, an .npz, ...).")(f)
+                        help="Data-aware (whitened) SVD: factor each Conv and MatMul/Gemm to minimise its output "
+                             "error on DATA (as for `distill --data`: fortunes, mnist5k, an .npz, ...). `run` "
+                             "uses its --data unless given other DATA or 'none' (plain SVD).")(f)
+
+
+def speed_options(f: Callable) -> Callable:
+    """The latency check of compress and run (onnx_inher/tuning/speed.py)."""
+    f = click.option("--no-latency-check", is_flag=True,
+                     help="Do not time the student against the teacher (by default a few seconds at the real "
+                          "shapes choose heads or pairs and revert layers until the student is not slower).")(f)
+    return click.option("--min-speedup", type=float, metavar="X",
+                        help="Exit 1 when the student measures below X times the teacher's speed "
+                             "(teacher time / student time, at batch 1 on this machine).")(f)
 
 
 trainable_option = click.option(
@@ -102,7 +115,11 @@ trainable_option = click.option(
 
 def _options(kw: dict[str, Any]) -> Options:
     policy = parse_policy(kw.pop("rank"), kw.pop("rank_ratio"), kw.pop("param_ratio"), kw.pop("energy"))
-    o = Options(mode=kw.pop("mode"), heads=kw.pop("heads"), policy=policy, rank_multiple=kw.pop("rank_multiple"),
+    mode, heads = kw.pop("mode"), kw.pop("heads")
+    o = Options(mode=mode or "inher", heads=2 if heads is None else heads, policy=policy,
+                pick_form=mode is None and heads is None, min_speedup=kw.pop("min_speedup", None),
+                latency_check=False if kw.pop("no_latency_check", False) else None,
+                rank_multiple=kw.pop("rank_multiple"),
                 guard=not kw.pop("no_guard"), include=list(kw.pop("include")), exclude=list(kw.pop("exclude")),
                 min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), shapes=_shapes(kw.pop("shapes", ())),
                 seed=kw.pop("seed"),
@@ -211,26 +228,35 @@ def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw:
 @click.option("--target", type=click.Choice(["cpu", "cuda"]),
               help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
 @data_options
+@speed_options
 @handled
 def compress(model: Path, output: Path, plan_path: Path | None, verify: bool, inputs: Path | None,
              max_rel_error: float | None, as_json: bool, target: str | None, **kw: Any) -> None:
     """Rewrite the planned layers into SVD-initialised factor nodes and save the student."""
     options = _options(kw)
+    options.pick_form = options.pick_form and plan_path is None  # a plan file's heads are applied as written
     check_output(output, [model, *(p for p in (plan_path, inputs) if p is not None)])
     result = api.compress(model, output, options, plan_path=plan_path, verify=verify or max_rel_error is not None,
                           inputs=inputs, bound=max_rel_error, target=target)
     if as_json:
         doc = {"plan": json.loads(result.plan.to_json())["totals"], "outputs": [str(p) for p in result.outputs],
                "calibration": result.plan.options.calibration,
-               "verification": result.verification.to_dict() if result.verification else None}
+               "verification": result.verification.to_dict() if result.verification else None,
+               "latency_check": result.plan.latency_check}
         click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(report.totals_line(result.plan))
         for note in result.notes:
             click.echo(f"warning: {note}")
         click.echo(f"student written to {', '.join(map(str, result.outputs))}")
+        if result.plan.latency_check:
+            click.echo(report.latency_check_line(result.plan.latency_check))
         if result.verification:
             click.echo(report.verify_table(result.verification))
+    if not result.speed_ok:
+        click.echo(f"onnx-inher: the student is below --min-speedup {options.min_speedup:g} "
+                   f"({result.plan.latency_check['speedup']:.2f}x the teacher)", err=True)
+        sys.exit(1)
     if result.verification and not result.verification.ok:
         sys.exit(1)
 
@@ -450,6 +476,7 @@ def _print_run(result: Any, as_json: bool) -> None:
                    "beat the starting weights, which were then kept); the run folder and report are written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's results as JSON.")
 @data_options
+@speed_options
 @handled
 def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int, lr: float,
             temperature: float, alpha: float, features: str, trainable: str, val_fraction: float,
@@ -494,6 +521,7 @@ def demo(output: Path, quick: bool, as_json: bool) -> None:
     if not as_json:
         card = teacher_card()
         click.echo(f"onnx-inher demo: the embedded CNN ({card['test_accuracy']:.1%} on {card['test_digits']} held-out "
-                   "MNIST digits) -> <= 50% params with 2 InherNet heads, and a plain pair beside it; distilled on "
+                   "MNIST digits) -> <= 50% params with 2 InherNet heads (plain pairs if they time faster here), and a "
+                   "plain pair beside it; distilled on "
                    f"{card['train_digits']} real digits.")
     _print_run(run_demo(output, quick=quick), as_json)

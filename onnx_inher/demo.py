@@ -32,7 +32,8 @@ def demo(folder: str | os.PathLike[str] = "runs/demo", *, quick: bool = False, c
     """Run the whole job on the embedded teacher: <= 50% params, InherNet heads (2), KD on MNIST digits."""
     from onnx_inher.distill import DistillOptions
 
-    options = Options(mode="inher", heads=2, policy=parse_policy(param_ratio=0.5))
+    # the CLI's defaults: heads, or plain pairs where they measure faster on this machine (latency check)
+    options = Options(mode="inher", heads=2, policy=parse_policy(param_ratio=0.5), pick_form=True)
     dopts = DistillOptions(epochs=3, steps=40 if quick else None, batch_size=64, lr=1e-3,
                            eval_every=20 if quick else None)
     bench = BenchSettings(batches=(1, 32), warmup=3 if quick else 10, iters=20 if quick else 100)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("ONNX_INHER_QUIET", "1")
+# timing never decides what a test writes; tests/test_latency_check.py turns the check on
+os.environ.setdefault("ONNX_INHER_LATENCY_CHECK", "0")
 
 from pathlib import Path
 

@@ -44,6 +44,7 @@ def test_demo_quick_student_close_to_teacher(demo_run: tuple[Path, str]) -> None
     report = (folder / "report.md").read_text()
     assert "Do the heads pay for themselves?" in report and "Verdict:" in report
     assert "mnist5k:test" in report
+    assert json.loads((folder / "plan.json").read_text())["options"]["calibration"] == "mnist5k"  # whitened by default
 
 
 def test_rerun_skips_every_stage(demo_run: tuple[Path, str]) -> None:

@@ -68,6 +68,13 @@ class Options:
     seed: int = 0
     calibration: str | None = None  # DATA spec whose input Gram matrices whiten the SVD
     allocate: str = "energy"  # or "sensitivity": ranks moved to where measured output damage is (needs data)
+    # compress/run time the student against the teacher and revert layers that do not pay (tuning/speed.py);
+    # None: on unless ONNX_INHER_LATENCY_CHECK=0
+    latency_check: bool | None = None
+    min_speedup: float | None = None  # a student slower than this (teacher time / student time) fails (exit 1)
+    # heads or a plain pair by measurement: the CLI's default when neither --mode nor --heads is given; in
+    # Python the form asked for in `mode`/`heads` is kept unless this is set
+    pick_form: bool = False
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +90,10 @@ class Options:
             raise InputError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         if self.min_params < 0:
             raise InputError(f"--min-params must be >= 0, got {self.min_params}")
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            raise InputError(f"--min-speedup must be > 0, got {self.min_speedup:g}")
+        if self.min_speedup is not None and self.latency_check is False:
+            raise InputError("--min-speedup needs the latency check; drop --no-latency-check.")
         for name, shape in self.shapes.items():
             if not all(isinstance(d, int) and d >= 1 for d in shape):
                 raise InputError(f"--shape {name}: dims must be positive integers, got {list(shape)}")
@@ -105,6 +116,7 @@ class Plan:
     options: Options
     candidates: list[Candidate]
     warnings: list[str] = field(default_factory=list)
+    latency_check: dict[str, Any] | None = None  # what compress's latency check measured (tuning/speed.py)
 
     def totals(self) -> dict[str, Any]:
         chosen = [c for c in self.candidates if c.decision == "factorize"]
@@ -135,6 +147,8 @@ class Plan:
             "warnings": self.warnings,
             "candidates": [asdict(c) for c in self.candidates],
         }
+        if self.latency_check is not None:
+            doc["latency_check"] = self.latency_check
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
@@ -149,7 +163,7 @@ class Plan:
             names = {f for f in Candidate.__dataclass_fields__}
             cands = [Candidate(**{k: v for k, v in c.items() if k in names}) for c in doc["candidates"]]
             return cls(doc["model"]["path"], doc["model"]["sha256"], int(doc["model"]["opset"]), options,
-                       cands, list(doc.get("warnings", [])))
+                       cands, list(doc.get("warnings", [])), doc.get("latency_check"))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise InputError(f"{source}: not a valid onnx-inher plan ({err}); regenerate it with `onnx-inher plan`.") \
                 from None

@@ -133,7 +133,13 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray,
     the calibration inputs (with `S S^T` their Gram matrix) instead of the weight error `|M - M_r|_F`,
     so a layer keeps the directions its inputs use. `truncate` applies unchanged: up = `U_r s_r`,
     down = `V_r^T S^-1`; at full rank `U diag(s) V^T S^-1 = M`. The singular values are those of `M S`.
+    A `[g, in, in]` gram whitens each group of a grouped convolution with its own inputs' Gram matrix.
     """
+    gram = np.asarray(gram)
+    if gram.ndim == 3:
+        parts = [whitened_svd(matrices[j:j + 1], gram[j], damping) for j in range(len(gram))]
+        u, s, down = (np.concatenate(p) for p in zip(*parts, strict=True))
+        return u, s, down
     s_mat, s_inv = whitening(gram, damping)
     with _one_blas_thread():
         scaled = (matrices.astype(np.float64) @ s_mat).astype(np.float32)
@@ -143,11 +149,13 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray,
 
 
 def output_error(matrices: np.ndarray, factors: Factors, gram: np.ndarray) -> float:
-    """Relative output error `|(M - up down) S|_F / |M S|_F` on inputs with Gram matrix `gram`."""
+    """Relative output error `|(M - up down) S|_F / |M S|_F` on inputs with Gram matrix `gram` (`[in, in]`,
+    or `[g, in, in]` per group)."""
     c = np.asarray(gram, dtype=np.float64)
+    spec = "goi,gij,goj->" if c.ndim == 3 else "goi,ij,goj->"
     diff = matrices.astype(np.float64) - factors.up.astype(np.float64) @ factors.down.astype(np.float64)
-    err = float(np.einsum("goi,ij,goj->", diff, c, diff))
-    ref = float(np.einsum("goi,ij,goj->", matrices.astype(np.float64), c, matrices.astype(np.float64)))
+    err = float(np.einsum(spec, diff, c, diff))
+    ref = float(np.einsum(spec, matrices.astype(np.float64), c, matrices.astype(np.float64)))
     return float(np.sqrt(max(err, 0.0) / max(ref, np.finfo(np.float64).tiny)))
 
 

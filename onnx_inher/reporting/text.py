@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.planning.plan import Plan
@@ -45,6 +46,24 @@ def totals_line(plan: Plan) -> str:
     return (f"{t['factorized']}/{t['candidates']} layers factorised; params {human(t['params_before'])} -> "
             f"{human(t['params_after'])} ({t['param_ratio']:.1%}); FLOPs {human(t['flops_before'])} -> "
             f"{human(t['flops_after'])} ({t['flop_ratio']:.1%})")
+
+
+def latency_check_line(doc: dict[str, Any]) -> str:
+    """One line of what compress's latency check measured (tuning/speed.py) and what it changed."""
+    if doc.get("speedup") is None:
+        return f"latency check: {doc.get('verdict')}"
+    form = doc.get("form")
+    text = (f"latency check ({doc.get('threads')} threads, batch 1): student {doc['speedup']:.2f}x the teacher "
+            f"[{doc['low']:.2f}, {doc['high']:.2f}], {doc['verdict']}")
+    if form:
+        text += (f"; form: {form['chosen']} (heads {form['heads']['speedup']:.2f}x, pairs "
+                 f"{form['pair']['speedup']:.2f}x)")
+    if doc.get("reverted"):
+        text += f"; {len(doc['reverted'])} layer(s) reverted to dense: {', '.join(doc['reverted'])}"
+    wide = doc.get("batch_8") or {}
+    if "speedup" in wide:
+        text += f"; batch 8: {wide['speedup']:.2f}x"
+    return text
 
 
 def verify_table(report: VerifyReport) -> str:
@@ -233,7 +252,14 @@ def run_markdown(result: RunResult, folder: Path) -> str:
     settings = bench.get("settings", {})
     lines += ["", "## Latency", "", f"{settings.get('provider')}, {settings.get('threads_intra_op')} intra-op "
               "threads, models run interleaved. Full table (p50/p90/p99, throughput, efficiency vs ideal): "
-              "[bench.md](bench.md).", "", "![latency vs batch](bench.png)", "",
+              "[bench.md](bench.md).", "", "![latency vs batch](bench.png)", ""]
+    checks = [(labels[n], v["compress"].get("latency_check")) for n, v in result.distill.items()]
+    if any(doc for _, doc in checks):
+        lines += ["Measured before distillation (what compress kept, reverted or chose; every measurement is in "
+                  "`student_init.plan.json`'s `latency_check`):", ""]
+        lines += [f"- {label}: {latency_check_line(doc)}" for label, doc in checks if doc]
+        lines += [""]
+    lines += [
               "## Factorised layers", "", "Every candidate with its decision and reason: [plan.json](plan.json).",
               "", "![rank and energy kept per layer](layers.png)", ""]
     return "\n".join(lines)

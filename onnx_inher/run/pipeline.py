@@ -33,6 +33,7 @@ PathLike = str | os.PathLike[str]
 HELD_OUT_ADAPTERS = ("mnist5k", "digits", "fashion-mnist", "fortunes")
 EVAL_FORMAT = 2  # eval.json with per-output kinds and class agreements: older run folders re-evaluate
 PROBE_SAMPLES = 4
+NO_CALIBRATION = "none"  # `--calibration none`: plain SVD factors (run whitens on its --data by default)
 
 
 @dataclass
@@ -139,12 +140,17 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     classes; `metric` ("module:function" or "file.py:function", `--metric`) is the user's own metric and
     the report's headline (see `onnx_inher.metrics.UserMetric`); `ctc_blank` ("auto", None or a class) is
     the blank of CTC-greedy decoding for `[N,T,C]` outputs (see `onnx_inher.metrics.ctc_blank_of`).
+    Factors are whitened on `data` unless `options.calibration` names other data or is "none" (plain SVD).
     With `require_improvement`, a distillation whose validation never beat its starting student (the run
     gave the SVD-initialised weights back) raises `CheckFailed` (exit 1) once the report is written.
     """
     from onnx_inher.distill import DistillOptions
 
     options = options or Options()
+    if options.calibration is None:  # whitened factors from the run's own data (issue 17); "none" opts out
+        options = replace(options, calibration=data)
+    elif options.calibration == NO_CALIBRATION:
+        options = replace(options, calibration=None)
     options.validate()
     dopts = distill_options or DistillOptions()
     dopts.validate()
@@ -174,8 +180,12 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     variants = [("student", "plan.json")]
     if compare_pair and plan_result["has_heads"]:
         variants.append(("student_pair", "plan_pair.json"))
-    distilled = {}
-    for name, plan_file in variants:
+    distilled: dict[str, Any] = {}
+    for name, plan_file in list(variants):
+        if name == "student_pair" and _form(distilled["student"]) == "pair":  # the check already chose pairs
+            log("[student_pair] the latency check made the student plain pairs: nothing to compare")
+            variants.remove((name, plan_file))
+            continue
         distilled[name] = _compress_and_distill(out, name, plan_file, teacher_path, data, options, dopts, log)
     students = [out.path(f"{name}.onnx") for name, _ in variants]
     inits = [out.path(f"{name}_init.onnx") for name, _ in variants]
@@ -230,6 +240,12 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     return result
 
 
+def _form(variant: dict[str, Any]) -> str | None:
+    """The form compress's latency check chose for a variant (None: it did not choose)."""
+    form = (variant["compress"].get("latency_check") or {}).get("form")
+    return form["chosen"] if form else None
+
+
 def not_improved(variants: dict[str, dict[str, Any]]) -> list[str]:
     """The students whose distillation gave their starting weights back (validation never improved)."""
     return [name for name, v in variants.items() if v["distill"].get("train", {}).get("improved") is False]
@@ -246,11 +262,22 @@ def _compress_and_distill(out: RunFolder, name: str, plan_file: str, teacher: Pa
         # the plan file already holds the allocated ranks; compress applies them as written
         res = api.compress(teacher, init, replace(options, allocate="energy"), plan_path=out.path(plan_file),
                            verify=True)
+        write_text(out.path(f"{name}_init.plan.json"), res.plan.to_json())  # the plan as applied, check included
         return {"files": [p.name for p in res.outputs], "totals": res.plan.totals(),
-                "verification": res.verification.to_dict() if res.verification else None}
+                "verification": res.verification.to_dict() if res.verification else None,
+                "latency_check": res.plan.latency_check}  # what it measured, reverted or chose (tuning/speed.py)
 
     compressed = out.stage(f"compress:{name}", {"options": _options_doc(options)}, [teacher, out.path(plan_file)],
-              [init.name], do_compress, log=log)
+              [init.name, f"{name}_init.plan.json"], do_compress, log=log)
+    check = compressed.get("latency_check") or {}
+    if check.get("ok") is False:  # --min-speedup: stop before hours of distillation
+        raise CheckFailed(f"--min-speedup {options.min_speedup:g}: the {name.replace('_', ' ')} measured "
+                          f"{check['speedup']:.2f}x the teacher (see {out.folder / 'run.json'}).")
+    if check.get("reverted") and not compressed["totals"]["factorized"]:
+        raise CheckFailed(f"the latency check reverted every factorised layer of the {name.replace('_', ' ')}: "
+                          "none paid for itself on this machine at these shapes, so there is nothing to distil "
+                          f"(measurements in {out.folder / 'run.json'}); try plain pairs (--heads 1), a smaller "
+                          "--param-ratio, or --no-latency-check.")
 
     def do_distill() -> dict[str, Any]:
         res = distill(init, teacher, data, final, dopts, metrics=out.path(metrics),

@@ -8,14 +8,22 @@ outputs, batch by batch, and accumulate `X^T X` in float64 (the per-layer memory
 the activations). Padding tokens are left out when the data has an `attention_mask`, since their
 hidden states never reach a mask-pooled embedding. `whitened_svd` then uses the matrices.
 
-Only MatMul/Gemm layers whose weight is on the right (`y = x W`, the activation's last axis is the
-input features) are whitened; convolutions and left-side products keep plain SVD (said in the plan's
-warnings).
+MatMul/Gemm layers whose weight is on the right (`y = x W`, the activation's last axis is the input
+features) are whitened with the Gram matrix of their input rows. A Conv is the same product on its
+input *patches* (`y = W_g patches_g(x)` per group, `in = C_in/g x prod(kernel)`), so it is whitened with
+the per-group Gram matrix of the patches (`[g, in, in]`), which `conv_patches` gathers in numpy with
+the node's own strides, dilations, pads and auto_pad, at a seeded sample of at most `CONV_ROWS` output
+positions per batch (bounded memory: rows x C_in x prod(kernel), never the whole im2col matrix).
+A ConvTranspose is whitened the same way, its patches computed by the node itself in ORT (see
+`TransposedPatches`). A weight on the left (`y = W X`) is whitened with the Gram matrix of `X`'s columns. A
+Gemm reading its activation transposed (transA with the weight on the right) keeps plain SVD (said in the
+plan's warnings).
 """
 
 from __future__ import annotations
 
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +43,41 @@ from onnx_inher.runtime import runnable_session, with_outputs
 
 SAMPLES = 256
 BATCH = 32
+LEFT = "left:"  # key of a left-side product's Gram matrix (features on the second last axis)
+CONV_ROWS = 4096  # output positions sampled per batch and conv layer (at least 2 x its patch size)
 
 
 def activation_input(view: LayerView, model: ModelProto) -> str | None:
-    """The tensor whose last axis a right-side MatMul/Gemm contracts with its weight, or None."""
+    """The tensor whose last axis a right-side MatMul/Gemm contracts with its weight, the input of a Conv,
+    or None (nothing to whiten)."""
+    if view.op == "Conv":
+        return model.graph.node[view.node_index].input[0]
     if view.op not in ("MatMul", "Gemm") or view.side != "right" or view.groups != 1:
         return None
     if view.op == "Gemm" and view.attrs.get("transA"):
         return None
     return model.graph.node[view.node_index].input[1 - view.weight_input]
+
+
+def gram_source(view: LayerView, model: ModelProto) -> tuple[str, bool] | None:
+    """For a MatMul/Gemm: the activation tensor, and whether its features are on the last axis (True: the
+    weight is on the right, or on the left of a transposed B) or on the second last (weight on the left).
+    None for convolutions and layers with nothing to whiten."""
+    if view.op not in ("MatMul", "Gemm") or view.groups != 1:
+        return None
+    if view.side == "right":
+        name = activation_input(view, model)
+        return None if name is None else (name, True)
+    x = model.graph.node[view.node_index].input[1]
+    return x, bool(view.op == "Gemm" and view.attrs.get("transB"))
+
+
+def left_rows(x: np.ndarray) -> np.ndarray:
+    """`[rows, in]` float64 of the right operand of `W @ X` (features on the second last axis)."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        return x[None, :].astype(np.float64)
+    return np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2]).astype(np.float64)
 
 
 def calibration_feeds(spec: str, model: ModelProto, samples: int = SAMPLES, seed: int = 0,
@@ -98,26 +132,144 @@ def batches(model: ModelProto, feeds: dict[str, np.ndarray], batch_size: int = B
 def input_grams(model: ModelProto, tensors: Sequence[str], feeds: dict[str, np.ndarray],
                 batch_size: int = BATCH) -> dict[str, np.ndarray]:
     """`X^T X` (float64) of each named tensor over every sample of `feeds`, run batch by batch in ORT."""
-    names = [t for t in dict.fromkeys(tensors) if t not in feeds]  # graph inputs are read from the feeds
-    grams: dict[str, np.ndarray] = {}
-    for name in dict.fromkeys(tensors):
-        if name in feeds:
-            x = token_rows(np.asarray(feeds[name]), feeds.get(MASK))
-            grams[name] = x.T @ x
-    if not names:
-        return grams
-    fetched = with_outputs(model, names, Path("calibration model"))
+    return layer_grams(model, tensors, [], feeds, batch_size)[0]
+
+
+def _add(grams: dict[str, np.ndarray], key: str, gram: np.ndarray) -> None:
+    grams[key] = gram if key not in grams else grams[key] + gram
+
+
+def layer_grams(model: ModelProto, tensors: Sequence[str], convs: Sequence[LayerView], feeds: dict[str, np.ndarray],
+                batch_size: int = BATCH, seed: int = 0, lefts: Sequence[str] = ()) \
+        -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One pass over the samples: `X^T X` of each named tensor (rows of its last axis), of each of `lefts`
+    (the `X` of `W @ X`, features on its second last axis; keyed `LEFT + name`), and each Conv's per-group
+    Gram matrix of input patches (`[g, in, in]`, by node name), all float64."""
+    inputs = {v.node: model.graph.node[v.node_index].input[0] for v in convs}
+    wanted = list(dict.fromkeys([*tensors, *lefts, *inputs.values()]))
+    names = [t for t in wanted if t not in feeds]  # graph inputs are read from the feeds
+    by_tensor: dict[str, np.ndarray] = {}
+    by_conv: dict[str, np.ndarray] = {}
+    runner = None
+    transposed: dict[str, TransposedPatches] = {}
     quiet = _env.progress_disabled()
     with tempfile.TemporaryDirectory() as spill:
-        runner = runnable_session(fetched, Path(spill))
-        for batch in tqdm(batches(model, feeds, batch_size), desc="calibrate", unit="batch", disable=quiet,
-                          leave=False):
+        if names:
+            runner = runnable_session(with_outputs(model, names, Path("calibration model")), Path(spill))
+        for b, batch in enumerate(tqdm(batches(model, feeds, batch_size), desc="calibrate", unit="batch",
+                                       disable=quiet, leave=False)):
             mask = batch.get(MASK)
-            for name, value in zip(names, runner.run(names, batch), strict=True):
-                x = token_rows(value, mask)
-                gram = x.T @ x
-                grams[name] = gram if name not in grams else grams[name] + gram
-    return grams
+            values = dict(zip(names, runner.run(names, batch), strict=True)) if runner is not None else {}
+            for name in dict.fromkeys(tensors):
+                x = token_rows(np.asarray(batch[name] if name in batch else values[name]), mask)
+                _add(by_tensor, name, x.T @ x)
+            for name in dict.fromkeys(lefts):
+                x = left_rows(batch[name] if name in batch else values[name])
+                _add(by_tensor, LEFT + name, x.T @ x)
+            for view in convs:
+                x = np.asarray(batch[inputs[view.node]] if inputs[view.node] in batch else values[inputs[view.node]])
+                rows = max(CONV_ROWS, 2 * view.in_features)
+                rng = np.random.default_rng([seed, b, zlib.crc32(view.node.encode())])
+                if view.op == "ConvTranspose":
+                    patches = transposed.setdefault(view.node, TransposedPatches(model, view))(x, rows, rng)
+                else:
+                    patches = conv_patches(x, view, rows, rng)
+                p = np.ascontiguousarray(patches.transpose(1, 0, 2))  # [g, rows, in]
+                _add(by_conv, view.node, np.swapaxes(p, 1, 2) @ p)
+    return by_tensor, by_conv
+
+
+class TransposedPatches:
+    """Input "patches" of a ConvTranspose: at each output position, the `C_in/g x prod(kernel)` input values
+    that its kernel taps read (0 where no input lands: strides leave gaps), in `LayerView.matrices`' column
+    order. Computed exactly by the node itself in ORT, with all its attributes (pads, auto_pad, strides,
+    dilations, output_padding, output_shape, group) and a 0/1 weight that copies input channel c, tap j to
+    output channel `c x prod(kernel) + j`: the scatter rule is ORT's own, nothing re-derived here."""
+
+    def __init__(self, model: ModelProto, view: LayerView) -> None:
+        self.node, self.view = model.graph.node[view.node_index], view
+        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.ir_version = model.ir_version
+        self.session = None
+
+    def _session(self, dtype: np.dtype):
+        from onnx import helper, numpy_helper
+
+        v = self.view
+        k = int(np.prod(v.kernel))
+        cin_g = v.in_features // k
+        eye = np.zeros((v.groups * cin_g, cin_g * k, k), dtype=dtype)
+        for c in range(cin_g):
+            eye[c::cin_g][:, c * k:(c + 1) * k, :] = np.eye(k, dtype=dtype)
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        node = helper.make_node("ConvTranspose", ["x", "e"], ["p"])
+        node.attribute.extend(self.node.attribute)
+        graph = helper.make_graph([node], "patches", [helper.make_tensor_value_info("x", elem, None)],
+                                  [helper.make_tensor_value_info("p", elem, None)],
+                                  [numpy_helper.from_array(eye.reshape(len(eye), cin_g * k, *v.kernel), "e")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = self.ir_version
+        with tempfile.TemporaryDirectory() as spill:
+            return runnable_session(model, Path(spill))
+
+    def __call__(self, x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
+        """`[rows, g, in]` float64 at up to `rows` output positions: a seeded sample (sorted) of up to
+        `rows / N` positions of each of the N samples, run one at a time so that the patch tensor held at
+        once is one sample's (`C_in x prod(kernel) x output positions`)."""
+        if self.session is None:
+            self.session = self._session(x.dtype)
+        each = -(-rows // max(len(x), 1))
+        out = []
+        for i in range(len(x)):
+            p = np.asarray(self.session.run(["p"], {"x": x[i:i + 1]})[0])  # [1, g x in, *out]
+            flat = np.moveaxis(p, 1, -1).reshape(-1, p.shape[1])
+            pick = np.sort(rng.choice(len(flat), size=each, replace=False)) if len(flat) > each else slice(None)
+            out.append(flat[pick].astype(np.float64))
+        return np.concatenate(out).reshape(-1, self.view.groups, self.view.in_features)
+
+
+def conv_pads(view: LayerView, spatial: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(begin, end) pads of a Conv on an input of `spatial` size, from its pads or auto_pad."""
+    d = len(view.kernel)
+    strides = list(view.attrs.get("strides") or [1] * d)  # type: ignore[call-overload]
+    dilations = list(view.attrs.get("dilations") or [1] * d)  # type: ignore[call-overload]
+    auto = view.attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, k, st, dl in zip(spatial, view.kernel, strides, dilations, strict=True):
+            total = max(0, (-(-n // st) - 1) * st + (k - 1) * dl + 1 - n)
+            small = total // 2
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return begin, end
+    if auto == "VALID":
+        return [0] * d, [0] * d
+    pads = list(view.attrs.get("pads") or [0] * (2 * d))  # type: ignore[call-overload]
+    return [int(v) for v in pads[:d]], [int(v) for v in pads[d:]]
+
+
+def conv_patches(x: np.ndarray, view: LayerView, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Input patches `[rows, g, C_in/g x prod(kernel)]` (float64) of a Conv at up to `rows` output positions
+    (a seeded sample, sorted, when there are more), in the order of `LayerView.matrices`' columns, so that
+    `M[g] @ patch[:, g]` is the conv's output (less bias) at those positions."""
+    d = len(view.kernel)
+    strides = [int(v) for v in (view.attrs.get("strides") or [1] * d)]  # type: ignore[union-attr]
+    dilations = [int(v) for v in (view.attrs.get("dilations") or [1] * d)]  # type: ignore[union-attr]
+    begin, end = conv_pads(view, x.shape[2:])
+    xp = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)])
+    out = [(n - (k - 1) * dl - 1) // st + 1
+           for n, k, st, dl in zip(xp.shape[2:], view.kernel, strides, dilations, strict=True)]
+    total = int(x.shape[0] * np.prod(out))
+    pick = np.sort(rng.choice(total, size=rows, replace=False)) if total > rows else np.arange(total)
+    where = np.unravel_index(pick, (x.shape[0], *out))
+    offsets = np.indices(view.kernel).reshape(d, -1)  # [d, K], C order like the weight's kernel axes
+    index = [where[0][:, None]]
+    for a in range(d):
+        index.append(where[a + 1][:, None] * strides[a] + offsets[a][None, :] * dilations[a])
+    patches = xp[(index[0], slice(None), *index[1:])]  # [rows, K, C]: the advanced axes come first
+    patches = np.swapaxes(patches, 1, 2).astype(np.float64)  # [rows, C, K]
+    return patches.reshape(len(pick), view.groups, -1)
 
 
 class CalibratedSpectra(Spectra):
@@ -161,24 +313,28 @@ def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, sp
               dims: dict[str, int] | None = None) -> Calibration:
     """Grams of the plan's factorised layers (summed over layers sharing one weight), and notes."""
     chosen = [views[c.node] for c in the_plan.candidates if c.decision == "factorize" and c.node in views]
-    tensors = {v.node: activation_input(v, model) for v in chosen}
-    plain = [v.node for v in chosen if tensors[v.node] is None]
-    wanted = sorted({t for t in tensors.values() if t})
-    if not wanted and the_plan.options.allocate != "sensitivity":
-        raise InputError(f"--calibration {spec}: no factorised layer is a MatMul/Gemm with its weight on the "
-                         "right, so there is nothing to whiten; drop --calibration.")
+    sources = {v.node: gram_source(v, model) for v in chosen}
+    convs = [v for v in chosen if v.op in ("Conv", "ConvTranspose")]
+    plain = [v.node for v in chosen if v not in convs and sources[v.node] is None]
+    wanted = sorted({src[0] for src in sources.values() if src and src[1]})
+    lefts = sorted({src[0] for src in sources.values() if src and not src[1]})
+    if not wanted and not lefts and not convs and the_plan.options.allocate != "sensitivity":
+        raise InputError(f"--calibration {spec}: no factorised layer is a Conv or a MatMul/Gemm, so there is "
+                         "nothing to whiten; drop --calibration.")
     feeds = calibration_feeds(spec, model, dims=dims)
-    by_tensor = input_grams(model, wanted, feeds) if wanted else {}
+    by_tensor, by_conv = layer_grams(model, wanted, convs, feeds, lefts=lefts) if wanted or lefts or convs \
+        else ({}, {})
     grams: dict[str, np.ndarray] = {}
     for v in chosen:
-        name = tensors[v.node]
-        if name is not None:
-            g = by_tensor[name]
-            grams[v.shared_key] = g if v.shared_key not in grams else grams[v.shared_key] + g
+        src = sources[v.node]
+        if v.op in ("Conv", "ConvTranspose"):
+            _add(grams, v.shared_key, by_conv[v.node])
+        elif src is not None:
+            _add(grams, v.shared_key, by_tensor[src[0] if src[1] else LEFT + src[0]])
     notes = [f"calibration '{spec}': {len(chosen) - len(plain)} layer(s) factorised by whitened SVD on "
              f"{len(next(iter(feeds.values())))} samples"]
     if plain:
-        notes.append(f"calibration: {len(plain)} layer(s) keep plain SVD (not a right-side MatMul/Gemm): "
+        notes.append(f"calibration: {len(plain)} layer(s) keep plain SVD (a transposed Gemm input): "
                      f"{', '.join(plain[:3])}{' ...' if len(plain) > 3 else ''}")
     return Calibration(feeds, grams, notes)
 

@@ -114,6 +114,39 @@ def plan_dims(model: Any, dims: dict[str, int], shapes: dict[str, list[int]] | N
     return out
 
 
+def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: Settings,
+                cache_dir: Path | None = None, warmup: int = WARMUP, iters: int = ITERS,
+                nodes: set[str] | None = None) -> dict[str, tuple[float, float, str]]:
+    """`{node: (dense ms, factorised ms, where)}` of the plan's factorised layers (or of `nodes`), each
+    timed alone at its input shape, through the per-machine cache. Layers whose input shape is unknown
+    are left out."""
+    cache = LatencyCache.open(settings, cache_dir)
+    index = GraphIndex.build(model.graph)
+    basis = plan_dims(model, plan.options.dims, plan.options.shapes)
+    table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
+    out: dict[str, tuple[float, float, str]] = {}
+    for c in plan.candidates:
+        if c.decision != "factorize" or c.node not in views or (nodes is not None and c.node not in nodes):
+            continue
+        view = views[c.node]
+        node = model.graph.node[view.node_index]
+        x = activation_input(node, index)
+        info = table.get(x) if x else None
+        if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
+            continue
+        x_shape = tuple(int(d) for d in info.dims)
+        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads)
+        if key not in cache.entries:
+            dense = dense_graph(view, model, index, x_shape)
+            if dense is None:
+                continue
+            fact = replacement_graph(view, model, index, c, dense, plan.opset)
+            cache.entries[key] = list(time_pair(dense, fact, settings, warmup, iters))
+        out[c.node] = (*cache.entries[key], f"input {'x'.join(map(str, x_shape))}")  # type: ignore[assignment]
+    cache.save()
+    return out
+
+
 def apply_target(plan: Plan, model: Any, views: dict[str, LayerView], target: str,
                  cache_dir: Path | None = None, warmup: int = WARMUP, iters: int = ITERS) -> Plan:
     """Skip every factorisation the measured per-layer timings say is not faster on `target`."""

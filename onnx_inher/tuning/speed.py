@@ -1,0 +1,264 @@
+"""The latency check of `compress` and `run`: never ship a student slower than its teacher by default.
+
+After the student is built, teacher and student run interleaved in ONNX Runtime (in-memory sessions,
+all cores, the plan's real input shapes at batch 1) for a few seconds. The verdict is the ratio of
+medians (teacher time / student time) with a paired bootstrap interval (`bench.stats.speedup`):
+
+- **form** (when the user did not fix `--mode`/`--heads` and the plan has heads): the same ranks are
+  also built as plain pairs and the three models are timed together; the pairs are kept when they are
+  measurably faster than the heads (the interval of heads-time / pair-time lies above 1), else the
+  heads stay (within noise they are the better start for distillation).
+- **revert**: while the student is measurably slower than the teacher (the interval lies below 1),
+  factorised layers are turned back into dense ones, the worst first by their per-layer timings
+  (`tuning.latency.layer_times`, cached per machine: smallest time saved first), 1, 2, 4, ... layers
+  per round; each round rebuilds and re-measures the student. When it is not slower but its median
+  ratio is below `--min-speedup`, only the layers that measure slower alone are reverted (the others
+  can only make it slower still). A reverted layer becomes a skip whose reason holds its measured
+  times. Layers timed alone do not always add up in the whole model: when an earlier round measured
+  better than the last (intervals apart), that round's student is kept (`restored`). `ok` is False
+  (exit 1) when the final ratio is still below `--min-speedup`.
+
+The final student is also timed at batch 8 when that is cheap (recorded, not decided on).
+Everything measured goes into `plan.latency_check` (and so into the plan JSON and compress's output).
+When nothing is reverted and the form is kept, the student is the one built first, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from onnx_inher import _env
+from onnx_inher.bench.core import with_batch
+from onnx_inher.bench.sessions import Runner, Settings, create
+from onnx_inher.bench.stats import Ratio, speedup
+from onnx_inher.planning.plan import Candidate, Plan
+from onnx_inher.runtime import sample_inputs
+from onnx_inher.tuning.latency import layer_times, plan_dims
+
+BUDGET_S = 3.0  # seconds of timed rounds per measurement
+WARMUP = 3
+MIN_ROUNDS, MAX_ROUNDS = 10, 1000
+MAX_BYTES = 2_000_000_000 - (1 << 20)  # in-memory sessions: a protobuf must stay under 2 GB
+MAX_REVERT_ROUNDS = 12
+SECOND_BATCH = 8  # also timed (recorded only) when a run of the teacher at this batch is cheap
+
+
+def enabled(option: bool | None) -> bool:
+    return _env.latency_check_default() if option is None else option
+
+
+@dataclass
+class Analysed:
+    """What a rebuild needs: a freshly loaded teacher (`model`) and its layer views."""
+
+    model: ModelProto
+    views: dict[str, Any]
+    handle: Any = None  # the caller's own analysis, given back to `rebuild`
+
+
+def time_models(models: list[bytes | Path], feed: dict[str, np.ndarray], settings: Settings,
+                budget_s: float = BUDGET_S) -> list[np.ndarray]:
+    """Seconds per round of each model, timed interleaved (A, B, ... each round) for about `budget_s`."""
+    runners = []
+    for i, m in enumerate(models):
+        label = "teacher" if i == 0 else f"student {i}"
+        r = Runner(create(m, settings, label), feed, label)
+        r.check()
+        runners.append(r)
+    for _ in range(WARMUP):
+        for r in runners:
+            r()
+    rows: list[list[float]] = [[] for _ in runners]
+    start = time.perf_counter()
+    while len(rows[0]) < MAX_ROUNDS and (len(rows[0]) < MIN_ROUNDS or time.perf_counter() - start < budget_s):
+        for j, r in enumerate(runners):
+            rows[j].append(r())
+    return [np.asarray(r) for r in rows]
+
+
+def _ratio_doc(base: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    r = speedup(base, other)
+    return {"speedup": round(r.value, 4), "low": round(r.low, 4), "high": round(r.high, 4),
+            "teacher_ms": round(float(np.median(base)) * 1e3, 4), "student_ms": round(float(np.median(other)) * 1e3, 4),
+            "rounds": int(base.size)}
+
+
+def verdict(r: Ratio | dict[str, Any], min_speedup: float | None) -> str:
+    value, low, high = (r.value, r.low, r.high) if isinstance(r, Ratio) else (r["speedup"], r["low"], r["high"])
+    if high < 1.0:
+        return "slower"
+    if min_speedup is not None and value < min_speedup:
+        return "below --min-speedup"
+    return "faster" if low > 1.0 else "not measurably slower"
+
+
+def _headed(plan: Plan) -> list[Candidate]:
+    return [c for c in plan.candidates if c.decision == "factorize" and c.heads > 1]
+
+
+def _as_pairs(plan: Plan, views: dict[str, Any]) -> Plan:
+    """The same plan with every headed layer a plain pair at the same rank."""
+    from copy import deepcopy
+
+    from onnx_inher.planning.cost import after
+
+    p = deepcopy(plan)
+    for c in _headed(p):
+        a = after(views[c.node], int(c.rank or 1), 1)
+        c.heads, c.form, c.flops_after = 1, "pair", a.flops
+        c.params_after = 0 if c.shares_factors_with else a.params
+    return p
+
+
+def _groups(plan: Plan) -> dict[str, list[Candidate]]:
+    """Factorised candidates by the layer whose factors they use (a shared weight is reverted whole)."""
+    out: dict[str, list[Candidate]] = {}
+    for c in plan.candidates:
+        if c.decision == "factorize":
+            out.setdefault(c.shares_factors_with or c.node, []).append(c)
+    return out
+
+
+def _state(plan: Plan) -> list[tuple[Any, ...]]:
+    return [(c.decision, c.reason, c.params_after, c.flops_after) for c in plan.candidates]
+
+
+def _restore(plan: Plan, state: list[tuple[Any, ...]]) -> None:
+    for c, (decision, reason, params, flops) in zip(plan.candidates, state, strict=True):
+        c.decision, c.reason, c.params_after, c.flops_after = decision, reason, params, flops
+
+
+def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], Analysed],
+          rebuild: Callable[[Analysed, Plan], ModelProto], log: Callable[[str], None] | None = None) -> ModelProto:
+    """Measure `student` against `teacher`, choose the form and revert the layers that do not pay (see the
+    module doc). `fresh()` loads the teacher anew and `rebuild(analysed, plan)` makes a student from it
+    (`api.rewrite` consumes its analysis). Returns the student to save; `plan` is updated in place."""
+    options = plan.options
+    settings = Settings(provider="cpu", threads=os.cpu_count() or 1)
+    doc: dict[str, Any] = {"provider": "cpu", "threads": settings.threads, "budget_s": BUDGET_S,
+                           "min_speedup": options.min_speedup, "form": None, "rounds": [], "layers": {}}
+    plan.latency_check = doc
+    if not any(c.decision == "factorize" for c in plan.candidates):
+        doc.update(verdict="nothing factorised", ok=options.min_speedup is None, speedup=None)
+        return student
+    if student.ByteSize() > MAX_BYTES:
+        doc.update(verdict="not measured: the student is over 2 GB (time it with `onnx-inher bench`)", ok=True,
+                   speedup=None)
+        plan.warnings.append("latency check skipped: the student is over 2 GB")
+        return student
+    a = fresh()
+    basis = plan_dims(a.model, options.dims, options.shapes)
+    feed = sample_inputs(a.model, basis, shapes=options.shapes)
+    doc["shapes"] = {k: list(v.shape) for k, v in feed.items()}
+    wide, why_not = with_batch(a.model, {k: tuple(v.shape) for k, v in feed.items()}, SECOND_BATCH)
+    feed_wide = sample_inputs(a.model, shapes=wide) if wide else None  # every input at a full shape
+    say = log or (lambda _m: None)
+
+    current = student
+    if options.pick_form and _headed(plan):
+        pairs_plan = _as_pairs(plan, a.views)
+        pairs = rebuild(a, pairs_plan)
+        a = fresh()
+        t, h, p = time_models([teacher, current.SerializeToString(), pairs.SerializeToString()], feed, settings)
+        vs = speedup(h, p)  # heads time / pair time: > 1 when the pairs are faster
+        chosen = "pair" if vs.low > 1.0 else "heads"
+        doc["form"] = {"chosen": chosen, "heads": _ratio_doc(t, h), "pair": _ratio_doc(t, p),
+                       "pair_over_heads": {"speedup": round(vs.value, 4), "low": round(vs.low, 4),
+                                           "high": round(vs.high, 4)},
+                       "rule": "pairs when measurably faster than the heads (interval above 1), else heads"}
+        say(f"latency check: heads {doc['form']['heads']['speedup']:.2f}x, pairs {doc['form']['pair']['speedup']:.2f}x "
+            f"the teacher: keeping {chosen}")
+        if chosen == "pair":
+            note = (f"form: a plain pair, measured {vs.value:.2f}x [{vs.low:.2f}, {vs.high:.2f}] faster than "
+                    f"{plan.options.heads} heads on this machine (latency check)")
+            for c, q in zip(plan.candidates, pairs_plan.candidates, strict=True):
+                if c.decision == "factorize" and c.heads > 1:
+                    c.heads, c.form, c.params_after, c.flops_after = q.heads, q.form, q.params_after, q.flops_after
+                    c.note = "; ".join(filter(None, [c.note, note]))
+            current = pairs
+            first = _ratio_doc(t, p)
+        else:
+            first = _ratio_doc(t, h)
+    else:
+        t, s = time_models([teacher, current.SerializeToString()], feed, settings)
+        first = _ratio_doc(t, s)
+    doc["rounds"].append({"reverted": [], **first, "verdict": verdict(first, options.min_speedup)})
+    say(f"latency check: student {first['speedup']:.2f}x the teacher [{first['low']:.2f}, {first['high']:.2f}]")
+
+    last = doc["rounds"][-1]
+    if last["verdict"] in ("slower", "below --min-speedup"):
+        times = layer_times(plan, a.model, a.views, settings)
+        doc["layers"] = {n: {"dense_ms": round(d, 4), "factorized_ms": round(f, 4), "at": w}
+                         for n, (d, f, w) in times.items()}
+        groups = _groups(plan)
+
+        def gain(root: str) -> float:  # ms saved by the group's layers (unmeasured ones count as saving nothing)
+            return sum(times[c.node][0] - times[c.node][1] if c.node in times else 0.0 for c in groups[root])
+
+        order = sorted(groups, key=lambda r: (gain(r), r))
+        step = 1
+        states, first_student = [_state(plan)], current
+        failing = ("slower", "below --min-speedup")
+        while last["verdict"] in failing and order and len(doc["rounds"]) <= MAX_REVERT_ROUNDS:
+            if last["verdict"] != "slower":  # faster than the teacher, not enough: only what loses time goes
+                order = [r for r in order if gain(r) <= 0]
+                if not order:
+                    break
+            batch, order = order[:step], order[step:]
+            step *= 2
+            why = (f"{last['verdict']} than the teacher" if last["verdict"] == "slower"
+                   else f"below --min-speedup {options.min_speedup:g}")
+            for root in batch:
+                for c in groups[root]:
+                    m = times.get(c.node)
+                    measured = (f"factorised {m[1]:.3f} ms vs dense {m[0]:.3f} ms at {m[2]}" if m
+                                else "its input shape is unknown, not timed alone")
+                    c.decision = "skip"
+                    c.reason = (f"reverted by the latency check: the student measured {last['speedup']:.2f}x "
+                                f"the teacher [{last['low']:.2f}, {last['high']:.2f}], {why}; this layer: {measured}")
+                    c.params_after, c.flops_after = 0, 0
+            current = rebuild(a, plan)
+            a = fresh()
+            t, s = time_models([teacher, current.SerializeToString()], feed, settings)
+            r = _ratio_doc(t, s)
+            last = {"reverted": [c.node for root in batch for c in groups[root]], **r,
+                    "verdict": verdict(r, options.min_speedup)}
+            doc["rounds"].append(last)
+            states.append(_state(plan))
+            say(f"latency check: reverted {len(last['reverted'])} layer(s), student now {r['speedup']:.2f}x")
+        # per-layer timings do not always add up in the whole model: keep the best student measured
+        best = max(range(len(doc["rounds"])), key=lambda k: doc["rounds"][k]["speedup"])
+        if best != len(doc["rounds"]) - 1 and doc["rounds"][best]["low"] > last["high"]:
+            _restore(plan, states[best])
+            current = first_student if best == 0 else rebuild(a, plan)
+            doc["restored"] = best
+            last = doc["rounds"][best]
+            say(f"latency check: reverting did not help; kept the student of round {best}")
+    kept = doc["rounds"][: doc.get("restored", len(doc["rounds"]) - 1) + 1]
+    reverted = [n for r in kept for n in r["reverted"]]
+    # the same student at a second batch: recorded, not decided on (the decision is at the real shapes)
+    if feed_wide is None:
+        doc[f"batch_{SECOND_BATCH}"] = {"skipped": why_not}
+    elif float(last["teacher_ms"]) * SECOND_BATCH * 2 * MIN_ROUNDS / 1e3 > BUDGET_S:
+        doc[f"batch_{SECOND_BATCH}"] = {"skipped": "too slow to time within the check's budget"}
+    else:
+        t, s = time_models([teacher, current.SerializeToString()], feed_wide, settings, BUDGET_S / 2)
+        doc[f"batch_{SECOND_BATCH}"] = _ratio_doc(t, s)
+    doc.update(verdict=last["verdict"], speedup=last["speedup"], low=last["low"], high=last["high"],
+               reverted=reverted, ok=options.min_speedup is None or last["speedup"] >= options.min_speedup)
+    if reverted:
+        plan.warnings.append(f"latency check: {len(reverted)} layer(s) reverted to dense (they did not pay on this "
+                             f"machine); the student now measures {last['speedup']:.2f}x the teacher "
+                             f"[{last['low']:.2f}, {last['high']:.2f}]")
+    if not doc["ok"]:
+        plan.warnings.append(f"latency check: the student measured {last['speedup']:.2f}x the teacher, below "
+                             f"--min-speedup {options.min_speedup:g}")
+    return current

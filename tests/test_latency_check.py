@@ -1,0 +1,185 @@
+"""The latency check of compress/run (onnx_inher/tuning/speed.py), with an injected timer: no test here
+depends on how fast this machine is. The suite turns the check off by default (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import onnx_inher
+from onnx_inher import Options
+from onnx_inher.cli import main
+from onnx_inher.planning.plan import load_plan
+from onnx_inher.tuning import speed
+
+MNIST = Path(onnx_inher.__file__).parent / "data" / "mnist_cnn.onnx"
+TEACHER_MS = 1.0
+
+
+def fake_timer(pair_ms: float, heads_ms: float, calls: list | None = None):
+    """Each factorised layer adds `pair_ms` (plain pair) or `heads_ms` (heads) to the teacher's time."""
+
+    def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
+        out = []
+        for i, m in enumerate(models):
+            ms = TEACHER_MS
+            if i:
+                names = [n.name for n in onnx.load_from_string(m).graph.node]
+                pairs = {n.split("/svd/")[0] for n in names if "/svd/" in n}
+                heads = {n.split("/inher/")[0] for n in names if "/inher/" in n}
+                ms += pair_ms * len(pairs) + heads_ms * len(heads)
+            out.append(np.full(30, ms / 1e3) * (1 + 0.001 * np.sin(np.arange(30) + i)))
+        if calls is not None:
+            calls.append(len(models))
+        return out
+
+    return time_models
+
+
+def fake_layers(gains: dict[str, float]):
+    """Per-layer timings: dense 1 ms, factorised 1 - gain ms (unknown layers save 0.1 ms)."""
+
+    def layer_times(plan, model, views, settings, **kw):
+        return {c.node: (1.0, 1.0 - gains.get(c.node, 0.1), "input 1")
+                for c in plan.candidates if c.decision == "factorize"}
+
+    return layer_times
+
+
+@pytest.fixture
+def checked(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ONNX_INHER_LATENCY_CHECK", "1")
+    monkeypatch.setattr(speed, "layer_times", fake_layers({}))  # never time layers for real here
+    return monkeypatch
+
+
+def test_default_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNX_INHER_LATENCY_CHECK", "0")
+    assert not speed.enabled(None) and speed.enabled(True)
+    monkeypatch.setenv("ONNX_INHER_LATENCY_CHECK", "1")
+    assert speed.enabled(None) and not speed.enabled(False)
+
+
+def test_pairs_chosen_when_they_measure_faster(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[int] = []
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2, calls=calls))
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
+    doc = r.plan.latency_check
+    assert calls == [3, 2]  # teacher, heads, pairs together; nothing reverted; the pairs at batch 8
+    assert doc["batch_8"]["speedup"] > 1 and doc["shapes"] == {"image": [1, 1, 28, 28]}
+    assert doc["form"]["chosen"] == "pair" and doc["verdict"] == "faster" and doc["ok"] and not doc["reverted"]
+    chosen = [c for c in r.plan.candidates if c.decision == "factorize"]
+    assert chosen and all(c.heads == 1 and c.form == "pair" and "form: a plain pair" in c.note for c in chosen)
+    names = [n.name for n in onnx.load(str(tmp_path / "s.onnx")).graph.node]
+    assert any("/svd/" in n for n in names) and not any("/inher/" in n for n in names)
+
+
+def test_heads_kept_within_noise_or_when_the_form_is_fixed(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=-0.1))
+    r = onnx_inher.compress(MNIST, tmp_path / "a.onnx", Options(pick_form=True))
+    assert r.plan.latency_check["form"]["chosen"] == "heads"
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.2, heads_ms=-0.05))
+    r = onnx_inher.compress(MNIST, tmp_path / "b.onnx", Options())  # Python keeps the form asked for
+    assert r.plan.latency_check["form"] is None
+    assert any(c.heads == 2 for c in r.plan.candidates if c.decision == "factorize")
+
+
+def test_no_revert_keeps_the_student_byte_identical(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=-0.1))
+    onnx_inher.compress(MNIST, tmp_path / "on.onnx", Options(pick_form=False))
+    onnx_inher.compress(MNIST, tmp_path / "off.onnx", Options(latency_check=False))
+    assert (tmp_path / "on.onnx").read_bytes() == (tmp_path / "off.onnx").read_bytes()
+
+
+def test_slower_student_reverts_worst_first(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=0.2, heads_ms=0.3))
+    plain = onnx_inher.compress(MNIST, tmp_path / "p.onnx", Options(latency_check=False, heads=1))
+    order = [c.node for c in plain.plan.candidates if c.decision == "factorize"]
+    gains = {n: 0.5 - 0.1 * i for i, n in enumerate(order)}  # the last one saves least: reverted first
+    checked.setattr(speed, "layer_times", fake_layers(gains))
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(heads=1), plan_path=None)
+    doc = r.plan.latency_check
+    assert doc["rounds"][0]["verdict"] == "slower"
+    assert doc["rounds"][1]["reverted"] == [order[-1]]  # 1, then 2, then 4 ... worst first
+    assert doc["reverted"] == list(reversed(order))  # every layer makes it slower: all go
+    assert doc["verdict"] == "not measurably slower" and doc["ok"]
+    assert set(doc["layers"]) == set(order)
+    for c in r.plan.candidates:
+        if c.node in order:
+            assert c.decision == "skip" and c.reason.startswith("reverted by the latency check")
+            assert "factorised" in c.reason and "dense" in c.reason
+    assert not any("/svd/" in n.name for n in onnx.load(str(tmp_path / "s.onnx")).graph.node)
+    assert any("reverted to dense" in w for w in r.plan.warnings)
+
+
+def test_min_speedup_reverts_only_losing_layers(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.05, heads_ms=-0.05))
+    plain = onnx_inher.compress(MNIST, tmp_path / "p.onnx", Options(latency_check=False, heads=1))
+    order = [c.node for c in plain.plan.candidates if c.decision == "factorize"]
+    checked.setattr(speed, "layer_times", fake_layers({order[0]: -0.2}))
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(heads=1, min_speedup=3.0))
+    doc = r.plan.latency_check
+    assert [x["reverted"] for x in doc["rounds"]] == [[], [order[0]]]  # the only layer slower alone
+    assert not doc["ok"] and doc["verdict"] == "below --min-speedup" and not r.speed_ok
+    # reverting it made the whole student slower (each pair saves time here): the first student is kept
+    assert doc["restored"] == 0 and doc["reverted"] == []
+    assert all(c.decision == "factorize" for c in r.plan.candidates if c.node in order)
+    assert (tmp_path / "s.onnx").read_bytes() == (tmp_path / "p.onnx").read_bytes()
+
+
+def test_plan_json_round_trips_the_check(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2))
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
+    (tmp_path / "plan.json").write_text(r.plan.to_json())
+    again = load_plan(tmp_path / "plan.json")
+    assert again.latency_check == json.loads(r.plan.to_json())["latency_check"]
+    assert again.options.pick_form is True and again.options.min_speedup is None
+
+
+def test_cli_flags_and_exit_codes(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2))
+    cli = CliRunner()
+    ok = cli.invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "a.onnx"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(ok.output)
+    assert doc["latency_check"]["form"]["chosen"] == "pair" and doc["latency_check"]["ok"]
+    fixed = cli.invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "b.onnx"), "--heads", "2", "--json"])
+    assert json.loads(fixed.output)["latency_check"]["form"] is None  # an explicit form is kept
+    off = cli.invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "c.onnx"), "--no-latency-check", "--json"])
+    assert off.exit_code == 0 and json.loads(off.output)["latency_check"] is None
+    slow = cli.invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "d.onnx"), "--min-speedup", "9"])
+    assert slow.exit_code == 1 and "below --min-speedup 9" in slow.output
+    assert (tmp_path / "d.onnx").exists()  # written, and reported as failing
+    bad = cli.invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "e.onnx"), "--min-speedup", "2",
+                            "--no-latency-check"])
+    assert bad.exit_code == 2 and "--min-speedup needs the latency check" in bad.output
+    zero = cli.invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "f.onnx"), "--min-speedup", "0"])
+    assert zero.exit_code == 2
+
+
+def test_run_stops_below_min_speedup_before_distilling(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    from onnx_inher.distill import DistillOptions
+    from onnx_inher.errors import CheckFailed
+    from onnx_inher.run import BenchSettings, pipeline
+
+    def never(*args: object, **kwargs: object) -> object:
+        raise AssertionError("distill must not run")
+
+    checked.setattr(sys.modules["onnx_inher.distill"], "distill", never)
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2))
+    with pytest.raises(CheckFailed, match="--min-speedup 9"):
+        pipeline.run(MNIST, "digits", tmp_path / "run", Options(min_speedup=9.0, pick_form=True),
+                     DistillOptions(steps=2), BenchSettings(batches=(1,), warmup=1, iters=3), log=lambda _: None)
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    stage = next(s for s in manifest["stages"] if s["name"] == "compress:student")
+    assert stage["result"]["latency_check"]["form"]["chosen"] == "pair"
+    assert stage["result"]["latency_check"]["ok"] is False
+    applied = load_plan(tmp_path / "run" / "student_init.plan.json")
+    assert applied.latency_check == stage["result"]["latency_check"]
