@@ -116,18 +116,18 @@ def plan_dims(model: Any, dims: dict[str, int], shapes: dict[str, list[int]] | N
 
 def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: Settings,
                 cache_dir: Path | None = None, warmup: int = WARMUP, iters: int = ITERS,
-                nodes: set[str] | None = None) -> dict[str, tuple[float, float, str]]:
+                nodes: set[str] | None = None, desc: str = "timing layers") -> dict[str, tuple[float, float, str]]:
     """`{node: (dense ms, factorised ms, where)}` of the plan's factorised layers (or of `nodes`), each
     timed alone at its input shape, through the per-machine cache. Layers whose input shape is unknown
-    are left out."""
+    (or that cannot be built alone) are left out."""
     cache = LatencyCache.open(settings, cache_dir)
     index = GraphIndex.build(model.graph)
     basis = plan_dims(model, plan.options.dims, plan.options.shapes)
     table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
+    chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views
+              and (nodes is None or c.node in nodes)]
     out: dict[str, tuple[float, float, str]] = {}
-    for c in plan.candidates:
-        if c.decision != "factorize" or c.node not in views or (nodes is not None and c.node not in nodes):
-            continue
+    for c in tqdm(chosen, desc=desc, unit="layer", disable=_env.progress_disabled(), leave=False):
         view = views[c.node]
         node = model.graph.node[view.node_index]
         x = activation_input(node, index)
@@ -154,42 +154,25 @@ def apply_target(plan: Plan, model: Any, views: dict[str, LayerView], target: st
         raise InputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
     settings = Settings(provider=target, threads=os.cpu_count() or 1)
     settings.provider_list()  # a clear error when the target's provider is missing
-    cache = LatencyCache.open(settings, cache_dir)
-    index = GraphIndex.build(model.graph)
-    basis = plan_dims(model, plan.options.dims, plan.options.shapes)
-    table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
+    times = layer_times(plan, model, views, settings, cache_dir, warmup, iters, desc=f"timing layers ({target})")
+    where_cached = LatencyCache.open(settings, cache_dir).path
     chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views]
     skipped: dict[str, str] = {}
-    for c in tqdm(chosen, desc=f"timing layers ({target})", unit="layer", disable=_env.progress_disabled(),
-                  leave=False):
-        view = views[c.node]
+    for c in chosen:
         if c.shares_factors_with in skipped:
             c.decision, c.reason = "skip", f"shares its weight with '{c.shares_factors_with}', which is skipped"
             continue
-        node = model.graph.node[view.node_index]
-        x = activation_input(node, index)
-        info = table.get(x) if x else None
-        if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
+        if c.node not in times:
             c.note = "; ".join(filter(None, [c.note, f"not timed for --target {target}: input shape unknown"]))
             continue
-        x_shape = tuple(int(d) for d in info.dims)
-        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads)
-        if key not in cache.entries:
-            dense = dense_graph(view, model, index, x_shape)
-            if dense is None:
-                continue
-            fact = replacement_graph(view, model, index, c, dense, plan.opset)
-            cache.entries[key] = list(time_pair(dense, fact, settings, warmup, iters))
-        d_ms, f_ms = cache.entries[key]
-        where = f"input {'x'.join(map(str, x_shape))}"
+        d_ms, f_ms, where = times[c.node]
         if f_ms >= d_ms:
             skipped[c.node] = c.reason = (f"not faster on {target}: factorised {f_ms:.3f} ms vs dense {d_ms:.3f} ms "
-                                          f"at {where} (measured on this machine, cache {cache.path})")
+                                          f"at {where} (measured on this machine, cache {where_cached})")
             c.decision = "skip"
         else:
             c.note = "; ".join(filter(None, [c.note, f"{target}: factorised {f_ms:.3f} ms vs dense {d_ms:.3f} ms "
                                                       f"at {where}"]))
-    cache.save()
     plan.warnings.append(f"--target {target}: {len(skipped)} of {len(chosen)} factorisations skipped as not faster "
                          "on this machine (per-layer timings)")
     return plan
