@@ -162,15 +162,28 @@ def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
     return model
 
 
-def check_written(files: list[Path]) -> None:
-    """Full ONNX check of a saved student, read by path (an in-memory check would serialise the whole
-    model once more, the largest memory peak of `compress`); a student that fails is removed."""
+def _full_check(path: Path) -> str | None:
+    """The first line of the full ONNX check's complaint about the model at `path`, or None."""
     try:
-        onnx.checker.check_model(str(files[0]), full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        for f in files:
-            f.unlink(missing_ok=True)
-        raise CheckFailed(f"the rewritten model fails the ONNX checker: {str(err).splitlines()[0]}") from None
+        return str(err).splitlines()[0]
+    return None
+
+
+def check_written(files: list[Path], teacher: Path | None = None) -> str | None:
+    """Full ONNX check of a saved student, read by path (an in-memory check would serialise the whole
+    model once more, the largest memory peak of `compress`); a student that fails is removed, unless the
+    teacher fails the very same check (exporters write such graphs and ONNX Runtime runs them: the
+    student only keeps the teacher's flaw). Returns that inherited complaint, if any."""
+    problem = _full_check(files[0])
+    if problem is None:
+        return None
+    if teacher is not None and _full_check(teacher) == problem:
+        return problem
+    for f in files:
+        f.unlink(missing_ok=True)
+    raise CheckFailed(f"the rewritten model fails the ONNX checker: {problem}")
 
 
 def compress(
@@ -225,7 +238,10 @@ def compress(
     written = save_model(rewritten, out, external_data=external, inputs=[teacher_path])
     del rewritten
     release_memory()
-    check_written(written)
+    inherited = check_written(written, teacher_path)
+    if inherited:
+        the_plan.warnings.append(f"the teacher itself fails the full ONNX check ({inherited}); ONNX Runtime runs "
+                                 "it, and the student keeps that flaw")
     result = CompressResult(the_plan, written, notes=list(the_plan.warnings))
     if verify:
         result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,

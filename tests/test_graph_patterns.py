@@ -642,3 +642,18 @@ def test_created_names_derive_from_the_replaced_node(tmp_path: Path, mode: str, 
     # the last created node of each replacement writes the replaced node's output
     producers = {o: n.name for n in student.graph.node for o in n.output}
     assert producers["H"].startswith("encoder/fc1/") and producers["Y"].startswith("MatMul(Y)/")
+
+
+def test_a_teacher_flaw_the_full_checker_sees_is_kept_not_fatal(tmp_path: Path) -> None:
+    """Paddle exports declare some outputs with a wrong rank (PP-OCRv5's direction classifier: a rank-0
+    Softmax output that is [N,2]); ONNX Runtime runs them. The student keeps the flaw with a warning."""
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["H"], name="fc"),
+             helper.make_node("Softmax", ["H"], ["Y"], axis=-1, name="softmax")]
+    graph = helper.make_graph(nodes, "flawed", [vi("X", TensorProto.FLOAT, [2, IN])], [vi("Y", TensorProto.FLOAT, [])],
+                              [init("W", randn(IN, OUT, seed=21))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(tmp_path / "teacher.onnx"))
+    result = api.compress(tmp_path / "teacher.onnx", tmp_path / "student.onnx",
+                          Options(mode="svd", policy=parse_policy(rank=2), rank_multiple=1))
+    assert cand(result, "fc").decision == "factorize"
+    assert any("the teacher itself fails the full ONNX check" in w for w in result.plan.warnings)
+    assert (tmp_path / "student.onnx").exists()
