@@ -18,10 +18,9 @@ pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter
 
 
 def _installed_layout(tmp: Path) -> Path:
-    """onnx_inher/ with passes/ at onnx_inher/passes, as the wheel installs it (what `make lint-imports` does)."""
+    """A copy of onnx_inher/ to break; the onnx_inher/passes symlink is copied as the folder it points to."""
     view = tmp / "view"
     shutil.copytree(ROOT / "onnx_inher", view / "onnx_inher", ignore=shutil.ignore_patterns("__pycache__", "data"))
-    shutil.copytree(ROOT / "passes", view / "onnx_inher" / "passes", ignore=shutil.ignore_patterns("__pycache__"))
     return view
 
 
@@ -30,8 +29,8 @@ def _lint(view: Path) -> subprocess.CompletedProcess[str]:
                           env={"PYTHONPATH": str(view), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
 
 
-def test_the_layer_contract_is_kept(tmp_path: Path) -> None:
-    done = _lint(_installed_layout(tmp_path))
+def test_the_layer_contract_is_kept() -> None:
+    done = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
 
