@@ -11,7 +11,6 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from onnx_inher.passes import factorize
 
 import onnx_inher
 from onnx_inher import Options, parse_policy
@@ -19,6 +18,7 @@ from onnx_inher.bridge import to_torch, write_back
 from onnx_inher.ir import tensors
 from onnx_inher.ir.naming import is_factor
 from onnx_inher.ir.tensors import denormal_count, flush_denormals
+from onnx_inher.passes import factorize
 from tests.helpers import ort_run, rel_err, torch_run
 
 TINY = np.finfo(np.float32).tiny

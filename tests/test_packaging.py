@@ -7,8 +7,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import onnx_inher.passes
 import pytest
+
+import onnx_inher.passes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,10 +43,9 @@ def _wrap(owner: Any, name: str, label: str) -> None:
 
 
 def main(name: str) -> None:
-    from onnx_inher.passes import cleanup, factorize
-
     from benchmarks.common import zoo
     from onnx_inher import api
+    from onnx_inher.passes import cleanup, factorize
 
     path = getattr(zoo, name)()
     for owner, attr, label in [

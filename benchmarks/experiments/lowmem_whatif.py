@@ -28,12 +28,12 @@ from pathlib import Path
 
 import onnx
 from onnx import ModelProto
-from onnx_inher.passes.cleanup import Cleanup
-from onnx_inher.passes.factorize import Factorize
 
 from benchmarks.common import proc_status, reset_peak_rss, zoo
 from onnx_inher import api
 from onnx_inher.ir import io
+from onnx_inher.passes.cleanup import Cleanup
+from onnx_inher.passes.factorize import Factorize
 from onnx_inher.planning.plan import Options, Spectra, build_plan
 
 ROWS: list[tuple[str, float, float, float]] = []

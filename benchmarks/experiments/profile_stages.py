@@ -97,9 +97,9 @@ def main() -> None:
     path = getattr(zoo, ns.model)() if not ns.model.endswith(".onnx") else Path(ns.model)
 
     import onnx
-    import onnx_inher.passes.locate as locate_mod
 
     import onnx_inher.ir.io as io
+    import onnx_inher.passes.locate as locate_mod
     from onnx_inher import api
     from onnx_inher.ir.io import load_model, save_model
     from onnx_inher.planning.plan import Options, Spectra, build_plan
