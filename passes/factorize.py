@@ -17,6 +17,12 @@ Two forms, chosen per layer by the plan's `heads`:
 
 Every created name derives from the replaced node (`<node>/svd/...` or `<node>/inher/...`); the
 last created node writes the replaced node's output, so the rest of the graph is untouched.
+
+Layers inside If/Loop/Scan subgraphs are replaced in place in their subgraph (the holding node is
+copied, never the teacher edited). Their factors go where the weight lives: a weight read from the outer
+scope gets its factors in that outer graph, so every branch that read the weight sees them, and one
+weight shared by both branches of an If is factorised once. Node ids of subgraph layers carry their
+scope path, which keeps the created names unique across the model.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_h
 from tqdm import tqdm
 
 from onnx_inher.errors import InputError, PassError
+from onnx_inher.ir.graph import MAIN, child_paths, subgraphs, walk_scopes
 from onnx_inher.ir.io import copy_model, release_memory
 from onnx_inher.ir.layers import LayerView
-from onnx_inher.ir.naming import factor_tag
+from onnx_inher.ir.naming import factor_tag, node_ids
 from onnx_inher.ir.tensors import flush_denormals
 from onnx_inher.planning.plan import Candidate, Plan, Spectra
 from onnx_inher.planning.svd import Factors, truncate
@@ -53,6 +60,7 @@ class Emitter:
     opset: int
     nodes: list[NodeProto] = field(default_factory=list)
     inits: dict[str, TensorProto] = field(default_factory=dict)
+    home: str = MAIN  # the scope whose initializers receive `inits`: where the replaced weight lives
 
     def weight(self, suffix: str, array: np.ndarray) -> str:
         name = f"{self.weight_prefix}/{suffix}"
@@ -233,12 +241,83 @@ def _referenced(graph: GraphProto, nodes: list[NodeProto]) -> set[str]:
     return names
 
 
-def _splice(graph: GraphProto, replacements: dict[int, Emitter]) -> list[NodeProto]:
-    """The graph's nodes with each replaced node swapped for its replacement's nodes, in place."""
+Replacements = dict[str, dict[int, Emitter]]  # scope path -> node index in that graph -> replacement
+
+
+class Scopes:
+    """The model's graphs by scope path (`ir.graph.walk_scopes`), and which scope defines a name."""
+
+    def __init__(self, graph: GraphProto) -> None:
+        self.graphs: dict[str, GraphProto] = {}
+        self.parents: dict[str, str | None] = {}
+        for path, g, parent in walk_scopes(graph):
+            self.graphs[path], self.parents[path] = g, parent
+        self._names: dict[str, set[str]] = {}
+
+    def names(self, path: str) -> set[str]:
+        """Every name the graph at `path` itself defines: initializers, inputs, node outputs."""
+        if path not in self._names:
+            g = self.graphs[path]
+            self._names[path] = {t.name for t in g.initializer} | {i.name for i in g.input} | {
+                o for n in g.node for o in n.output if o}
+        return self._names[path]
+
+    def home(self, path: str, name: str) -> str:
+        """The scope that defines `name` as read from `path` (itself or the nearest enclosing graph)."""
+        at: str | None = path
+        while at is not None and at != MAIN:
+            if name in self.names(at):
+                return at
+            at = self.parents[at]
+        return MAIN
+
+    def all_names(self) -> set[str]:
+        """Names defined anywhere in the model (created names must not clash with any of them)."""
+        return set().union(*(self.names(p) for p in self.graphs))
+
+    def touched(self, changed: set[str]) -> set[str]:
+        """The `changed` scopes and every graph that encloses one (their holders must be rewritten)."""
+        out: set[str] = set()
+        for path in changed:
+            at: str | None = path
+            while at is not None and at not in out:
+                out.add(at)
+                at = self.parents[at]
+        return out
+
+
+def _splice(graph: GraphProto, scoped: Replacements, placed: dict[str, dict[str, TensorProto]],
+            touched: set[str], path: str = MAIN) -> list[NodeProto]:
+    """The graph's nodes with each replaced node swapped for its replacement's nodes; a node holding a
+    changed subgraph is swapped for a rewritten copy (the source graph is not edited)."""
+    here = scoped.get(path, {})
+    ids = node_ids(graph) if touched - {path} else None
     out: list[NodeProto] = []
     for i, node in enumerate(graph.node):
-        out.extend(replacements[i].nodes if i in replacements else (node,))
+        if i in here:
+            out.extend(here[i].nodes)
+        elif ids is not None and any(p in touched for p in child_paths(node, ids[i], path)):
+            out.append(_rewritten_holder(node, ids[i], path, scoped, placed, touched))
+        else:
+            out.append(node)
     return out
+
+
+def _rewritten_holder(node: NodeProto, nid: str, path: str, scoped: Replacements,
+                      placed: dict[str, dict[str, TensorProto]], touched: set[str]) -> NodeProto:
+    """A copy of an If/Loop/Scan node whose changed subgraphs have their layers replaced and the
+    factors that live there added (in name order, as in the main graph)."""
+    copy = NodeProto()
+    copy.CopyFrom(node)
+    for (_, g), child in zip(subgraphs(copy), child_paths(copy, nid, path), strict=True):
+        if child not in touched:
+            continue
+        nodes = _splice(g, scoped, placed, touched, child)
+        del g.node[:]
+        g.node.extend(nodes)
+        for k in sorted(placed.get(child, {})):
+            g.initializer.add().CopyFrom(placed[child][k])
+    return copy
 
 
 def _copy_fields(src: Message, dst: Message, skip: set[str]) -> None:
@@ -288,12 +367,12 @@ class Factorize:
             if c.heads < 1:
                 raise InputError(f"plan gives node '{c.node}' {c.heads} heads; use 1 or more.")
 
-    def _emit_all(self, graph: GraphProto) -> dict[int, Emitter]:
-        """One replacement per factorised node; each SVD lives only until its weight's last layer."""
+    def _emit_all(self, scopes: Scopes) -> Replacements:
+        """One replacement per factorised node, by scope; each SVD lives only until its weight's last layer."""
         chosen = [c for c in self.plan.candidates if c.decision == "factorize"]
         last = {self.views[c.node].shared_key: i for i, c in enumerate(chosen)}
         svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        replacements: dict[int, Emitter] = {}
+        replacements: Replacements = {}
         owner: dict[tuple, str] = {}
         for i, c in enumerate(tqdm(chosen, desc="factorize", unit="layer", disable=None, leave=False)):
             view = self.views[c.node]
@@ -306,8 +385,10 @@ class Factorize:
                 svds.pop(view.shared_key, None)
             factors = truncate(svd, int(c.rank or 1))
             del svd
-            replacements[view.node_index] = emit(view, graph.node[view.node_index], c, factors, self.plan.opset,
-                                                 self.plan.options.seed, prefix)
+            node = scopes.graphs[view.scope].node[view.node_index]
+            e = emit(view, node, c, factors, self.plan.opset, self.plan.options.seed, prefix)
+            e.home = scopes.home(view.scope, view.weight_root)
+            replacements.setdefault(view.scope, {})[view.node_index] = e
             if self.release_weights:
                 release_weight(view)
         if self.release_weights:
@@ -318,23 +399,33 @@ class Factorize:
         self.requires(model)
         before = _signature(model)
         src = model.graph
-        replacements = self._emit_all(src)
-        if not replacements:
+        scopes = Scopes(src)
+        scoped = self._emit_all(scopes)
+        if not scoped:
             return (model if self.inplace else copy_model(model)), False
-        added = {k: t for e in replacements.values() for k, t in e.inits.items()}
-        clash = set(added) & ({t.name for t in src.initializer} | {n for nd in src.node for n in nd.output})
+        emitters = [e for reps in scoped.values() for e in reps.values()]
+        placed: dict[str, dict[str, TensorProto]] = {}
+        for e in emitters:
+            placed.setdefault(e.home, {}).update(e.inits)
+        added = placed.pop(MAIN, {})
+        existing = ({t.name for t in src.initializer} | {n for nd in src.node for n in nd.output}
+                    if len(scopes.graphs) == 1 else scopes.all_names())
+        clash = (set(added) | {k for v in placed.values() for k in v}) & existing
         if clash:
             raise PassError(self.name, f"created names already exist in the graph: {sorted(clash)[:3]}")
+        touched = scopes.touched(set(scoped) | set(placed))
         if self.inplace or _has_unknown(model, src):  # a fresh build would lose unknown fields
             out = model if self.inplace else copy_model(model)
-            nodes = _splice(out.graph, replacements)
+            nodes = _splice(out.graph, scoped, placed, touched)
             del out.graph.node[:]
             out.graph.node.extend(nodes)
         else:
-            out = self._fresh(model, _splice(src, replacements), replacements)
+            replaced = {x for path, reps in scoped.items() for i in reps for x in scopes.graphs[path].node[i].input}
+            out = self._fresh(model, _splice(src, scoped, placed, touched), replaced)
         graph = out.graph
-        for e in replacements.values():
+        for e in emitters:
             e.inits.clear()
+        placed.clear()
         for k in sorted(added):  # popped one by one: each standalone tensor is freed once copied in
             graph.initializer.add().CopyFrom(added.pop(k))
             if out.ir_version < 4:
@@ -343,11 +434,11 @@ class Factorize:
         self.ensures(out, before)
         return out, True
 
-    def _fresh(self, model: ModelProto, nodes: list[NodeProto], replacements: dict[int, Emitter]) -> ModelProto:
+    def _fresh(self, model: ModelProto, nodes: list[NodeProto], replaced: set[str]) -> ModelProto:
         """The student without the teacher's arena: replaced weights that nothing reads any more are
-        left out (Cleanup would drop them anyway, in the same order), everything else is copied."""
+        left out (Cleanup would drop them anyway, in the same order), everything else is copied.
+        `replaced` holds every input of the replaced nodes, subgraph layers' included."""
         src = model.graph
-        replaced = {x for i, n in enumerate(src.node) if i in replacements for x in n.input}
         dropped = (replaced - _referenced(src, nodes)) & {t.name for t in src.initializer}
         out = ModelProto()
         _copy_fields(model, out, {"graph"})

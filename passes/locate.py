@@ -1,24 +1,36 @@
 """locate: find every dense layer (MatMul, Gemm, Conv, ConvTranspose) with a constant weight.
 
 An analysis, not a rewrite: it returns `LayerView`s for layers that can be factorised and
-`Skip`s, with a reason a person can act on, for every other MatMul/Gemm/Conv/ConvTranspose,
-including those inside `If`/`Loop`/`Scan` subgraphs.
+`Skip`s, with a reason a person can act on, for every other MatMul/Gemm/Conv/ConvTranspose, in the
+main graph and inside `If`/`Loop`/`Scan` subgraphs alike (streaming and multi-rate models keep their
+layers there).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import ChainMap, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto
 
 from onnx_inher.errors import InputError
-from onnx_inher.ir.graph import FOLDABLE, QUANTISED_ADVICE, Constant, GraphIndex, NotConstant, attr
+from onnx_inher.ir.graph import (
+    FOLDABLE,
+    MAIN,
+    QUANTISED_ADVICE,
+    Constant,
+    GraphIndex,
+    NotConstant,
+    attr,
+    holder_key,
+    index_scopes,
+)
 from onnx_inher.ir.layers import LayerView
-from onnx_inher.ir.naming import node_ids
-from onnx_inher.ir.shapes import TensorInfo, infer, resolve
+from onnx_inher.ir.naming import node_ids, qualified
+from onnx_inher.ir.shapes import TensorInfo, infer_graphs, resolve
 
 DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
@@ -31,32 +43,78 @@ class Skip:
     reason: str
     weight_shape: tuple[int, ...] = ()
     params: int = 0
+    graph: str = ""  # the subgraph's path ("" for the main graph), as on `LayerView.scope`
 
 
 def locate(model: ModelProto, symbols: dict[str, int] | None = None,
            counted: dict[str, TensorInfo] | None = None) -> list[LayerView | Skip]:
-    """Views and skips for every dense node, in graph order (subgraph findings last).
+    """Views and skips for every dense node, in graph order: the main graph's, then each subgraph's
+    (If branches, Loop and Scan bodies, nested ones too) in `ir.graph.walk_scopes` order.
 
     Row counts (FLOPs) come from the `counted` shape table when given (shapes at the real input shapes,
     `ir.shapes.infer(model, inputs)`), else from the model's inferred shapes; dynamic dims left in it
     resolve through `symbols` (default 1). The views' own dims are always the declared ones, so what
-    `factorize` emits does not depend on the shape the plan was counted at."""
+    `factorize` emits does not depend on the shape the plan was counted at. A subgraph layer's node id
+    carries its scope path (`If_0/then_branch/MatMul_1`); its weight may be the subgraph's own or read
+    from an enclosing graph, and a Loop/Scan body's FLOPs are those of one iteration."""
     symbols = symbols or {}
-    graph = model.graph
-    index = GraphIndex.build(graph)
-    shapes = infer(model)
-    basis = Basis(counted if counted is not None else shapes, symbols)
-    ids = node_ids(graph)
-    found: list[LayerView | Skip] = []
-    for i, node in enumerate(graph.node):
-        if node.op_type in DENSE_OPS and node.domain in ("", "ai.onnx"):
-            found.append(_view(node, i, ids[i], index, shapes, basis))
-        elif node.op_type in INTEGER_OPS and node.domain in ("", "ai.onnx", "com.microsoft"):
-            found.append(_skip(node, ids[i], f"an integer (quantised) layer: {QUANTISED_ADVICE}"))
-    _mark_shared(found, index)
-    for i, node in enumerate(graph.node):
-        found.extend(_subgraph_skips(node, ids[i]))
+    indexes = index_scopes(model.graph)
+    tables = infer_graphs(model)
+    shapes = tables[MAIN]
+    found = _scan(indexes[MAIN], shapes, Basis(counted if counted is not None else shapes, symbols))
+    if len(indexes) > 1:
+        real = _counted_subgraphs(model, counted, tables)
+        for path, index in indexes.items():
+            if path != MAIN:
+                basis = Basis(_chain(index, real, counted if counted is not None else shapes), symbols)
+                found.extend(_scan(index, _chain(index, tables, shapes), basis))
+    _mark_shared(found, indexes)
     return found
+
+
+def _scan(index: GraphIndex, shapes: Mapping[str, TensorInfo], basis: Basis) -> list[LayerView | Skip]:
+    """The findings of one graph (not its subgraphs), with scope-qualified node ids."""
+    found: list[LayerView | Skip] = []
+    ids = node_ids(index.graph)
+    for i, node in enumerate(index.graph.node):
+        nid = qualified(index.scope, ids[i])
+        if node.op_type in DENSE_OPS and node.domain in ("", "ai.onnx"):
+            f = _view(node, i, nid, index, shapes, basis)
+        elif node.op_type in INTEGER_OPS and node.domain in ("", "ai.onnx", "com.microsoft"):
+            f = _skip(node, nid, f"an integer (quantised) layer: {QUANTISED_ADVICE}")
+        else:
+            continue
+        if isinstance(f, LayerView):
+            f.scope = index.scope
+        elif index.scope:
+            f = replace(f, graph=index.scope)
+        found.append(f)
+    return found
+
+
+def _chain(index: GraphIndex, tables: Mapping[str, Mapping[str, TensorInfo]],
+           main: Mapping[str, TensorInfo]) -> Mapping[str, TensorInfo]:
+    """What a subgraph sees: its own values first, then each enclosing graph's, the main graph's last."""
+    maps: list[Mapping[str, TensorInfo]] = []
+    at: GraphIndex | None = index
+    while at is not None:
+        maps.append(main if at.scope == MAIN else tables.get(at.scope, {}))
+        at = at.outer
+    return ChainMap(*maps)  # type: ignore[arg-type]
+
+
+def _counted_subgraphs(model: ModelProto, counted: Mapping[str, TensorInfo] | None,
+                       tables: dict[str, dict[str, TensorInfo]]) -> dict[str, dict[str, TensorInfo]]:
+    """Subgraph shape tables at the real input shapes when the main graph was counted at them (the
+    `counted` table fixes every input), else the declared-shape tables."""
+    if counted is None:
+        return tables
+    inputs = {}
+    for inp in model.graph.input:
+        info = counted.get(inp.name)
+        if info is not None and info.dims and all(isinstance(d, int) for d in info.dims):
+            inputs[inp.name] = [int(d) for d in info.dims]  # type: ignore[arg-type]
+    return infer_graphs(model, inputs) if inputs else tables
 
 
 # Dense layers computed in integers; their weights are int8/uint8, not factorisable as they are.
@@ -64,22 +122,7 @@ INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLine
                          "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM"})
 
 
-def _subgraph_skips(parent: NodeProto, parent_id: str) -> list[Skip]:
-    out: list[Skip] = []
-    for a in parent.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for n in g.node:
-                if n.op_type in DENSE_OPS:
-                    name = n.name or f"{n.op_type}({n.output[0]})"
-                    out.append(Skip(f"{parent_id}/{a.name}/{name}", n.op_type,
-                                    f"inside the '{a.name}' subgraph of {parent.op_type} '{parent_id}': "
-                                    "subgraphs are not rewritten"))
-                out.extend(_subgraph_skips(n, f"{parent_id}/{a.name}/{n.name or n.op_type}"))
-    return out
-
-
-def _dims(shapes: dict[str, TensorInfo], name: str) -> tuple | None:
+def _dims(shapes: Mapping[str, TensorInfo], name: str) -> tuple | None:
     info = shapes.get(name)
     return info.dims if info is not None else None
 
@@ -88,7 +131,7 @@ def _dims(shapes: dict[str, TensorInfo], name: str) -> tuple | None:
 class Basis:
     """What row counts are computed at: a shape table and values for its named dims (others count 1)."""
 
-    shapes: dict[str, TensorInfo]
+    shapes: Mapping[str, TensorInfo]
     symbols: dict[str, int]
 
     def dims(self, name: str) -> tuple | None:
@@ -112,7 +155,7 @@ def _weight(node: NodeProto, nid: str, index: GraphIndex, slot: int) -> Constant
     return folded
 
 
-def _view(node: NodeProto, i: int, nid: str, index: GraphIndex, shapes: dict, basis: Basis) -> LayerView | Skip:
+def _view(node: NodeProto, i: int, nid: str, index: GraphIndex, shapes: Mapping, basis: Basis) -> LayerView | Skip:
     if node.op_type == "MatMul":
         return _matmul(node, i, nid, index, shapes, basis)
     if node.op_type == "Gemm":
@@ -212,36 +255,52 @@ def _conv(node, i, nid, index, shapes, basis) -> LayerView | Skip:
                      len(x_dims) if x_dims else None, y_dims, attrs)
 
 
-def _shared_key(v: LayerView) -> str:
+def _shared_key(v: LayerView, owner: str) -> str:
+    """Layers with equal keys use one weight the same way, so they can share its factors. A weight held
+    by a subgraph is qualified by that subgraph (sibling branches may reuse a local name)."""
     keyed = {k: v.attrs.get(k) for k in ("alpha", "transA", "transB", "group")}
-    return f"{v.weight_root}|{'/'.join(v.weight_chain)}|{v.op}|{v.side}|{v.groups}|{sorted(keyed.items())}"
+    key = f"{v.weight_root}|{'/'.join(v.weight_chain)}|{v.op}|{v.side}|{v.groups}|{sorted(keyed.items())}"
+    return f"{owner}::{key}" if owner else key
 
 
 def _final_users(root: str, index: GraphIndex) -> set[str]:
-    """Nodes (by output name) that consume `root` directly or through foldable chains."""
+    """Nodes (by output name, scope-qualified in subgraphs) that consume `root` directly or through
+    foldable chains; a subgraph that reads it from the outer scope is looked into, so the users are
+    the layers inside it rather than the If/Loop/Scan holding it."""
     users: set[str] = set()
     frontier = [root]
     while frontier:
         name = frontier.pop()
         if name in index.graph_output_names():
-            users.add(f"graph output '{name}'")
+            users.add(f"graph output '{qualified(index.scope, name)}'")
         for consumer in index.consumers.get(name, []):
             if consumer.op_type in FOLDABLE and consumer.input and consumer.input[0] == name:
                 frontier.extend(consumer.output)
-            else:
-                users.add(consumer.output[0] if consumer.output else consumer.name)
+                continue
+            subs = index.children.get(holder_key(consumer), [])
+            if name in consumer.input or not subs:
+                users.add(qualified(index.scope, consumer.output[0] if consumer.output else consumer.name))
+            for sub in subs:
+                users |= _final_users(name, sub)
     return users
 
 
-def _mark_shared(found: list[LayerView | Skip], index: GraphIndex) -> None:
+def _identity(v: LayerView, indexes: dict[str, GraphIndex]) -> str:
+    """A view's node as `_final_users` names it."""
+    return qualified(v.scope, indexes[v.scope].graph.node[v.node_index].output[0])
+
+
+def _mark_shared(found: list[LayerView | Skip], indexes: dict[str, GraphIndex]) -> None:
+    """Key every view by how it uses its weight, and list the weight's users outside its key's group
+    (the guard skips a layer whose weight something else still needs), across every scope."""
     views = [f for f in found if isinstance(f, LayerView)]
-    by_root: dict[str, list[LayerView]] = defaultdict(list)
+    by_root: dict[tuple[str, str], list[LayerView]] = defaultdict(list)
     for v in views:
-        v.shared_key = _shared_key(v)
-        by_root[v.weight_root].append(v)
-    graph = index.graph
-    for root, group in by_root.items():
-        users = _final_users(root, index)
+        owner = indexes[v.scope].owner(v.weight_root).scope
+        v.shared_key = _shared_key(v, owner)
+        by_root[(owner, v.weight_root)].append(v)
+    for (owner, root), group in by_root.items():
+        users = _final_users(root, indexes[owner])
         for v in group:
-            same = {graph.node[o.node_index].output[0] for o in group if o.shared_key == v.shared_key}
+            same = {_identity(o, indexes) for o in group if o.shared_key == v.shared_key}
             v.other_users = tuple(sorted(users - same))

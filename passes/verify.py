@@ -54,15 +54,17 @@ def compare(teacher: list[np.ndarray], student: list[np.ndarray], names: list[st
 
 
 def _exposing(model: ModelProto | str | Path, tensors: dict[str, int]) -> ModelProto | str | Path:
-    """The model with `tensors` (name -> ONNX elem type) added as graph outputs."""
+    """The model with `tensors` (name -> ONNX elem type) added as graph outputs. Only tensors of the main
+    graph can be: one computed inside an If/Loop/Scan subgraph (a factorised layer there) is not exposed."""
     if not tensors:
         return model
     m = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
     out = ModelProto()
     out.CopyFrom(m)
     present = {o.name for o in out.graph.output}
+    produced = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
     out.graph.output.extend(onnx.helper.make_tensor_value_info(name, elem, None)
-                            for name, elem in tensors.items() if name not in present)
+                            for name, elem in tensors.items() if name not in present and name in produced)
     return out
 
 

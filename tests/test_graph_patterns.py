@@ -311,20 +311,23 @@ def test_tied_embedding_without_guard_is_factorised_and_table_kept(tmp_path: Pat
 
 
 def test_outer_weight_read_by_subgraph_survives_cleanup(tmp_path: Path) -> None:
-    """A weight read both by a top-level MatMul and, from the outer scope, by an If branch: the guard
-    names the If; without the guard the MatMul is factorised and the weight stays for the branch."""
+    """A weight read both by a top-level MatMul and, from the outer scope, by an If branch that is not a
+    layer (a ReduceSum): the guard names the branch's node; without the guard the MatMul is factorised and
+    the weight stays for the branch. (A branch layer reading it shares the factors: tests/test_subgraphs.py.)"""
     w = randn(IN, IN, seed=7)
-    then_g = helper.make_graph([helper.make_node("MatMul", ["H", "W"], ["t_out"], name="then_mm")], "then", [],
+    then_g = helper.make_graph([helper.make_node("ReduceSum", ["W", "axes"], ["w_sum"], name="then_sum", keepdims=0),
+                                helper.make_node("Add", ["H", "w_sum"], ["t_out"], name="then_add")], "then", [],
                                [vi("t_out", TensorProto.FLOAT, [2, IN])])
     else_g = helper.make_graph([helper.make_node("Identity", ["H"], ["e_out"], name="else_id")], "else", [],
                                [vi("e_out", TensorProto.FLOAT, [2, IN])])
     nodes = [helper.make_node("MatMul", ["X", "W"], ["H"], name="fc"),
              helper.make_node("If", ["cond"], ["Y"], name="branch", then_branch=then_g, else_branch=else_g)]
     model = make_model(nodes, [vi("X", TensorProto.FLOAT, [2, IN]), vi("cond", TensorProto.BOOL, [])],
-                       [vi("Y", TensorProto.FLOAT, [2, IN])], [init("W", w)])
+                       [vi("Y", TensorProto.FLOAT, [2, IN])], [init("W", w), init("axes", np.array([0], np.int64))])
     path = save(model, tmp_path)
     guarded = cand(api.plan(path, Options(mode="svd", policy=parse_policy(rank=1), rank_multiple=1)), "fc")
-    assert guarded.decision == "skip" and "also used by" in guarded.reason and "Y" in guarded.reason
+    assert guarded.decision == "skip" and "also used by" in guarded.reason
+    assert "branch/then_branch/w_sum" in guarded.reason
     result, student = compress_exact(path, tmp_path, full())
     assert cand(result, "fc").decision == "factorize"
     assert "W" in init_names(student)
@@ -396,30 +399,36 @@ def _if_model() -> ModelProto:
                       [vi("Y", TensorProto.FLOAT, [2, OUT])], inits)
 
 
-def test_layers_inside_if_and_loop_are_skipped_naming_the_parent(tmp_path: Path) -> None:
+def test_layers_inside_if_and_loop_are_factorised_naming_the_subgraph(tmp_path: Path) -> None:
     model = _if_model()
     result, student = compress_exact(model, tmp_path, full("inher", 2))
     by_node = {c.node: c for c in result.plan.candidates}
     assert by_node["pre"].decision == by_node["post"].decision == "factorize"
+    assert by_node["pre"].graph == by_node["post"].graph == "main"
     inner = {k: c for k, c in by_node.items() if k not in ("pre", "post")}
     assert set(inner) == {"branch/then_branch/then_mm", "branch/else_branch/else_gemm", "loop/body/body_mm"}
     for name, c in inner.items():
-        parent = name.split("/")[0]
-        assert c.decision == "skip"
-        assert f"'{parent}'" in c.reason and "subgraph" in c.reason, c.reason
-    assert "If" in inner["branch/then_branch/then_mm"].reason
-    assert "Loop" in inner["loop/body/body_mm"].reason
-    # the subgraphs are untouched
+        assert c.decision == "factorize", (name, c.reason)
+        assert c.graph == name.rsplit("/", 1)[0]
+    # the subgraphs hold the factors of their own weights, and no longer the weights
     old = {n.name: n for n in model.graph.node}
     new = {n.name: n for n in student.graph.node}
-    assert new["branch"] == old["branch"] and new["loop"] == old["loop"]
+    assert new["branch"] != old["branch"] and new["loop"] != old["loop"]
+    body = next(a.g for a in new["loop"].attribute if a.name == "body")
+    assert {t.name for t in body.initializer} == {"loop/body/body_mm/inher/down.weight",
+                                                  "loop/body/body_mm/inher/gate.bias",
+                                                  "loop/body/body_mm/inher/gate.weight",
+                                                  "loop/body/body_mm/inher/heads.weight",
+                                                  "loop/body/body_mm/inher/gate.shape",
+                                                  "loop/body/body_mm/inher/heads.shape",
+                                                  "loop/body/body_mm/inher/out.shape"}
     for flag in (True, False):
         feed = {"X": randn(2, IN, seed=16), "cond": np.array(flag)}
         rep = api.verify_files(tmp_path / "teacher.onnx", tmp_path / "student.onnx", feed=feed, bound=TOL)
         assert rep.ok, (flag, rep.to_dict())
 
 
-def test_scan_body_matmul_is_skipped(tmp_path: Path) -> None:
+def test_scan_body_matmul_is_factorised(tmp_path: Path) -> None:
     body = helper.make_graph(
         [helper.make_node("MatMul", ["x_t", "Ws"], ["y_t"], name="scan_mm"),
          helper.make_node("Add", ["acc", "y_t"], ["acc_out"], name="scan_add")],
@@ -435,7 +444,7 @@ def test_scan_body_matmul_is_skipped(tmp_path: Path) -> None:
     result, _ = compress_exact(model, tmp_path, full())
     assert cand(result, "pre").decision == "factorize"
     c = cand(result, "scan/body/scan_mm")
-    assert c.decision == "skip" and "Scan 'scan'" in c.reason
+    assert c.decision == "factorize" and c.graph == "scan/body"
 
 
 @pytest.mark.parametrize("mode,heads", MODES, ids=MODE_IDS)

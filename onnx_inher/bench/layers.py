@@ -73,7 +73,9 @@ def fold(names: Iterable[str], index: GraphIndex) -> dict[str, np.ndarray]:
 
 
 def dense_graph(view: LayerView, model: ModelProto, index: GraphIndex, x_shape: tuple[int, ...]) -> LayerGraph | None:
-    node = model.graph.node[view.node_index]
+    """The layer alone; `index` is the index of the graph the view's node lives in (`ir.graph.index_scopes`
+    for a subgraph layer: its weight may be read from an outer scope)."""
+    node = index.graph.node[view.node_index]
     x = activation_input(node, index)
     if x is None:
         return None
@@ -135,7 +137,8 @@ def per_layer_results(entries: list[Any], points: list[Any], settings: Settings,
 
     teacher = load_model(entries[0].path).model
     t_index = GraphIndex.build(teacher.graph)
-    views = [v for v in locate(teacher) if isinstance(v, LayerView)]
+    # subgraph layers' activations are not graph tensors that one run can observe: not timed alone
+    views = [v for v in locate(teacher) if isinstance(v, LayerView) and not v.scope]
     students = [(m.label, load_model(m.path).model) for m in entries[1:]]
     jobs = []
     for label, student in students:

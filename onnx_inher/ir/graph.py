@@ -9,11 +9,14 @@ behind `Identity`/`Transpose`/`Cast`/`Reshape`, or a `ConstantOfShape` (the onnx
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, numpy_helper
+
+from onnx_inher.ir.naming import node_ids, qualified
 
 FOLDABLE = frozenset(
     {"Identity", "Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "ConstantOfShape"}
@@ -63,19 +66,64 @@ def _constant_node_value(node: NodeProto) -> np.ndarray | None:
     return None
 
 
+MAIN = ""  # the scope path of the main graph
+
+
+def holder_key(node: NodeProto) -> str:
+    """What identifies a subgraph-holding node among its graph's consumers (If/Loop/Scan have outputs)."""
+    return node.output[0] if node.output else node.name
+
+
+def subgraphs(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
+    """(attribute label, graph) for each subgraph of a node: `then_branch`, or `name[k]` in a graph list."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for k, g in enumerate(a.graphs):
+                yield f"{a.name}[{k}]", g
+
+
+def walk_scopes(graph: GraphProto, path: str = MAIN) -> Iterator[tuple[str, GraphProto, str | None]]:
+    """(path, graph, parent path) for a graph and, depth first in node order, every subgraph in it.
+
+    Paths are `<holder node id>/<attribute>` joined from the main graph down (`Loop_0/body/If_1/else_branch`),
+    so they are deterministic and name the place a person would look in a viewer. The main graph's
+    parent is None."""
+    yield path, graph, None
+    for node, nid in zip(graph.node, node_ids(graph), strict=True):
+        for label, sub in subgraphs(node):
+            child = qualified(path, f"{nid}/{label}")
+            for found in walk_scopes(sub, child):
+                yield found if found[2] is not None else (found[0], found[1], path)
+
+
+def child_paths(node: NodeProto, nid: str, path: str) -> list[str]:
+    """The scope paths of a node's subgraphs (as `walk_scopes` names them)."""
+    return [qualified(path, f"{nid}/{label}") for label, _ in subgraphs(node)]
+
+
 @dataclass
 class GraphIndex:
-    """Producers, consumers and initializers of one graph (not its subgraphs)."""
+    """Producers, consumers and initializers of one graph (not its subgraphs).
+
+    A subgraph's index knows its enclosing graph's (`outer`): a name the subgraph neither holds nor
+    receives as an input is read from the outer scope, so its weights fold there. `children` gives,
+    per subgraph-holding node (`holder_key`), the indexes of its subgraphs."""
 
     graph: GraphProto
     producer: dict[str, NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[NodeProto]] = field(default_factory=lambda: defaultdict(list))
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     _cache: dict[str, Constant | NotConstant] = field(default_factory=dict)
+    outer: GraphIndex | None = None
+    scope: str = MAIN
+    inputs: frozenset[str] = frozenset()
+    children: dict[str, list[GraphIndex]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, graph: GraphProto) -> GraphIndex:
-        index = cls(graph=graph)
+    def build(cls, graph: GraphProto, outer: GraphIndex | None = None, scope: str = MAIN) -> GraphIndex:
+        index = cls(graph=graph, outer=outer, scope=scope, inputs=frozenset(i.name for i in graph.input))
         index.initializers = {t.name: t for t in graph.initializer}
         for node in graph.node:
             for out in node.output:
@@ -93,6 +141,20 @@ class GraphIndex:
     def graph_output_names(self) -> set[str]:
         return {o.name for o in self.graph.output}
 
+    def defines(self, name: str) -> bool:
+        """Whether this graph itself holds `name` (an initializer, an input or a node output)."""
+        return name in self.initializers or name in self.producer or name in self.inputs
+
+    def owner(self, name: str) -> GraphIndex:
+        """The index of the graph whose scope `name` belongs to: this one or the nearest enclosing one
+        that defines it (ONNX names do not shadow outer ones)."""
+        index: GraphIndex | None = self
+        while index is not None:
+            if index.defines(name):
+                return index
+            index = index.outer
+        return self
+
     def constant(self, name: str) -> Constant | NotConstant:
         """Fold `name` to a numpy array if it is a constant reachable through foldable ops."""
         if name not in self._cache:
@@ -104,6 +166,11 @@ class GraphIndex:
             return Constant(numpy_helper.to_array(self.initializers[name]), name, ())
         node = self.producer.get(name)
         if node is None:
+            if self.outer is not None and name not in self.inputs:
+                return self.outer.constant(name)  # read from the enclosing scope
+            if self.outer is not None:
+                return NotConstant(f"'{name}' is an input of the subgraph (a loop state or a scanned slice), "
+                                   "not a constant weight")
             return NotConstant(f"'{name}' is a graph input, not a constant weight")
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = _constant_node_value(node)
@@ -127,6 +194,33 @@ class GraphIndex:
         root = parents[0].root if parents else name
         chain = (*parents[0].chain, node.op_type) if parents else (node.op_type,)
         return Constant(value, root, chain)
+
+
+def scope_graph(graph: GraphProto, scope: str) -> GraphProto:
+    """The graph at a scope path (`walk_scopes`; MAIN is `graph` itself), e.g. to find a subgraph layer's node
+    as `scope_graph(model.graph, view.scope).node[view.node_index]`."""
+    if scope == MAIN:
+        return graph
+    for path, g, _ in walk_scopes(graph):
+        if path == scope:
+            return g
+    raise KeyError(f"no subgraph '{scope}' in graph '{graph.name}'")
+
+
+def index_scopes(graph: GraphProto) -> dict[str, GraphIndex]:
+    """An index for the main graph and every subgraph, by scope path (`walk_scopes` order); each
+    subgraph's index reads outer names through its parent's, and each holder lists its children."""
+    out: dict[str, GraphIndex] = {}
+    for path, g, parent in walk_scopes(graph):
+        outer = out[parent] if parent is not None else None
+        out[path] = GraphIndex.build(g, outer, path)
+    for path, g, _ in walk_scopes(graph):
+        index = out[path]
+        for node, nid in zip(g.node, node_ids(g), strict=True):
+            subs = [out[p] for p in child_paths(node, nid, path)]
+            if subs:
+                index.children[holder_key(node)] = subs
+    return out
 
 
 def op_types(graph: onnx.GraphProto) -> set[str]:

@@ -40,6 +40,9 @@ class LayerView:
     attrs: dict[str, object] = field(default_factory=dict)
     shared_key: str = ""
     other_users: tuple[str, ...] = ()
+    # where the node lives: "" for the main graph, else its subgraph's path (`ir.graph.walk_scopes`);
+    # `node_index` indexes that graph's nodes
+    scope: str = ""
 
     @property
     def dtype(self) -> np.dtype:

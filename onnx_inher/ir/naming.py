@@ -1,8 +1,10 @@
 """Deterministic names: everything we create derives from the node it replaces.
 
 A factorised layer's nodes and weights are named `<node>/<tag>/...`, with the tag saying which form
-replaced it. The bridge (which weights are factors), the benchmarks (which nodes replaced a layer) and
-the factorize pass (which writes them) all read the tags from here.
+replaced it. Inside If/Loop/Scan subgraphs a node's id carries its scope path (`qualified`, e.g.
+`Loop_0/body/MatMul_1`), so what is created for it is unique across the whole model too. The bridge
+(which weights are factors), the benchmarks (which nodes replaced a layer) and the factorize pass
+(which writes them) all read the tags from here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ def node_ids(graph: GraphProto) -> list[str]:
         else:
             ids.append(f"{node.op_type}({node.output[0] if node.output else ''})")
     return ids
+
+
+def qualified(path: str, name: str) -> str:
+    """A node id or tensor name made unique across the model: subgraph names carry their scope path
+    (sibling branches may reuse a local name); main-graph names (path "") are left exactly as they are."""
+    return f"{path}/{name}" if path else name
 
 
 def node_id(node: NodeProto, graph: GraphProto) -> str:

@@ -9,13 +9,15 @@ inputs set to them, so every dim after them (a conv's output height and width) i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import onnx
 from onnx import ModelProto, TensorProto, ValueInfoProto
 
 from onnx_inher.errors import InputError
+from onnx_inher.ir.graph import walk_scopes
 
 Dim = int | str | None
 Shapes = dict[str, tuple[int, ...]]
@@ -100,6 +102,13 @@ def infer(model: ModelProto, inputs: Mapping[str, Sequence[int]] | None = None) 
     inference (they are edited in place and restored afterwards, which avoids copying the weights)."""
     if not inputs:
         return _infer(model)
+    with _inputs_at(model, inputs):
+        return _infer(model)
+
+
+@contextmanager
+def _inputs_at(model: ModelProto, inputs: Mapping[str, Sequence[int]]) -> Iterator[None]:
+    """The named graph inputs set to concrete shapes for the duration (restored afterwards)."""
     saved = [(inp, onnx.TypeProto()) for inp in model.graph.input if inp.name in inputs]
     for inp, backup in saved:
         backup.CopyFrom(inp.type)
@@ -108,24 +117,41 @@ def infer(model: ModelProto, inputs: Mapping[str, Sequence[int]] | None = None) 
         for v in inputs[inp.name]:
             shape.dim.add().dim_value = int(v)
     try:
-        return _infer(model)
+        yield
     finally:
         for inp, backup in saved:
             inp.type.CopyFrom(backup)
 
 
-def _infer(model: ModelProto) -> dict[str, TensorInfo]:
+def _inferred(model: ModelProto) -> ModelProto:
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError, onnx.checker.ValidationError):
-        inferred = model
-    graph = inferred.graph
+        return model
+
+
+def _table(graph: onnx.GraphProto) -> dict[str, TensorInfo]:
     table: dict[str, TensorInfo] = {}
     for vi in [*graph.input, *graph.value_info, *graph.output]:
         table[vi.name] = TensorInfo(_dims(vi.type), vi.type.tensor_type.elem_type)
     for t in graph.initializer:
         table.setdefault(t.name, TensorInfo(tuple(int(d) for d in t.dims), t.data_type))
     return table
+
+
+def _infer(model: ModelProto) -> dict[str, TensorInfo]:
+    return _table(_inferred(model).graph)
+
+
+def infer_graphs(model: ModelProto,
+                 inputs: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, TensorInfo]]:
+    """`infer` for the main graph and every subgraph (If branches, Loop and Scan bodies), from one
+    inference run: a table per scope path (`ir.graph.walk_scopes`), each holding only its own graph's
+    values (sibling branches may reuse a name). Inference inside subgraphs may stay incomplete: a
+    missing name just has no entry."""
+    with _inputs_at(model, inputs or {}):
+        inferred = _inferred(model)
+    return {path: _table(g) for path, g, _ in walk_scopes(inferred.graph)}
 
 
 def resolve(dims: tuple[Dim, ...], symbols: dict[str, int]) -> tuple[int, ...]:

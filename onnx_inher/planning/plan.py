@@ -51,6 +51,16 @@ class Candidate:
     note: str | None = None
     energy_rank: int | None = None  # the energy plan's rank, when --allocate sensitivity moved it
     sensitivity: float | None = None  # output distance with this layer alone at its energy rank
+    # where the layer lives in a model with If/Loop/Scan subgraphs: "main" or the subgraph's path
+    # ("If_0/then_branch"); None (and left out of the JSON) in a model without subgraph layers
+    graph: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON fields: every field, `graph` only when set (plans of plain models keep their bytes)."""
+        doc = asdict(self)
+        if doc["graph"] is None:
+            del doc["graph"]
+        return doc
 
 
 @dataclass
@@ -145,7 +155,7 @@ class Plan:
             "options": opts,
             "totals": self.totals(),
             "warnings": self.warnings,
-            "candidates": [asdict(c) for c in self.candidates],
+            "candidates": [c.as_json() for c in self.candidates],
         }
         if self.latency_check is not None:
             doc["latency_check"] = self.latency_check
@@ -224,6 +234,7 @@ def _base(view: LayerView, h: int) -> Candidate:
         node=view.node, op=view.op, weight=view.weight_root, weight_shape=list(view.weight.shape),
         groups=view.groups, full_rank=view.full_rank, heads=h, params_before=before.params,
         flops_before=before.flops, breakeven_rank=round(cost.breakeven_rank(view, h), 2),
+        graph=view.scope or None,
     )
 
 
@@ -361,7 +372,10 @@ def build_plan(model_path: str, sha256: str, opset: int, found: list, options: O
             candidates.append(decided.get(f.node) or filtered[f.node])
         else:
             candidates.append(Candidate(node=f.node, op=f.op, weight_shape=list(f.weight_shape),
-                                        reason=f.reason, params_before=f.params))
+                                        reason=f.reason, params_before=f.params, graph=f.graph or None))
+    if any(c.graph for c in candidates):  # a model with subgraph layers: every entry says where it is
+        for c in candidates:
+            c.graph = c.graph or "main"
     return Plan(str(model_path), sha256, opset, options, candidates, warnings)
 
 

@@ -26,7 +26,7 @@ from onnx_inher.bench.layers import LayerGraph, activation_input, build, dense_g
 from onnx_inher.bench.profile import shape_table
 from onnx_inher.bench.sessions import Settings
 from onnx_inher.errors import InputError
-from onnx_inher.ir.graph import GraphIndex
+from onnx_inher.ir.graph import GraphIndex, index_scopes
 from onnx_inher.ir.io import write_text
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.shapes import check_shapes, shape_symbols
@@ -95,7 +95,7 @@ def replacement_graph(view: LayerView, model: Any, index: GraphIndex, cand: Cand
     g, o, i = view.groups, view.out_features, view.in_features
     f = Factors(up=(rng.standard_normal((g, o, rank)) * 0.05).astype(np.float32),
                 down=(rng.standard_normal((g, rank, i)) * 0.05).astype(np.float32))
-    node = model.graph.node[view.node_index]
+    node = index.graph.node[view.node_index]  # `index` is the index of the layer's own (sub)graph
     e = emit(view, node, cand, f, opset, 0, view.node)
     consts = {k: numpy_helper.to_array(t) for k, t in e.inits.items()}
     consts.update({k: v for k, v in fold(node.input, index).items() if k not in consts})
@@ -121,7 +121,7 @@ def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: S
     timed alone at its input shape, through the per-machine cache. Layers whose input shape is unknown
     (or that cannot be built alone) are left out."""
     cache = LatencyCache.open(settings, cache_dir)
-    index = GraphIndex.build(model.graph)
+    indexes = index_scopes(model.graph)  # a subgraph layer's node and weights are found in its own scope
     basis = plan_dims(model, plan.options.dims, plan.options.shapes)
     table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
     chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views
@@ -129,7 +129,8 @@ def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: S
     out: dict[str, tuple[float, float, str]] = {}
     for c in tqdm(chosen, desc=desc, unit="layer", disable=_env.progress_disabled(), leave=False):
         view = views[c.node]
-        node = model.graph.node[view.node_index]
+        index = indexes[view.scope]
+        node = index.graph.node[view.node_index]
         x = activation_input(node, index)
         info = table.get(x) if x else None
         if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
