@@ -94,8 +94,8 @@ def data_options(f: Callable) -> Callable:
                           "measured effect on the outputs over --calibration DATA (slower, usually better).")(f)
     return click.option("--calibration", metavar="DATA",
                         help="Data-aware (whitened) SVD: factor each Conv and MatMul/Gemm to minimise its output "
-                             "error on DATA (as for `distill --data`: fortunes, mnist5k, an .npz, ...). `run` "
-                             "uses its --data unless given other DATA or 'none' (plain SVD).")(f)
+                             "error on DATA (as for `distill --data`: fortunes, mnist5k, an .npz, images:FOLDER, "
+                             "...). `run` uses its --data unless given other DATA or 'none' (plain SVD).")(f)
 
 
 def speed_options(f: Callable) -> Callable:
@@ -330,8 +330,12 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
 @click.argument("student", type=click.Path(path_type=Path))
 @click.option("--teacher", type=click.Path(path_type=Path), required=True, help="The uncompressed teacher ONNX.")
 @click.option("--data", required=True,
-              help="An .npz keyed by input names (optional 'labels'), a folder of <input>.npy, or one of mnist5k, "
-                   "digits, fashion-mnist, fortunes (add :test for the held-out part), random[:N] (data-free).")
+              help="An .npz keyed by input names (optional 'labels'), a folder of <input>.npy, a .npy (one "
+                   "input), images:FOLDER[?size=HxW&mean=..&std=..&channels=rgb|bgr|grey&layout=nchw|nhwc], "
+                   "wav:FOLDER[?rate=16000&length=N], lines:FILE[?tokenizer=tokenizer.json&length=N], "
+                   "hook:MODULE:FUNCTION or FILE.py:FUNCTION (yields feed dicts), one of mnist5k, digits, "
+                   "fashion-mnist, fortunes (add :test for the held-out part), or random[:N] (data-free). "
+                   "Read from disk batch by batch.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Fine-tuned student to write.")
 @click.option("--val-data", help="Validation data (same forms as --data) instead of a split of --data.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of --data held for validation.")
@@ -439,7 +443,8 @@ def _print_run(result: Any, as_json: bool) -> None:
 @main.command("run")
 @click.argument("teacher", type=click.Path(path_type=Path))
 @click.option("--data", required=True, help="Distillation data: as for `distill --data` (mnist5k, digits, "
-                                            "fashion-mnist, fortunes, an .npz, a folder of .npy, random[:N]).")
+                                            "fashion-mnist, fortunes, an .npz, a folder of .npy, images:FOLDER, "
+                                            "wav:FOLDER, lines:FILE, hook:MODULE:FUNCTION, random[:N]).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Run folder (created; a rerun skips the stages that are complete and still valid).")
 @policy_options
