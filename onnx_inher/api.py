@@ -106,7 +106,8 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     calibration = _calibrate(a, p, options)
     from onnx_inher.tuning.allocate import allocate_by_sensitivity
 
-    p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams)
+    p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams,
+                                calibration.rows)
     return p, calibration
 
 
@@ -226,7 +227,7 @@ def compress(
         from onnx_inher.tuning.calibrate import CalibratedSpectra, plan_ranks
 
         calibration = calibration or _calibrate(a, the_plan, options)
-        spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan))
+        spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan), calibration.rows)
         del calibration
     feed = load_inputs(inputs, a.loaded.model) if inputs else None
     teacher_path, external = a.loaded.path, a.loaded.external_data

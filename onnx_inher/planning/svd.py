@@ -125,8 +125,8 @@ def whitening(gram: np.ndarray, damping: float = WHITENING_DAMPING) -> tuple[np.
     return q * root, (q / root).T
 
 
-def whitened_svd(matrices: np.ndarray, gram: np.ndarray,
-                 damping: float = WHITENING_DAMPING) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = WHITENING_DAMPING,
+                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Data-aware SVD (SVD-LLM): `(U, s, V^T S^-1)` from the SVD `M S = U diag(s) V^T`.
 
     Truncating it to rank r minimises the output error `sum_x |(M - M_r) x|^2 = |(M - M_r) S|_F^2` over
@@ -134,6 +134,10 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray,
     so a layer keeps the directions its inputs use. `truncate` applies unchanged: up = `U_r s_r`,
     down = `V_r^T S^-1`; at full rank `U diag(s) V^T S^-1 = M`. The singular values are those of `M S`.
     A `[g, in, in]` gram whitens each group of a grouped convolution with its own inputs' Gram matrix.
+
+    `rows` (`[out]`, positive) weights the output side too: the truncation then minimises
+    `|D (M - M_r) S|_F` with `D = diag(rows)`, for outputs whose errors do not all cost the same (a
+    classifier's logits: see `calibrate.output_weights`). `U` comes back as `D^-1 U`, so full rank stays `M`.
     """
     gram = np.asarray(gram)
     if gram.ndim == 3:
@@ -141,10 +145,13 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray,
         u, s, down = (np.concatenate(p) for p in zip(*parts, strict=True))
         return u, s, down
     s_mat, s_inv = whitening(gram, damping)
+    d = None if rows is None else np.asarray(rows, dtype=np.float64)[:, None]
     with _one_blas_thread():
-        scaled = (matrices.astype(np.float64) @ s_mat).astype(np.float32)
-        u, s, vt = _full_svd(scaled)
+        scaled = matrices.astype(np.float64) @ s_mat
+        u, s, vt = _full_svd((scaled if d is None else d * scaled).astype(np.float32))
         down = (vt.astype(np.float64) @ s_inv).astype(np.float32)
+        if d is not None:
+            u = (u.astype(np.float64) / d).astype(np.float32)
     return u, s, down
 
 

@@ -8,9 +8,10 @@ another layer (benchmarks/experiments/minilm_init_experiments.py). So we measure
 1. Each factorised layer is replaced, alone, by its rank-r reconstruction at the energy plan's rank
    (whitened SVD where calibration gave the layer's input Gram matrix, plain SVD otherwise), and the
    model's float outputs on the calibration samples are compared with the unmodified ones: the
-   layer's *sensitivity* `d` (1 - cosine of the mask-pooled rows, or the relative squared error for
-   1-wide outputs, averaged over the outputs). One ONNX Runtime session serves every probe: the
-   layers' weights are fed as inputs, so no graph is rewritten or reloaded per layer.
+   layer's *sensitivity* `d` (the mean per-position KL divergence for class outputs, 1 - cosine of
+   the mask-pooled rows, or the relative squared error for 1-wide outputs, averaged over the
+   outputs). One ONNX Runtime session serves every probe: the layers' weights are fed as inputs, so
+   no graph is rewritten or reloaded per layer.
 2. `d / e(r)`, with `e(r)` the layer's relative (whitened) truncation error at that rank, is the
    output damage per unit of that layer's error. Ranks grow from one `--rank-multiple` step where
    `weight x (e(r) - e(r + step))` falls most per added parameter, greedily, until the energy plan's
@@ -36,7 +37,9 @@ from tqdm import tqdm
 from onnx_inher import _env
 from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.errors import InputError
+from onnx_inher.ir.graph import scope_graph
 from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.outputs import LOG_PROBABILITIES, PROBABILITIES, OutputKind, detect
 from onnx_inher.metrics import cosine_rows, pool
 from onnx_inher.planning import cost
 from onnx_inher.planning.plan import Plan, Spectra, apply_edits, fits
@@ -104,18 +107,58 @@ def _probe_model(model: ModelProto, views: list[LayerView]) -> tuple[ModelProto,
     names: dict[str, str] = {}
     for view in views:
         name = f"{PROBE}{view.node}"
-        probe.graph.node[view.node_index].input[view.weight_input] = name
+        scope_graph(probe.graph, view.scope).node[view.node_index].input[view.weight_input] = name
         elem = helper.np_dtype_to_tensor_dtype(view.dtype)
         probe.graph.input.append(helper.make_tensor_value_info(name, elem, list(view.weight.shape)))
         names[view.node] = name
     return probe, names
 
 
-def _distance(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
-    """Mean over outputs of 1 - cosine of pooled rows (relative squared error when rows are 1 wide)."""
+TOP_K = 8  # teacher classes kept per position: a trained classifier puts nearly all its mass on a few
+
+
+@dataclass
+class ClassRef:
+    """A class output's reference at every position: the teacher's top-k classes, their probabilities."""
+
+    index: np.ndarray  # [positions, k] int
+    prob: np.ndarray  # [positions, k] float64
+
+
+def _log_probs(y: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """`[positions, classes]` log-probabilities of a class output, whatever space it is in."""
+    axis = kind.class_axis if kind.class_axis is not None else y.ndim - 1
+    z = np.moveaxis(np.asarray(y, dtype=np.float64), axis, -1)
+    z = z.reshape(-1, z.shape[-1])
+    if kind.kind == PROBABILITIES:
+        return np.log(np.clip(z, 1e-12, None))
+    if kind.kind == LOG_PROBABILITIES:
+        return z
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def _class_ref(y: np.ndarray, kind: OutputKind) -> ClassRef:
+    logp = _log_probs(y, kind)
+    k = min(TOP_K, logp.shape[1])
+    index = np.argpartition(-logp, k - 1, axis=1)[:, :k]
+    return ClassRef(index, np.exp(np.take_along_axis(logp, index, 1)))
+
+
+def _kl(ref: ClassRef, y: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """Per-position KL(teacher || student) over the teacher's top-k classes (the rest of its mass is ~0)."""
+    q = np.take_along_axis(_log_probs(y, kind), ref.index, 1)
+    return (ref.prob * (np.log(np.clip(ref.prob, 1e-12, None)) - q)).sum(1)
+
+
+def _distance(ref: list[np.ndarray | list[ClassRef]], got: list[np.ndarray]) -> float:
+    """Mean over outputs: mean per-position KL for class outputs; 1 - cosine of pooled rows otherwise
+    (relative squared error when rows are 1 wide)."""
     out = []
     for r, g in zip(ref, got, strict=True):
-        if r.shape[1] > 1:
+        if isinstance(r, list):
+            out.append(float(np.mean(g)))  # class outputs arrive as per-position KL already
+        elif r.shape[1] > 1:
             out.append(float(1.0 - cosine_rows(r, g).mean()))
         else:
             out.append(float(((r - g) ** 2).sum() / max(float((r ** 2).sum()), 1e-30)))
@@ -123,22 +166,48 @@ def _distance(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 
 class Prober:
-    """Runs the calibration samples with chosen weights swapped in; outputs are kept pooled."""
+    """Runs the calibration samples with chosen weights swapped in and measures how far the outputs move.
+
+    Class outputs (probabilities, log-probabilities, logits: `ir.outputs`) are compared position by
+    position, by KL divergence from the teacher: a CTC recogniser's `[N,T,C]` softmax pooled over its
+    frames hid the collapse to blank that per-frame KL shows at once. For memory, only the teacher's
+    top-k classes per position are kept. Other outputs are mask-mean-pooled and compared by cosine."""
 
     def __init__(self, model: ModelProto, views: list[LayerView], feeds: dict[str, np.ndarray]) -> None:
         self.outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOATS]
         if not self.outputs:
             raise InputError("--allocate sensitivity: the model has no float output to measure; "
                              "use the default energy allocation.")
+        kinds = {k.name: k for k in detect(model)}
+        self.kinds = {n: kinds[n] for n in self.outputs if n in kinds and kinds[n].is_classes}
         probe, self.names = _probe_model(model, views)
         self.weights = {self.names[v.node]: v.weight for v in views}
         self.batches = batches(model, feeds)
         self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-probe-")  # removed with the prober
         self.session = runnable_session(probe, Path(self._spill.name))
-        self.reference = self.run({})
+        self.reference = self._run({}, None)
+
+    def _run(self, swapped: dict[str, np.ndarray],
+             reference: list[np.ndarray | list[ClassRef]] | None) -> list[np.ndarray | list[ClassRef]]:
+        """Per output: pooled rows, or (class outputs) the top-k reference per batch, or with a reference
+        given the per-position KL from it."""
+        weights = {**self.weights, **{self.names[n]: w for n, w in swapped.items()}}
+        parts: list[list] = [[] for _ in self.outputs]
+        for b, batch in enumerate(self.batches):
+            for j, y in enumerate(self.session.run(self.outputs, {**batch, **weights})):
+                kind = self.kinds.get(self.outputs[j])
+                if kind is None:
+                    parts[j].append(pool(np.asarray(y, dtype=np.float64), batch.get(MASK))[0])
+                elif reference is None:
+                    parts[j].append(_class_ref(y, kind))
+                else:
+                    parts[j].append(_kl(reference[j][b], y, kind))  # type: ignore[index]
+        return [p if self.outputs[j] in self.kinds and reference is None else np.concatenate(p)
+                for j, p in enumerate(parts)]
 
     def run(self, swapped: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Pooled float outputs over all samples, with `swapped` (node -> weight) in place of the originals."""
+        """Pooled float outputs over all samples (every output pooled, class outputs too), with `swapped`
+        (node -> weight) in place of the originals."""
         weights = {**self.weights, **{self.names[n]: w for n, w in swapped.items()}}
         pooled: list[list[np.ndarray]] = [[] for _ in self.outputs]
         for batch in self.batches:
@@ -147,7 +216,7 @@ class Prober:
         return [np.concatenate(p) for p in pooled]
 
     def distance(self, swapped: dict[str, np.ndarray]) -> float:
-        return _round(_distance(self.reference, self.run(swapped)))
+        return _round(_distance(self.reference, self._run(swapped, self.reference)))  # type: ignore[arg-type]
 
 
 def _round(x: float) -> float:
@@ -212,7 +281,8 @@ def _all_swapped(layers: dict[str, Layer], ranks: dict[str, int],
 
 
 def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spectra: Spectra,
-                            feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray]) -> Plan:
+                            feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray],
+                            rows: dict[str, np.ndarray] | None = None) -> Plan:
     """Re-rank the plan's factorised layers by measured output sensitivity, within its params and FLOPs."""
     chosen = [c for c in the_plan.candidates if c.decision == "factorize" and c.node in views and c.rank]
     sharers: dict[str, list[LayerView]] = {}
@@ -227,7 +297,8 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     for n in owners.values():
         view, c = views[n], by_node[n]
         gram = grams.get(view.shared_key)
-        svd = whitened_svd(view.matrices(), gram) if gram is not None else full_svd(view.matrices())
+        svd = whitened_svd(view.matrices(), gram, rows=(rows or {}).get(view.shared_key)) if gram is not None \
+            else full_svd(view.matrices())
         layers[n] = Layer(view, svd, int(c.rank or 1), _cap(view, c.heads, the_plan.options.guard), c.heads)
     prober = Prober(model, [v for group in sharers.values() for v in group], feeds)
     for n in tqdm(sorted(layers), desc="sensitivity", unit="layer", disable=quiet, leave=False):

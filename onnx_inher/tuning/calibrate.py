@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import tempfile
 import zlib
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from onnx_inher import _env
 from onnx_inher.datasets import input_specs, load_data
 from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.errors import InputError
+from onnx_inher.ir.graph import GraphIndex, NotConstant
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.planning.plan import Plan, Spectra
 from onnx_inher.planning.svd import Factors, balanced, truncate, whitened_svd
@@ -272,6 +274,91 @@ def conv_patches(x: np.ndarray, view: LayerView, rows: int, rng: np.random.Gener
     return patches.reshape(len(pick), view.groups, -1)
 
 
+PASS_THROUGH = ("Identity", "Cast")
+ROW_FLOOR = 0.01  # share of the uniform probability 1/C every class keeps as its floor weight
+
+
+@dataclass(frozen=True)
+class Head:
+    """A classifier head's probabilities: the Softmax/LogSoftmax output, whether it is a log, its axis."""
+
+    tensor: str
+    log: bool
+    axis: int
+
+
+def softmax_after(view: LayerView, model: ModelProto, index: GraphIndex | None = None) -> Head | None:
+    """The Softmax/LogSoftmax a right-side MatMul/Gemm feeds through at most a constant bias Add and
+    Identity/Cast nodes (a classifier head), or None. Whether its axis is the layer's feature axis is
+    checked on the values (`output_weights`): shape inference often leaves the rank unknown."""
+    if view.op not in ("MatMul", "Gemm") or view.side != "right" or view.groups != 1:
+        return None
+    index = index or GraphIndex.build(model.graph)
+    tensor, added = view.output, False
+    for _ in range(8):
+        users = index.consumers.get(tensor, [])
+        if len(users) != 1 or tensor in index.graph_output_names():
+            return None
+        node = users[0]
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if _opset(model) >= 13 else 1)
+            return Head(node.output[0], node.op_type == "LogSoftmax", int(axis))
+        bias = [i for i in node.input if i != tensor]
+        if node.op_type == "Add" and not added and len(bias) == 1 \
+                and not isinstance(index.constant(bias[0]), NotConstant):
+            added = True
+        elif node.op_type not in PASS_THROUGH:
+            return None
+        tensor = node.output[0]
+    return None
+
+
+def _opset(model: ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def output_weights(model: ModelProto, heads: dict[str, Head], features: dict[str, int],
+                   feeds: dict[str, np.ndarray], batch_size: int = BATCH) -> dict[str, np.ndarray]:
+    """Per-class weights `sqrt(mean p_c + floor)` of each classifier head's logits, by node.
+
+    A head's output error costs what it does to the softmax: to second order the KL divergence of a
+    logit error `e` is `e^T (diag p - p p^T) e / 2`, so errors on classes the teacher gives probability
+    matter and errors on classes it never predicts hardly do. Weighting the rows of the whitened SVD by
+    the diagonal of that Fisher matrix keeps the rows that carry probability: PP-OCR's CTC blank row,
+    which holds little weight energy but most of the probability, lost 81% of its output under plain SVD
+    and all frames turned blank. The floor (`ROW_FLOOR / C`) keeps rarely-predicted classes from
+    drifting into false maxima, and keeps full rank exact (every weight positive). A head whose softmax
+    is not over its last axis with the layer's `features` classes is left out.
+    """
+    names = sorted({h.tensor for h in heads.values()})
+    logs = {h.tensor: h.log for h in heads.values()}
+    fits = dict.fromkeys(names, True)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as spill:
+        runner = runnable_session(with_outputs(model, names, Path("calibration model")), Path(spill))
+        for batch in batches(model, feeds, batch_size):
+            for name, value in zip(names, runner.run(names, batch), strict=True):
+                p = np.asarray(value, dtype=np.float64)
+                for node, head in heads.items():
+                    if head.tensor == name and (p.ndim < 2 or head.axis not in (-1, p.ndim - 1)
+                                                or p.shape[-1] != features[node]):
+                        fits[name] = False
+                if not fits[name]:
+                    continue
+                p = p.reshape(-1, p.shape[-1])
+                p = np.exp(p) if logs[name] else p
+                sums[name] = sums.get(name, 0) + p.sum(0)
+                counts[name] = counts.get(name, 0) + len(p)
+    weights = {}
+    for node, head in heads.items():
+        if not fits[head.tensor] or head.tensor not in sums:
+            continue
+        mean = sums[head.tensor] / max(counts[head.tensor], 1)
+        weights[node] = np.sqrt(mean + ROW_FLOOR / len(mean))
+    return weights
+
+
 class CalibratedSpectra(Spectra):
     """`Spectra` whose SVDs are whitened by each layer's input Gram matrix, at the plan's rank.
 
@@ -282,15 +369,17 @@ class CalibratedSpectra(Spectra):
     SVD form (`u * s = up`, `s` = up's column norms, `vt = down`), which `truncate` at r reproduces.
     """
 
-    def __init__(self, grams: dict[str, np.ndarray], ranks: dict[str, int]) -> None:
+    def __init__(self, grams: dict[str, np.ndarray], ranks: dict[str, int],
+                 rows: dict[str, np.ndarray] | None = None) -> None:
         super().__init__()
-        self.grams, self.ranks = grams, ranks
+        self.grams, self.ranks, self.rows = grams, ranks, rows or {}
 
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         gram = self.grams.get(view.shared_key)
         if gram is None or view.node not in self.ranks:
             return super().svd(view)
-        return as_svd(balanced(truncate(whitened_svd(view.matrices(), gram), self.ranks[view.node])))
+        rows = self.rows.get(view.shared_key)
+        return as_svd(balanced(truncate(whitened_svd(view.matrices(), gram, rows=rows), self.ranks[view.node])))
 
 
 def as_svd(f: Factors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -307,12 +396,16 @@ class Calibration:
     feeds: dict[str, np.ndarray]
     grams: dict[str, np.ndarray]
     notes: list[str]
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
               dims: dict[str, int] | None = None) -> Calibration:
     """Grams of the plan's factorised layers (summed over layers sharing one weight), and notes."""
-    chosen = [views[c.node] for c in the_plan.candidates if c.decision == "factorize" and c.node in views]
+    factorised = [views[c.node] for c in the_plan.candidates if c.decision == "factorize" and c.node in views]
+    # a layer inside an If/Loop/Scan body reads tensors no graph output can expose: plain SVD
+    chosen = [v for v in factorised if not v.scope]
+    inner = [v.node for v in factorised if v.scope]
     sources = {v.node: gram_source(v, model) for v in chosen}
     convs = [v for v in chosen if v.op in ("Conv", "ConvTranspose")]
     plain = [v.node for v in chosen if v not in convs and sources[v.node] is None]
@@ -333,10 +426,25 @@ def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, sp
             _add(grams, v.shared_key, by_tensor[src[0] if src[1] else LEFT + src[0]])
     notes = [f"calibration '{spec}': {len(chosen) - len(plain)} layer(s) factorised by whitened SVD on "
              f"{len(next(iter(feeds.values())))} samples"]
+    index = GraphIndex.build(model.graph)
+    users = Counter(v.shared_key for v in chosen)  # a weight shared by several layers has no single head
+    heads = {v.node: head for v in chosen
+             if v.shared_key in grams and users[v.shared_key] == 1 and (head := softmax_after(v, model, index))}
+    rows: dict[str, np.ndarray] = {}
+    if heads:
+        features = {n: views[n].out_features for n in heads}
+        rows = {views[n].shared_key: w for n, w in output_weights(model, heads, features, feeds).items()}
+    if rows:
+        named = sorted(n for n in heads if views[n].shared_key in rows)
+        notes.append(f"calibration: {len(rows)} classifier head(s) weighted by the teacher's class "
+                     f"probabilities: {', '.join(named[:3])}")
     if plain:
         notes.append(f"calibration: {len(plain)} layer(s) keep plain SVD (a transposed Gemm input): "
                      f"{', '.join(plain[:3])}{' ...' if len(plain) > 3 else ''}")
-    return Calibration(feeds, grams, notes)
+    if inner:
+        notes.append(f"calibration: {len(inner)} layer(s) inside If/Loop/Scan subgraphs keep plain SVD: "
+                     f"{', '.join(inner[:3])}{' ...' if len(inner) > 3 else ''}")
+    return Calibration(feeds, grams, notes, rows)
 
 
 def plan_ranks(the_plan: Plan) -> dict[str, int]:
