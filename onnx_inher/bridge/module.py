@@ -30,7 +30,7 @@ import torch
 from onnx import GraphProto, ModelProto, TensorProto, numpy_helper
 
 from onnx_inher.bridge import ops as _ops  # noqa: F401  (registers the converters)
-from onnx_inher.bridge.registry import Ctx, Fn, lookup
+from onnx_inher.bridge.registry import Ctx, Fn, Links, lookup
 from onnx_inher.errors import InputError
 from onnx_inher.ir.naming import is_factor, node_ids
 from onnx_inher.ir.weights import weight_names
@@ -293,6 +293,7 @@ class _Builder:
             raise unsupported
         needed: set[str] = set()
         steps: list[tuple[Step, onnx.NodeProto]] = []
+        links = Links.of(graph)
         for node, node_id in zip(graph.node, ids, strict=True):
             local.update(o for o in node.output if o)
             if _is_constant_node(node):
@@ -304,7 +305,7 @@ class _Builder:
                 continue
             domain = "" if node.domain == "ai.onnx" else node.domain
             ctx = Ctx(node, prefix + node_id, self.opsets.get(domain, 1), consts,
-                      lambda g, p, c=consts, t=tensors: self.convert(g, p + "/", c, t), compute_dtype)
+                      lambda g, p, c=consts, t=tensors: self.convert(g, p + "/", c, t), compute_dtype, links)
             convert = lookup(domain, node.op_type, ctx.opset)
             assert convert is not None  # checked by _unsupported
             fn = convert(ctx)

@@ -36,6 +36,13 @@ into the dict a program runs on::
 
 ``Program.run(scope, inputs)`` binds ``inputs`` to the subgraph's formal inputs (Loop's iteration number
 and carried values, for example) and returns the subgraph outputs as a tuple.
+
+Neighbour hook (fused patterns): ``ctx.producer(name)`` is the node of the same graph that writes a
+tensor, ``ctx.consumers(name)`` the nodes that read it, ``ctx.value(name)`` any constant by name, and
+``ctx.sibling(node)`` a Ctx for another node of the graph (to build its converter's callable). ONNX
+Runtime computes some node chains as one fused kernel with its own arithmetic (``DequantizeLinear`` ->
+``Conv`` -> ``QuantizeLinear`` is ``QLinearConv``); a converter that must match it reads the chain with
+these. A tensor the converter reads at run time through them is added with ``ctx.capture(name)``.
 """
 
 from __future__ import annotations
@@ -108,12 +115,37 @@ def supported_ops() -> list[tuple[str, str]]:
     return sorted(REGISTRY)
 
 
+@dataclass(frozen=True)
+class Links:
+    """Who writes and who reads each tensor of one graph, and which tensors leave it."""
+
+    producers: dict[str, NodeProto]
+    consumers: dict[str, list[NodeProto]]
+    outputs: frozenset[str]
+
+    @staticmethod
+    def of(graph: onnx.GraphProto) -> Links:
+        producers: dict[str, NodeProto] = {}
+        consumers: dict[str, list[NodeProto]] = {}
+        for node in graph.node:
+            producers.update((o, node) for o in node.output if o)
+            for name in node.input:
+                if name:
+                    consumers.setdefault(name, []).append(node)
+        return Links(producers, consumers, frozenset(o.name for o in graph.output))
+
+
+NO_LINKS = Links({}, {}, frozenset())
+
+
 class Ctx:
     """What a converter may read about its node at conversion time."""
 
     def __init__(self, node: NodeProto, node_id: str, opset: int, consts: dict[str, np.ndarray],
-                 subgraph: Callable[[onnx.GraphProto, str], Program], compute_dtype: Callable[[int], Any]):
+                 subgraph: Callable[[onnx.GraphProto, str], Program], compute_dtype: Callable[[int], Any],
+                 links: Links = NO_LINKS):
         self.node = node
+        self.links = links
         self.node_id = node_id
         self.opset = opset
         self.attrs = {a.name: a for a in node.attribute}
@@ -191,6 +223,32 @@ class Ctx:
                 self.captures.append(name)
         self.programs.append(program)
         return program
+
+    def producer(self, name: str) -> NodeProto | None:
+        """The node of this graph that writes `name` (None for graph inputs, initializers, outer values)."""
+        return self.links.producers.get(name)
+
+    def consumers(self, name: str) -> list[NodeProto]:
+        """The nodes of this graph that read `name`."""
+        return self.links.consumers.get(name, [])
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.links.outputs
+
+    def value(self, name: str) -> np.ndarray | None:
+        """Any tensor's value by name if it is known at conversion time (see `const`)."""
+        return self._consts.get(name) if name else None
+
+    def sibling(self, node: NodeProto) -> Ctx:
+        """A Ctx for another node of the same graph and domain, to build its converter's callable."""
+        return Ctx(node, f"{self.node_id}<-{node.name or node.op_type}", self.opset, self._consts, self._subgraph,
+                   self._compute_dtype, self.links)
+
+    def capture(self, name: str) -> None:
+        """Read tensor `name` of this graph at run time: it comes after the node's own inputs (and the
+        subgraph captures before it), in the order of the calls."""
+        if name not in self.captures:
+            self.captures.append(name)
 
     def scope(self, args: Sequence[Any]) -> dict[str, Any]:
         """The outer-scope values a subgraph reads, by name, from the converter's argument tuple."""
