@@ -10,6 +10,10 @@ latency only) and the embedded MNIST CNN.
 
     python -m benchmarks.latency_table                  # all models, writes results/latency_table.{json,md}
     python -m benchmarks.latency_table --only ocr_rec --iters 20
+    python -m benchmarks.latency_table --only ocr_rec,ocr_det --threads 1 --out benchmarks/results/conv_head_forms_table
+
+When the latency check gave some conv layers of the heads student the constant-weight form, the same student
+with every conv head in the weight-mix form is timed too ("heads, mix only (before)").
 
 The machine is shared: ratios are paired (interleaved rounds), absolute times are not comparable across runs.
 """
@@ -52,6 +56,7 @@ MODELS: dict[str, tuple[Callable[[], Path], dict[str, list[int]]]] = {
     "mnist_cnn": (lambda: MNIST_TEACHER, {"image": [1, 1, 28, 28]}),
 }
 FORMS = {"pair": {"mode": "svd", "heads": 1}, "heads": {"mode": "inher", "heads": 2}}
+BEFORE = "heads_mix"  # the heads student with every conv layer in the weight-mix form (before issue 18.3)
 
 
 def _cell(result: dict[str, Any]) -> dict[str, Any]:
@@ -62,13 +67,30 @@ def _cell(result: dict[str, Any]) -> dict[str, Any]:
             "student_ms": round(result["latency_ms"]["p50"], 4)}
 
 
-def measure(name: str, folder: Path, iters: int, thread_counts: list[int]) -> dict[str, Any]:
+def _mix_only(teacher: Path, plan: Any, out: Path) -> Path | None:
+    """The same student with every conv head in the weight-mix form (what compress emitted before the latency
+    check chose conv head forms per layer); None when no layer took the constant-weight form."""
+    from onnx_inher import Options, api
+
+    if not any(c.head_form == "conv" for c in plan.candidates if c.decision == "factorize"):
+        return None
+    for c in plan.candidates:
+        c.head_form = None
+    plan_file = out.with_suffix(".plan.json")
+    plan_file.write_text(plan.to_json())
+    api.compress(teacher, out, Options(mode="inher", heads=plan.options.heads, shapes=plan.options.shapes,
+                                       latency_check=False), plan_path=plan_file)
+    return out
+
+
+def measure(name: str, folder: Path, iters: int, thread_counts: list[int],
+            batches: list[int] | None = None) -> dict[str, Any]:
     import onnx_inher
     from onnx_inher import Options, parse_policy
 
     build, shapes = MODELS[name]
     teacher = build()
-    students, plans = [], {}
+    students, plans, labels = [], {}, list(FORMS)
     for form, kw in FORMS.items():
         out = folder / f"{name}_{form}.onnx"
         began = time.perf_counter()
@@ -76,30 +98,44 @@ def measure(name: str, folder: Path, iters: int, thread_counts: list[int]) -> di
         totals = res.plan.totals()
         plans[form] = {"factorised": totals["factorized"], "candidates": totals["candidates"],
                        "param_ratio": round(totals["param_ratio"], 3), "flop_ratio": round(totals["flop_ratio"], 3),
-                       "compress_s": round(time.perf_counter() - began, 1)}
+                       "compress_s": round(time.perf_counter() - began, 1),
+                       "conv_head_forms": sum(1 for c in res.plan.candidates
+                                              if c.decision == "factorize" and c.head_form == "conv")}
         students.append(out)
+        if form == "heads":
+            before = _mix_only(teacher, res.plan, folder / f"{name}_{BEFORE}.onnx")
+            if before is not None:
+                students.append(before)
+                labels.append(BEFORE)
     record: dict[str, Any] = {"teacher": str(teacher), "shapes": shapes, "plans": plans, "runs": []}
     for threads in thread_counts:
-        batches = [1] if name in FIXED_BATCH else [1, 8]
-        doc = onnx_inher.bench([teacher, *students], shapes=shapes, batches=batches, threads=threads,
+        points = [1] if name in FIXED_BATCH else (batches or [1, 8])
+        doc = onnx_inher.bench([teacher, *students], shapes=shapes, batches=points, threads=threads,
                                iters=iters, warmup=max(3, iters // 10)).to_dict()
         for point in doc["points"]:
             record["runs"].append({"threads": threads, "batch": point["batch"],
                                    "teacher_ms": round(point["results"][0]["latency_ms"]["p50"], 4),
-                                   **{form: _cell(point["results"][j + 1]) for j, form in enumerate(FORMS)}})
+                                   **{form: _cell(point["results"][j + 1]) for j, form in enumerate(labels)}})
         record["machine"] = doc["machine"]
     return record
 
 
 def markdown(records: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | threads | batch | teacher ms | pair speedup (ideal, eff.) | heads speedup (ideal, eff.) |",
-             "|---|---:|---:|---:|---|---|"]
+    """One row per model, thread count and batch; the "heads, mix only" column (the heads student before the
+    per-layer conv head form choice) appears when some record has it, "-" where no layer changed form."""
+    before = any(BEFORE in run for rec in records.values() for run in rec["runs"])
+    head = "| model | threads | batch | teacher ms | pair speedup (ideal, eff.) | heads speedup (ideal, eff.) |"
+    rule = "|---|---:|---:|---:|---|---|"
+    if before:
+        head, rule = head + " heads, mix only (before) |", rule + "---|"
+    lines = [head, rule]
     for name, rec in records.items():
         for run in rec["runs"]:
-            cells = [f"**{c['speedup']:.2f}x** ({c['ideal_flops']}, {c['efficiency_flops']})"
-                     for c in (run["pair"], run["heads"])]
-            lines.append(f"| {name} | {run['threads']} | {run['batch']} | {run['teacher_ms']:.3f} | {cells[0]} | "
-                         f"{cells[1]} |")
+            forms = ["pair", "heads", *([BEFORE] if before else [])]
+            cells = [f"**{c['speedup']:.2f}x** ({c['ideal_flops']}, {c['efficiency_flops']})" if c else "-"
+                     for c in (run.get(f) for f in forms)]
+            lines.append(f"| {name} | {run['threads']} | {run['batch']} | {run['teacher_ms']:.3f} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +144,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="Comma-separated model names: " + ", ".join(MODELS))
     parser.add_argument("--iters", type=int, default=40, help="Timed rounds per point.")
     parser.add_argument("--out", type=Path, default=RESULTS / "latency_table")
+    parser.add_argument("--threads", default="", help="Comma-separated intra-op thread counts (default: 1 and all).")
+    parser.add_argument("--batches", default="1,8", help="Comma-separated batches (fixed-batch models: 1 only).")
     args = parser.parse_args()
     quiet()
     names = [n for n in args.only.split(",") if n] or list(MODELS)
@@ -118,7 +156,8 @@ def main() -> None:
     records = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            records[name] = measure(name, Path(tmp), args.iters, [1, os.cpu_count() or 1])
+            threads = [int(t) for t in args.threads.split(",") if t] or [1, os.cpu_count() or 1]
+            records[name] = measure(name, Path(tmp), args.iters, threads, [int(b) for b in args.batches.split(",")])
             print(markdown({name: records[name]}), flush=True)
     doc = {"command": command("benchmarks.latency_table"), "seconds": round(time.perf_counter() - began, 1),
            "models": records}

@@ -10,7 +10,11 @@ Two forms, chosen per layer by the plan's `heads`:
   - Conv/ConvTranspose, per-sample gate on the spatially mean-pooled r-features: since the gate
     is constant over pixels, `sum_i g_i (B_i z + b_i) = (sum_i g_i B_i) z + sum_i g_i b_i`; the gate
     mixes the heads' weights (h*out*r MACs per sample) and one r -> out product runs per pixel,
-    instead of h up-projections per pixel.
+    instead of h up-projections per pixel. With the plan's `head_form == "conv"` (set by the latency check
+    where it measures faster, ungrouped Conv only) the same function is emitted with constant weights:
+    the gate scales h copies of the rank features, and one 1x1 conv `[out, h*r]` (the heads side by
+    side) maps them to the output. h times the up-projection's MACs, but prepacked and in ONNX
+    Runtime's blocked layout; without the check the form is always the weight mix (deterministic).
   Exact at initialisation: every head holds the full `U_r S_r` (and full bias) plus a zero-sum
   perturbation, and the gate weights are zero, so the gate is uniform and the heads' mean is
   exactly `U_r S_r`. Training can still separate the heads because the perturbations differ.
@@ -172,16 +176,22 @@ def _heads_dense(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y: str
     e.node("Reshape", [mixed, e.ints("out.shape", [*lead, o])], "out", y)
 
 
+def _conv_gate(e: Emitter, f: Factors, h: int, z: str) -> str:
+    """`softmax(mean_pixels(z) G + b)`, `[N, h]`: the per-sample gate both conv head forms share."""
+    g, _, r = f.up.shape
+    pooled = e.node("GlobalAveragePool", [z], "pool")
+    pooled = e.node("Flatten", [pooled], "pool_flat", axis=1)
+    logits = e.node("Gemm", [pooled, e.weight("gate.weight", np.zeros((g * r, h))), e.weight("gate.bias", np.zeros(h))],
+                    "gate")
+    return e.node("Softmax", [logits], "gate_softmax", axis=1)
+
+
 def _heads_conv(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y: str, seed: int) -> None:
     """Per-sample gate on pooled features; the gate mixes head weights, one product per pixel."""
     g, o, r = f.up.shape
     c_out = g * o
     heads = head_weights(f.up, h, seed, e.weight_prefix)
-    pooled = e.node("GlobalAveragePool", [z], "pool")
-    pooled = e.node("Flatten", [pooled], "pool_flat", axis=1)
-    logits = e.node("Gemm", [pooled, e.weight("gate.weight", np.zeros((g * r, h))), e.weight("gate.bias", np.zeros(h))],
-                    "gate")
-    gate = e.node("Softmax", [logits], "gate_softmax", axis=1)
+    gate = _conv_gate(e, f, h, z)
     mixed_w = e.node("MatMul", [gate, e.weight("heads.weight", heads.reshape(h, -1))], "mix_weights")
     mixed_w = e.node("Reshape", [mixed_w, e.ints("mix.shape", [0, g, o, r])], "mix_weights_4d")
     flat = e.node("Reshape", [z, e.ints("z.shape", [0, g, r, -1])], "z_groups")
@@ -201,6 +211,42 @@ def _heads_conv(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y: str,
     e.node("Reshape", [out, target], "out", y)
 
 
+def _heads_conv_const(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y: str, seed: int) -> None:
+    """Constant-weight conv heads: `y = Conv1x1(concat_k(g_k z), [U_1 .. U_h]) + sum_k g_k b_k`.
+
+    The same function as `_heads_conv` (`sum_k g_k (U_k z + b_k)`), but the up-projection is one 1x1 conv
+    with constant `[out, h*r]` weights, which ONNX Runtime prepacks and runs in its blocked (NCHWc) layout,
+    where the per-sample mixed weight of `_heads_conv` is a plain batched MatMul with reshapes around it.
+    It costs h times the up-projection's MACs per pixel, so it is chosen per layer by measurement."""
+    _, o, r = f.up.shape
+    ones = [1] * len(view.kernel)
+    heads = head_weights(f.up, h, seed, e.weight_prefix)[:, 0]  # [h, out, r]
+    gate = _conv_gate(e, f, h, z)
+    scale = e.node("Reshape", [gate, e.ints("gate.cols", [0, h, 1])], "gate_cols")
+    scale = e.node("Expand", [scale, e.ints("gate.rep", [1, 1, r])], "gate_rep")  # g_k for each of head k's r
+    scale = e.node("Reshape", [scale, e.ints("scale.shape", [0, h * r, *ones])], "scale")
+    tiled = e.node("Concat", [z] * h, "tile", axis=1)
+    scaled = e.node("Mul", [tiled, scale], "scaled")
+    w = heads.transpose(1, 0, 2).reshape(o, h * r, *ones)
+    if view.bias is None:
+        e.node("Conv", [scaled, e.weight("heads.conv_weight", w)], "apply", y)
+        return
+    out = e.node("Conv", [scaled, e.weight("heads.conv_weight", w)], "apply")
+    b = np.tile(view.bias.astype(np.float32)[None], (h, 1))
+    mixed_b = e.node("MatMul", [gate, e.weight("heads.bias", b)], "mix_bias")
+    mixed_b = e.node("Reshape", [mixed_b, e.ints("bias.shape", [0, o, *ones])], "mix_bias_nd")
+    e.node("Add", [out, mixed_b], "apply_bias", y)
+
+
+HEAD_FORMS = ("mix", "conv")  # conv heads: per-sample weight mix (the default), constant-weight 1x1 conv
+
+
+def conv_form_applies(view: LayerView, opset: int) -> bool:
+    """Whether a layer's heads can take the constant-weight `conv` form: ungrouped Conv (a grouped conv's
+    channels would have to be interleaved per group), and an opset with Expand (8)."""
+    return view.op == "Conv" and view.groups == 1 and opset >= 8
+
+
 def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: int, seed: int,
          weight_prefix: str) -> Emitter:
     """Nodes and initializers replacing `node`; weights are named after `weight_prefix`, the first
@@ -212,6 +258,8 @@ def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: i
         _up_pair(e, view, node, f, z, node.output[0])
     elif view.op in ("MatMul", "Gemm"):
         _heads_dense(e, view, f, cand.heads, z, node.output[0], seed)
+    elif cand.head_form == "conv" and conv_form_applies(view, opset):
+        _heads_conv_const(e, view, f, cand.heads, z, node.output[0], seed)
     else:
         _heads_conv(e, view, f, cand.heads, z, node.output[0], seed)
     return e
@@ -366,6 +414,9 @@ class Factorize:
                                  "(its full rank).")
             if c.heads < 1:
                 raise InputError(f"plan gives node '{c.node}' {c.heads} heads; use 1 or more.")
+            if c.head_form is not None and c.head_form not in HEAD_FORMS:
+                raise InputError(f"plan gives node '{c.node}' head_form '{c.head_form}'; use one of "
+                                 f"{', '.join(HEAD_FORMS)} (or leave it out).")
 
     def _emit_all(self, scopes: Scopes) -> Replacements:
         """One replacement per factorised node, by scope; each SVD lives only until its weight's last layer."""
@@ -376,7 +427,7 @@ class Factorize:
         owner: dict[tuple, str] = {}
         for i, c in enumerate(tqdm(chosen, desc="factorize", unit="layer", disable=None, leave=False)):
             view = self.views[c.node]
-            key = (view.shared_key, c.rank, c.heads)
+            key = (view.shared_key, c.rank, c.heads, c.head_form)
             prefix = owner.setdefault(key, c.node)
             svd = svds.get(view.shared_key) or self.spectra.svd(view)
             if last[view.shared_key] > i:

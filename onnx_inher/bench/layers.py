@@ -72,15 +72,48 @@ def fold(names: Iterable[str], index: GraphIndex) -> dict[str, np.ndarray]:
     return out
 
 
-def dense_graph(view: LayerView, model: ModelProto, index: GraphIndex, x_shape: tuple[int, ...]) -> LayerGraph | None:
-    """The layer alone; `index` is the index of the graph the view's node lives in (`ir.graph.index_scopes`
-    for a subgraph layer: its weight may be read from an outer scope)."""
+# what ONNX Runtime fuses into the Conv/Gemm before it (bias and scale with a constant, batch norm, activation)
+EPILOGUE_CONST = ("Add", "Mul", "BatchNormalization")
+EPILOGUE_ACT = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh")
+
+
+def epilogue(node: NodeProto, index: GraphIndex, limit: int = 3) -> list[NodeProto]:
+    """The chain of nodes after `node` that ORT folds into a dense node: each the only reader of the one before,
+    every other input constant, an activation ending it. Timed with the layer, because a factorised form
+    that ends in a Reshape or a MatMul loses those fusions and pays each node as one more pass over the
+    output, a cost the layer alone does not show."""
+    out: list[NodeProto] = []
+    tensor = node.output[0]
+    outputs = index.graph_output_names()
+    while len(out) < limit and tensor not in outputs:
+        readers = index.consumers.get(tensor, [])
+        if len(readers) != 1 or readers[0].op_type not in (*EPILOGUE_CONST, *EPILOGUE_ACT):
+            break
+        nxt = readers[0]
+        others = [i for i in nxt.input if i and i != tensor]
+        first_input = nxt.op_type in ("Add", "Mul") or nxt.input[0] == tensor  # BN/activations: the data input
+        if not first_input or len(nxt.output) != 1 or not all(isinstance(index.constant(i), Constant) for i in others):
+            break
+        out.append(nxt)
+        tensor = nxt.output[0]
+        if nxt.op_type in EPILOGUE_ACT:
+            break
+    return out
+
+
+def dense_graph(view: LayerView, model: ModelProto, index: GraphIndex, x_shape: tuple[int, ...],
+                tail: list[NodeProto] | None = None) -> LayerGraph | None:
+    """The layer alone, followed by `tail` (its `epilogue`, when given); `index` is the index of the graph
+    the view's node lives in (`ir.graph.index_scopes` for a subgraph layer: its weight may be read from an
+    outer scope)."""
     node = index.graph.node[view.node_index]
     x = activation_input(node, index)
     if x is None:
         return None
-    return build([node], fold(node.input, index), x, x_shape, onnx.helper.np_dtype_to_tensor_dtype(view.dtype),
-                 view.output, model)
+    tail = tail or []
+    consts = fold([i for n in [node, *tail] for i in n.input], index)
+    return build([node, *tail], consts, x, x_shape, onnx.helper.np_dtype_to_tensor_dtype(view.dtype),
+                 tail[-1].output[0] if tail else view.output, model)
 
 
 def replacement_nodes(view: LayerView, student: ModelProto) -> tuple[list[NodeProto], str] | None:
@@ -160,13 +193,16 @@ def per_layer_results(entries: list[Any], points: list[Any], settings: Settings,
                 if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
                     continue
                 x_shape = tuple(int(d) for d in info.dims)
-                dense = dense_graph(view, teacher, t_index, x_shape)
+                tail = epilogue(node, t_index)  # the same nodes follow the replacement in the student
+                dense = dense_graph(view, teacher, t_index, x_shape, tail)
                 if dense is None:
                     continue
                 consts = fold({i for n in nodes for i in n.input if i}, s_index)
-                consts.update({k: v for k, v in fold(node.input, t_index).items() if k not in consts})
-                fact = build(nodes, consts, dense.x, x_shape, dense.model.graph.input[0].type.tensor_type.elem_type,
-                             view.output, student)
+                originals = fold([i for n in [node, *tail] for i in n.input], t_index)
+                consts.update({k: v for k, v in originals.items() if k not in consts})
+                fact = build([*nodes, *tail], consts, dense.x, x_shape,
+                             dense.model.graph.input[0].type.tensor_type.elem_type,
+                             tail[-1].output[0] if tail else view.output, student)
                 d_s, f_s = time_pair_samples(dense, fact, settings, warmup, iters)
                 d_ms, f_ms = summarize(d_s, 1).p50, summarize(f_s, 1).p50
                 ideal_f = dense.flops / fact.flops if fact.flops else None

@@ -47,11 +47,12 @@ def pair(view: LayerView, rank: int) -> Cost:
     return Cost(g * rank * (i + o) + _bias(view), 2 * macs)
 
 
-def heads(view: LayerView, rank: int, h: int) -> Cost:
+def heads(view: LayerView, rank: int, h: int, head_form: str | None = None) -> Cost:
     """Shared down, h up-projection heads and a softmax gate (see passes/factorize.py for the graph).
 
     Per-token gate (MatMul/Gemm): one fused up-projection r -> h*out, then the gated sum.
-    Per-sample gate (Conv): the gate mixes the heads' weights, then one r -> out product per pixel.
+    Per-sample gate (Conv): the gate mixes the heads' weights, then one r -> out product per pixel;
+    in the constant-weight `conv` form, one h*r -> out 1x1 conv per pixel instead (same params).
     """
     g, o, i = view.groups, view.out_features, view.in_features
     r = g * rank
@@ -63,12 +64,14 @@ def heads(view: LayerView, rank: int, h: int) -> Cost:
     down = (view.in_rows * g * rank * i) if view.op == "ConvTranspose" else view.rows * g * rank * i
     apply = view.rows * g * rank * o
     mix = view.batch * (h * g * o * rank + h * g * o + r * h)
+    if head_form == "conv":  # no weight mix; the 1x1 conv reads all h scaled copies of the rank features
+        apply, mix = view.rows * h * g * rank * o, view.batch * (h * g * o + r * h)
     pool = view.rows * r
     return Cost(g * rank * i + h * g * o * rank + gate_params + bias, 2 * (down + apply + mix) + pool)
 
 
-def after(view: LayerView, rank: int, h: int) -> Cost:
-    return pair(view, rank) if h <= 1 else heads(view, rank, h)
+def after(view: LayerView, rank: int, h: int, head_form: str | None = None) -> Cost:
+    return pair(view, rank) if h <= 1 else heads(view, rank, h, head_form)
 
 
 def breakeven_rank(view: LayerView, h: int) -> float:

@@ -54,12 +54,18 @@ class Candidate:
     # where the layer lives in a model with If/Loop/Scan subgraphs: "main" or the subgraph's path
     # ("If_0/then_branch"); None (and left out of the JSON) in a model without subgraph layers
     graph: str | None = None
+    # conv heads only, set by the latency check: "mix" (per-sample weight mix) or "conv" (constant-weight
+    # 1x1 conv), and the times that chose it; None (and left out of the JSON) means "mix", unmeasured
+    head_form: str | None = None
+    form_ms: dict[str, float] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON fields: every field, `graph` only when set (plans of plain models keep their bytes)."""
+        """The JSON fields: every field, `graph`, `head_form` and `form_ms` only when set (plans that do not
+        use them keep their bytes)."""
         doc = asdict(self)
-        if doc["graph"] is None:
-            del doc["graph"]
+        for optional in ("graph", "head_form", "form_ms"):
+            if doc[optional] is None:
+                del doc[optional]
         return doc
 
 

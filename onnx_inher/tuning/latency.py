@@ -2,10 +2,11 @@
 
 `plan --target cpu|cuda` times every chosen layer's dense node against its factorised replacement
 (`passes/factorize.py`'s `emit`, with random factors of the planned rank: timing does not depend on
-the values) at the layer's input shape, and turns a layer that is not faster into a skip with the
-measured times as its reason. Timings are cached per machine (CPU model, core count, onnxruntime
-version, provider, threads), so planning the same model again, or another model with the same
-layer shapes, measures nothing.
+the values) at the layer's input shape, both followed by the nodes ONNX Runtime would fuse into the
+dense node (`bench.layers.epilogue`: constant bias/scale, batch norm, activation), and turns a layer
+that is not faster into a skip with the measured times as its reason. Timings are cached per machine
+(CPU model, core count, onnxruntime version, provider, threads), so planning the same model again, or
+another model with the same layer shapes, measures nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from onnx_inher import _env
-from onnx_inher.bench.layers import LayerGraph, activation_input, build, dense_graph, fold, time_pair
+from onnx_inher.bench.layers import LayerGraph, activation_input, build, dense_graph, epilogue, fold, time_pair
 from onnx_inher.bench.profile import shape_table
 from onnx_inher.bench.sessions import Settings
 from onnx_inher.errors import InputError
@@ -78,16 +79,25 @@ class LatencyCache:
         write_text(self.path, json.dumps(doc, indent=1) + "\n")
 
 
-def layer_key(view: LayerView, node_attrs: list[Any], x_shape: tuple[int, ...], rank: int, heads: int) -> str:
+def layer_key(view: LayerView, node_attrs: list[Any], x_shape: tuple[int, ...], rank: int, heads: int,
+              head_form: str | None = None, tail: list[Any] | None = None) -> str:
+    """The cache key of one layer's timing; the default head form and an empty epilogue add nothing, so
+    older entries of layers without one stay valid."""
     doc = [view.op, view.side, view.groups, list(view.weight.shape), str(view.dtype), view.bias is not None,
            sorted((a.name, str(helper.get_attribute_value(a))) for a in node_attrs), list(x_shape), rank, heads,
            sorted((k, str(v)) for k, v in view.attrs.items() if k in ("alpha", "beta", "transA", "transB", "c"))]
+    if heads > 1 and head_form not in (None, "mix"):
+        doc.append(["head_form", head_form])
+    if tail:
+        doc.append(["epilogue", [[n.op_type, sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute)]
+                                 for n in tail]])
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 
 def replacement_graph(view: LayerView, model: Any, index: GraphIndex, cand: Candidate, dense: LayerGraph,
-                      opset: int) -> LayerGraph:
-    """The factorised replacement as `compress` would emit it, with random factors of the planned rank."""
+                      opset: int, tail: list[Any] | None = None) -> LayerGraph:
+    """The factorised replacement as `compress` would emit it, with random factors of the planned rank,
+    followed by `tail` (the layer's `epilogue`, as in `dense`)."""
     from onnx_inher.passes.factorize import emit
 
     rank = int(cand.rank or 1)
@@ -97,10 +107,13 @@ def replacement_graph(view: LayerView, model: Any, index: GraphIndex, cand: Cand
                 down=(rng.standard_normal((g, rank, i)) * 0.05).astype(np.float32))
     node = index.graph.node[view.node_index]  # `index` is the index of the layer's own (sub)graph
     e = emit(view, node, cand, f, opset, 0, view.node)
+    tail = tail or []
     consts = {k: numpy_helper.to_array(t) for k, t in e.inits.items()}
-    consts.update({k: v for k, v in fold(node.input, index).items() if k not in consts})
-    return build(e.nodes, consts, dense.x, dense.x_shape, dense.model.graph.input[0].type.tensor_type.elem_type,
-                 view.output, model)
+    originals = fold([i for n in [node, *tail] for i in n.input], index)
+    consts.update({k: v for k, v in originals.items() if k not in consts})
+    return build([*e.nodes, *tail], consts, dense.x, dense.x_shape,
+                 dense.model.graph.input[0].type.tensor_type.elem_type, tail[-1].output[0] if tail else view.output,
+                 model)
 
 
 def plan_dims(model: Any, dims: dict[str, int], shapes: dict[str, list[int]] | None = None) -> dict[str, int]:
@@ -136,12 +149,13 @@ def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: S
         if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
             continue
         x_shape = tuple(int(d) for d in info.dims)
-        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads)
+        tail = epilogue(node, index)
+        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, c.head_form, tail)
         if key not in cache.entries:
-            dense = dense_graph(view, model, index, x_shape)
+            dense = dense_graph(view, model, index, x_shape, tail)
             if dense is None:
                 continue
-            fact = replacement_graph(view, model, index, c, dense, plan.opset)
+            fact = replacement_graph(view, model, index, c, dense, plan.opset, tail)
             cache.entries[key] = list(time_pair(dense, fact, settings, warmup, iters))
         out[c.node] = (*cache.entries[key], f"input {'x'.join(map(str, x_shape))}")  # type: ignore[assignment]
     cache.save()

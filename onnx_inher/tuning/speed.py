@@ -4,6 +4,12 @@ After the student is built, teacher and student run interleaved in ONNX Runtime 
 all cores, the plan's real input shapes at batch 1) for a few seconds. The verdict is the ratio of
 medians (teacher time / student time) with a paired bootstrap interval (`bench.stats.speedup`):
 
+- **conv head form** (when the plan has heads on ungrouped Conv layers): each such layer is timed alone
+  at its input shape in both conv head forms (`passes/factorize.py`: the per-sample weight mix, and
+  constant weights in one 1x1 conv) against its dense layer, and gets the constant form only where its
+  factorised/dense ratio is 10% below the weight mix's (`choose_head_forms`; the plan entry records
+  `head_form` and `form_ms`). Without the check the form is always the weight mix, so compress stays
+  deterministic.
 - **form** (when the user did not fix `--mode`/`--heads` and the plan has heads): the same ranks are
   also built as plain pairs and the three models are timed together; the pairs are kept when they are
   measurably faster than the heads (the interval of heads-time / pair-time lies above 1), else the
@@ -20,7 +26,8 @@ medians (teacher time / student time) with a paired bootstrap interval (`bench.s
 
 The final student is also timed at batch 8 when that is cheap (recorded, not decided on).
 Everything measured goes into `plan.latency_check` (and so into the plan JSON and compress's output).
-When nothing is reverted and the form is kept, the student is the one built first, byte for byte.
+When nothing is reverted, no conv layer changes head form and the form is kept, the student is the one
+built first, byte for byte.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ WARMUP = 3
 MIN_ROUNDS, MAX_ROUNDS = 10, 1000
 MAX_BYTES = 2_000_000_000 - (1 << 20)  # in-memory sessions: a protobuf must stay under 2 GB
 MAX_REVERT_ROUNDS = 12
+CONV_FORM_MARGIN = 0.9  # the constant-weight conv heads must measure 10% faster alone than the weight mix
 SECOND_BATCH = 8  # also timed (recorded only) when a run of the teacher at this batch is cheap
 
 
@@ -118,6 +126,68 @@ def _as_pairs(plan: Plan, views: dict[str, Any]) -> Plan:
     return p
 
 
+def _conv_headed(plan: Plan, views: dict[str, Any]) -> list[Candidate]:
+    """Headed layers that can take either conv head form (ungrouped Conv)."""
+    from onnx_inher.passes.factorize import conv_form_applies
+
+    return [c for c in _headed(plan) if c.node in views and conv_form_applies(views[c.node], plan.opset)]
+
+
+def choose_head_forms(plan: Plan, views: dict[str, Any], model: ModelProto, settings: Settings) -> dict[str, Any]:
+    """Give every headed conv layer the head form that measures faster alone at its input shape.
+
+    Why per layer: the constant-weight `conv` form does h times the up-projection's MACs but runs them
+    prepacked in ONNX Runtime's blocked layout, the `mix` form does fewer but through a per-sample batched
+    MatMul and reshapes; which wins depends on the layer's channels, rank and pixels. Each form is timed
+    against the dense layer (`layer_times`, interleaved, cached per machine); `conv` wins only by a margin
+    (`_faster_form`), a tie or an unmeasured layer keeps `mix`. Layers sharing a weight follow
+    the layer that owns the factors. Records `head_form` and `form_ms` in the plan entries; returns
+    `{node: times and choice}` for the check's record."""
+    from copy import deepcopy
+
+    from onnx_inher.passes.factorize import HEAD_FORMS
+    from onnx_inher.planning.cost import after
+
+    cands = _conv_headed(plan, views)
+    nodes = {c.node for c in cands}
+    times: dict[str, dict[str, tuple[float, float, str]]] = {}
+    for form in HEAD_FORMS:
+        p = deepcopy(plan)
+        for c in p.candidates:
+            if c.node in nodes:
+                c.head_form = form
+        times[form] = layer_times(p, model, views, settings, nodes=nodes, desc=f"timing conv heads ({form})")
+    record: dict[str, Any] = {}
+    chosen: dict[str, str] = {}
+    for c in cands:
+        owner = c.shares_factors_with
+        form = chosen.get(owner, "mix") if owner else _faster_form(c.node, times)
+        chosen[c.node] = form
+        c.head_form = form
+        measured = {f: times[f][c.node] for f in HEAD_FORMS if c.node in times[f]}
+        if measured:
+            c.form_ms = {"dense": round(float(np.median([m[0] for m in measured.values()])), 4),
+                         **{f: round(m[1], 4) for f, m in measured.items()}}
+            record[c.node] = {**c.form_ms, "chosen": form}
+        if form == "conv" and c.form_ms and "mix" in c.form_ms and "conv" in c.form_ms:
+            c.note = "; ".join(filter(None, [c.note, (
+                f"conv heads as constant weights in one 1x1 conv: {c.form_ms['conv']:.3f} ms alone vs "
+                f"{c.form_ms['mix']:.3f} ms for the weight mix (dense {c.form_ms['dense']:.3f} ms, latency check)")]))
+        c.flops_after = after(views[c.node], int(c.rank or 1), c.heads, form).flops
+    return record
+
+
+def _faster_form(node: str, times: dict[str, dict[str, tuple[float, float, str]]]) -> str:
+    """`conv` when its factorised/dense ratio is below `mix`'s by `CONV_FORM_MARGIN` (each form paired with
+    its own dense run). The margin, because a layer timed alone does not pay what the constant form costs in
+    the whole model: ORT runs its Concat and gate Mul outside the blocked layout, two reorders more per layer
+    (measured on PP-OCRv5: choices within a few percent did not show in the whole model)."""
+    if node not in times["mix"] or node not in times["conv"]:
+        return "mix"
+    (d_mix, f_mix, _), (d_conv, f_conv, _) = times["mix"][node], times["conv"][node]
+    return "conv" if f_conv / d_conv < CONV_FORM_MARGIN * f_mix / d_mix else "mix"
+
+
 def _groups(plan: Plan) -> dict[str, list[Candidate]]:
     """Factorised candidates by the layer whose factors they use (a shared weight is reverted whole)."""
     out: dict[str, list[Candidate]] = {}
@@ -163,6 +233,13 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
     say = log or (lambda _m: None)
 
     current = student
+    if _conv_headed(plan, a.views):
+        doc["head_forms"] = choose_head_forms(plan, a.views, a.model, settings)
+        if any(c.head_form == "conv" for c in plan.candidates if c.decision == "factorize"):
+            current = rebuild(a, plan)
+            a = fresh()
+            n = sum(1 for v in doc["head_forms"].values() if v["chosen"] == "conv")
+            say(f"latency check: {n} conv head layer(s) measured faster with constant weights")
     if options.pick_form and _headed(plan):
         pairs_plan = _as_pairs(plan, a.views)
         pairs = rebuild(a, pairs_plan)
@@ -182,6 +259,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             for c, q in zip(plan.candidates, pairs_plan.candidates, strict=True):
                 if c.decision == "factorize" and c.heads > 1:
                     c.heads, c.form, c.params_after, c.flops_after = q.heads, q.form, q.params_after, q.flops_after
+                    c.head_form = None  # a pair has no heads; `form_ms` stays as measured
                     c.note = "; ".join(filter(None, [c.note, note]))
             current = pairs
             first = _ratio_doc(t, p)
