@@ -51,3 +51,12 @@ def latency_check_default() -> bool:
     (`ONNX_INHER_LATENCY_CHECK=0` turns the default off: the test suite sets it, so timing never decides
     what a test writes)."""
     return os.environ.get(LATENCY_CHECK_VAR, "1") != "0"
+
+
+SEQUENTIAL_VAR = "ONNX_INHER_SEQUENTIAL"
+
+
+def sequential_calibration() -> bool:
+    """Whether calibrated factors are fitted in graph order to the student's own inputs (the default;
+    `ONNX_INHER_SEQUENTIAL=0` gives each layer the teacher-whitened factors alone, for comparisons)."""
+    return os.environ.get(SEQUENTIAL_VAR, "1") != "0"

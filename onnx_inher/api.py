@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from onnx_inher import _env
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import LoadedModel, check_output, load_model, release_memory, save_model
 from onnx_inher.ir.layers import LayerView
@@ -227,7 +228,13 @@ def compress(
         from onnx_inher.tuning.calibrate import CalibratedSpectra, plan_ranks
 
         calibration = calibration or _calibrate(a, the_plan, options)
-        spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan), calibration.rows)
+        fitted = {}
+        if _env.sequential_calibration():
+            from onnx_inher.tuning.sequential import sequential_svds
+
+            fitted, notes = sequential_svds(a.loaded.model, a.views, the_plan, calibration.feeds, calibration.rows)
+            the_plan.warnings.extend(notes)
+        spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan), calibration.rows, fitted)
         del calibration
     feed = load_inputs(inputs, a.loaded.model) if inputs else None
     teacher_path, external = a.loaded.path, a.loaded.external_data

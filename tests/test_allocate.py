@@ -96,7 +96,11 @@ def test_greedy_ranks_stay_within_both_budgets_and_follow_the_measured_damage() 
 
 
 @needs_mnist
-def test_sensitivity_allocation_beats_energy_on_held_out_digits_at_no_more_params_or_flops(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sequential", "bound"), [("1", 0.8), ("0", 0.5)])
+def test_sensitivity_allocation_beats_energy_on_held_out_digits_at_no_more_params_or_flops(
+        sequential: str, bound: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # fitted in graph order (the default) both students are closer, so the moved ranks gain less
+    monkeypatch.setenv("ONNX_INHER_SEQUENTIAL", sequential)
     images = load_data("mnist5k:test", input_specs(onnx.load(str(MNIST)))).inputs["image"][:300]
     common = {"mode": "svd", "policy": parse_policy(param_ratio=0.5), "rank_multiple": 4, "calibration": "mnist5k"}
     energy = onnx_inher.compress(MNIST, tmp_path / "energy.onnx", Options(**common))
@@ -106,7 +110,7 @@ def test_sensitivity_allocation_beats_energy_on_held_out_digits_at_no_more_param
     assert [c.node for c in energy.plan.candidates if c.decision == "factorize"] == \
         [c.node for c in moved.plan.candidates if c.decision == "factorize"]
     e_energy, e_moved = logit_error(tmp_path / "energy.onnx", images), logit_error(tmp_path / "moved.onnx", images)
-    assert e_moved < 0.5 * e_energy, (e_moved, e_energy)
+    assert e_moved < bound * e_energy, (e_moved, e_energy)
     doc = json.loads(moved.plan.to_json())
     assert doc["options"]["allocate"] == "sensitivity"
     chosen = [c for c in doc["candidates"] if c["decision"] == "factorize"]
