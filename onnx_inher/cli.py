@@ -367,6 +367,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
 @click.option("--teacher-mode", type=click.Choice(list(TEACHER_MODES)), default="cache", show_default=True,
               help="cache: run the teacher once over the data and memory-map its outputs; online: run it on "
                    "each batch (no disk, any number of --features; needed by --augment).")
+@click.option("--backoff/--no-backoff", default=True, show_default=True,
+              help="When a validation is worse than the best so far, restore the best weights, reset the "
+                   "optimizer and cut the learning rate to 0.3x (at most 4 times).")
 @click.option("--time-limit", type=float, default=0.0, show_default=True, metavar="SECONDS",
               help="Stop training after this many seconds (0: no limit), even mid-schedule; the student keeps "
                    "the weights it has then (or the best validated ones) and the summary says so.")
@@ -426,6 +429,9 @@ def _print_distill(result: Any) -> None:
     for name, values in (("before", train.initial), ("after", train.final)):
         if values:
             click.echo(f"validation {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    if train.lr_scale < 1.0:
+        click.echo(f"validation got worse, so the best weights were restored and the learning rate cut to "
+                   f"{train.lr_scale:.3g} x --lr (turn off with --no-backoff)")
     if train.improved is False:
         click.echo("validation never improved on the starting student: it keeps its starting weights "
                    "(try a lower --lr, more --steps, --features auto)")

@@ -138,7 +138,8 @@ class UserMetric:
     def __call__(self, teacher: Mapping[str, np.ndarray], student: Mapping[str, np.ndarray],
                  inputs: Mapping[str, np.ndarray]) -> dict[str, float]:
         try:
-            value = self.fn(dict(teacher), dict(student), dict(inputs))
+            # streamed data may hold memory-mapped or lazy arrays: a user's function gets plain numpy
+            value = self.fn(dict(teacher), dict(student), {k: np.asarray(v) for k, v in inputs.items()})
         except Exception as err:
             raise InputError(f"--metric {self.spec}: the function raised {type(err).__name__}: {err}") from None
         items = value.items() if isinstance(value, Mapping) else [(self.name, value)]

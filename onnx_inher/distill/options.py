@@ -56,6 +56,7 @@ class DistillOptions:
     augment: str = "none"
     teacher_runtime: str = "auto"
     time_limit: float = 0.0  # seconds of training; 0: none
+    backoff: bool = True  # a validation worse than the best: restore the best, lr x BACKOFF_FACTOR
 
     @property
     def online_teacher(self) -> bool:
