@@ -2,8 +2,10 @@
 
 Every script runs as a module from the repository root (`python -m benchmarks.compress_bench`,
 `python -m benchmarks.experiments.soup_minilm`), which puts the root on `sys.path`; no script edits it.
-This is the only module that reaches into the test fixtures: `zoo` is `tests/zoo.py` (real third-party
-teachers, built once and cached), imported on first use.
+This is the only module that reaches into the test fixtures, each imported on first use: `zoo` is
+`tests/zoo.py` (real third-party teachers, built once and cached), `helpers` is `tests/helpers.py` (tiny
+teachers and the hand-built tf2onnx/Paddle2ONNX graph styles) and `subgraphs` is `tests/test_subgraphs.py`
+(its public `TEACHERS`: streaming and multi-rate models with layers inside If/Loop/Scan bodies).
 
 Importing this module loads only the standard library: `compress_bench` measures the peak RSS of the
 processes it spawns, which inherit its own, and `gpu/gpu_check` must start on a bare interpreter.
@@ -19,14 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tests import zoo
+    from tests import helpers, zoo
+    from tests import test_subgraphs as subgraphs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MNIST_TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
 
-__all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "command", "proc_status", "quiet", "reset_peak_rss", "write_json",
-           "zoo"]
+__all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "command", "helpers", "proc_status", "quiet", "reset_peak_rss",
+           "subgraphs", "write_json", "zoo"]
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +37,14 @@ def __getattr__(name: str) -> Any:
         from tests import zoo
 
         return zoo
+    if name == "helpers":
+        from tests import helpers
+
+        return helpers
+    if name == "subgraphs":
+        from tests import test_subgraphs
+
+        return test_subgraphs
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
