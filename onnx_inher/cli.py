@@ -482,6 +482,9 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--seq-len", "seq_lens", default="",
               help="Bench sequence lengths (dynamic inner dims) instead of --data's sample shape.")
 @click.option("--iters", type=int, default=50, show_default=True, help="Timed bench runs per model and shape.")
+@click.option("--time-limit", type=float, default=0.0, show_default=True, metavar="SECONDS",
+              help="Stop distillation after this many seconds (0: no limit), keeping the best validated weights: "
+                   "how to fit a run into a CPU budget (see the README's recipe).")
 @click.option("--require-improvement", is_flag=True,
               help="Exit 1 when a distillation never improved on its SVD-initialised student (validation never "
                    "beat the starting weights, which were then kept); the run folder and report are written.")
@@ -498,14 +501,14 @@ def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | No
     from onnx_inher.run import BenchSettings, not_improved, run
 
     losses, metric, ctc_blank = kw.pop("losses"), kw.pop("metric"), kw.pop("ctc_blank")
-    require_improvement = kw.pop("require_improvement")
+    require_improvement, time_limit = kw.pop("require_improvement"), kw.pop("time_limit")
     if kw["allocate"] == "sensitivity" and not kw["calibration"]:
         kw["calibration"] = data  # measure on the data the student will be distilled on
     options = _options(kw)
     dopts = DistillOptions(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
                            alpha=alpha, features=[f for f in features.split(",") if f], trainable=trainable,
                            val_fraction=val_fraction, seed=options.seed, dims=options.dims,
-                           losses=parse_assignments(losses, "--loss"))
+                           losses=parse_assignments(losses, "--loss"), time_limit=time_limit)
     bset = BenchSettings(batches=tuple(_ints(batches, "--batch")),
                          seq_lens=tuple(_ints(seq_lens, "--seq-len")) if seq_lens else (), provider=provider,
                          iters=iters)

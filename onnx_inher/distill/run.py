@@ -128,8 +128,8 @@ def _cached_teacher(world: World, teacher: Path, full: Dataset, val: Dataset | N
             _teacher_part(world, teacher, val, plan.fetch, options, cache)[0]
     except CacheOverCap as over:
         if world.is_main and not _env.quiet():
-            print(f"onnx-inher: {over}; running the teacher on each batch instead (--teacher-mode online).",
-                  file=sys.stderr)
+            print(f"onnx-inher: {str(over).rstrip('.')}; running the teacher on each batch instead "
+                  "(--teacher-mode online).", file=sys.stderr)
         return None
     return (arrays, val_arrays), computed, seconds
 

@@ -90,13 +90,17 @@ class RunFolder:
         self.records.pop(name, None)
         self._save()
         start = time.perf_counter()
+        # a line per stage start and end: logs without a terminal (CI, nohup) get no progress bars
+        log(f"[{name}] {time.strftime('%H:%M:%S')} started")
         result = body()
         missing = [o for o in outputs if not (self.folder / o).is_file()]
         if missing:
             raise RuntimeError(f"stage '{name}' did not write {missing}")
         digests = {o: file_sha256(self.folder / o) for o in outputs}
-        self.records[name] = StageRecord(name, fp, digests, round(time.perf_counter() - start, 3), result)
+        seconds = time.perf_counter() - start
+        self.records[name] = StageRecord(name, fp, digests, round(seconds, 3), result)
         self._save()
+        log(f"[{name}] done in {seconds:.0f} s")
         return result
 
     def _save(self) -> None:

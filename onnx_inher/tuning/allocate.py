@@ -44,6 +44,7 @@ from onnx_inher.metrics import cosine_rows, pool
 from onnx_inher.planning import cost
 from onnx_inher.planning.plan import Plan, Spectra, apply_edits, fits
 from onnx_inher.planning.svd import full_svd, truncate, whitened_svd
+from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session
 from onnx_inher.tuning.calibrate import batches
 
@@ -100,7 +101,7 @@ def weight_from_matrices(view: LayerView, m: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w).astype(view.dtype)
 
 
-def _probe_model(model: ModelProto, views: list[LayerView]) -> tuple[ModelProto, dict[str, str]]:
+def probe_model(model: ModelProto, views: list[LayerView]) -> tuple[ModelProto, dict[str, str]]:
     """A copy of `model` whose probed nodes read their weight from a graph input of the same shape."""
     probe = ModelProto()
     probe.CopyFrom(model)
@@ -180,7 +181,7 @@ class Prober:
                              "use the default energy allocation.")
         kinds = {k.name: k for k in detect(model)}
         self.kinds = {n: kinds[n] for n in self.outputs if n in kinds and kinds[n].is_classes}
-        probe, self.names = _probe_model(model, views)
+        probe, self.names = probe_model(model, views)
         self.weights = {self.names[v.node]: v.weight for v in views}
         self.batches = batches(model, feeds)
         self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-probe-")  # removed with the prober
@@ -301,7 +302,9 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
             else full_svd(view.matrices())
         layers[n] = Layer(view, svd, int(c.rank or 1), _cap(view, c.heads, the_plan.options.guard), c.heads)
     prober = Prober(model, [v for group in sharers.values() for v in group], feeds)
-    for n in tqdm(sorted(layers), desc="sensitivity", unit="layer", disable=quiet, leave=False):
+    beat = Heartbeat("sensitivity", len(layers), "layer")
+    for done, n in enumerate(tqdm(sorted(layers), desc="sensitivity", unit="layer", disable=quiet, leave=False)):
+        beat.tick(done)
         layers[n].sensitivity = prober.distance(_swapped(layers[n], layers[n].plan_rank, sharers))
     budget = sum((layer.cost(layer.plan_rank) for layer in layers.values()), np.zeros(2, dtype=np.int64))
     ranks = greedy_ranks(layers, budget, max(1, the_plan.options.rank_multiple))

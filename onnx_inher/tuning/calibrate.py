@@ -41,6 +41,7 @@ from onnx_inher.ir.graph import GraphIndex, NotConstant
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.planning.plan import Plan, Spectra
 from onnx_inher.planning.svd import Factors, balanced, truncate, whitened_svd
+from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session, with_outputs
 
 SAMPLES = 256
@@ -158,8 +159,10 @@ def layer_grams(model: ModelProto, tensors: Sequence[str], convs: Sequence[Layer
     with tempfile.TemporaryDirectory() as spill:
         if names:
             runner = runnable_session(with_outputs(model, names, Path("calibration model")), Path(spill))
-        for b, batch in enumerate(tqdm(batches(model, feeds, batch_size), desc="calibrate", unit="batch",
-                                       disable=quiet, leave=False)):
+        todo = batches(model, feeds, batch_size)
+        beat = Heartbeat("calibrate", len(todo), "batch")
+        for b, batch in enumerate(tqdm(todo, desc="calibrate", unit="batch", disable=quiet, leave=False)):
+            beat.tick(b)
             mask = batch.get(MASK)
             values = dict(zip(names, runner.run(names, batch), strict=True)) if runner is not None else {}
             for name in dict.fromkeys(tensors):
@@ -370,11 +373,14 @@ class CalibratedSpectra(Spectra):
     """
 
     def __init__(self, grams: dict[str, np.ndarray], ranks: dict[str, int],
-                 rows: dict[str, np.ndarray] | None = None) -> None:
+                 rows: dict[str, np.ndarray] | None = None,
+                 fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
         super().__init__()
-        self.grams, self.ranks, self.rows = grams, ranks, rows or {}
+        self.grams, self.ranks, self.rows, self.fitted = grams, ranks, rows or {}, fitted or {}
 
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if view.shared_key in self.fitted and view.node in self.ranks:
+            return self.fitted[view.shared_key]  # already rank-r factors (`sequential`)
         gram = self.grams.get(view.shared_key)
         if gram is None or view.node not in self.ranks:
             return super().svd(view)

@@ -37,6 +37,7 @@ from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.planning.plan import Plan
 from onnx_inher.planning.svd import WHITENING_DAMPING, balanced, truncate, whitened_svd
+from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session, with_outputs
 from onnx_inher.tuning.allocate import probe_model, weight_from_matrices
 from onnx_inher.tuning.calibrate import CONV_ROWS, activation_input, as_svd, batches, conv_patches, token_rows
@@ -99,7 +100,10 @@ def sequential_svds(model: ModelProto, views: dict[str, LayerView], the_plan: Pl
             session = runnable_session(with_outputs(probe, fetch, Path("calibration model")), Path(spill) / "probe")
             reference = runnable_session(with_outputs(model, fetch, Path("calibration model")), Path(spill) / "teacher")
         todo = batches(model, feeds)
-        for view in tqdm(layers, desc="sequential calibration", unit="layer", disable=quiet, leave=False):
+        beat = Heartbeat("sequential calibration", len(layers), "layer")
+        for done, view in enumerate(tqdm(layers, desc="sequential calibration", unit="layer", disable=quiet,
+                                         leave=False)):
+            beat.tick(done)
             src = sources[view.node]
             c_ss = c_ts = None
             for b, batch in enumerate(todo):
