@@ -97,7 +97,19 @@ def plan(model: PathLike, options: Options | None = None, *, target: str | None 
 
 def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -> tuple[Plan, Calibration | None]:
     """The plan, and the calibration it measured (so that `compress` does not run the samples twice)."""
+    options, form = _choose_form(a, options)
     p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra)
+    if form is not None:
+        p.latency_check = {"form": form}
+        if form["chosen"] == "pair":
+            note = (f"form: a plain pair, measured {form['pair_over_heads']['speedup']:.2f}x "
+                    f"[{form['pair_over_heads']['low']:.2f}, {form['pair_over_heads']['high']:.2f}] faster than "
+                    f"{form['heads_asked']} heads on this machine (latency check), planned at the same budget")
+            for c in p.candidates:
+                if c.decision == "factorize":
+                    c.note = "; ".join(filter(None, [c.note, note]))
+        p.warnings.append(f"latency check: heads {form['heads']['speedup']:.2f}x, pairs "
+                          f"{form['pair']['speedup']:.2f}x the teacher: planned as {form['chosen']}")
     if target:
         from onnx_inher.tuning.latency import apply_target
 
@@ -110,6 +122,32 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams,
                                 calibration.rows)
     return p, calibration
+
+
+def _choose_form(a: Analysis, options: Options) -> tuple[Options, dict | None]:
+    """With `pick_form` (the CLI's default) and the latency check on: heads or pairs, whichever measures
+    faster here, each planned at the requested budget (tuning/speed.choose_form). The teacher's analysis
+    `a` is not touched: the trial students are built from fresh ones."""
+    from onnx_inher.tuning import speed
+
+    wanted = options.pick_form and options.mode == "inher" and options.heads > 1
+    if not wanted or not speed.enabled(options.latency_check):
+        return options, None
+    pairs = replace(options, mode="svd", heads=1)
+    plans = [build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, o, Spectra())
+             for o in (options, pairs)]
+    if not any(c.decision == "factorize" and c.heads > 1 for c in plans[0].candidates):
+        return options, None
+
+    def fresh() -> speed.Analysed:
+        b = analyze(a.loaded.path, options.dims, options.shapes)
+        return speed.Analysed(b.loaded.model, b.views, b)
+
+    form = speed.choose_form(plans[0], plans[1], a.loaded.path, fresh, lambda an, p: rewrite(an.handle, p, Spectra()))
+    if form is None:
+        return options, None
+    form["heads_asked"] = options.heads
+    return (pairs if form["chosen"] == "pair" else options), form
 
 
 def _calibrate(a: Analysis, the_plan: Plan, options: Options) -> Calibration:

@@ -70,7 +70,10 @@ def test_pairs_chosen_when_they_measure_faster(checked: pytest.MonkeyPatch, tmp_
     checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2, calls=calls))
     r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
     doc = r.plan.latency_check
-    assert calls == [3, 2]  # teacher, heads, pairs together; nothing reverted; the pairs at batch 8
+    # teacher, heads, pairs together when planning; then the student alone (nothing reverted) and at batch 8
+    assert calls == [3, 2, 2]
+    totals = r.plan.totals()  # the pairs were planned at the budget asked for, not at the heads' ranks
+    assert 0.45 <= totals["params_after"] / totals["params_before"] <= 0.55, totals
     assert doc["batch_8"]["speedup"] > 1 and doc["shapes"] == {"image": [1, 1, 28, 28]}
     assert doc["form"]["chosen"] == "pair" and doc["verdict"] == "faster" and doc["ok"] and not doc["reverted"]
     chosen = [c for c in r.plan.candidates if c.decision == "factorize"]
