@@ -37,8 +37,10 @@ def test_demo_quick_student_close_to_teacher(demo_run: tuple[Path, str]) -> None
     rows = {r["model"]: r for r in doc["summary"]}
     teacher = rows["teacher"]["value"]
     for name in ("student (heads), distilled", "student pair, distilled"):
-        assert rows[name]["value"] >= teacher - QUICK_TOLERANCE, (name, rows[name]["value"], teacher)
-        assert rows[name]["params"] <= 0.5 * rows["teacher"]["params"]
+        # the label says "(no gain: kept its init weights)" when the calibrated init was not beaten
+        row = next(r for label, r in rows.items() if label.startswith(name))
+        assert row["value"] >= teacher - QUICK_TOLERANCE, (name, row["value"], teacher)
+        assert row["params"] <= 0.5 * rows["teacher"]["params"]
     for name in EXPECTED:
         assert (folder / name).is_file(), name
     report = (folder / "report.md").read_text()
