@@ -122,39 +122,12 @@ def _light(stem: str) -> Callable[[Path], Path]:
     return build
 
 
-def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """An fp16 copy: float weights, Constant values, Casts to float and graph I/O become fp16."""
-    import onnx
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-
-    def convert(t: onnx.TensorProto) -> None:
-        if t.data_type == onnx.TensorProto.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-
-    for t in out.graph.initializer:
-        convert(t)
-    for node in out.graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                convert(a.t)
-            if node.op_type == "Cast" and a.name == "to" and a.i == onnx.TensorProto.FLOAT:
-                a.i = onnx.TensorProto.FLOAT16
-    for v in [*out.graph.input, *out.graph.output]:
-        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
-    del out.graph.value_info[:]
-    return out
-
-
 def _fp16(source: Callable[[], Path], name: str) -> Callable[[Path], Path]:
     def build(folder: Path) -> Path:
         import onnx
 
         path = folder / f"{name}.onnx"
-        onnx.save(_to_fp16(onnx.load(str(source()))), str(path))
+        onnx.save(common.helpers.to_fp16(onnx.load(str(source()))), str(path))
         return path
 
     return build

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 import tempfile
 import time
 import warnings
@@ -33,6 +31,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import command, write_json
+from benchmarks.train_mnist_teacher import shift
+from benchmarks.train_mnist_teacher import train as train_classifier
 from onnx_inher._env import cache_root
 from onnx_inher.datasets.adapters import fashion_mnist, normalise
 from onnx_inher.ir.io import save_model
@@ -105,41 +105,15 @@ def split_indices(n: int = 60000) -> tuple[np.ndarray, np.ndarray]:
 
 def augment(batch: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """Random shifts of up to `max_shift` pixels (edge fill by the normalised background) and flips."""
-    n, _, h, w = batch.shape
-    padded = nn.functional.pad(batch, (max_shift,) * 4, value=float(batch.min()))
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, generator=generator) < 0.5
+    out = shift(batch, generator, max_shift, fill=float(batch.min()))
+    flip = torch.rand(len(out), generator=generator) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float, seed: int) -> int:
-    """AdamW, one epoch of linear warm-up then cosine decay; returns the number of optimizer steps."""
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(x) / batch)
-    total, warmup = epochs * steps_per_epoch, steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    step = 0
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        running = 0.0
-        for start in range(0, len(x), batch):
-            idx = order[start:start + batch]
-            loss = nn.functional.cross_entropy(model(augment(x[idx], generator)), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running += loss.item() * len(idx)
-            step += 1
-        print(f"epoch {epoch + 1}/{epochs}  loss {running / len(x):.4f}", file=sys.stderr, flush=True)
-    model.eval()
-    return step
+    """The MNIST teacher's recipe (AdamW, one epoch of warm-up, cosine decay) with shifts and flips."""
+    return train_classifier(model, x, y, epochs, batch, lr, seed, augment=augment, weight_decay=5e-4)
 
 
 def export(model: nn.Module, path: Path, doc: str) -> None:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,10 @@ class MnistCnn(nn.Module):
         return self.classifier(self.features(image))
 
 
-def shift(batch: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translations of up to `max_shift` pixels (zero fill): 4,000 digits need some augmentation."""
+def shift(batch: torch.Tensor, generator: torch.Generator, max_shift: int = 2, fill: float = 0.0) -> torch.Tensor:
+    """Random translations of up to `max_shift` pixels (`fill` outside): 4,000 digits need some augmentation."""
     n = batch.shape[0]
-    padded = nn.functional.pad(batch, (max_shift,) * 4)
+    padded = nn.functional.pad(batch, (max_shift,) * 4, value=fill)
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
     h, w = batch.shape[-2:]
@@ -81,12 +82,14 @@ def macs(model: nn.Module, sample: torch.Tensor) -> int:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
-          seed: int) -> int:
-    """AdamW with a linear warm-up and cosine decay; returns the number of optimizer steps."""
+          seed: int, augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = shift,
+          weight_decay: float = 1e-4) -> int:
+    """AdamW with a linear warm-up and cosine decay; returns the number of optimizer steps.
+    (benchmarks/train_fashion_teacher.py trains its ResNet with it too, with its own augmentation.)"""
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(x) / batch)
     total, warmup = epochs * steps_per_epoch, steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     loss_fn = nn.CrossEntropyLoss()
@@ -97,14 +100,14 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch
         running = 0.0
         for start in range(0, len(x), batch):
             idx = order[start:start + batch]
-            loss = loss_fn(model(shift(x[idx], generator)), y[idx])
+            loss = loss_fn(model(augment(x[idx], generator)), y[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             running += loss.item() * len(idx)
             step += 1
-        print(f"epoch {epoch + 1}/{epochs}  loss {running / len(x):.4f}", file=sys.stderr)
+        print(f"epoch {epoch + 1}/{epochs}  loss {running / len(x):.4f}", file=sys.stderr, flush=True)
     model.eval()
     return step
 

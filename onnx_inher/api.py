@@ -30,6 +30,7 @@ from onnx_inher.runtime import load_inputs, sample_inputs
 
 if TYPE_CHECKING:
     from onnx_inher.tuning.calibrate import Calibration
+    from onnx_inher.tuning.speed import Analysed
 
 PathLike = str | os.PathLike[str]
 FULL_RANK_BOUND = 1e-4
@@ -139,11 +140,8 @@ def _choose_form(a: Analysis, options: Options) -> tuple[Options, dict | None]:
     if not any(c.decision == "factorize" and c.heads > 1 for c in plans[0].candidates):
         return options, None
 
-    def fresh() -> speed.Analysed:
-        b = analyze(a.loaded.path, options.dims, options.shapes)
-        return speed.Analysed(b.loaded.model, b.views, b)
-
-    form = speed.choose_form(plans[0], plans[1], a.loaded.path, fresh, lambda an, p: rewrite(an.handle, p, Spectra()))
+    form = speed.choose_form(plans[0], plans[1], a.loaded.path, lambda: _fresh(a.loaded.path, options),
+                             lambda an, p: rewrite(an.handle, p, Spectra()))
     if form is None:
         return options, None
     form["heads_asked"] = options.heads
@@ -305,11 +303,16 @@ def _latency_check(the_plan: Plan, options: Options, student: ModelProto, model:
     the_plan.options = replace(the_plan.options, latency_check=options.latency_check,
                                min_speedup=options.min_speedup, pick_form=options.pick_form)
 
-    def fresh() -> speed.Analysed:
-        a = analyze(model, options.dims, options.shapes)
-        return speed.Analysed(a.loaded.model, a.views, a)
+    return speed.check(the_plan, student, Path(model), lambda: _fresh(model, options),
+                       lambda an, p: rewrite(an.handle, p, spectra))
 
-    return speed.check(the_plan, student, Path(model), fresh, lambda an, p: rewrite(an.handle, p, spectra))
+
+def _fresh(model: PathLike, options: Options) -> Analysed:
+    """A new analysis of the teacher for the latency check's trial students (`rewrite` consumes one)."""
+    from onnx_inher.tuning import speed
+
+    a = analyze(model, options.dims, options.shapes)
+    return speed.Analysed(a.loaded.model, a.views, a)
 
 
 def verify_files(teacher: PathLike, student: PathLike, *, inputs: PathLike | None = None,

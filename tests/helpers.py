@@ -235,3 +235,27 @@ def paddle_style() -> onnx.ModelProto:
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="PaddlePaddle",
                              ir_version=6)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An fp16 copy of an fp32 model: float weights, Constant values, Casts to float and graph I/O."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+
+    def convert(t: onnx.TensorProto) -> None:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
+
+    for t in out.graph.initializer:
+        convert(t)
+    for node in out.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                convert(a.t)
+            if node.op_type == "Cast" and a.name == "to" and a.i == onnx.TensorProto.FLOAT:
+                a.i = onnx.TensorProto.FLOAT16
+    for v in [*out.graph.input, *out.graph.output]:
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    del out.graph.value_info[:]
+    return out

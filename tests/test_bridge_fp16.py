@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -24,35 +23,11 @@ from onnx_inher.bridge import to_torch, write_back
 from onnx_inher.planning.plan import Options
 from onnx_inher.runtime import sample_inputs
 from tests import zoo
-from tests.helpers import MNIST, mlp_teacher, ort_run, rel_err, torch_run
+from tests.helpers import MNIST, mlp_teacher, ort_run, rel_err, to_fp16, torch_run
 
 DIMS = {"batch": 2, "sequence": 12, "seq": 12, "N": 16, "frames": 4}
 # the bridge's fp16 tolerance is 5e-3; every model and student here stays within 2e-3 (worst seen: 9.9e-4)
 TOL = 2e-3
-
-
-def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """An fp16 copy of an fp32 model: float weights, Constant values, Casts to float and graph I/O."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-
-    def convert(t: onnx.TensorProto) -> None:
-        if t.data_type == onnx.TensorProto.FLOAT:
-            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
-
-    for t in out.graph.initializer:
-        convert(t)
-    for node in out.graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                convert(a.t)
-            if node.op_type == "Cast" and a.name == "to" and a.i == onnx.TensorProto.FLOAT:
-                a.i = onnx.TensorProto.FLOAT16
-    for v in [*out.graph.input, *out.graph.output]:
-        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
-    del out.graph.value_info[:]
-    return out
 
 
 def _mlp(folder: Path) -> Path:
@@ -69,7 +44,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """An fp16 teacher and its svd and heads students (compressed once per module)."""
     folder = tmp_path_factory.mktemp(request.param)
     teacher = folder / "teacher.onnx"
-    onnx.save(_fp16(onnx.load(str(TEACHERS[request.param](folder)))), str(teacher))
+    onnx.save(to_fp16(onnx.load(str(TEACHERS[request.param](folder)))), str(teacher))
     models = {"teacher": teacher}
     for mode in ("svd", "inher"):
         models[mode] = folder / f"{mode}.onnx"

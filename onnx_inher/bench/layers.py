@@ -42,6 +42,16 @@ def activation_input(node: NodeProto, index: GraphIndex) -> str | None:
     return free[0] if len(free) == 1 else None
 
 
+def static_input_shape(node: NodeProto, index: GraphIndex, table: dict[str, Any]) -> tuple[int, ...] | None:
+    """The fully known shape of a dense node's activation input in `table` (`shape_table`), else None:
+    a layer is timed alone only at a real, static shape."""
+    x = activation_input(node, index)
+    info = table.get(x) if x else None
+    if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
+        return None
+    return tuple(int(d) for d in info.dims)
+
+
 def build(nodes: Iterable[NodeProto], constants: dict[str, np.ndarray], x: str, x_shape: tuple[int, ...],
           x_type: int, y: str, template: ModelProto) -> LayerGraph:
     """A runnable graph of `nodes` whose free inputs are `x` or `constants`."""
@@ -188,11 +198,9 @@ def per_layer_results(entries: list[Any], points: list[Any], settings: Settings,
             for label, student, s_index, view, nodes, form in jobs:
                 bar.update(1)
                 node = teacher.graph.node[view.node_index]
-                x = activation_input(node, t_index)
-                info = table.get(x) if x else None
-                if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
+                x_shape = static_input_shape(node, t_index, table)
+                if x_shape is None:
                     continue
-                x_shape = tuple(int(d) for d in info.dims)
                 tail = epilogue(node, t_index)  # the same nodes follow the replacement in the student
                 dense = dense_graph(view, teacher, t_index, x_shape, tail)
                 if dense is None:

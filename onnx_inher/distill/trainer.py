@@ -370,10 +370,7 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - began
         if best:
-            with torch.no_grad():
-                for name, p in self.module.named_parameters():
-                    if name in best:
-                        p.copy_(best[name])
+            self._restore(best)
         self.net.eval()
         improved = None if self.val is None else bool(state["best_step"])
         return TrainResult(step, self.total_steps, seconds, bool(state["stopped"]), resumed, initial, final,
@@ -385,6 +382,13 @@ class Trainer:
         if not limit:
             return False
         return self.world.broadcast_float(1.0 if time.perf_counter() - began >= limit else 0.0) > 0.5
+
+    @torch.no_grad()
+    def _restore(self, best: dict[str, torch.Tensor]) -> None:
+        """Put the best validated weights back (end of run, back-off)."""
+        for name, p in self.module.named_parameters():
+            if name in best:
+                p.copy_(best[name])
 
     def _trainable_snapshot(self) -> dict[str, torch.Tensor]:
         """Copies of the trained weights: what "best" restores at the end of the run."""
@@ -421,10 +425,7 @@ class Trainer:
         Adam moves every weight by about the lr whatever its gradient, so a learning rate that suits one
         model's factors can wreck another's; this turns a lost run into a slower one. Every rank does the
         same (the validation loss is shared), so replicas stay identical."""
-        with torch.no_grad():
-            for name, p in self.module.named_parameters():
-                if name in best:
-                    p.copy_(best[name])
+        self._restore(best)
         self.optimizer.state.clear()
         self.lr_scale *= BACKOFF_FACTOR
         state.update(lr_scale=self.lr_scale, backoffs=state["backoffs"] + 1)

@@ -175,10 +175,15 @@ def _normalised(axis: int, rank: int | None) -> int | None:
     return axis + rank if -rank <= axis < 0 else axis if 0 <= axis < rank else None
 
 
+def softmax_axis_attr(node: onnx.NodeProto, model: ModelProto) -> int:
+    """A Softmax/LogSoftmax node's `axis` as written, or the default of the model's opset (-1 from 13, else 1)."""
+    return int(attr(node, "axis", -1 if _opset(model) >= 13 else 1))  # type: ignore[arg-type]
+
+
 def _softmax_axis(node: onnx.NodeProto, model: ModelProto, table: dict[str, TensorInfo]) -> tuple[int | None, str]:
     rank = len(d) if (d := _dims(table, node.input[0])) is not None else None
     opset = _opset(model)
-    raw = int(attr(node, "axis", -1 if opset >= 13 else 1))  # type: ignore[arg-type]
+    raw = softmax_axis_attr(node, model)
     axis = _normalised(raw, rank)
     if axis is None:
         return None, f"{node.op_type} axis {raw} on an input of unknown rank"

@@ -39,6 +39,7 @@ from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import GraphIndex, NotConstant
 from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.outputs import softmax_axis_attr
 from onnx_inher.planning.plan import Plan, Spectra
 from onnx_inher.planning.svd import Factors, balanced, truncate, whitened_svd
 from onnx_inher.progress import Heartbeat
@@ -304,8 +305,7 @@ def softmax_after(view: LayerView, model: ModelProto, index: GraphIndex | None =
             return None
         node = users[0]
         if node.op_type in ("Softmax", "LogSoftmax"):
-            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if _opset(model) >= 13 else 1)
-            return Head(node.output[0], node.op_type == "LogSoftmax", int(axis))
+            return Head(node.output[0], node.op_type == "LogSoftmax", softmax_axis_attr(node, model))
         bias = [i for i in node.input if i != tensor]
         if node.op_type == "Add" and not added and len(bias) == 1 \
                 and not isinstance(index.constant(bias[0]), NotConstant):
@@ -314,10 +314,6 @@ def softmax_after(view: LayerView, model: ModelProto, index: GraphIndex | None =
             return None
         tensor = node.output[0]
     return None
-
-
-def _opset(model: ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def output_weights(model: ModelProto, heads: dict[str, Head], features: dict[str, int],

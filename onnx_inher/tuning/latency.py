@@ -23,7 +23,15 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from onnx_inher import _env
-from onnx_inher.bench.layers import LayerGraph, activation_input, build, dense_graph, epilogue, fold, time_pair
+from onnx_inher.bench.layers import (
+    LayerGraph,
+    build,
+    dense_graph,
+    epilogue,
+    fold,
+    static_input_shape,
+    time_pair,
+)
 from onnx_inher.bench.profile import shape_table
 from onnx_inher.bench.sessions import Settings
 from onnx_inher.errors import InputError
@@ -144,11 +152,9 @@ def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: S
         view = views[c.node]
         index = indexes[view.scope]
         node = index.graph.node[view.node_index]
-        x = activation_input(node, index)
-        info = table.get(x) if x else None
-        if info is None or info.dims is None or not all(isinstance(d, int) for d in info.dims):
+        x_shape = static_input_shape(node, index, table)
+        if x_shape is None:
             continue
-        x_shape = tuple(int(d) for d in info.dims)
         tail = epilogue(node, index)
         key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, c.head_form, tail)
         if key not in cache.entries:

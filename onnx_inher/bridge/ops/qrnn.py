@@ -45,6 +45,7 @@ from onnx_inher.bridge.ops.rnn import (
     _reversal_index,
     _run_direction,
     _Spec,
+    lstm_update,
 )
 from onnx_inher.bridge.registry import Ctx, Fn, register
 
@@ -92,21 +93,11 @@ def _cell(spec: _Spec, d: int, r: _Weights, bias: torch.Tensor, p: torch.Tensor 
 
     `h_gemm` is the hidden state the recurrent GEMM sees (and quantises as one matrix): the state itself,
     except for sequences that have ended, see `_direction`."""
-    f, g, act_h = spec.direction_acts(d)
-    pi, po, pf = p[d].to(bias.dtype).chunk(3) if p is not None else (None, None, None)
+    peep = p[d].to(bias.dtype).chunk(3) if p is not None else (None, None, None)
 
     def cell(xw: torch.Tensor, state: State, h_gemm: torch.Tensor) -> State:
         _, c_prev = state
-        gates = (xw + r(h_gemm)) + bias
-        i, o, fg, cand = gates.chunk(4, -1)
-        if pi is not None:
-            i, fg = i + pi * c_prev, fg + pf * c_prev
-        i = f(spec.clamp(i))
-        fg = 1 - i if input_forget else f(spec.clamp(fg))
-        c_new = fg * c_prev + i * g(spec.clamp(cand))
-        if po is not None:
-            o = o + po * c_new
-        return f(spec.clamp(o)) * act_h(c_new), c_new
+        return lstm_update((xw + r(h_gemm)) + bias, c_prev, spec, d, peep, input_forget)
 
     return cell
 

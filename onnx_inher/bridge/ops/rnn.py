@@ -212,6 +212,24 @@ def _run_fused(kernel: Callable[..., tuple[torch.Tensor, ...]], spec: _Spec, x: 
     return y.reshape(steps, batch, spec.num_dir, -1).transpose(1, 2), finals
 
 
+def lstm_update(gates: torch.Tensor, c_prev: torch.Tensor, spec: _Spec, d: int,
+                peep: tuple[torch.Tensor | None, ...], input_forget: bool) -> State:
+    """ONNX's LSTM equations from the summed pre-activations `gates` (i, o, f, c order): peepholes, clipping,
+    coupled input-forget gate. Shared by the float LSTM and ORT's DynamicQuantizeLSTM (qrnn.py), which differ
+    only in how `gates` is computed."""
+    f, g, act_h = spec.direction_acts(d)
+    pi, po, pf = peep
+    i, o, fg, cand = gates.chunk(4, -1)
+    if pi is not None:
+        i, fg = i + pi * c_prev, fg + pf * c_prev
+    i = f(spec.clamp(i))
+    fg = 1 - i if input_forget else f(spec.clamp(fg))
+    c_new = fg * c_prev + i * g(spec.clamp(cand))
+    if po is not None:
+        o = o + po * c_new
+    return f(spec.clamp(o)) * act_h(c_new), c_new
+
+
 @register("LSTM", since=1)
 def lstm(ctx: Ctx) -> Fn:
     spec = _Spec(ctx, ("Sigmoid", "Tanh", "Tanh"))
@@ -231,21 +249,11 @@ def lstm(ctx: Ctx) -> Fn:
             return spec.outputs(y, finals)
 
         def make_step(d: int, rd: torch.Tensor, rb: torch.Tensor) -> Callable[[torch.Tensor, State], State]:
-            f, g, act_h = spec.direction_acts(d)
-            pi, po, pf = p[d].to(x.dtype).chunk(3) if p is not None else (None, None, None)
+            peep = p[d].to(x.dtype).chunk(3) if p is not None else (None, None, None)
 
             def cell(xw: torch.Tensor, state: State) -> State:
                 h_prev, c_prev = state
-                i, o, fg, cand = (xw + F.linear(h_prev, rd, rb)).chunk(4, -1)
-                if pi is not None:
-                    i, fg = i + pi * c_prev, fg + pf * c_prev
-                i = f(spec.clamp(i))
-                fg = 1 - i if input_forget else f(spec.clamp(fg))
-                c_new = fg * c_prev + i * g(spec.clamp(cand))
-                if po is not None:
-                    o = o + po * c_new
-                h_new = f(spec.clamp(o)) * act_h(c_new)
-                return h_new, c_new
+                return lstm_update(xw + F.linear(h_prev, rd, rb), c_prev, spec, d, peep, input_forget)
 
             return cell
 
