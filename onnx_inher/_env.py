@@ -60,3 +60,12 @@ def sequential_calibration() -> bool:
     """Whether calibrated factors are fitted in graph order to the student's own inputs (the default;
     `ONNX_INHER_SEQUENTIAL=0` gives each layer the teacher-whitened factors alone, for comparisons)."""
     return os.environ.get(SEQUENTIAL_VAR, "1") != "0"
+
+
+DAMAGE_TABLE_VAR = "ONNX_INHER_DAMAGE_TABLE"
+
+
+def damage_table_disabled() -> bool:
+    """`ONNX_INHER_DAMAGE_TABLE=0` measures the sensitivity table afresh and writes no cache (tests that
+    time or count the probes; a user who suspects a stale table can also delete ~/.cache/onnx-inher/damage)."""
+    return os.environ.get(DAMAGE_TABLE_VAR, "1") == "0"

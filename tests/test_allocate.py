@@ -180,3 +180,32 @@ def test_a_sensitivity_plan_applied_without_calibration_says_its_factors_are_pla
     ranks = {c["node"]: c["rank"] for c in json.loads(plan.read_text())["candidates"] if c["decision"] == "factorize"}
     student = analyze(tmp_path / "s.onnx")
     assert sorted(v.out_features for v in student.views.values() if v.node.endswith("/down")) == sorted(ranks.values())
+
+
+def test_the_ladder_is_budget_free_and_the_damage_curve_is_monotone() -> None:
+    assert alloc.ladder(100, 16) == [16, 32, 48, 64, 96, 100]
+    assert alloc.ladder(10, 16) == [10]
+    layer = _Toy(np.linspace(10, 1, 32), 0.5, 100)
+    layer.measured = {4: 0.8, 8: 0.3, 16: 0.35, 32: 0.0}  # the rise at 16 is noise: a rank-16 fit holds rank 8's
+    assert layer.damage(4) == 0.8 and layer.damage(6) == pytest.approx(0.55)
+    assert layer.damage(16) == pytest.approx(0.3) and layer.damage(24) == pytest.approx(0.15)
+
+
+@needs_mnist
+def test_the_damage_table_is_measured_once_and_serves_another_budget(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONNX_INHER_CACHE", str(tmp_path / "cache"))
+    probes: list[int] = []
+    real = alloc.Prober.distance
+    monkeypatch.setattr(alloc.Prober, "distance", lambda self, swapped: probes.append(1) or real(self, swapped))
+    common = {"mode": "svd", "rank_multiple": 4, "calibration": "mnist5k", "allocate": "sensitivity"}
+    onnx_inher.plan(MNIST, Options(**common, policy=parse_policy(param_ratio=0.5)))
+    first = len(probes)
+    assert len(list((tmp_path / "cache" / "damage").glob("*.json"))) == 1
+    probes.clear()
+    cached = onnx_inher.plan(MNIST, Options(**common, policy=parse_policy(param_ratio=0.3)))
+    assert len(probes) == 2 < first  # only the whole-student check (energy ranks, moved ranks) ran the samples
+    assert any("from the cache" in w and "2 " not in w.split("table of")[0] for w in cached.warnings)
+    monkeypatch.setenv("ONNX_INHER_DAMAGE_TABLE", "0")
+    fresh = onnx_inher.plan(MNIST, Options(**common, policy=parse_policy(param_ratio=0.3)))
+    assert [c.rank for c in fresh.candidates] == [c.rank for c in cached.candidates]

@@ -26,6 +26,8 @@ factorised layer's SVD, about twice the layers' weights (86 MB for MiniLM).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from onnx_inher import _env
 from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import scope_graph
+from onnx_inher.ir.io import write_text
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.outputs import LOG_PROBABILITIES, PROBABILITIES, OutputKind, detect
 from onnx_inher.metrics import cosine_rows, pool
@@ -63,6 +66,7 @@ class Layer:
     cap: int
     heads: int
     sensitivity: float = 0.0
+    measured: dict[int, float] | None = None  # rank -> output distance with this layer alone at that rank
 
     def __post_init__(self) -> None:
         # the greedy asks for errors thousands of times: keep the energy left past each rank
@@ -81,6 +85,16 @@ class Layer:
 
     def weight(self) -> float:
         return self.sensitivity / max(self.error(self.plan_rank), 1e-12)
+
+    def damage(self, rank: int) -> float:
+        """Output distance with this layer alone at `rank`: the measured table, linearly interpolated between
+        its ranks and made non-increasing in rank (a higher rank holds the lower one's subspace, so a
+        measured rise is noise); without a table, the energy model `weight x e(rank)`."""
+        if not self.measured:
+            return self.weight() * self.error(rank)
+        ranks = sorted(self.measured)
+        values = np.minimum.accumulate(np.array([self.measured[r] for r in ranks], dtype=np.float64))
+        return float(np.interp(rank, ranks, values))
 
 
 def weight_from_matrices(view: LayerView, m: np.ndarray) -> np.ndarray:
@@ -229,11 +243,10 @@ def greedy_ranks(layers: dict[str, Layer], budget: np.ndarray, step: int) -> dic
 
     Both count: on a CNN the parameters that help most often sit in convolutions whose FLOPs per
     parameter are high, and a student of equal size but twice the FLOPs is not what a user asked
-    for. Each round adds one step to the layer whose weighted error falls most per added parameter;
-    ties go to the node name, so the result does not depend on dict order."""
+    for. Each round adds one step to the layer whose output damage (`Layer.damage`) falls most per added
+    parameter; ties go to the node name, so the result does not depend on dict order."""
     ranks = {n: min(step, layer.cap) for n, layer in layers.items()}
     used = sum((layer.cost(ranks[n]) for n, layer in layers.items()), np.zeros(2, dtype=np.int64))
-    weights = {n: layer.weight() for n, layer in layers.items()}
     while True:
         best: tuple[float, str] | None = None
         for n in sorted(layers):
@@ -244,7 +257,7 @@ def greedy_ranks(layers: dict[str, Layer], budget: np.ndarray, step: int) -> dic
             added = layer.cost(nxt) - layer.cost(r)
             if np.any(used + added > budget):
                 continue
-            gain = weights[n] * (layer.error(r) - layer.error(nxt)) / max(int(added[0]), 1)
+            gain = (layer.damage(r) - layer.damage(nxt)) / max(int(added[0]), 1)
             if best is None or gain > best[0]:
                 best = (gain, n)
         if best is None:
@@ -253,6 +266,83 @@ def greedy_ranks(layers: dict[str, Layer], budget: np.ndarray, step: int) -> dic
         nxt = min(ranks[n] + step, layers[n].cap)
         used += layers[n].cost(nxt) - layers[n].cost(ranks[n])
         ranks[n] = nxt
+
+
+TABLE_SAMPLES = 64  # calibration samples each table entry is measured on (the final check uses them all)
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # ranks probed, in --rank-multiple steps
+TABLE_FORMAT = "onnx-inher-damage/1"
+
+
+def ladder(cap: int, step: int) -> list[int]:
+    """The ranks a layer is measured at: a geometric ladder of `step` multiples up to its cap, and the cap.
+    It depends on neither the budget nor the energy plan, so a table serves every budget."""
+    return sorted({min(m * step, cap) for m in LADDER if m * step <= cap} | {min(step, cap), cap})
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class DamageTable:
+    """Measured output distances, `{node|svd digest|rank: distance}`, one JSON file per (model, samples).
+
+    Like AIMET's per-layer compression table: measuring is the expensive part (one run of the samples
+    per layer and rank), and what it measures does not depend on the budget, so a second `compress` at
+    another `--param-ratio` reuses it. The key holds the singular values of the layer's (whitened)
+    SVD, so other calibration data never reads a stale entry."""
+
+    path: Path | None
+    entries: dict[str, float]
+
+    @classmethod
+    def open(cls, model_sha: str, feeds: dict[str, np.ndarray]) -> DamageTable:
+        if not model_sha or _env.damage_table_disabled():
+            return cls(None, {})
+        key = _digest(*[feeds[k] for k in sorted(feeds)])[:16]
+        path = _env.cache_root() / "damage" / f"{model_sha[:16]}-{key}.json"
+        entries: dict[str, float] = {}
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+                if doc.get("format") == TABLE_FORMAT:
+                    entries = {str(k): float(v) for k, v in doc["entries"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                entries = {}  # a corrupt table is measured again, never trusted
+        return cls(path, entries)
+
+    @staticmethod
+    def key(layer: Layer, rank: int) -> str:
+        return f"{layer.view.node}|{_digest(np.asarray(layer.svd[1], dtype=np.float64))[:16]}|{rank}"
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"format": TABLE_FORMAT, "entries": dict(sorted(self.entries.items()))}
+        write_text(self.path, json.dumps(doc, indent=0) + "\n")
+
+
+def measure_table(layers: dict[str, Layer], prober: Prober, sharers: dict[str, list[LayerView]], step: int,
+                  table: DamageTable) -> int:
+    """Fill every layer's `measured` curve on its rank ladder (from `table` where it has the entry);
+    returns how many entries were measured now."""
+    todo = [(n, r) for n in sorted(layers) for r in ladder(layers[n].cap, step)
+            if DamageTable.key(layers[n], r) not in table.entries]
+    beat = Heartbeat("sensitivity table", len(todo), "probe")
+    quiet = _env.progress_disabled()
+    for done, (n, r) in enumerate(tqdm(todo, desc="sensitivity table", unit="probe", disable=quiet, leave=False)):
+        beat.tick(done)
+        table.entries[DamageTable.key(layers[n], r)] = prober.distance(_swapped(layers[n], r, sharers))
+    for layer in layers.values():
+        layer.measured = {r: table.entries[DamageTable.key(layer, r)] for r in ladder(layer.cap, step)}
+    if todo:
+        table.save()
+    return len(todo)
 
 
 def _cap(view: LayerView, heads: int, guard: bool) -> int:
@@ -292,7 +382,6 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     owners = {key: group[0].node for key, group in sharers.items()}
     if not chosen:
         return the_plan
-    quiet = _env.progress_disabled()
     by_node = {c.node: c for c in chosen}
     layers: dict[str, Layer] = {}
     for n in owners.values():
@@ -301,13 +390,16 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
         svd = whitened_svd(view.matrices(), gram, rows=(rows or {}).get(view.shared_key)) if gram is not None \
             else full_svd(view.matrices())
         layers[n] = Layer(view, svd, int(c.rank or 1), _cap(view, c.heads, the_plan.options.guard), c.heads)
-    prober = Prober(model, [v for group in sharers.values() for v in group], feeds)
-    beat = Heartbeat("sensitivity", len(layers), "layer")
-    for done, n in enumerate(tqdm(sorted(layers), desc="sensitivity", unit="layer", disable=quiet, leave=False)):
-        beat.tick(done)
-        layers[n].sensitivity = prober.distance(_swapped(layers[n], layers[n].plan_rank, sharers))
+    views_probed = [v for group in sharers.values() for v in group]
+    step = max(1, the_plan.options.rank_multiple)
+    few = {k: v[:TABLE_SAMPLES] for k, v in feeds.items()}
+    table = DamageTable.open(the_plan.sha256, few)
+    measured = measure_table(layers, Prober(model, views_probed, few), sharers, step, table)
+    for layer in layers.values():
+        layer.sensitivity = layer.damage(layer.plan_rank)
     budget = sum((layer.cost(layer.plan_rank) for layer in layers.values()), np.zeros(2, dtype=np.int64))
-    ranks = greedy_ranks(layers, budget, max(1, the_plan.options.rank_multiple))
+    ranks = greedy_ranks(layers, budget, step)
+    prober = Prober(model, views_probed, feeds)
     energy, moved = prober.distance(_all_swapped(layers, {}, sharers)), prober.distance(
         _all_swapped(layers, ranks, sharers))
     kept = moved < energy
@@ -322,8 +414,12 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     samples = len(next(iter(feeds.values())))
     same = all(ranks[n] == layer.plan_rank for n, layer in layers.items())
     verdict = "moved no rank" if same else "applied" if kept else "not applied, the energy ranks stay"
+    entries = sum(len(layer.measured or {}) for layer in layers.values())
     the_plan.warnings.append(
-        f"sensitivity allocation ({len(layers)} layers probed on {samples} samples) {verdict}: output distance "
+        f"sensitivity allocation ({len(layers)} layers, a table of {entries} ranks on "
+        f"{len(next(iter(few.values())))} samples, {entries - measured} of them from the cache"
+        f"{f' {table.path}' if table.path and measured < entries else ''}; checked on {samples} samples) "
+        f"{verdict}: output distance "
         f"{moved:g} with the moved ranks vs {energy:g} with the energy ranks; {int(spent[0])} factor params and "
         f"{int(spent[1])} FLOPs (energy plan: {int(budget[0])} and {int(budget[1])})")
     return the_plan
