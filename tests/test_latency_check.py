@@ -186,3 +186,13 @@ def test_run_stops_below_min_speedup_before_distilling(checked: pytest.MonkeyPat
     assert stage["result"]["latency_check"]["ok"] is False
     applied = load_plan(tmp_path / "run" / "student_init.plan.json")
     assert applied.latency_check == stage["result"]["latency_check"]
+
+
+def test_rounds_of_a_sub_ms_model_span_the_budget() -> None:
+    """1000 single runs of a 0.05 ms model fill 0.1 s of a 3 s budget; grouped, the rounds fill it all."""
+    from onnx_inher.tuning import speed
+
+    reps = speed.runs_per_round(5e-5, 3.0, 2)
+    assert reps * 5e-5 * 2 * speed.MAX_ROUNDS == pytest.approx(3.0, rel=0.05)
+    assert speed.runs_per_round(0.02, 3.0, 2) == 1  # a 20 ms model: one run per round, as before
+    assert speed.runs_per_round(1e-9, 3.0, 2) == speed.MAX_REPS
