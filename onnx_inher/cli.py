@@ -346,7 +346,8 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Linear warm-up, fraction of the steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping (0 turns it off).")
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature T.")
+@click.option("--temperature", type=float, default=None,
+              help="KD temperature T (default: 4 for up to 100 classes, 1 for more).")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="KD weight of the label loss.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
               help="Loss of a graph output: kd, kl, mse, cosine or pooled (cosine of mask-mean-pooled "
@@ -458,7 +459,8 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--steps", type=int, help="Distillation optimizer steps instead of --epochs.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--temperature", type=float, default=None,
+              help="KD temperature T (default: 4 for up to 100 classes, 1 for more).")
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--features", default="", help="Feature KD: 'auto' or comma-separated tensor names.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
@@ -493,7 +495,7 @@ def _print_run(result: Any, as_json: bool) -> None:
 @speed_options
 @handled
 def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int, lr: float,
-            temperature: float, alpha: float, features: str, trainable: str, val_fraction: float,
+            temperature: float | None, alpha: float, features: str, trainable: str, val_fraction: float,
             compare_pair: bool, provider: str, batches: str, seq_lens: str, iters: int, as_json: bool,
             **kw: Any) -> None:
     """plan -> compress -> verify -> distill -> verify -> bench -> report, into one resumable run folder."""

@@ -24,7 +24,7 @@ from onnx_inher.datasets import Dataset, input_specs, load_data, split
 from onnx_inher.distill.augment import augmenter
 from onnx_inher.distill.dist import World, close_world, init_world
 from onnx_inher.distill.losses import OutputLoss, default_kind
-from onnx_inher.distill.options import DistillOptions, default_paths, parse_loss
+from onnx_inher.distill.options import DistillOptions, auto_temperature, default_paths, parse_loss
 from onnx_inher.distill.teacher_cache import CacheOverCap, teacher_digest, teacher_outputs
 from onnx_inher.distill.torch_teacher import online_teacher
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
@@ -78,7 +78,9 @@ def loss_plan(student: onnx.ModelProto, teacher: onnx.ModelProto, labels: bool, 
         kind, weight = parse_loss(name, options.losses[name]) if name in options.losses else \
             (default_kind(kinds[name], labels), 1.0)
         if weight > 0:  # kd/kl read the detected space and class axis (the log of a Softmax's probabilities)
-            outputs.append(OutputLoss(name, kind, weight, options.temperature, options.alpha, kinds[name].space,
+            temperature = options.temperature if options.temperature is not None else \
+                auto_temperature(kinds[name].classes)
+            outputs.append(OutputLoss(name, kind, weight, temperature, options.alpha, kinds[name].space,
                                       kinds[name].class_axis if kinds[name].class_axis is not None else -1))
     if not outputs:
         raise InputError("student and teacher share no graph output to distill on (or every loss weight is 0); "
