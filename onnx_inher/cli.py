@@ -171,6 +171,28 @@ def main() -> None:
     """Compress exported ONNX models with SVD-inherited factor layers (InherNet)."""
 
 
+class LearningRate(click.ParamType):
+    """`--lr`: a positive number, or `auto` (None: the trainer's probe picks it)."""
+
+    name = "auto|LR"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            lr = float(value)
+        except ValueError:
+            self.fail(f"expected a positive number or 'auto', got '{value}'", param, ctx)
+        if not lr > 0:
+            self.fail(f"expected a positive number or 'auto', got '{value}'", param, ctx)
+        return lr
+
+
+LR = LearningRate()
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @policy_options
@@ -342,7 +364,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--steps", type=int, help="Train this many optimizer steps instead of --epochs.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch (split across processes).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW peak learning rate.")
+@click.option("--lr", type=LR, default="auto", show_default=True,
+              help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps each, "
+                   "scored on up to 128 validation samples.")
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Linear warm-up, fraction of the steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping (0 turns it off).")
@@ -430,6 +454,11 @@ def _print_distill(result: Any) -> None:
     for name, values in (("before", train.initial), ("after", train.final)):
         if values:
             click.echo(f"validation {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    if train.lr_probe:
+        tried = ", ".join(f"{lr} {loss:.4g}" for lr, loss in train.lr_probe.items())
+        click.echo(f"--lr auto: {train.lr:g} (validation loss after a few steps at each rate: {tried})")
+    elif train.lr_probe is not None:
+        click.echo(f"--lr auto: no validation data to compare rates on, so {train.lr:g}")
     if train.lr_scale < 1.0:
         click.echo(f"validation got worse, so the best weights were restored and the learning rate cut to "
                    f"{train.lr_scale:.3g} x --lr (turn off with --no-backoff)")
@@ -458,7 +487,9 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--epochs", type=int, default=3, show_default=True, help="Distillation epochs.")
 @click.option("--steps", type=int, help="Distillation optimizer steps instead of --epochs.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=LR, default="auto", show_default=True,
+              help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps each, "
+                   "scored on up to 128 validation samples.")
 @click.option("--temperature", type=float, default=None,
               help="KD temperature T (default: 4 for up to 100 classes, 1 for more).")
 @click.option("--alpha", type=float, default=0.5, show_default=True)
@@ -494,7 +525,8 @@ def _print_run(result: Any, as_json: bool) -> None:
 @data_options
 @speed_options
 @handled
-def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int, lr: float,
+def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int,
+            lr: float | None,
             temperature: float | None, alpha: float, features: str, trainable: str, val_fraction: float,
             compare_pair: bool, provider: str, batches: str, seq_lens: str, iters: int, as_json: bool,
             **kw: Any) -> None:

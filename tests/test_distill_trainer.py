@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -264,8 +265,8 @@ def test_train_and_eval_modes_switch_around_validation(setup: dict[str, Path]) -
     train, val = split(data, 0.2)
     teacher = {"logits": session(setup["teacher"], "cpu").run(["logits"], data.inputs)[0]}
     trainer = Trainer(module, LossPlan([OutputLoss("logits", "kd")]), Part(train, teacher), Part(val, teacher),
-                      DistillOptions(steps=2, batch_size=16, checkpoint_every=0), World(0, 1, torch.device("cpu")),
-                      {}, None, None)
+                      DistillOptions(steps=2, batch_size=16, checkpoint_every=0, lr=1e-3),
+                      World(0, 1, torch.device("cpu")), {}, None, None)
     trainer.run()
     assert modes == [False, True, True, False]  # initial validation, two steps, final validation
     assert not module.training
@@ -279,3 +280,28 @@ def test_without_a_terminal_progress_comes_as_plain_lines(setup: dict[str, Path]
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("distill: step")]
     assert [ln.split(",")[0] for ln in lines] == ["distill: step 1/3", "distill: step 2/3", "distill: step 3/3"]
     assert all("s/step" in ln and "min left" in ln for ln in lines)
+
+
+def test_lr_auto_probes_each_rate_from_the_start_and_then_trains_as_if_given_the_winner(
+        setup: dict[str, Path]) -> None:
+    from onnx_inher.distill.trainer import LR_CANDIDATES
+
+    model = onnx.load(str(setup["student"]))
+    data = load_data(str(setup["data"]), input_specs(model))
+    train, val = split(data, 0.2)
+    teacher = {"logits": session(setup["teacher"], "cpu").run(["logits"], data.inputs)[0]}
+
+    def trained(lr: float | None) -> tuple[Any, dict[str, torch.Tensor]]:
+        module, _ = to_torch(model)
+        result = Trainer(module, LossPlan([OutputLoss("logits", "kd")]), Part(train, teacher), Part(val, teacher),
+                         DistillOptions(steps=6, batch_size=16, checkpoint_every=0, lr=lr),
+                         World(0, 1, torch.device("cpu")), {}, None, None).run()
+        return result, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    auto, weights = trained(None)
+    assert auto.lr in LR_CANDIDATES and list(auto.lr_probe) == [f"{lr:g}" for lr in LR_CANDIDATES]
+    assert auto.lr == min(LR_CANDIDATES, key=lambda lr: (auto.lr_probe[f"{lr:g}"], -lr))
+    assert len(set(auto.lr_probe.values())) > 1  # the rates were really tried
+    given, same = trained(auto.lr)
+    assert given.lr_probe is None and given.final == auto.final
+    assert all(torch.equal(weights[k], same[k]) for k in weights)  # the probe left nothing behind

@@ -30,7 +30,7 @@ class DistillOptions:
     epochs: int = 3
     steps: int | None = None
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | None = None  # None: `--lr auto` (trainer.Trainer.lr_probe)
     weight_decay: float = 0.01
     warmup: float = 0.05
     clip: float = 1.0
@@ -70,7 +70,7 @@ class DistillOptions:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.steps is not None and self.steps < 1:
             raise InputError(f"--steps must be >= 1, got {self.steps}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.clip < 0:
+        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.clip < 0:
             raise InputError("--lr must be > 0, --weight-decay and --clip >= 0 (0 turns clipping off)")
         if not 0 <= self.warmup < 1:
             raise InputError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")

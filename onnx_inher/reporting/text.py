@@ -175,6 +175,14 @@ def _training_line(label: str, dist: dict) -> str:
         "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
     stop = ", stopped by the time limit" if train.get("out_of_time") else \
         ", stopped early" if train.get("stopped_early") else ""
+    if train.get("lr") is not None:
+        probe = train.get("lr_probe")
+        how = ("chosen by `--lr auto` from validation loss after a few steps at each of "
+               + ", ".join(f"{k} ({v:.4g})" for k, v in probe.items()) if probe else
+               "`--lr auto` without validation data" if probe is not None else "as given")
+        stop += f"; peak learning rate {train['lr']:g} ({how})"
+        if train.get("lr_scale", 1.0) < 1.0:
+            stop += f", cut to {train['lr_scale']:.3g}x by back-offs"
     if train.get("improved") is False:
         stop += ("; **validation never improved on the starting student, so it keeps its SVD-initialised "
                  "weights** (try a lower --lr, more steps, --features auto or --calibration)")
