@@ -209,3 +209,31 @@ def test_the_damage_table_is_measured_once_and_serves_another_budget(tmp_path: P
     monkeypatch.setenv("ONNX_INHER_DAMAGE_TABLE", "0")
     fresh = onnx_inher.plan(MNIST, Options(**common, policy=parse_policy(param_ratio=0.3)))
     assert [c.rank for c in fresh.candidates] == [c.rank for c in cached.candidates]
+
+
+class _Costly(_Toy):
+    """A toy layer whose FLOPs per param are `ratio` (a conv: many; a classifier head: few)."""
+
+    def __init__(self, s: np.ndarray, sensitivity: float, width: int, ratio: int) -> None:
+        super().__init__(s, sensitivity, width)
+        self.ratio = ratio
+
+    def cost(self, rank: int) -> np.ndarray:
+        return np.array([rank * self.width, self.ratio * rank * self.width], dtype=np.int64)
+
+
+def test_greedy_spends_the_params_when_flop_heavy_layers_would_exhaust_the_flops_first() -> None:
+    """A conv with 100 FLOPs per param, a head with 2 and a middle layer: priced by params alone the greedy
+    put the FLOPs into the conv and left 46% of the params unspent (ranks 20/8/8, summed damage 1.17);
+    priced by what is left of both budgets it spends both and lands at less damage."""
+    layers = {}
+    for name, (width, ratio, cap, tau) in {"conv": (10, 100, 64, 10), "head": (100, 2, 64, 20),
+                                           "mid": (60, 5, 24, 8)}.items():
+        layer = _Costly(np.linspace(10, 1, cap), 1.0, width, ratio)
+        layer.measured = {r: float(np.exp(-r / tau)) for r in sorted({*range(4, cap + 1, 4), cap})}
+        layers[name] = layer
+    budget = sum(layer.cost(16) for layer in layers.values())  # an energy plan at rank 16 each
+    ranks = alloc.greedy_ranks(layers, budget, 4)
+    spent = sum(layers[n].cost(r) for n, r in ranks.items())
+    assert np.all(spent <= budget) and spent[0] >= 0.9 * budget[0], (ranks, spent, budget)
+    assert sum(layers[n].damage(r) for n, r in ranks.items()) < 0.8
