@@ -268,7 +268,8 @@ def compress(
         if _env.sequential_calibration():
             from onnx_inher.tuning.sequential import sequential_svds
 
-            fitted, notes = sequential_svds(a.loaded.model, a.views, the_plan, calibration.feeds, calibration.rows)
+            fitted, notes = sequential_svds(a.loaded.model, a.views, the_plan, calibration.feeds, calibration.rows,
+                                            grams=calibration.grams)
             the_plan.warnings.extend(notes)
         spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan), calibration.rows, fitted)
         del calibration
