@@ -334,6 +334,7 @@ class Trainer:
             if "scaler" in ckpt.state:
                 self.scaler.load_state_dict(ckpt.state["scaler"])
         log = MetricsLog(self.metrics_path, self.world.is_main, resumed)
+        probe_began = time.perf_counter()  # the probe's steps count in --time-limit and in the seconds
         if self.options.lr is None:
             if found is not None and state["lr"] is not None:
                 self.base_lr = float(state["lr"])  # chosen before the checkpoint: not probed again
@@ -355,7 +356,7 @@ class Trainer:
         # Without a terminal tqdm stays silent; a log (CI, nohup, a notebook's captured stderr) still gets a
         # line with the step, the rate and the time left every LOG_EVERY seconds.
         heartbeat = None if quiet or not bar.disable else _Heartbeat(self.total_steps, start_step)
-        began, step, final = time.perf_counter(), start_step, None
+        began, step, final = probe_began, start_step, None
         order_epoch, order = -1, np.zeros(0, dtype=np.int64)
         while step < self.total_steps and not state["stopped"]:
             epoch, k = divmod(step, self.steps_per_epoch)
