@@ -53,6 +53,9 @@ from typing import Any
 
 import numpy as np
 
+if not __package__:  # `python benchmarks/reproduce.py` (the issue's spelling): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.common import RESULTS, ROOT, command, quiet, write_json
 from benchmarks.train_fashion_teacher import CACHE, TEACHER
 
@@ -89,7 +92,7 @@ class Config:
     text_train_sentences: int = 4000
     text_test_sentences: int = 500
     text_calib_sentences: int = 64
-    text_seed: int = 0
+    text_seeds: tuple[int, ...] = (0, 1, 2)
 
     @classmethod
     def make(cls, quick: bool) -> Config:
@@ -98,7 +101,7 @@ class Config:
         return cls(quick=True, ratios=(0.5,), seeds=(0,), teacher_epochs=1, teacher_images=6000, train_images=2048,
                    val_images=256, test_images=1000, calib_images=64, epochs=2, evals_per_epoch=1,
                    bench_iters=5, bench_batches=(1, 8), text_ratios=(0.5,), text_steps=6, text_train_sentences=96,
-                   text_test_sentences=48, text_calib_sentences=16)
+                   text_test_sentences=48, text_calib_sentences=16, text_seeds=(0,))
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -566,6 +569,20 @@ def text_scores(teacher_emb: np.ndarray, student_emb: np.ndarray) -> dict[str, f
     return {"cosine": float((t * s).sum(1).mean()), "spearman": float(rho)}
 
 
+def text_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (ratio, student): mean ± std over seeds of the embedding cosine and Spearman, before and after."""
+    rows: list[dict[str, Any]] = []
+    for key in dict.fromkeys((r["ratio"], r["name"]) for r in runs):
+        rs = [r for r in runs if (r["ratio"], r["name"]) == key]
+        first = rs[0]
+        row = {k: first[k] for k in ("name", "ratio", "family", "description", "params")}
+        row["seeds"] = [r.get("seed", 0) for r in rs]
+        for metric in ("init_cosine", "cosine", "init_spearman", "spearman"):
+            row[metric] = mean_std([r[metric] for r in rs])
+        rows.append(row)
+    return rows
+
+
 class Text:
     def __init__(self, cfg: Config, work: Path) -> None:
         self.cfg, self.work = cfg, work / "text"
@@ -587,15 +604,16 @@ class Text:
         teacher_emb = embeddings(teacher, test)
         base = matmul_params(teacher)
         runs = []
-        for ratio in self.cfg.text_ratios:
-            for name, family, whitened, train, desc in TEXT_KINDS:
-                path = self.work / f"{ratio_tag(ratio)}_{name}.json"
-                record = cached(path, lambda r=ratio, n=name, f=family, w=whitened, t=train, d=desc: self.student(
-                    teacher, teacher_emb, test, train_npz, calib_npz, r, n, f, w, t, d))
-                log(f"text {ratio_tag(ratio)} {name:14s}: MatMul params {record['params']:,} "
-                    f"cosine {record['init_cosine']:.4f} -> {record['cosine']:.4f}, "
-                    f"spearman {record['spearman']:.4f} ({record['seconds']} s)")
-                runs.append(record)
+        for seed in self.cfg.text_seeds:
+            for ratio in self.cfg.text_ratios:
+                for name, family, whitened, train, desc in TEXT_KINDS:
+                    path = self.work / f"{ratio_tag(ratio)}_{name}_s{seed}.json"
+                    record = cached(path, lambda r=ratio, n=name, f=family, w=whitened, t=train, d=desc, s=seed:
+                                    self.student(teacher, teacher_emb, test, train_npz, calib_npz, r, n, f, w, t, d, s))
+                    log(f"text {ratio_tag(ratio)} {name:14s} seed {seed}: MatMul params {record['params']:,} "
+                        f"cosine {record['init_cosine']:.4f} -> {record['cosine']:.4f}, "
+                        f"spearman {record['spearman']:.4f} ({record['seconds']} s)")
+                    runs.append(record)
         return {"teacher": {"model": "all-MiniLM-L6-v2 (tests/zoo.py minilm_torchscript)", "path": str(teacher),
                             "matmul_params": base},
                 "data": {"train": f"the first {self.cfg.text_train_sentences:,} sentences of the fortunes train part, "
@@ -604,18 +622,23 @@ class Text:
                          "calibration": f"the first {self.cfg.text_calib_sentences} train sentences, 64 tokens"},
                 "settings": {"steps": self.cfg.text_steps, "batch": self.cfg.text_batch, "lr": self.cfg.text_lr,
                              "loss": f"{EMBEDDING}=pooled (cosine of mean-pooled embeddings), {POOLER} weight 0",
-                             "trainable": "all", "seed": self.cfg.text_seed, "torch_threads": self.cfg.threads},
-                "runs": runs}
+                             "trainable": "all", "seeds": list(self.cfg.text_seeds),
+                             "torch_threads": self.cfg.threads},
+                "runs": runs, "summary": text_summary(runs)}
 
     def student(self, teacher: Path, teacher_emb: np.ndarray, test: dict[str, np.ndarray], train_npz: Path,
                 calib_npz: Path, ratio: float, name: str, family: str, whitened: bool, train: bool,
-                desc: str) -> dict[str, Any]:
+                desc: str, seed: int) -> dict[str, Any]:
+        """One student at one seed. The inherited students' init is deterministic (one file for all seeds); the
+        seed sets the distillation's data order and validation split, and the random layers' init."""
         import onnx_inher
         from onnx_inher import DistillOptions, Options, parse_policy
 
         began = time.perf_counter()
         tag = ratio_tag(ratio)
-        init = self.work / f"{tag}_{name.removesuffix('_noft')}_init.onnx"
+        base_name = name.removesuffix('_noft')
+        init = self.work / (f"{tag}_{base_name}_init.onnx" if family == "inherited"
+                            else f"{tag}_{base_name}_s{seed}_init.onnx")
         if family == "inherited":
             cmd = ["onnx-inher", "compress", str(teacher), "-o", init.name, "--mode", "svd", "--param-ratio",
                    str(ratio), "--no-latency-check"]
@@ -629,22 +652,22 @@ class Text:
         else:
             keep = kept_layers(ratio)
             cmd = ["python", "-c", f"from benchmarks.reproduce import minilm_layers; minilm_layers('{init.name}', "
-                                   f"{keep if family == 'classic' else None}, {keep}, {self.cfg.text_seed})"]
+                                   f"{keep if family == 'classic' else None}, {keep}, {seed})"]
             if not init.is_file():
-                minilm_layers(init, keep if family == "classic" else None, keep, self.cfg.text_seed)
+                minilm_layers(init, keep if family == "classic" else None, keep, seed)
         init_scores = text_scores(teacher_emb, embeddings(init, test))
-        record: dict[str, Any] = {"name": name, "ratio": ratio, "family": family, "description": desc,
+        record: dict[str, Any] = {"name": name, "ratio": ratio, "seed": seed, "family": family, "description": desc,
                                   "params": matmul_params(init), "all_params": count_params(init),
                                   "init_cosine": init_scores["cosine"], "init_spearman": init_scores["spearman"],
                                   "build_command": shlex.join(cmd)}
         final = init
         if train:
-            tuned = self.work / f"{tag}_{name}_tuned.onnx"
+            tuned = self.work / f"{tag}_{name}_s{seed}_tuned.onnx"
             tuned.unlink(missing_ok=True)
             losses = {EMBEDDING: "pooled:1.0", POOLER: "cosine:0.0"}
             options = DistillOptions(steps=self.cfg.text_steps, batch_size=self.cfg.text_batch, lr=self.cfg.text_lr,
                                      losses=losses, trainable="all", val_fraction=0.05, checkpoint_every=0,
-                                     seed=self.cfg.text_seed, threads=self.cfg.threads,
+                                     seed=seed, threads=self.cfg.threads,
                                      eval_every=max(1, self.cfg.text_steps // 3))
             result = onnx_inher.distill(init, teacher, str(train_npz), tuned, options,
                                         metrics=tuned.with_suffix(".metrics.jsonl"),
@@ -656,7 +679,7 @@ class Text:
                  "-o", tuned.name, "--steps", str(self.cfg.text_steps), "--batch-size", str(self.cfg.text_batch),
                  "--lr", str(self.cfg.text_lr), "--loss", f"{EMBEDDING}=pooled:1.0", "--loss", f"{POOLER}=cosine:0",
                  "--trainable", "all", "--val-fraction", "0.05", "--eval-every", str(options.eval_every),
-                 "--checkpoint-every", "0", "--seed", str(self.cfg.text_seed), "--threads", str(self.cfg.threads)])
+                 "--checkpoint-every", "0", "--seed", str(seed), "--threads", str(self.cfg.threads)])
             final = tuned
         scores = text_scores(teacher_emb, embeddings(final, test)) if train else init_scores
         record |= {"cosine": scores["cosine"], "spearman": scores["spearman"], "model": str(final),
@@ -740,26 +763,39 @@ def at_epoch(curve: list[dict[str, Any]], epoch: float) -> dict[str, Any] | None
 
 def text_markdown(x: dict[str, Any], cmd: str) -> list[str]:
     s = x["settings"]
+    summary = x.get("summary") or text_summary(x["runs"])
+    seeds = s.get("seeds", [s.get("seed", 0)])
     lines = [f"Teacher: {x['teacher']['model']}, {x['teacher']['matmul_params']:,} MatMul params. Train on "
              f"{x['data']['train']}; score on {x['data']['test']}. Distill: {s['steps']} steps, batch {s['batch']}, "
-             f"lr {s['lr']}, {s['loss']}, trainable {s['trainable']}, seed {s['seed']} (one seed).", ""]
-    for ratio in sorted({r["ratio"] for r in x["runs"]}, reverse=True):
+             f"lr {s['lr']}, {s['loss']}, trainable {s['trainable']}; seeds {seeds} (mean ± std over seeds; the "
+             "seed sets the distillation's data order and validation split and the random layers' init; the "
+             "inherited students' init is deterministic).", ""]
+    for ratio in sorted({r["ratio"] for r in summary}, reverse=True):
         head = ["student", "MatMul params (of teacher)", "cosine before", "cosine after", "Spearman before",
                 "Spearman after"]
         lines += [f"### Text, students at ~{round(100 * ratio)}% of MatMul params", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in [r for r in x["runs"] if r["ratio"] == ratio]:
+        for r in [r for r in summary if r["ratio"] == ratio]:
             label = r["description"] + (f" (layers {kept_layers(ratio)})" if r["family"] != "inherited" else "")
+            cells = [pm(r[k], 1.0, 4) for k in ("init_cosine", "cosine", "init_spearman", "spearman")]
             lines.append(f"| {label} | {r['params']:,} ({100 * r['params'] / x['teacher']['matmul_params']:.1f}%) | "
-                         f"{r['init_cosine']:.4f} | {r['cosine']:.4f} | {r['init_spearman']:.4f} | "
-                         f"{r['spearman']:.4f} |")
+                         + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"Reproduce: `{cmd}`; per student:", ""]
+    lines += [f"Reproduce: `{cmd}`; per student (SEED = {', '.join(map(str, seeds))}):", ""]
     for r in x["runs"]:
-        lines.append(f"- `{ratio_tag(r['ratio'])} {r['name']}`: `{r['build_command']}`"
-                     + (f" then `{r['distill_command']}`" if r.get("distill_command") else ""))
+        if r.get("seed", 0) != seeds[0]:
+            continue
+        build = r["build_command"].replace(f"_s{seeds[0]}_", "_s{SEED}_").replace(f", {seeds[0]})'", ", {SEED})'")
+        lines.append(f"- `{ratio_tag(r['ratio'])} {r['name']}`: `{build}`"
+                     + (f" then `{seed_template(r['distill_command'], seeds[0])}`" if r.get("distill_command")
+                        else ""))
     lines.append("")
     return lines
+
+
+def seed_template(command: str, seed: int) -> str:
+    """A per-seed command with its seed written as {SEED}."""
+    return command.replace(f"_s{seed}_", "_s{SEED}_").replace(f"--seed {seed}", "--seed {SEED}")
 
 
 COMPARISONS = [("inher2", "thin_he"), ("inher2", "thin"), ("pair", "thin_he"), ("pair_random", "thin_he"),
@@ -813,11 +849,34 @@ def findings(record: dict[str, Any]) -> list[str]:
                          + ", ".join(parts) + ".")
     x = record.get("text")
     if x:
-        for ratio in sorted({r["ratio"] for r in x["runs"]}, reverse=True):
-            rs = {r["name"]: r for r in x["runs"] if r["ratio"] == ratio}
-            parts = [f"{r['description']} {r['cosine']:.4f} / {r['spearman']:.4f}" for r in rs.values()]
-            lines.append(f"- text ~{round(100 * ratio)}% (cosine / Spearman after distill): " + "; ".join(parts) + ".")
+        summary = x.get("summary") or text_summary(x["runs"])
+        tby = {(r["ratio"], r["name"]): r for r in summary}
+        tratios = sorted({r["ratio"] for r in summary}, reverse=True)
+        head = ["comparison (A − B)", *[f"~{round(100 * r)}%: {m}" for m in ("cosine", "Spearman") for r in tratios]]
+        lines += ["", "Text: A − B in embedding cosine and Spearman (mean over seeds ± standard error of the "
+                  "difference).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for a, b in TEXT_COMPARISONS:
+            cells = [f"{tby[tratios[0], a]['description']} − {tby[tratios[0], b]['description']}"]
+            for metric in ("cosine", "spearman"):
+                for r in tratios:
+                    d, se = text_diff(tby, r, a, b, metric)
+                    cells.append(f"**{d:+.4f}** ± {se:.4f}" if d == d else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     return lines
+
+
+TEXT_COMPARISONS = [("wpair", "layers"), ("pair", "layers"), ("wpair", "pair"), ("layers", "layers_random"),
+                    ("pair", "pair_noft"), ("wpair", "wpair_noft")]
+
+
+def text_diff(by: dict[tuple[float, str], dict[str, Any]], ratio: float, a: str, b: str,
+              metric: str) -> tuple[float, float]:
+    """A − B of a text metric's seed mean, and the standard error of that difference (nan where missing)."""
+    if (ratio, a) not in by or (ratio, b) not in by:
+        return math.nan, math.nan
+    sa, sb = by[ratio, a][metric], by[ratio, b][metric]
+    return sa["mean"] - sb["mean"], math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
 
 
 INHERITED_TRAINED = ("inher2", "pair", "winher2", "wpair", "weinher2", "wepair")
@@ -940,27 +999,45 @@ def conclusion(record: dict[str, Any]) -> list[str]:
                f"{both('wepair_noft', 'xpair_noft')}, after one epoch {both('wepair', 'xpair', 1.0)}"
                if all((r, "xpair") in by and (r, "xpair_noft") in by for r in ratios) else "")
             + f". Sensitivity ranks on top of whitening change {both('wpair', 'wepair')} points"
-            + (" (not measurable)" if none_measurable("wpair", "wepair") else "") + "; at `--param-ratio 0.5` "
-            f"they moved the budget into the early, FLOP-heavy convs and ended at "
-            f"{100 * by[ratios[0], 'wpair']['param_ratio']:.1f}% of the params (the energy plan's FLOPs kept), "
-            "as accurate as the whitened 50% pair.")
+            + (" (not measurable)" if none_measurable("wpair", "wepair") else "") + "; the moved ranks hold "
+            + " / ".join(f"{100 * by[r, 'wpair']['param_ratio']:.1f}%" for r in ratios) + " of the params (the "
+            "whitened energy plan: " + " / ".join(f"{100 * by[r, 'wepair']['param_ratio']:.1f}%" for r in ratios)
+            + "; the allocation keeps both the energy plan's params and its FLOPs as limits).")
     x = record.get("text")
     if x:
-        runs = {(r["ratio"], r["name"]): r for r in x["runs"]}
-        tr = sorted({r["ratio"] for r in x["runs"]}, reverse=True)
+        summary = x.get("summary") or text_summary(x["runs"])
+        tby = {(r["ratio"], r["name"]): r for r in summary}
+        tr = sorted({r["ratio"] for r in summary}, reverse=True)
         ttags = " / ".join(f"~{round(100 * r)}%" for r in tr)
+        n_seeds = len(x["settings"].get("seeds", [0]))
 
-        def td(a: str, b: str, key: str) -> str:
-            return " / ".join(f"{runs[r, a][key] - runs[r, b][key]:+.3f}" if (r, a) in runs and (r, b) in runs
-                              else "-" for r in tr)
+        def td(a: str, b: str, metric: str) -> str:
+            parts = []
+            for r in tr:
+                d, se = text_diff(tby, r, a, b, metric)
+                parts.append("-" if d != d else f"{d:+.3f}" + (f" (± {se:.3f})" if n_seeds > 1 else ""))
+            return " / ".join(parts)
+
+        def verdict(a: str, b: str, metric: str) -> str:
+            """'ahead of', 'behind' or 'level with', by 3 / 2 standard errors at every ratio."""
+            signs = set()
+            for r in tr:
+                d, se = text_diff(tby, r, a, b, metric)
+                signs.add(0 if d != d or abs(d) <= max(3 * se, 1e-3) else (1 if d > 0 else -1))
+            named = {frozenset({1}): "ahead of", frozenset({-1}): "behind"}
+            return named.get(frozenset(signs), "not clearly apart from")
 
         lines.append(
-            f"- **Text (MiniLM, one seed, {x['settings']['steps']} steps).** At {ttags} of the MatMul params, the "
-            f"whitened + sensitivity pair beats the classic student (every other / every third teacher layer) by "
-            f"{td('wpair', 'layers', 'cosine')} in embedding cosine and {td('wpair', 'layers', 'spearman')} in the "
-            f"Spearman correlation of pairwise similarities; the plain SVD pair is {td('pair', 'layers', 'cosine')} "
-            f"in cosine but {td('pair', 'layers', 'spearman')} in Spearman against it; random encoder layers trail "
-            f"the inherited layers by {td('layers', 'layers_random', 'cosine')} (cosine).")
+            f"- **Text (MiniLM, {n_seeds} seed{'s' if n_seeds > 1 else ''}, {x['settings']['steps']} steps).** At "
+            f"{ttags} of the MatMul params, the whitened + sensitivity pair is {verdict('wpair', 'layers', 'cosine')} "
+            f"the classic student (every other / every third teacher layer) in embedding cosine, "
+            f"{td('wpair', 'layers', 'cosine')}, and {verdict('wpair', 'layers', 'spearman')} it in the Spearman "
+            f"correlation of pairwise similarities, {td('wpair', 'layers', 'spearman')}; the plain SVD pair is "
+            f"{verdict('pair', 'layers', 'cosine')} it in cosine ({td('pair', 'layers', 'cosine')}) and "
+            f"{verdict('pair', 'layers', 'spearman')} it in Spearman ({td('pair', 'layers', 'spearman')}); "
+            f"whitening + sensitivity adds {td('wpair', 'pair', 'cosine')} cosine over the plain pair; random "
+            f"encoder layers trail the inherited layers by {td('layers', 'layers_random', 'cosine')} (cosine). "
+            "A difference is called clear beyond 3 standard errors.")
     return lines
 
 
@@ -984,6 +1061,27 @@ def headline(record: dict[str, Any]) -> str | None:
             f"{len(v['settings']['seeds'])} seeds | test accuracy % {cells} | `python -m benchmarks.reproduce` |")
 
 
+def text_headline(record: dict[str, Any]) -> str | None:
+    """The README's text row: the whitened + sensitivity pair, the plain pair and the classic student."""
+    x = record.get("text")
+    if not x:
+        return None
+    summary = x.get("summary") or text_summary(x["runs"])
+    by = {(r["ratio"], r["name"]): r for r in summary}
+    ratios = sorted({r["ratio"] for r in summary}, reverse=True)
+
+    def cos(ratio: float, name: str) -> str:
+        r = by.get((ratio, name))
+        return pm(r["cosine"], 1.0, 3) if r else "-"
+
+    cells = " / ".join(f"~{round(100 * r)}% MatMul params: pair + whitened + sensitivity {cos(r, 'wpair')}, SVD pair "
+                       f"{cos(r, 'pair')}, fewer teacher layers (classic) {cos(r, 'layers')}, random layers "
+                       f"{cos(r, 'layers_random')}" for r in ratios)
+    return (f"| Inherited vs conventional students, all-MiniLM-L6-v2 on fortunes, {x['settings']['steps']} steps, "
+            f"{len(x['settings'].get('seeds', [0]))} seeds | embedding cosine to the teacher on 500 held-aside "
+            f"sentences: {cells} | `python -m benchmarks.reproduce --parts text` |")
+
+
 def markdown(record: dict[str, Any]) -> str:
     cmd = record["command"]
     lines = [f"Generated by `{cmd}` from `{record['json']}` ({record['finished']}, on {record['machine']}). "
@@ -1000,9 +1098,9 @@ def markdown(record: dict[str, Any]) -> str:
     if verdict:
         lines += ["#### Verdict (worded from the figures above)", "", *verdict, ""]
     lines += ["#### Computed differences", "", *findings(record), ""]
-    row = headline(record)
-    if row:
-        lines += ["README row:", "", "```", row, "```", ""]
+    rows = [r for r in (headline(record), text_headline(record)) if r]
+    if rows:
+        lines += ["README rows:", "", "```", *rows, "```", ""]
     for png in record.get("plots", []):
         lines += [f"![{Path(png).stem}]({png})", ""]
     return "\n".join(lines).replace(str(CACHE), "~/.cache/onnx-inher/reproduce")
