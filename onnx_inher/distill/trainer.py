@@ -417,6 +417,9 @@ class Trainer:
             metrics = self.evaluate(LR_PROBE_SAMPLES) if self.world.is_main else {}
             scores[f"{lr:g}"] = self.world.broadcast_float(metrics.get("val_loss", 0.0))
             log.write({"step": 0, "kind": "lr_probe", "lr": lr, "probe_steps": steps, **metrics})
+            if self.world.is_main and not _env.quiet():
+                print(f"--lr auto: {lr:g} gives validation loss {scores[f'{lr:g}']:.4g} after {steps} steps "
+                      f"({len(scores)}/{len(LR_CANDIDATES)})", file=sys.stderr, flush=True)
             self._restore(start)
             self.optimizer.state.clear()
         self.net.train()
