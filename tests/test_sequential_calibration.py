@@ -61,18 +61,18 @@ def test_sequential_fit_is_deterministic(tmp_path: Path) -> None:
 
 
 @needs_mnist
-def test_a_layer_seen_in_too_few_rows_keeps_its_teacher_whitened_factors(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """128 calibration images give the convolutions thousands of patches but the fully connected layers
-    128 rows for hundreds of inputs: fitting those would fit the images (MiniLM on 64 sentences measured
-    worse fitted than whitened)."""
-    images = load_data("mnist5k:test", input_specs(onnx.load(str(MNIST)))).inputs["image"][:128]
+def test_a_fit_that_does_not_predict_held_out_rows_is_not_used(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two calibration images: the convolutions see hundreds of patches and their fits carry over to the
+    other image's, the fully connected layers see one row per half and theirs do not; those keep the
+    teacher-whitened factors, byte for byte (MiniLM on 64 sentences measured worse with every layer fitted)."""
+    images = load_data("mnist5k:test", input_specs(onnx.load(str(MNIST)))).inputs["image"][:2]
     np.savez(tmp_path / "two.npz", image=images)
     options = Options(mode="svd", policy=RankPolicy("rank_ratio", 0.25), rank_multiple=1,
                       calibration=str(tmp_path / "two.npz"))
     seq = onnx_inher.compress(MNIST, tmp_path / "seq.onnx", options)
     kept = [w for w in seq.plan.warnings if "kept their teacher-whitened factors" in w]
-    assert kept and "rows for" in kept[0]
+    assert kept and "held-out error" in kept[0] and "classifier" in kept[0]
     monkeypatch.setenv("ONNX_INHER_SEQUENTIAL", "0")
     onnx_inher.compress(MNIST, tmp_path / "one.onnx", options)
     a = {t.name: t for t in onnx.load(str(tmp_path / "seq.onnx")).graph.initializer}
@@ -80,4 +80,4 @@ def test_a_layer_seen_in_too_few_rows_keeps_its_teacher_whitened_factors(tmp_pat
     skipped = kept[0].split(": ", 2)[-1].split(" (")[0]  # the first layer named in the note
     factors = [n for n in a if n.startswith(skipped) and n in b]
     assert factors and all(a[n].raw_data == b[n].raw_data for n in factors)
-    assert any(a[n].raw_data != b[n].raw_data for n in a if n in b)  # the convs were fitted
+    assert any(a[n].raw_data != b[n].raw_data for n in a if n in b)  # the convolutions were fitted
