@@ -363,7 +363,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of --data held for validation.")
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--steps", type=int, help="Train this many optimizer steps instead of --epochs.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch (split across processes).")
+@click.option("--batch-size", type=int, default=None,
+              help="Global batch (split across processes; default: 64, lower when the teacher's outputs are large: "
+                   "at most 16M output values per batch).")
 @click.option("--lr", type=LR, default="auto", show_default=True,
               help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps each, "
                    "scored on up to 128 validation samples.")
@@ -448,7 +450,8 @@ def _print_distill(result: Any) -> None:
         "cached" if result.teacher_cached else "run"
     if train.out_of_time:
         click.echo(f"stopped by --time-limit at step {train.steps} of {train.total_steps}")
-    click.echo(f"{train.steps} steps in {train.seconds:.1f} s on {result.train_samples} samples "
+    click.echo(f"{train.steps} steps of batch {result.batch_size} in {train.seconds:.1f} s on {result.train_samples} "
+               f"samples "
                f"({'data-free' if result.data_free else result.data}); teacher {teacher}"
                f"; ORT vs torch {result.ort_max_rel:.1e}")
     for name, values in (("before", train.initial), ("after", train.final)):
@@ -486,7 +489,9 @@ def _print_run(result: Any, as_json: bool) -> None:
 @policy_options
 @click.option("--epochs", type=int, default=3, show_default=True, help="Distillation epochs.")
 @click.option("--steps", type=int, help="Distillation optimizer steps instead of --epochs.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Distillation batch (default: 64, lower when the teacher's outputs are large: at most 16M "
+                   "output values per batch).")
 @click.option("--lr", type=LR, default="auto", show_default=True,
               help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps each, "
                    "scored on up to 128 validation samples.")
@@ -525,7 +530,7 @@ def _print_run(result: Any, as_json: bool) -> None:
 @data_options
 @speed_options
 @handled
-def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int,
+def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int | None,
             lr: float | None,
             temperature: float | None, alpha: float, features: str, trainable: str, val_fraction: float,
             compare_pair: bool, provider: str, batches: str, seq_lens: str, iters: int, as_json: bool,

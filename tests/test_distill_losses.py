@@ -254,3 +254,12 @@ def test_default_losses_of_a_softmax_teacher_and_a_logits_teacher(tmp_path: Path
     for labels, expected in ((True, "kd"), (False, "kl")):
         (loss,) = loss_plan(mlp, mlp, labels, DistillOptions()).outputs
         assert (loss.kind, loss.space, loss.class_axis) == (expected, LOGITS, 1)
+
+
+def test_the_default_batch_keeps_a_batch_of_teacher_outputs_under_16m_values() -> None:
+    from onnx_inher.distill.options import auto_batch
+
+    assert auto_batch(10) == 64  # MNIST logits
+    assert auto_batch(32 * 384 + 384) == 64  # MiniLM at 32 tokens
+    assert auto_batch(40 * 18385) == 16  # the PP-OCRv5 recogniser: 11.8 M values at 16, 23.5 M at 32
+    assert auto_batch(10**9) == 8 and auto_batch(10**9, world_size=16) == 16

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from onnx_inher.datasets import Dataset, input_specs, load_data, split
 from onnx_inher.distill.augment import augmenter
 from onnx_inher.distill.dist import World, close_world, init_world
 from onnx_inher.distill.losses import OutputLoss, default_kind
-from onnx_inher.distill.options import DistillOptions, auto_temperature, default_paths, parse_loss
+from onnx_inher.distill.options import DistillOptions, auto_batch, auto_temperature, default_paths, parse_loss
 from onnx_inher.distill.teacher_cache import CacheOverCap, teacher_digest, teacher_outputs
 from onnx_inher.distill.torch_teacher import online_teacher
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, TrainResult
@@ -57,6 +57,7 @@ class DistillResult:
     train: TrainResult
     ort_max_rel: float
     world_size: int
+    batch_size: int = 0  # the global batch trained with (the default was chosen by `auto_batch`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,6 +217,11 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
             (arrays, val_arrays), computed, teacher_seconds = cached
             train_part = Part(train, arrays)
             val_part = None if val is None else Part(val, val_arrays)
+        if options.batch_size is None:
+            one = online(full.batch(np.arange(1))) if cached is None else \
+                {k: v[:1] for k, v in cached[0][0].items()}
+            per_sample = sum(int(np.prod(tuple(v.shape)[1:])) for v in one.values())
+            options = replace(options, batch_size=auto_batch(per_sample, world.size))
         module, param_map = to_torch(loaded.model, options.trainable)
         identity = {"student": loaded.sha256, "teacher": teacher_digest(teacher_path), "data": full.fingerprint(),
                     "world_size": world.size, **options.run_identity()}
@@ -233,6 +239,7 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
         return DistillResult(str(out), full.source, full.data_free, len(train), len(val) if val is not None else 0,
                              [asdict(o) for o in plan.outputs], plan.features, sum(p.numel() for p in trainer.params),
                              not computed, round(teacher_seconds, 3),
-                             "online" if cached is None else "cache", runtime, result, worst, world.size)
+                             "online" if cached is None else "cache", runtime, result, worst, world.size,
+                             batch_size=int(options.batch_size or 0))
     finally:
         close_world(world)

@@ -186,7 +186,8 @@ def _training_line(label: str, dist: dict) -> str:
     if train.get("improved") is False:
         stop += ("; **validation never improved on the starting student, so it keeps its SVD-initialised "
                  "weights** (try a lower --lr, more steps, --features auto or --calibration)")
-    return (f"{label}: {train.get('steps')} steps in {train.get('seconds', 0):.1f} s "
+    batch = f" of batch {dist['batch_size']}" if dist.get("batch_size") else ""
+    return (f"{label}: {train.get('steps')} steps{batch} in {train.get('seconds', 0):.1f} s "
             f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "
             f"{dist.get('trainable_params')} trainable params{stop}"
             f"); teacher outputs {teacher}; ORT vs torch after write-back: max rel err "
