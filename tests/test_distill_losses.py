@@ -263,3 +263,16 @@ def test_the_default_batch_keeps_a_batch_of_teacher_outputs_under_16m_values() -
     assert auto_batch(32 * 384 + 384) == 64  # MiniLM at 32 tokens
     assert auto_batch(40 * 18385) == 16  # the PP-OCRv5 recogniser: 11.8 M values at 16, 23.5 M at 32
     assert auto_batch(10**9) == 8 and auto_batch(10**9, world_size=16) == 16
+
+
+def test_an_unshaped_softmax_gets_its_default_temperature_from_a_teacher_output() -> None:
+    """A Paddle export declares its [N, T, 18385] softmax without a shape: the class count comes from data."""
+    from onnx_inher.distill.run import with_temperatures
+    from onnx_inher.distill.trainer import LossPlan
+
+    unknown = LossPlan([OutputLoss("p", "kl", temperature=-1.0, class_axis=2)])
+    wide = with_temperatures(unknown, {"p": np.zeros((1, 40, 18385), np.float32)})
+    narrow = with_temperatures(unknown, {"p": np.zeros((1, 40, 10), np.float32)})
+    assert (wide.outputs[0].temperature, narrow.outputs[0].temperature) == (1.0, 4.0)
+    given = LossPlan([OutputLoss("p", "kl", temperature=2.0, class_axis=2)])
+    assert with_temperatures(given, {"p": np.zeros((1, 40, 18385), np.float32)}).outputs[0].temperature == 2.0

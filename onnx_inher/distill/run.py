@@ -79,14 +79,24 @@ def loss_plan(student: onnx.ModelProto, teacher: onnx.ModelProto, labels: bool, 
         kind, weight = parse_loss(name, options.losses[name]) if name in options.losses else \
             (default_kind(kinds[name], labels), 1.0)
         if weight > 0:  # kd/kl read the detected space and class axis (the log of a Softmax's probabilities)
+            # unknown class count (no shape in the graph): -1 until `with_temperatures` sees the outputs
             temperature = options.temperature if options.temperature is not None else \
-                auto_temperature(kinds[name].classes)
+                auto_temperature(kinds[name].classes) if kinds[name].classes is not None else -1.0
             outputs.append(OutputLoss(name, kind, weight, temperature, options.alpha, kinds[name].space,
                                       kinds[name].class_axis if kinds[name].class_axis is not None else -1))
     if not outputs:
         raise InputError("student and teacher share no graph output to distill on (or every loss weight is 0); "
                          "distill a student compressed from this teacher.")
     return LossPlan(outputs, feature_names(student, teacher, options.features), options.feature_weight)
+
+
+def with_temperatures(plan: LossPlan, one: dict[str, Any]) -> LossPlan:
+    """The default temperature of outputs whose class count the graph does not state (a Paddle export's
+    `[-1, -1, 18385]` softmax declared without a shape), from a teacher output of one sample."""
+    outputs = [replace(o, temperature=auto_temperature(
+        int(tuple(one[o.output].shape)[o.class_axis]) if o.output in one else None)) if o.temperature < 0 else o
+        for o in plan.outputs]
+    return replace(plan, outputs=outputs)
 
 
 def feature_names(student: onnx.ModelProto, teacher: onnx.ModelProto, requested: list[str]) -> list[str]:
@@ -217,9 +227,9 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
             (arrays, val_arrays), computed, teacher_seconds = cached
             train_part = Part(train, arrays)
             val_part = None if val is None else Part(val, val_arrays)
+        one = online(full.batch(np.arange(1))) if cached is None else {k: v[:1] for k, v in cached[0][0].items()}
+        plan = with_temperatures(plan, one)
         if options.batch_size is None:
-            one = online(full.batch(np.arange(1))) if cached is None else \
-                {k: v[:1] for k, v in cached[0][0].items()}
             per_sample = sum(int(np.prod(tuple(v.shape)[1:])) for v in one.values())
             options = replace(options, batch_size=auto_batch(per_sample, world.size))
         module, param_map = to_torch(loaded.model, options.trainable)
