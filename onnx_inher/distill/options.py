@@ -165,7 +165,7 @@ def auto_batch(values_per_sample: int, world_size: int = 1) -> int:
     """The batch when the user gave none: 64, halved (down to 8) until a batch's teacher outputs hold at most
     16 M values. The loss keeps several copies of them (log-softmaxes, their gradients), so their size is
     the step's memory and much of its time: the PP-OCRv5 recogniser's [40, 18,385] per line trained at
-    batch 64 took 14.4 s a step and 17.3 GB of RAM (0.22 s a line), at 16 1.46 s (0.09 s a line)."""
+    batch 64 took 14.4 s a step (0.22 s a line), at 16 1.46 s (0.09 s a line)."""
     batch = BATCH
     while batch > BATCH_MIN and batch * values_per_sample > LOSS_VALUES:
         batch //= 2
