@@ -192,6 +192,16 @@ class LearningRate(click.ParamType):
 
 LR = LearningRate()
 
+# Shared by `distill` and `run`: one definition, one help text.
+lr_option = click.option("--lr", type=LR, default="auto", show_default=True,
+                         help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps "
+                              "each, scored on up to 128 validation samples.")
+temperature_option = click.option("--temperature", type=float, default=None,
+                                  help="KD temperature T (default: 4 for up to 100 classes, 1 for more).")
+batch_option = click.option("--batch-size", type=int, default=None,
+                            help="Global batch (split across processes; default: 64, lower when the teacher's "
+                                 "outputs are large: at most 16M output values per batch).")
+
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
@@ -363,17 +373,12 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of --data held for validation.")
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--steps", type=int, help="Train this many optimizer steps instead of --epochs.")
-@click.option("--batch-size", type=int, default=None,
-              help="Global batch (split across processes; default: 64, lower when the teacher's outputs are large: "
-                   "at most 16M output values per batch).")
-@click.option("--lr", type=LR, default="auto", show_default=True,
-              help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps each, "
-                   "scored on up to 128 validation samples.")
+@batch_option
+@lr_option
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Linear warm-up, fraction of the steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping (0 turns it off).")
-@click.option("--temperature", type=float, default=None,
-              help="KD temperature T (default: 4 for up to 100 classes, 1 for more).")
+@temperature_option
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="KD weight of the label loss.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
               help="Loss of a graph output: kd, kl, mse, cosine or pooled (cosine of mask-mean-pooled "
@@ -489,14 +494,9 @@ def _print_run(result: Any, as_json: bool) -> None:
 @policy_options
 @click.option("--epochs", type=int, default=3, show_default=True, help="Distillation epochs.")
 @click.option("--steps", type=int, help="Distillation optimizer steps instead of --epochs.")
-@click.option("--batch-size", type=int, default=None,
-              help="Distillation batch (default: 64, lower when the teacher's outputs are large: at most 16M "
-                   "output values per batch).")
-@click.option("--lr", type=LR, default="auto", show_default=True,
-              help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps each, "
-                   "scored on up to 128 validation samples.")
-@click.option("--temperature", type=float, default=None,
-              help="KD temperature T (default: 4 for up to 100 classes, 1 for more).")
+@batch_option
+@lr_option
+@temperature_option
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--features", default="", help="Feature KD: 'auto' or comma-separated tensor names.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",

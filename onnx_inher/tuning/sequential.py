@@ -183,8 +183,7 @@ def sequential_svds(model: ModelProto, views: dict[str, LayerView], the_plan: Pl
                         for a, b in zip(halves[0][:2], halves[1][:2], strict=True)]
                 f = fitted(both[0], both[1])
                 out[view.shared_key] = as_svd(f)
-            student[names[view.node]] = weight_from_matrices(
-                view, (f.up.astype(np.float64) @ f.down.astype(np.float64)).astype(np.float32))
+            student[names[view.node]] = weight_from_matrices(view, _reconstruction(f).astype(np.float32))
     notes = [f"calibration: {len(out)} layer(s) fitted in graph order to the teacher's outputs from the "
              "student's inputs (asymmetric reconstruction)"]
     if kept:
