@@ -28,7 +28,7 @@ import importlib.util
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,11 +196,6 @@ def load_metric(spec: str) -> UserMetric:
     return UserMetric(spec, fn, file)
 
 
-def _batches(n: int, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, n, size):
-        yield np.arange(start, min(n, start + size))
-
-
 def pool(y: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, bool]:
     """One row per sample: `[N,T,D]` sequence outputs are mask-mean-pooled (padding never counts, as in
     a sentence embedding); anything else is flattened. The flag says whether pooling happened."""
@@ -263,7 +258,13 @@ def class_agreement(teacher: np.ndarray, student: np.ndarray, class_axis: int, m
                     ctc_blank: int | str | None = "auto") -> dict[str, Any]:
     """Top-1 agreement of two class outputs at every position (every axis but the class axis), and for
     `[N,T,C]` the whole-sequence and CTC-decoded agreement. `mask` (`[N,T]`, 1 = real token) drops padding."""
-    t_ids, s_ids = teacher.argmax(class_axis), student.argmax(class_axis)
+    return id_agreement(teacher.argmax(class_axis), student.argmax(class_axis), teacher.shape[class_axis], mask,
+                        ctc_blank)
+
+
+def id_agreement(t_ids: np.ndarray, s_ids: np.ndarray, classes: int, mask: np.ndarray | None = None,
+                 ctc_blank: int | str | None = "auto") -> dict[str, Any]:
+    """`class_agreement` from the top-1 class ids alone (what `evaluate` keeps of each batch)."""
     same = t_ids == s_ids
     positions = same.reshape(len(same), -1)
     token_level = mask is not None and mask.shape == same.shape
@@ -276,12 +277,49 @@ def class_agreement(teacher: np.ndarray, student: np.ndarray, class_axis: int, m
     out: dict[str, Any] = {"positions": int(positions.shape[1]), "top1_agreement": top1}
     if same.ndim == 2:  # [N,T,C] (or [N,C,T]): positions form one sequence per sample
         out["sequence_agreement"] = float(whole.mean())
-        blank = ctc_blank_of(t_ids, teacher.shape[class_axis], ctc_blank, token_level)
+        blank = ctc_blank_of(t_ids, classes, ctc_blank, token_level)
         if blank is not None:
             decoded = zip(ctc_decode(t_ids, blank), ctc_decode(s_ids, blank), strict=True)
             out["ctc_agreement"] = float(np.mean([a == b for a, b in decoded]))
             out["ctc_blank"] = blank
     return out
+
+
+EVAL_VALUES = 1 << 24  # output values per batch and model: bounds evaluation memory (the recogniser's
+# [300, 40, 18385] softmax is 0.9 GB a model; holding it whole, in float64, peaked at 16.7 GB)
+
+
+@dataclass
+class _Tally:
+    """What `evaluate` keeps of one output, batch by batch: per-sample cosines, the largest differences and
+    the top-1 ids, never the outputs themselves."""
+
+    cosines: list[np.ndarray] = field(default_factory=list)
+    max_diff: float = 0.0
+    max_ref: float = 0.0
+    pooled: bool = False
+    axis: int | None = None
+    classes: int = 0
+    teacher_ids: list[np.ndarray] = field(default_factory=list)
+    student_ids: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, t: np.ndarray, s: np.ndarray, mask: np.ndarray | None, kind: OutputKind | None) -> None:
+        tp, self.pooled = pool(t, mask)
+        sp, _ = pool(s, mask)
+        self.cosines.append(cosine_rows(tp.astype(np.float64), sp.astype(np.float64)))
+        self.max_diff = max(self.max_diff, float(np.max(np.abs(t.astype(np.float64) - s))) if t.size else 0.0)
+        self.max_ref = max(self.max_ref, float(np.max(np.abs(t))) if t.size else 0.0)
+        self.axis = _class_axis(kind, t)
+        if self.axis is not None:
+            self.classes = t.shape[self.axis]
+            self.teacher_ids.append(t.argmax(self.axis))
+            self.student_ids.append(s.argmax(self.axis))
+
+
+def _eval_batch(first: list[np.ndarray], n: int, batch_size: int) -> int:
+    """Samples per batch after the first: at most `batch_size`, and at most `EVAL_VALUES` output values."""
+    per_sample = sum(y.size // max(len(y), 1) for y in first) if first and first[0].ndim else 1
+    return max(1, min(batch_size, EVAL_VALUES // max(per_sample, 1), n))
 
 
 def evaluate(teacher: str | Path, student: str | Path, inputs: dict[str, np.ndarray],
@@ -292,7 +330,9 @@ def evaluate(teacher: str | Path, student: str | Path, inputs: dict[str, np.ndar
 
     `declared`: output name -> "classes" / "features", what the user's `--loss` said (`ir.outputs`);
     `ctc_blank`: "auto", None (no CTC decoding) or the blank class (see `ctc_blank_of`); `metric`: a
-    user's metric (`load_metric`).
+    user's metric (`load_metric`). Outputs are scored batch by batch and dropped, so memory does not
+    grow with the data (batches hold at most `EVAL_VALUES` output values); only a user's metric, which
+    is given every output at once, makes `evaluate` keep them.
     """
     n = len(next(iter(inputs.values())))
     t_sess, s_sess = session(Path(teacher), provider), session(Path(student), provider)
@@ -301,33 +341,38 @@ def evaluate(teacher: str | Path, student: str | Path, inputs: dict[str, np.ndar
                                        labels=labels is not None, declared=declared)}
     t_in = [i.name for i in t_sess.get_inputs()]
     s_in = [i.name for i in s_sess.get_inputs()]
-    t_out: list[list[np.ndarray]] = [[] for _ in names]
-    s_out: list[list[np.ndarray]] = [[] for _ in names]
-    for idx in _batches(n, batch_size):
-        feed = {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
-        for acc, sess, ins in ((t_out, t_sess, t_in), (s_out, s_sess, s_in)):
-            for j, y in enumerate(sess.run(names, {k: feed[k] for k in ins})):
-                acc[j].append(y)
     mask = inputs.get(MASK)
+    tallies = [_Tally() for _ in names]
+    kept: tuple[list[list[np.ndarray]], list[list[np.ndarray]]] = ([[] for _ in names], [[] for _ in names])
+    start, size = 0, min(n, 8, batch_size)  # a small first batch measures the outputs' size per sample
+    while start < n:
+        idx = np.arange(start, min(n, start + size))
+        feed = {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
+        t_batch = t_sess.run(names, {k: feed[k] for k in t_in})
+        s_batch = s_sess.run(names, {k: feed[k] for k in s_in})
+        for j, name in enumerate(names):
+            tallies[j].add(t_batch[j], s_batch[j], None if mask is None else mask[idx], kinds.get(name))
+            if metric is not None:
+                kept[0][j].append(t_batch[j])
+                kept[1][j].append(s_batch[j])
+        if start == 0:
+            size = _eval_batch(t_batch, n, batch_size)
+        start = int(idx[-1]) + 1
+        del t_batch, s_batch, feed
     result = Evaluation(samples=n, source=source, metric=metric.spec if metric else None)
-    teacher_all, student_all = {}, {}
-    for j, name in enumerate(names):
-        t, s = np.concatenate(t_out[j]), np.concatenate(s_out[j])
-        t_out[j], s_out[j] = [], []
-        teacher_all[name], student_all[name] = t, s
-        t64, s64 = t.astype(np.float64), s.astype(np.float64)
-        tp, pooled = pool(t64, mask)
-        sp, _ = pool(s64, mask)
-        cos = cosine_rows(tp, sp)
-        rel = float(np.max(np.abs(t64 - s64)) / max(float(np.max(np.abs(t64))), 1e-12))
-        fidelity = OutputFidelity(name, float(cos.mean()), float(cos.min()), rel, pooled)
+    ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, tally in zip(names, tallies, strict=True):
+        cos = np.concatenate(tally.cosines)
+        fidelity = OutputFidelity(name, float(cos.mean()), float(cos.min()),
+                                  tally.max_diff / max(tally.max_ref, 1e-12), tally.pooled)
         kind = kinds.get(name)
         if kind is not None:
             fidelity.kind, fidelity.kind_reason = kind.kind, kind.reason
-        axis = _class_axis(kind, t)
-        if axis is not None:
-            fidelity.class_axis = axis
-            for key, value in class_agreement(t, s, axis, mask, ctc_blank).items():
+        if tally.axis is not None:
+            fidelity.class_axis = tally.axis
+            t_ids, s_ids = np.concatenate(tally.teacher_ids), np.concatenate(tally.student_ids)
+            ids[name] = (t_ids, s_ids)
+            for key, value in id_agreement(t_ids, s_ids, tally.classes, mask, ctc_blank).items():
                 setattr(fidelity, key, value)
         result.outputs.append(fidelity)
     first = next((o for o in result.outputs if o.class_axis is not None), None)
@@ -335,12 +380,14 @@ def evaluate(teacher: str | Path, student: str | Path, inputs: dict[str, np.ndar
         result.top1_agreement = first.top1_agreement
         result.sequence_agreement, result.ctc_agreement = first.sequence_agreement, first.ctc_agreement
     if labels is not None:
-        scored = next((o for o in result.outputs if o.class_axis == 1 and teacher_all[o.name].ndim == 2), None)
+        scored = next((o for o in result.outputs if o.class_axis == 1 and ids[o.name][0].ndim == 1), None)
         if scored is not None and len(labels) == n:
-            t_top, s_top = teacher_all[scored.name].argmax(1), student_all[scored.name].argmax(1)
+            t_top, s_top = ids[scored.name]
             result.teacher_accuracy = float((t_top == labels).mean())
             result.student_accuracy = float((s_top == labels).mean())
     if metric is not None:
+        teacher_all = {name: np.concatenate(kept[0][j]) for j, name in enumerate(names)}
+        student_all = {name: np.concatenate(kept[1][j]) for j, name in enumerate(names)}
         feed = {**inputs, **({LABELS: labels} if labels is not None else {})}
         result.teacher_metric = metric(teacher_all, teacher_all, feed)
         result.student_metric = metric(teacher_all, student_all, feed)
