@@ -257,3 +257,29 @@ def test_no_embeddings_trains_every_float_weight_but_the_lookup_tables() -> None
         grads[mode] = {onnx_name: params[key].requires_grad for onnx_name, key in param_map.items()}
     assert grads["all"] == {"table": True, "w": True}
     assert grads["no-embeddings"] == {"table": False, "w": True}
+
+
+def test_a_forward_pass_keeps_only_what_later_steps_read() -> None:
+    """Values no later step reads leave the interpreter's dict (a no-grad check of the PP-OCRv5 recogniser's
+    student peaked at 14.7 GB holding every intermediate); outputs and fetched values stay."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Relu", ["z"], ["y"])]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    module, _ = to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), trainable="none")
+    x = torch.from_numpy(rng.normal(size=(2, 4)).astype(np.float32))
+    env = module.program.env(None)
+    env["x"] = x
+    with torch.no_grad():
+        module.program.execute(env)
+    assert "y" in env and not {"x", "h", "r", "z"} & set(env)
+    expected = np.maximum(np.maximum(x.numpy() @ w1, 0) @ w2, 0)
+    np.testing.assert_allclose(module(x)[0].detach().numpy(), expected, rtol=1e-5)
+    fetched = module.run({"x": x}, ["h", "z"])
+    np.testing.assert_allclose(fetched["h"].detach().numpy(), x.numpy() @ w1, rtol=1e-5)
+    assert set(fetched) == {"h", "z"}
