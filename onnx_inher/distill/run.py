@@ -192,6 +192,7 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
     """Fine-tune `student` to match `teacher` on `data` and write it to `output` (see the CLI's help)."""
     options = options or DistillOptions()
     options.validate()
+    _env.keep_freed_memory()  # each step frees and reallocates the same large tensors (see _env)
     out = Path(output)
     student_path, teacher_path = Path(student), Path(teacher)
     check_output(out, [student_path, teacher_path])
