@@ -9,6 +9,15 @@ weight mix), `conv` the constant-weight conv heads (ungrouped Conv only), with t
 ideal (dense FLOPs / factorised FLOPs, `planning.cost`) and the efficiency (measured speedup / ideal).
 `--profile` adds ONNX Runtime's own profile of the whole models (node time by op type, one thread).
 
+`--roofline` adds, per pair and heads row, a measured memory floor: the time ORT takes (one thread, the same
+process, right after the layers) to stream the bytes the factorised layer must move at least once
+(its input, the rank features written and read back, its output, its weights) through two elementwise
+nodes. A layer whose floor is above its FLOP time (dense ms / FLOP ideal: the dense layer's own FLOP rate)
+is memory-bound: no kernel can reach the FLOP ideal there, and the roofline ideal
+min(FLOP ideal, dense ms / floor ms) is what it is measured against. The issue's per-layer targets are for
+compute-bound layers; the summary counts them on those and lists the memory-bound ones. Every run also
+times the whole teacher (one thread) for the factorised layers' share of its time (Amdahl's bound).
+
     .venv/bin/python -m benchmarks.experiments.conv_forms [--only ocr_rec,ocr_det] [--batches 1,8] [--iters 40]
 """
 
@@ -29,7 +38,9 @@ import onnx
 from benchmarks.common import RESULTS, command, quiet, write_json
 from benchmarks.latency_table import MODELS
 from onnx_inher import api
-from onnx_inher.bench.sessions import Settings
+from onnx_inher.bench.profile import shape_table
+from onnx_inher.bench.sessions import Runner, Settings, create, interleave
+from onnx_inher.bench.stats import summarize
 from onnx_inher.passes.factorize import conv_form_applies
 from onnx_inher.planning import cost
 from onnx_inher.planning.plan import Options, Plan
@@ -54,6 +65,59 @@ def _plan(teacher: Path, shapes: dict[str, list[int]], form: str) -> tuple[Plan,
 def _ideal(view: Any, rank: int, heads: int, form: str) -> float:
     f = cost.after(view, rank, heads, None if form == "pair" else form).flops
     return cost.dense(view).flops / f if f else float("nan")
+
+
+def _streaming_graph(n1: int, n2: int) -> bytes:
+    """Two Relus over n1 and n2 floats: each reads and writes its tensor once (2 x 4 bytes a float)."""
+    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [k]) for n, k in (("a", n1), ("b", n2))]
+    out = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [k]) for n, k in (("ya", n1), ("yb", n2))]
+    nodes = [onnx.helper.make_node("Relu", [n], [f"y{n}"]) for n in ("a", "b")]
+    g = onnx.helper.make_graph(nodes, "floor", vi, out)
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)]).SerializeToString()
+
+
+def memory_floor_ms(x: int, r: int, y: int, w: int, iters: int) -> float:
+    """p50 ms of streaming what a factorised layer moves at least once: x read, r written and read, y written,
+    w (weights) read, as two elementwise nodes (n1 + n2 floats each read and written)."""
+    n1, n2 = max(1, (x + r + w) // 2), max(1, (r + y) // 2)
+    settings = Settings(provider="cpu", threads=1, spinning=False, cuda_graph=False)
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.standard_normal(n1).astype(np.float32), "b": rng.standard_normal(n2).astype(np.float32)}
+    runner = Runner(create(_streaming_graph(n1, n2), settings, "memory floor"), feed, "memory floor")
+    (samples,) = interleave([runner], 5, iters)
+    return float(summarize(samples, 1).p50)
+
+
+def teacher_ms(teacher: Path, shapes: dict[str, list[int]], iters: int) -> float:
+    """p50 ms of the whole teacher, one thread: the denominator of the factorised layers' share of its time."""
+    model = onnx.load(str(teacher))
+    settings = Settings(provider="cpu", threads=1, spinning=False, cuda_graph=False)
+    runner = Runner(create(model.SerializeToString(), settings, "teacher"), sample_inputs(model, shapes=shapes),
+                    "teacher")
+    (samples,) = interleave([runner], 5, iters)
+    return float(summarize(samples, 1).p50)
+
+
+def add_roofline(rows: list[dict[str, Any]], teacher: Path, shapes: dict[str, list[int]], iters: int) -> None:
+    """Memory floor, roofline ideal and bound (`compute` / `memory`) of every row, in place (see the module
+    docstring)."""
+    model = onnx.load(str(teacher))
+    table = shape_table(teacher, model, sample_inputs(model, shapes=shapes))
+    out_of = {n.name: n.output[0] for n in model.graph.node}
+    for row in rows:
+        dims = table[out_of[row["node"]]].dims if out_of.get(row["node"]) in table else None
+        if dims is None or any(not isinstance(d, int) for d in dims):
+            continue
+        y = int(np.prod(dims))
+        x = int(np.prod([int(d) for d in row["at"].removeprefix("input ").split("x")]))
+        r = y // row["out"] * row["rank"]
+        w = row["rank"] * (row["in"] + row["heads"] * row["out"])  # `in` is already C_in / groups x k x k
+        floor = memory_floor_ms(x, r, y, w, iters)
+        flop_ms = row["dense_ms"] / row["ideal_flops"]
+        ideal = min(row["ideal_flops"], row["dense_ms"] / floor)
+        row.update(floor_ms=round(floor, 4), roofline_ideal=round(ideal, 3),
+                   roofline_efficiency=round(row["speedup"] / ideal, 3),
+                   bound="memory" if floor > flop_ms else "compute")
 
 
 def layers(teacher: Path, shapes: dict[str, list[int]], iters: int, cache: Path) -> list[dict[str, Any]]:
@@ -160,6 +224,23 @@ def _best_heads(forms: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     return conv if faster else mix
 
 
+def _roofline_summary(name: str, batch: str, layers: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Which layers the memory floor binds, and their efficiency against the roofline ideal."""
+    memory = {n: f for n, f in layers.items() if f.get("pair", {}).get("bound") == "memory"}
+    lines = [f"**{name}, batch {batch}, roofline**: {len(layers) - len(memory)} of {len(layers)} layers "
+             f"(dense >= {COMPUTE_BOUND_MS * int(batch):g} ms) are compute-bound as pairs; memory-bound:\n",
+             "| layer | input | rank | dense ms | pair ms | floor ms | FLOP ideal | roofline ideal | eff. vs FLOP | "
+             "eff. vs roofline | heads eff. vs roofline |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for node, f in memory.items():
+        r, h = f["pair"], _best_heads(f)
+        heads = f"{h['roofline_efficiency']:.2f}" if h and "roofline_efficiency" in h else "-"
+        lines.append(f"| {node} | {r['at'].removeprefix('input ')} | {r['rank']} | {r['dense_ms']:.3f} | "
+                     f"{r['factorized_ms']:.3f} | {r['floor_ms']:.3f} | {r['ideal_flops']:.2f} | "
+                     f"{r['roofline_ideal']:.2f} | {r['efficiency']:.2f} | {r['roofline_efficiency']:.2f} | {heads} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(doc: dict[str, Any], table_batches: set[str] | None = None, max_rows: int = 1000) -> str:
     """Per model and batch: a summary against the targets, then the compute-bound layers (at most `max_rows`,
     only for `table_batches` when given)."""
@@ -177,6 +258,14 @@ def markdown(doc: dict[str, Any], table_batches: set[str] | None = None, max_row
                 by.setdefault(r["node"], {})[r["form"]] = r
             bound = {n: f for n, f in by.items()
                      if max(r["dense_ms"] for r in f.values()) >= COMPUTE_BOUND_MS * int(batch)}
+            if "teacher_ms" in rec:
+                dense = sum(r["dense_ms"] for r in rows if r["form"] == "pair")
+                out.append(f"**{name}, batch {batch}**: the factorised layers, each timed alone, take {dense:.2f} ms "
+                           f"of the teacher's {rec['teacher_ms'][batch]:.2f} ms "
+                           f"({dense / rec['teacher_ms'][batch]:.0%}).\n")
+            if any("bound" in r for r in rows):
+                out.append(_roofline_summary(name, batch, bound))
+                bound = {n: f for n, f in bound.items() if f.get("pair", {}).get("bound") == "compute"}
             pair = [f["pair"]["efficiency"] for f in bound.values() if "pair" in f]
             best = [b["efficiency"] for b in (_best_heads(f) for f in bound.values()) if b]
             mix = [f["mix"]["efficiency"] for f in bound.values() if "mix" in f]
@@ -220,6 +309,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--profile", action="store_true", help="Also profile the whole models by op type.")
+    ap.add_argument("--roofline", action="store_true", help="Also measure each layer's memory floor.")
     ap.add_argument("--out", type=Path, default=RESULTS / "conv_forms.json")
     ap.add_argument("--markdown", action="store_true", help="Only print the tables of an existing --out JSON.")
     ap.add_argument("--table-batches", default="", help="With --markdown: layer tables only at these batches.")
@@ -254,6 +344,9 @@ def main() -> None:
             for b in (int(x) for x in args.batches.split(",")):
                 at = {k: [b, *v[1:]] for k, v in shapes.items()}
                 rec["layers"][str(b)] = layers(teacher, at, args.iters, Path(tmp) / "cache")
+                if args.roofline:
+                    add_roofline(rec["layers"][str(b)], teacher, at, args.iters)
+                rec.setdefault("teacher_ms", {})[str(b)] = round(teacher_ms(teacher, at, args.iters), 4)
                 print(f"{name} batch {b}: {len(rec['layers'][str(b)])} rows", flush=True)
             if args.profile:
                 folder = Path(tmp) / name
