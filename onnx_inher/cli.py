@@ -401,8 +401,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
               help="cache: run the teacher once over the data and memory-map its outputs; online: run it on "
                    "each batch (no disk, any number of --features; needed by --augment).")
 @click.option("--backoff/--no-backoff", default=True, show_default=True,
-              help="When a validation is worse than the best so far, restore the best weights, reset the "
-                   "optimizer and cut the learning rate to 0.3x (at most 4 times).")
+              help="When a validation loss is over 1.5x the best so far, or worse than the best twice in a row, "
+                   "restore the best weights, reset the optimizer and cut the learning rate to 0.3x (at most 4 "
+                   "times).")
 @click.option("--time-limit", type=float, default=0.0, show_default=True, metavar="SECONDS",
               help="Stop training after this many seconds (0: no limit), even mid-schedule; the student keeps "
                    "the weights it has then (or the best validated ones) and the summary says so.")

@@ -30,7 +30,7 @@ from onnx_inher.distill.dist import World
 from onnx_inher.distill.losses import OutputLoss
 from onnx_inher.distill.options import parse_assignments
 from onnx_inher.distill.run import DistillResult
-from onnx_inher.distill.trainer import LossPlan, Part, Trainer, autocast_dtype, lr_at
+from onnx_inher.distill.trainer import LossPlan, Part, Trainer, autocast_dtype, backoff_due, lr_at
 from onnx_inher.errors import InputError
 from onnx_inher.runtime import session
 from tests.helpers import mlp_teacher, weights
@@ -305,3 +305,29 @@ def test_lr_auto_probes_each_rate_from_the_start_and_then_trains_as_if_given_the
     given, same = trained(auto.lr)
     assert given.lr_probe is None and given.final == auto.final
     assert all(torch.equal(weights[k], same[k]) for k in weights)  # the probe left nothing behind
+
+
+def test_backoff_waits_out_one_mild_dip_but_not_a_wreck_or_a_second_dip(setup: dict[str, Path]) -> None:
+    """The rule (`backoff_due`) and the trainer acting on it, with validation losses scripted."""
+    assert not backoff_due(1.1, 1.0, 1) and backoff_due(1.1, 1.0, 2) and backoff_due(1.6, 1.0, 1)
+    model = onnx.load(str(setup["student"]))
+    module, _ = to_torch(model)
+    data = load_data(str(setup["data"]), input_specs(model))
+    train, val = split(data, 0.2)
+    teacher = {"logits": session(setup["teacher"], "cpu").run(["logits"], data.inputs)[0]}
+    trainer = Trainer(module, LossPlan([OutputLoss("logits", "kd")]), Part(train, teacher), Part(val, teacher),
+                      DistillOptions(steps=6, batch_size=16, checkpoint_every=0, lr=1e-3, eval_every=1),
+                      World(0, 1, torch.device("cpu")), {}, None, None)
+    # start 1.0; a dip (no cut); a new best; worse twice (cut at the second); a wreck (cut at once); better
+    losses = iter([1.0, 1.1, 0.9, 0.95, 0.96, 5.0, 0.8])
+    scales: list[float] = []
+
+    def scripted(limit: int | None = None) -> dict[str, float]:
+        scales.append(trainer.lr_scale)
+        return {"val_loss": next(losses)}
+
+    trainer.evaluate = scripted  # type: ignore[method-assign]
+    result = trainer.run()
+    # lr_scale as each validation began: cuts after the 5th (second dip in a row) and 6th (wreck) validations
+    assert scales == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.09])
+    assert result.best_step == 6 and result.lr_scale == pytest.approx(0.09)

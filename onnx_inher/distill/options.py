@@ -56,7 +56,8 @@ class DistillOptions:
     augment: str = "none"
     teacher_runtime: str = "auto"
     time_limit: float = 0.0  # seconds of training; 0: none
-    backoff: bool = True  # a validation worse than the best: restore the best, lr x BACKOFF_FACTOR
+    backoff: bool = True  # validation far worse than the best, or worse twice in a row: restore the best,
+    # lr x BACKOFF_FACTOR (trainer.backoff_due)
 
     @property
     def online_teacher(self) -> bool:
