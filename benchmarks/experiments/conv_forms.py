@@ -76,26 +76,26 @@ def _streaming_graph(n1: int, n2: int) -> bytes:
     return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)]).SerializeToString()
 
 
+def _p50_ms(model: bytes, feed: dict[str, np.ndarray], label: str, iters: int) -> float:
+    """p50 ms of one model alone on one CPU thread, after 5 warm-up runs."""
+    runner = Runner(create(model, Settings(provider="cpu", threads=1), label), feed, label)
+    (samples,) = interleave([runner], 5, iters)
+    return float(summarize(samples, 1).p50)
+
+
 def memory_floor_ms(x: int, r: int, y: int, w: int, iters: int) -> float:
     """p50 ms of streaming what a factorised layer moves at least once: x read, r written and read, y written,
     w (weights) read, as two elementwise nodes (n1 + n2 floats each read and written)."""
     n1, n2 = max(1, (x + r + w) // 2), max(1, (r + y) // 2)
-    settings = Settings(provider="cpu", threads=1, spinning=False, cuda_graph=False)
     rng = np.random.default_rng(0)
     feed = {"a": rng.standard_normal(n1).astype(np.float32), "b": rng.standard_normal(n2).astype(np.float32)}
-    runner = Runner(create(_streaming_graph(n1, n2), settings, "memory floor"), feed, "memory floor")
-    (samples,) = interleave([runner], 5, iters)
-    return float(summarize(samples, 1).p50)
+    return _p50_ms(_streaming_graph(n1, n2), feed, "memory floor", iters)
 
 
 def teacher_ms(teacher: Path, shapes: dict[str, list[int]], iters: int) -> float:
     """p50 ms of the whole teacher, one thread: the denominator of the factorised layers' share of its time."""
     model = onnx.load(str(teacher))
-    settings = Settings(provider="cpu", threads=1, spinning=False, cuda_graph=False)
-    runner = Runner(create(model.SerializeToString(), settings, "teacher"), sample_inputs(model, shapes=shapes),
-                    "teacher")
-    (samples,) = interleave([runner], 5, iters)
-    return float(summarize(samples, 1).p50)
+    return _p50_ms(model.SerializeToString(), sample_inputs(model, shapes=shapes), "teacher", iters)
 
 
 def add_roofline(rows: list[dict[str, Any]], teacher: Path, shapes: dict[str, list[int]], iters: int) -> None:
