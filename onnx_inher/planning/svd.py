@@ -155,6 +155,65 @@ def whitened_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = WHITEN
     return u, s, down
 
 
+@dataclass(frozen=True)
+class OutputGram:
+    """`Y^T Y` of a layer's outputs less bias (`[g, out, out]`, float64): whitening on the output side.
+
+    A layer's input Gram matrix is `in x in`; CREPE's second conv reads 1,024 channels through a 64-tap
+    kernel, so its patches have 65,536 values and their Gram matrix would take 34 GB (and the sampled
+    patch rows more). The output-side Gram of the same calibration samples is `out x out` (128 x 128
+    there) and leads to the same truncation (`response_svd`)."""
+
+    gram: np.ndarray
+
+
+def response_svd(matrices: np.ndarray, gram: np.ndarray, damping: float = WHITENING_DAMPING,
+                 lead: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Data-aware SVD from the outputs' Gram matrix `C_y = M C_x M^T` (Zhang et al. 2015, "Accelerating
+    Very Deep Convolutional Networks": the principal subspace of a layer's responses).
+
+    The best rank-r approximation of the responses `M X` is `U_r U_r^T M X`, with `U_r` the top-r
+    eigenvectors of `C_y`; `M_r = U_r U_r^T M` reaches it, so truncating `(U, s, V^T)` with `V^T = U^T M / s`
+    (s: the row norms) minimises the same output error as `whitened_svd`, from an `out x out` matrix. Full
+    rank is exact (`U U^T = I`). Damping adds `mu M M^T` (the plain SVD's Gram, `mu` = `damping` x their trace
+    ratio), as `whitened_svd` adds `lambda I` to `C_x`: directions the samples never excite fall back to plain
+    SVD. `lead` (`[g, out, out]`) approximates `L M` instead, for responses that should become `L y`
+    (`sequential`'s least-squares map from the student's responses to the teacher's); `C_y` is then the
+    Gram matrix of the responses `L` is applied to."""
+    c_all = np.asarray(gram, dtype=np.float64)
+    c_all = c_all[None] if c_all.ndim == 2 else c_all
+    us, ss, vts = [], [], []
+    with _one_blas_thread():
+        for j in range(len(matrices)):
+            m = matrices[j].astype(np.float64)
+            plain = m @ m.T
+            c = (c_all[j] + c_all[j].T) / 2
+            mu = damping * float(np.trace(c)) / max(float(np.trace(plain)), np.finfo(np.float64).tiny)
+            lm = m if lead is None else lead[j] @ m
+            k = c + mu * plain if lead is None else lead[j] @ (c + mu * plain) @ lead[j].T
+            _, u = np.linalg.eigh((k + k.T) / 2)
+            u = u[:, ::-1]
+            flip = np.sign(np.take_along_axis(u, np.abs(u).argmax(axis=0, keepdims=True), axis=0))
+            flip[flip == 0] = 1
+            u = u * flip
+            b = u.T @ lm
+            s = np.linalg.norm(b, axis=1)
+            vt = b / np.where(s > 0, s, 1.0)[:, None]
+            us.append(u)
+            ss.append(s)
+            vts.append(vt)
+    return (np.stack(us).astype(np.float32), np.stack(ss).astype(np.float32), np.stack(vts).astype(np.float32))
+
+
+def data_aware_svd(matrices: np.ndarray, gram: np.ndarray | OutputGram, damping: float = WHITENING_DAMPING,
+                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`whitened_svd` for an input Gram matrix, `response_svd` for an `OutputGram` (which has no class-row
+    weighting: it serves layers with huge inputs, not classifier heads)."""
+    if isinstance(gram, OutputGram):
+        return response_svd(matrices, gram.gram, damping)
+    return whitened_svd(matrices, gram, damping, rows=rows)
+
+
 def output_error(matrices: np.ndarray, factors: Factors, gram: np.ndarray) -> float:
     """Relative output error `|(M - up down) S|_F / |M S|_F` on inputs with Gram matrix `gram` (`[in, in]`,
     or `[g, in, in]` per group)."""

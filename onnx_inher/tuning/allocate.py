@@ -50,7 +50,7 @@ from onnx_inher.ir.outputs import LOG_PROBABILITIES, PROBABILITIES, OutputKind, 
 from onnx_inher.metrics import cosine_rows, pool
 from onnx_inher.planning import cost
 from onnx_inher.planning.plan import Plan, Spectra, apply_edits, fits
-from onnx_inher.planning.svd import full_svd, truncate, whitened_svd
+from onnx_inher.planning.svd import OutputGram, data_aware_svd, full_svd, truncate
 from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session
 from onnx_inher.tuning.calibrate import batches
@@ -388,7 +388,7 @@ def _all_swapped(layers: dict[str, Layer], ranks: dict[str, int],
 
 
 def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spectra: Spectra,
-                            feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray],
+                            feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray | OutputGram],
                             rows: dict[str, np.ndarray] | None = None) -> Plan:
     """Re-rank the plan's factorised layers by measured output sensitivity, within its params and FLOPs."""
     chosen = [c for c in the_plan.candidates if c.decision == "factorize" and c.node in views and c.rank]
@@ -403,7 +403,7 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     for n in owners.values():
         view, c = views[n], by_node[n]
         gram = grams.get(view.shared_key)
-        svd = whitened_svd(view.matrices(), gram, rows=(rows or {}).get(view.shared_key)) if gram is not None \
+        svd = data_aware_svd(view.matrices(), gram, rows=(rows or {}).get(view.shared_key)) if gram is not None \
             else full_svd(view.matrices())
         layers[n] = Layer(view, svd, int(c.rank or 1), _cap(view, c.heads, the_plan.options.guard), c.heads)
     views_probed = [v for group in sharers.values() for v in group]

@@ -18,6 +18,11 @@ A ConvTranspose is whitened the same way, its patches computed by the node itsel
 `TransposedPatches`). A weight on the left (`y = W X`) is whitened with the Gram matrix of `X`'s columns. A
 Gemm reading its activation transposed (transA with the weight on the right) keeps plain SVD (said in the
 plan's warnings).
+
+A layer with more than MAX_GRAM_FEATURES inputs per group (CREPE's 1,024-channel, 64-tap convs: 65,536) is
+whitened on its output side instead (`by_outputs`, `svd.OutputGram`): the Gram matrix of its node output
+less bias, `out x out`, read from ORT like any other tensor. It leads to the same truncation at a memory
+bounded by the output width, where the input Gram would take tens of GB.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from onnx_inher.ir.graph import GraphIndex, NotConstant
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.outputs import softmax_axis_attr
 from onnx_inher.planning.plan import Plan, Spectra
-from onnx_inher.planning.svd import Factors, balanced, truncate, whitened_svd
+from onnx_inher.planning.svd import Factors, OutputGram, balanced, data_aware_svd, truncate
 from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session, with_outputs
 
@@ -49,6 +54,29 @@ SAMPLES = 256
 BATCH = 32
 LEFT = "left:"  # key of a left-side product's Gram matrix (features on the second last axis)
 CONV_ROWS = 4096  # output positions sampled per batch and conv layer (at least 2 x its patch size)
+MAX_GRAM_FEATURES = 4096  # inputs per group above which a layer is whitened by its outputs' Gram (`by_outputs`)
+
+
+def by_outputs(view: LayerView) -> bool:
+    """Whiten this layer on its output side (`svd.OutputGram`): its input Gram matrix would be over
+    MAX_GRAM_FEATURES square (128 MB in float64; CREPE's 1,024-channel, 64-tap convs: 65,536 inputs, 34 GB, and
+    the sampled patch rows twice that) while its outputs' is at most that. Convs, and MatMuls with the weight on
+    the right, whose node output is exactly `M x` less a known bias."""
+    return (view.in_features > MAX_GRAM_FEATURES and view.out_features <= MAX_GRAM_FEATURES
+            and (view.op == "Conv" or (view.op == "MatMul" and view.side == "right")))
+
+
+def response_rows(view: LayerView, y: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """`[g, rows, out]` float64 of a layer's node output less its bias: a Conv's output channels at every
+    position, a right-side MatMul's output rows (padding dropped)."""
+    y = np.asarray(y)
+    if view.op == "Conv":
+        rows = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]).astype(np.float64)
+        if view.bias is not None:
+            rows -= view.bias.astype(np.float64).reshape(-1)
+    else:
+        rows = token_rows(y, mask)
+    return np.ascontiguousarray(rows.reshape(len(rows), view.groups, -1).transpose(1, 0, 2))
 
 
 def activation_input(view: LayerView, model: ModelProto) -> str | None:
@@ -144,13 +172,15 @@ def _add(grams: dict[str, np.ndarray], key: str, gram: np.ndarray) -> None:
 
 
 def layer_grams(model: ModelProto, tensors: Sequence[str], convs: Sequence[LayerView], feeds: dict[str, np.ndarray],
-                batch_size: int = BATCH, seed: int = 0, lefts: Sequence[str] = ()) \
-        -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                batch_size: int = BATCH, seed: int = 0, lefts: Sequence[str] = (),
+                outputs: Sequence[LayerView] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One pass over the samples: `X^T X` of each named tensor (rows of its last axis), of each of `lefts`
-    (the `X` of `W @ X`, features on its second last axis; keyed `LEFT + name`), and each Conv's per-group
-    Gram matrix of input patches (`[g, in, in]`, by node name), all float64."""
+    (the `X` of `W @ X`, features on its second last axis; keyed `LEFT + name`), each Conv's per-group
+    Gram matrix of input patches (`[g, in, in]`, by node name), and, for each of `outputs`, the per-group
+    Gram matrix of its node output less bias (`[g, out, out]`, by node name), all float64."""
     inputs = {v.node: model.graph.node[v.node_index].input[0] for v in convs}
-    wanted = list(dict.fromkeys([*tensors, *lefts, *inputs.values()]))
+    produced = {v.node: model.graph.node[v.node_index].output[0] for v in outputs}
+    wanted = list(dict.fromkeys([*tensors, *lefts, *inputs.values(), *produced.values()]))
     names = [t for t in wanted if t not in feeds]  # graph inputs are read from the feeds
     by_tensor: dict[str, np.ndarray] = {}
     by_conv: dict[str, np.ndarray] = {}
@@ -182,6 +212,10 @@ def layer_grams(model: ModelProto, tensors: Sequence[str], convs: Sequence[Layer
                     patches = conv_patches(x, view, rows, rng)
                 p = np.ascontiguousarray(patches.transpose(1, 0, 2))  # [g, rows, in]
                 _add(by_conv, view.node, np.swapaxes(p, 1, 2) @ p)
+            for view in outputs:
+                name = produced[view.node]
+                r = response_rows(view, batch[name] if name in batch else values[name], mask)
+                _add(by_conv, view.node, np.swapaxes(r, 1, 2) @ r)
     return by_tensor, by_conv
 
 
@@ -381,7 +415,7 @@ class CalibratedSpectra(Spectra):
         if gram is None or view.node not in self.ranks:
             return super().svd(view)
         rows = self.rows.get(view.shared_key)
-        return as_svd(balanced(truncate(whitened_svd(view.matrices(), gram, rows=rows), self.ranks[view.node])))
+        return as_svd(balanced(truncate(data_aware_svd(view.matrices(), gram, rows=rows), self.ranks[view.node])))
 
 
 def as_svd(f: Factors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -396,7 +430,7 @@ class Calibration:
     """What the calibration samples gave: the samples themselves, input Grams per shared weight, notes."""
 
     feeds: dict[str, np.ndarray]
-    grams: dict[str, np.ndarray]
+    grams: dict[str, np.ndarray | OutputGram]  # input Grams; an `OutputGram` for layers `by_outputs`
     notes: list[str]
     rows: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -408,34 +442,43 @@ def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, sp
     # a layer inside an If/Loop/Scan body reads tensors no graph output can expose: plain SVD
     chosen = [v for v in factorised if not v.scope]
     inner = [v.node for v in factorised if v.scope]
-    sources = {v.node: gram_source(v, model) for v in chosen}
-    convs = [v for v in chosen if v.op in ("Conv", "ConvTranspose")]
-    plain = [v.node for v in chosen if v not in convs and sources[v.node] is None]
+    outputs = [v for v in chosen if by_outputs(v)]
+    sources = {v.node: gram_source(v, model) for v in chosen if v not in outputs}
+    convs = [v for v in chosen if v.op in ("Conv", "ConvTranspose") and v not in outputs]
+    plain = [v.node for v in chosen if v not in convs and v not in outputs and sources[v.node] is None]
     wanted = sorted({src[0] for src in sources.values() if src and src[1]})
     lefts = sorted({src[0] for src in sources.values() if src and not src[1]})
-    if not wanted and not lefts and not convs and the_plan.options.allocate != "sensitivity":
+    if not wanted and not lefts and not convs and not outputs and the_plan.options.allocate != "sensitivity":
         raise InputError(f"--calibration {spec}: no factorised layer is a Conv or a MatMul/Gemm, so there is "
                          "nothing to whiten; drop --calibration.")
     feeds = calibration_feeds(spec, model, dims=dims)
-    by_tensor, by_conv = layer_grams(model, wanted, convs, feeds, lefts=lefts) if wanted or lefts or convs \
-        else ({}, {})
+    by_tensor, by_conv = layer_grams(model, wanted, convs, feeds, lefts=lefts, outputs=outputs) \
+        if wanted or lefts or convs or outputs else ({}, {})
     grams: dict[str, np.ndarray] = {}
+    responses: dict[str, np.ndarray] = {}
     for v in chosen:
-        src = sources[v.node]
-        if v.op in ("Conv", "ConvTranspose"):
+        if v in outputs:
+            _add(responses, v.shared_key, by_conv[v.node])
+        elif v.op in ("Conv", "ConvTranspose"):
             _add(grams, v.shared_key, by_conv[v.node])
-        elif src is not None:
+        elif (src := sources[v.node]) is not None:
             _add(grams, v.shared_key, by_tensor[src[0] if src[1] else LEFT + src[0]])
+    grams.update({key: OutputGram(gram) for key, gram in responses.items()})  # type: ignore[misc]
     notes = [f"calibration '{spec}': {len(chosen) - len(plain)} layer(s) factorised by whitened SVD on "
              f"{len(next(iter(feeds.values())))} samples"]
     index = GraphIndex.build(model.graph)
     users = Counter(v.shared_key for v in chosen)  # a weight shared by several layers has no single head
     heads = {v.node: head for v in chosen
-             if v.shared_key in grams and users[v.shared_key] == 1 and (head := softmax_after(v, model, index))}
+             if v.shared_key in grams and not isinstance(grams[v.shared_key], OutputGram)
+             and users[v.shared_key] == 1 and (head := softmax_after(v, model, index))}
     rows: dict[str, np.ndarray] = {}
     if heads:
         features = {n: views[n].out_features for n in heads}
         rows = {views[n].shared_key: w for n, w in output_weights(model, heads, features, feeds).items()}
+    if outputs:
+        notes.append(f"calibration: {len(outputs)} layer(s) with over {MAX_GRAM_FEATURES} inputs per group "
+                     "whitened by their outputs' Gram matrix (their inputs' would not fit in memory): "
+                     f"{', '.join(v.node for v in outputs[:3])}{' ...' if len(outputs) > 3 else ''}")
     if rows:
         named = sorted(n for n in heads if views[n].shared_key in rows)
         notes.append(f"calibration: {len(rows)} classifier head(s) weighted by the teacher's class "

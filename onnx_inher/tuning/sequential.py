@@ -37,11 +37,20 @@ from onnx_inher import _env
 from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.planning.plan import Plan
-from onnx_inher.planning.svd import WHITENING_DAMPING, balanced, truncate, whitened_svd
+from onnx_inher.planning.svd import WHITENING_DAMPING, balanced, data_aware_svd, response_svd, truncate, whitened_svd
 from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session, with_outputs
 from onnx_inher.tuning.allocate import probe_model, weight_from_matrices
-from onnx_inher.tuning.calibrate import CONV_ROWS, activation_input, as_svd, batches, conv_patches, token_rows
+from onnx_inher.tuning.calibrate import (
+    CONV_ROWS,
+    activation_input,
+    as_svd,
+    batches,
+    by_outputs,
+    conv_patches,
+    response_rows,
+    token_rows,
+)
 
 Svd = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -92,6 +101,38 @@ def _reconstruction(f: Any) -> np.ndarray:
     return f.up.astype(np.float64) @ f.down.astype(np.float64)
 
 
+def _projector(svd: Svd, rank: int, lead: np.ndarray | None = None) -> np.ndarray:
+    """`U_r U_r^T L` per group: what a `response_svd` truncation does to the layer's responses."""
+    u = svd[0][:, :, :rank].astype(np.float64)
+    p = u @ np.swapaxes(u, 1, 2)
+    return p if lead is None else p @ lead
+
+
+def _fit_by_outputs(view: LayerView, rank: int, halves: list[list[np.ndarray | None]], teacher_gram: Any,
+                    damping: float, kept: list[str]) -> tuple[Any, bool]:
+    """Graph-order fit of a layer whitened on its output side (`calibrate.by_outputs`), and whether it won.
+
+    The same least squares as for input Grams, on the responses `y = M x` instead of the inputs: the map
+    `L = I + (C_ts - C_ss)(C_ss + lambda I)^-1` takes the teacher's layer applied to the student's inputs to
+    the teacher's own responses, and the rank-r `U_r U_r^T L M` is the best reduced-rank version of it
+    (`response_svd` with `lead=L`). All matrices are `out x out`; the held-out rule is the same."""
+    m = view.matrices()
+    eye = np.broadcast_to(np.eye(m.shape[1]), (m.shape[0], m.shape[1], m.shape[1]))
+    (ss_a, ts_a, tt_a), (ss_b, ts_b, tt_b) = halves
+    if teacher_gram is not None and ss_a is not None and ss_b is not None:
+        lead = _inherited(eye, ss_a, ts_a, damping)
+        e_fit = _held_out_error(eye, _projector(response_svd(m, ss_a, damping, lead=lead), rank, lead), tt_b,
+                                ts_b, ss_b, None)
+        e_white = _held_out_error(eye, _projector(response_svd(m, tt_a, damping), rank), tt_b, ts_b, ss_b, None)
+        if not e_fit < e_white:
+            kept.append(f"{view.node} (held-out error {e_fit:.3g} fitted vs {e_white:.3g} whitened)")
+            return balanced(truncate(data_aware_svd(m, teacher_gram, damping), rank)), False
+    ss, ts = [a + b if a is not None and b is not None else a if a is not None else b
+              for a, b in zip(halves[0][:2], halves[1][:2], strict=True)]
+    lead = _inherited(eye, ss, ts, damping)
+    return balanced(truncate(response_svd(m, ss, damping, lead=lead), rank)), True
+
+
 def sequential_svds(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, feeds: dict[str, np.ndarray],
                     rows: dict[str, np.ndarray] | None = None, damping: float = WHITENING_DAMPING,
                     grams: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Svd], list[str]]:
@@ -117,7 +158,9 @@ def sequential_svds(model: ModelProto, views: dict[str, LayerView], the_plan: Pl
     ranks = {c.node: int(c.rank) for c in the_plan.candidates if c.decision == "factorize" and c.rank}
     probe, names = probe_model(model, layers)
     graph = {i.name for i in model.graph.input}
-    sources = {v.node: activation_input(v, model) or "" for v in layers}
+    # what each layer's fit reads: its input, or for a layer whitened on its output side its node output
+    sources = {v.node: model.graph.node[v.node_index].output[0] if by_outputs(v) else activation_input(v, model) or ""
+               for v in layers}
     fetch = sorted({s for s in sources.values() if s not in graph})
     student = {names[v.node]: v.weight for v in layers}
     out: dict[str, Svd] = {}
@@ -148,7 +191,10 @@ def sequential_svds(model: ModelProto, views: dict[str, LayerView], the_plan: Pl
                     xt = reference.run([src], batch)[0]
                     xs = session.run([src], {**batch, **student})[0]
                 mask = batch.get(MASK)
-                rt, rs = _rows(view, xt, mask, seed), _rows(view, xs, mask, seed)
+                if by_outputs(view):
+                    rt, rs = response_rows(view, xt, mask), response_rows(view, xs, mask)
+                else:
+                    rt, rs = _rows(view, xt, mask, seed), _rows(view, xs, mask, seed)
                 split = [(b % 2, rt, rs)] if len(todo) > 1 else \
                     [(0, rt[:, ::2], rs[:, ::2]), (1, rt[:, 1::2], rs[:, 1::2])]
                 for h, t, u in split:
@@ -156,6 +202,12 @@ def sequential_svds(model: ModelProto, views: dict[str, LayerView], the_plan: Pl
                     halves[h] = [g if acc is None else acc + g for acc, g in zip(halves[h], grams_h, strict=True)]
             layer_rows = (rows or {}).get(view.shared_key) if view.op != "Conv" else None
             teacher_gram = (grams or {}).get(view.shared_key)
+            if by_outputs(view):
+                f, won = _fit_by_outputs(view, ranks[view.node], halves, teacher_gram, damping, kept)
+                if won:
+                    out[view.shared_key] = as_svd(f)
+                student[names[view.node]] = weight_from_matrices(view, _reconstruction(f).astype(np.float32))
+                continue
             m0 = view.matrices().astype(np.float64)
 
             def fitted(c_ss: np.ndarray, c_ts: np.ndarray, m0: np.ndarray = m0, view: LayerView = view,
