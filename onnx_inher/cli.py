@@ -193,6 +193,25 @@ class LearningRate(click.ParamType):
 
 LR = LearningRate()
 
+
+class TimeLimit(click.ParamType):
+    """`run --time-limit`: seconds of distillation (0: none), or `auto` (None: the run's time budget)."""
+
+    name = "auto|SECONDS"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"expected seconds (>= 0) or 'auto', got '{value}'", param, ctx)
+        if not seconds >= 0:
+            self.fail(f"expected seconds (>= 0) or 'auto', got '{value}'", param, ctx)
+        return seconds
+
 # Shared by `distill` and `run`: one definition, one help text.
 lr_option = click.option("--lr", type=LR, default="auto", show_default=True,
                          help="AdamW peak learning rate, or auto: the best of 1e-3, 3e-4, 1e-4, 3e-5 after 8 steps "
@@ -455,6 +474,8 @@ def _print_distill(result: Any) -> None:
     train = result.train
     teacher = f"run per batch in {result.teacher_runtime}" if result.teacher_mode == "online" else \
         "cached" if result.teacher_cached else "run"
+    if train.planned_steps:
+        click.echo(f"--time-limit: the schedule was sized to fit, {train.total_steps} of {train.planned_steps} steps")
     if train.out_of_time:
         click.echo(f"stopped by --time-limit at step {train.steps} of {train.total_steps}")
     click.echo(f"{train.steps} steps of batch {result.batch_size} in {train.seconds:.1f} s on {result.train_samples} "
@@ -494,7 +515,7 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Run folder (created; a rerun skips the stages that are complete and still valid).")
 @policy_options
-@click.option("--epochs", type=int, default=3, show_default=True, help="Distillation epochs.")
+@click.option("--epochs", type=int, help="Distillation epochs (default 3, within --time-limit auto's budget).")
 @click.option("--steps", type=int, help="Distillation optimizer steps instead of --epochs.")
 @batch_option
 @lr_option
@@ -522,9 +543,10 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--seq-len", "seq_lens", default="",
               help="Bench sequence lengths (dynamic inner dims) instead of --data's sample shape.")
 @click.option("--iters", type=int, default=50, show_default=True, help="Timed bench runs per model and shape.")
-@click.option("--time-limit", type=float, default=0.0, show_default=True, metavar="SECONDS",
-              help="Stop distillation after this many seconds (0: no limit), keeping the best validated weights: "
-                   "how to fit a run into a CPU budget (see the README's recipe).")
+@click.option("--time-limit", type=TimeLimit(), default="auto", show_default=True,
+              help="Seconds of distillation (0: no limit): the schedule is sized to fit them. auto: with no "
+                   "--epochs/--steps given, the whole run aims at 30 minutes (distillation gets what compress "
+                   "left, less a reserve for evaluate and bench); otherwise no limit.")
 @click.option("--require-improvement", is_flag=True,
               help="Exit 1 when a distillation never improved on its SVD-initialised student (validation never "
                    "beat the starting weights, which were then kept); the run folder and report are written.")
@@ -532,29 +554,30 @@ def _print_run(result: Any, as_json: bool) -> None:
 @data_options
 @speed_options
 @handled
-def run_cmd(teacher: Path, data: str, output: Path, epochs: int, steps: int | None, batch_size: int | None,
+def run_cmd(teacher: Path, data: str, output: Path, epochs: int | None, steps: int | None, batch_size: int | None,
             lr: float | None,
             temperature: float | None, alpha: float, features: str, trainable: str, val_fraction: float,
             compare_pair: bool, provider: str, batches: str, seq_lens: str, iters: int, as_json: bool,
             **kw: Any) -> None:
     """plan -> compress -> verify -> distill -> verify -> bench -> report, into one resumable run folder."""
     from onnx_inher.distill import DistillOptions, parse_assignments
-    from onnx_inher.run import BenchSettings, not_improved, run
+    from onnx_inher.run import RUN_BUDGET, BenchSettings, not_improved, run
 
     losses, metric, ctc_blank = kw.pop("losses"), kw.pop("metric"), kw.pop("ctc_blank")
     require_improvement, time_limit = kw.pop("require_improvement"), kw.pop("time_limit")
     if kw["allocate"] == "sensitivity" and not kw["calibration"]:
         kw["calibration"] = data  # measure on the data the student will be distilled on
     options = _options(kw)
-    dopts = DistillOptions(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
-                           alpha=alpha, features=[f for f in features.split(",") if f], trainable=trainable,
-                           val_fraction=val_fraction, seed=options.seed, dims=options.dims,
-                           losses=parse_assignments(losses, "--loss"), time_limit=time_limit)
+    budget = RUN_BUDGET if time_limit is None and epochs is None and steps is None else None
+    dopts = DistillOptions(epochs=3 if epochs is None else epochs, steps=steps, batch_size=batch_size, lr=lr,
+                           temperature=temperature, alpha=alpha, features=[f for f in features.split(",") if f],
+                           trainable=trainable, val_fraction=val_fraction, seed=options.seed, dims=options.dims,
+                           losses=parse_assignments(losses, "--loss"), time_limit=time_limit or 0.0)
     bset = BenchSettings(batches=tuple(_ints(batches, "--batch")),
                          seq_lens=tuple(_ints(seq_lens, "--seq-len")) if seq_lens else (), provider=provider,
                          iters=iters)
     result = run(teacher, data, output, options, dopts, bset, compare_pair=compare_pair, metric=metric,
-                 ctc_blank=ctc_blank, log=(lambda m: click.echo(m, err=True)))
+                 ctc_blank=ctc_blank, time_budget=budget, log=(lambda m: click.echo(m, err=True)))
     _print_run(result, as_json)
     stuck = not_improved(result.distill)
     if require_improvement and stuck:

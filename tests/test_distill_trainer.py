@@ -331,3 +331,34 @@ def test_backoff_waits_out_one_mild_dip_but_not_a_wreck_or_a_second_dip(setup: d
     # lr_scale as each validation began: cuts after the 5th (second dip in a row) and 6th (wreck) validations
     assert scales == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.09])
     assert result.best_step == 6 and result.lr_scale == pytest.approx(0.09)
+
+
+def test_steps_that_fit_count_the_validations_too() -> None:
+    from onnx_inher.distill.trainer import steps_that_fit
+
+    assert steps_that_fit(5000, 2.0, 10, 504, 168, 25) == 504  # everything fits: the schedule stays
+    # 480 steps of 2 s and 4 validations of 10 s (early, 168, 336, last) take exactly 1000 s
+    assert steps_that_fit(1000, 2.0, 10, 504, 168, 25) == 480
+    assert steps_that_fit(1, 2.0, 10, 504, 168, 25) == 1
+
+
+@pytest.mark.parametrize("lr", [None, 1e-3])  # sized after the lr probe, or after a few timed steps
+def test_a_time_limit_sizes_the_schedule_so_that_it_ends_on_time(setup: dict[str, Path], lr: float | None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = onnx.load(str(setup["student"]))
+    module, _ = to_torch(model)
+    data = load_data(str(setup["data"]), input_specs(model))
+    train, val = split(data, 0.2)
+    teacher = {"logits": session(setup["teacher"], "cpu").run(["logits"], data.inputs)[0]}
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, *a, **k: (time.sleep(0.05), step(self, *a, **k))[1])
+    trainer = Trainer(module, LossPlan([OutputLoss("logits", "kd")]), Part(train, teacher), Part(val, teacher),
+                      DistillOptions(steps=200, batch_size=16, checkpoint_every=0, lr=lr, time_limit=4.0),
+                      World(0, 1, torch.device("cpu")), {}, None, None)
+    began = time.perf_counter()
+    result = trainer.run()
+    assert result.planned_steps == 200 and 10 < result.total_steps < 100, result
+    assert result.steps == result.total_steps and not result.out_of_time  # the whole (shorter) schedule ran
+    assert time.perf_counter() - began < 6.0
+    last = lr_at(result.total_steps - 1, result.total_steps, trainer.base_lr, 0.05)
+    assert last < 0.01 * trainer.base_lr  # the cosine decay ended with the schedule, not cut mid-way

@@ -116,6 +116,28 @@ LR_CANDIDATES = (1e-3, 3e-4, 1e-4, 3e-5)  # what `--lr auto` tries, largest firs
 LR_PROBE_STEPS = 8  # steps per candidate, from the starting weights each time
 LR_PROBE_SAMPLES = 128  # validation samples each candidate is scored on
 LR_FALLBACK = 1e-3  # `--lr auto` without validation data
+PACE_STEPS = 4  # with --time-limit and no lr probe: training steps timed before the schedule is fitted
+TIME_MARGIN = 0.97  # share of the time left that a fitted schedule plans to use (checkpoints, jitter)
+
+
+def steps_that_fit(seconds: float, per_step: float, per_validation: float, total: int, eval_every: int,
+                   early: int | None) -> int:
+    """The most steps (<= total, >= 1) whose training and validations take at most `seconds`.
+
+    Why: --time-limit used to stop a run mid-schedule, its learning rate still high and its last steps
+    wasted; a schedule sized to the time ends its cosine decay on time. Validations run every `eval_every`
+    steps, at the last step and at `early`."""
+    def cost(n: int) -> float:
+        checks = n // eval_every + (n % eval_every != 0) + (early is not None and early < n and early % eval_every != 0)
+        return n * per_step + checks * per_validation
+
+    lo, hi = 1, total
+    if cost(total) <= seconds:
+        return total
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds else (lo, mid - 1)
+    return lo
 
 
 def lr_at(step: int, total: int, base: float, warmup: float) -> float:
@@ -207,6 +229,7 @@ class TrainResult:
     lr_scale: float = 1.0  # what the back-offs left of --lr (1.0: none happened)
     lr: float | None = None  # the peak learning rate trained with (`--lr auto` chose it by `lr_probe`)
     lr_probe: dict[str, float] | None = None  # candidate lr -> validation loss after LR_PROBE_STEPS steps
+    planned_steps: int | None = None  # the schedule's steps before --time-limit sized it (None: not resized)
 
 
 def _on(device: torch.device, value: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -266,6 +289,8 @@ class Trainer:
         self.early_check = early if o.eval_every is None and self.steps_per_epoch >= max(20, 4 * early) else None
         self.lr_scale = 1.0
         self.probed: dict[str, float] | None = None  # what `lr_probe` measured
+        self.probe_step_seconds: float | None = None  # mean time of the probe's training steps
+        self.planned_steps: int | None = None
 
     # ------------------------------------------------------------------ batches
 
@@ -354,15 +379,22 @@ class Trainer:
             else:
                 state["lr"] = self.base_lr = self.lr_probe(log)
         initial = None
+        validation_seconds = 0.0
         if self.val is not None and resumed is None:
             # The starting weights compete for "best" too: a run that only makes the student worse on
             # validation (too high a learning rate, say) gives back what it started from.
+            tick = time.perf_counter()
             initial = self.evaluate() if self.world.is_main else None
+            validation_seconds = time.perf_counter() - tick
             state.update(best_loss=self.world.broadcast_float(initial["val_loss"] if initial else 0.0), best_step=0)
             best.update(self._trainable_snapshot())
             if initial is not None:
                 log.write({"step": 0, "kind": "val", "data_free": self.data_free, "best_step": 0, **initial})
         self.net.train()
+        sizing = bool(self.options.time_limit) and resumed is None
+        if sizing and self.probe_step_seconds is not None:
+            self._fit_schedule(probe_began, self.probe_step_seconds, validation_seconds)
+            sizing = False
         quiet = not self.world.is_main or _env.quiet()
         bar = tqdm(total=self.total_steps, initial=start_step, desc="distill", unit="step",
                    disable=True if quiet else None, leave=False)
@@ -370,6 +402,7 @@ class Trainer:
         # line with the step, the rate and the time left every LOG_EVERY seconds.
         heartbeat = None if quiet or not bar.disable else _Heartbeat(self.total_steps, start_step)
         began, step, final = probe_began, start_step, None
+        paced = began  # when the timed pacing steps began (--time-limit without a probe)
         order_epoch, order = -1, np.zeros(0, dtype=np.int64)
         while step < self.total_steps and not state["stopped"]:
             epoch, k = divmod(step, self.steps_per_epoch)
@@ -388,6 +421,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in list(final.items())[:2]})
             else:
                 bar.set_postfix(loss=f"{loss:.4f}")
+            if sizing and step - start_step == PACE_STEPS + 1:  # the first step is not typical: time the next
+                self._fit_schedule(probe_began, (time.perf_counter() - paced) / PACE_STEPS, validation_seconds,
+                                   done=step)
+                sizing = False
+                bar.total = self.total_steps
+                if heartbeat is not None:
+                    heartbeat.total = self.total_steps
+            elif sizing and step - start_step == 1:
+                paced = time.perf_counter()
             if heartbeat is not None:
                 heartbeat.tick(step, loss)
             if self._out_of_time(began):
@@ -404,7 +446,7 @@ class Trainer:
         improved = None if self.val is None else bool(state["best_step"])
         return TrainResult(step, self.total_steps, seconds, bool(state["stopped"]), resumed, initial, final,
                            state["best_step"], bool(state["out_of_time"]), improved, self.lr_scale, self.base_lr,
-                           self.probed)
+                           self.probed, self.planned_steps)
 
     def lr_probe(self, log: MetricsLog) -> float:
         """`--lr auto`: the candidate learning rate whose validation loss is lowest after LR_PROBE_STEPS steps.
@@ -424,9 +466,13 @@ class Trainer:
         order = self._epoch_order(0)
         scores: dict[str, float] = {}
         steps = min(LR_PROBE_STEPS, self.steps_per_epoch)
+        timed, stepped = 0.0, 0
         for lr in LR_CANDIDATES:
             for k in range(steps):
+                tick = time.perf_counter()
                 self.train_step(order[k * self.rank_batch:(k + 1) * self.rank_batch], k, lr=lr)
+                if k:  # a candidate's first step pays for fresh optimizer state
+                    timed, stepped = timed + time.perf_counter() - tick, stepped + 1
             metrics = self.evaluate(LR_PROBE_SAMPLES) if self.world.is_main else {}
             scores[f"{lr:g}"] = self.world.broadcast_float(metrics.get("val_loss", 0.0))
             log.write({"step": 0, "kind": "lr_probe", "lr": lr, "probe_steps": steps, **metrics})
@@ -437,8 +483,26 @@ class Trainer:
             self.optimizer.state.clear()
         self.net.train()
         self.probed = scores
+        self.probe_step_seconds = timed / stepped if stepped else None
         best = min(LR_CANDIDATES, key=lambda lr: (scores[f"{lr:g}"], -lr))
         return best
+
+    def _fit_schedule(self, began: float, per_step: float, per_validation: float, done: int = 0) -> None:
+        """--time-limit: shorten the schedule (cosine decay included) to the steps that fit the time left
+        (`done` steps already trained count as spent; the schedule never ends before them)."""
+        left = TIME_MARGIN * self.options.time_limit - (time.perf_counter() - began) + done * per_step
+        fit = max(done + 1, steps_that_fit(left, per_step, per_validation if self.val is not None else 0.0,
+                                           self.total_steps, self.eval_every, self.early_check))
+        fit = min(fit, self.total_steps)
+        fit = int(self.world.broadcast_float(float(fit)))  # every rank trains the same schedule
+        if fit < self.total_steps:
+            if self.world.is_main and not _env.quiet():
+                print(f"distill: --time-limit {self.options.time_limit:.0f} s: the schedule is sized to what fits, "
+                      f"{fit} of {self.total_steps} steps ({per_step:.2f} s a step measured)", file=sys.stderr,
+                      flush=True)
+            self.planned_steps, self.total_steps = self.total_steps, fit
+            early = max(2, round(EARLY_CHECK * fit))
+            self.early_check = early if self.early_check is not None and fit >= 4 * early else None
 
     def _out_of_time(self, began: float) -> bool:
         """--time-limit: every rank stops at the same step, so rank 0's clock decides."""

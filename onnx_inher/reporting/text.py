@@ -175,6 +175,9 @@ def _training_line(label: str, dist: dict) -> str:
         "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
     stop = ", stopped by the time limit" if train.get("out_of_time") else \
         ", stopped early" if train.get("stopped_early") else ""
+    if train.get("planned_steps"):
+        stop += (f", the schedule sized by the time limit to {train.get('total_steps')} of "
+                 f"{train['planned_steps']} steps")
     if train.get("lr") is not None:
         probe = train.get("lr_probe")
         how = ("chosen by `--lr auto` from validation loss after a few steps at each of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +35,12 @@ HELD_OUT_ADAPTERS = ("mnist5k", "digits", "fashion-mnist", "fortunes")
 EVAL_FORMAT = 2  # eval.json with per-output kinds and class agreements: older run folders re-evaluate
 PROBE_SAMPLES = 4
 NO_CALIBRATION = "none"  # `--calibration none`: plain SVD factors (run whitens on its --data by default)
+# `run --time-limit auto` (the default when no --epochs/--steps are given): the whole run aims at this many
+# seconds on the machine it runs on, the issue-17 target for a 2-core CPU. Distillation is the stage that
+# scales with the data, so its schedule is sized to what plan and compress leave (`distill_time_limit`).
+RUN_BUDGET = 30 * 60.0
+EVAL_RESERVE = 90.0  # seconds kept for evaluate and bench (76 s for the PP-OCR recogniser, 75 s for CREPE)
+MIN_DISTILL = 60.0
 
 
 @dataclass
@@ -131,7 +138,7 @@ def pair_plan_text(plan_text: str) -> str | None:
 def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None = None,
         distill_options: Any = None, bench_settings: BenchSettings | None = None, *, compare_pair: bool = False,
         metric: str | None = None, ctc_blank: int | str | None = "auto", require_improvement: bool = False,
-        log: Callable[[str], None] = print) -> RunResult:
+        time_budget: float | None = None, log: Callable[[str], None] = print) -> RunResult:
     """plan -> compress -> distill -> evaluate -> bench -> report, resumable, into `folder`.
 
     With `compare_pair`, a plain-pair student with the same ranks is compressed, distilled, evaluated and
@@ -143,8 +150,12 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     Factors are whitened on `data` unless `options.calibration` names other data or is "none" (plain SVD).
     With `require_improvement`, a distillation whose validation never beat its starting student (the run
     gave the SVD-initialised weights back) raises `CheckFailed` (exit 1) once the report is written.
+    With `time_budget` (seconds; the CLI's `--time-limit auto` gives RUN_BUDGET) each distillation's schedule
+    is sized to what is left of it, less EVAL_RESERVE for evaluate and bench (`distill_time_limit`).
     """
     from onnx_inher.distill import DistillOptions
+
+    started = time.perf_counter()
 
     options = options or Options()
     if options.calibration is None:  # whitened factors from the run's own data (issue 17); "none" opts out
@@ -186,7 +197,9 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
             log("[student_pair] the latency check made the student plain pairs: nothing to compare")
             variants.remove((name, plan_file))
             continue
-        distilled[name] = _compress_and_distill(out, name, plan_file, teacher_path, data, options, dopts, log)
+        todo = len(variants) - len(distilled)  # students still to distil share what is left
+        distilled[name] = _compress_and_distill(out, name, plan_file, teacher_path, data, options, dopts, log,
+                                                budget=None if time_budget is None else (time_budget, started, todo))
     students = [out.path(f"{name}.onnx") for name, _ in variants]
     inits = [out.path(f"{name}_init.onnx") for name, _ in variants]
 
@@ -251,8 +264,16 @@ def not_improved(variants: dict[str, dict[str, Any]]) -> list[str]:
     return [name for name, v in variants.items() if v["distill"].get("train", {}).get("improved") is False]
 
 
+def distill_time_limit(budget: float, started: float, students: int) -> float:
+    """Seconds of distillation for the next of `students` students: an equal share of what is left of the
+    run's `budget` after EVAL_RESERVE, at least MIN_DISTILL (a budget already spent still trains a little)."""
+    left = budget - (time.perf_counter() - started) - EVAL_RESERVE
+    return max(MIN_DISTILL, left / max(students, 1))
+
+
 def _compress_and_distill(out: RunFolder, name: str, plan_file: str, teacher: Path, data: str, options: Options,
-                          dopts: Any, log: Callable[[str], None]) -> dict[str, Any]:
+                          dopts: Any, log: Callable[[str], None],
+                          budget: tuple[float, float, int] | None = None) -> dict[str, Any]:
     from onnx_inher.distill import distill
 
     init, final = out.path(f"{name}_init.onnx"), out.path(f"{name}.onnx")
@@ -280,12 +301,19 @@ def _compress_and_distill(out: RunFolder, name: str, plan_file: str, teacher: Pa
                           "--param-ratio, or --no-latency-check.")
 
     def do_distill() -> dict[str, Any]:
-        res = distill(init, teacher, data, final, dopts, metrics=out.path(metrics),
+        options = dopts
+        if budget is not None:
+            limit = distill_time_limit(*budget)
+            log(f"[distill:{name}] --time-limit auto: {limit / 60:.1f} min of the run's {budget[0] / 60:.0f}-minute "
+                "budget (pass --epochs/--steps or --time-limit 0 for the full schedule)")
+            options = replace(dopts, time_limit=limit)
+        res = distill(init, teacher, data, final, options, metrics=out.path(metrics),
                       checkpoint_dir=out.path(f"checkpoints_{name}"), resume=True)
         data_file = out.path(f"{final.name}.data")
         return {"files": [final.name, *([data_file.name] if data_file.exists() else [])], **res.to_json()}
 
-    trained = out.stage(f"distill:{name}", {"data": data, "options": asdict(dopts)}, [teacher, init],
+    identity = {"data": data, "options": asdict(dopts), **({"time_budget": budget[0]} if budget else {})}
+    trained = out.stage(f"distill:{name}", identity, [teacher, init],
                         [final.name, metrics], do_distill, log=log)
     return {"compress": compressed, "distill": trained}
 
