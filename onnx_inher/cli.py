@@ -424,8 +424,9 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
                    "restore the best weights, reset the optimizer and cut the learning rate to 0.3x (at most 4 "
                    "times).")
 @click.option("--time-limit", type=float, default=0.0, show_default=True, metavar="SECONDS",
-              help="Stop training after this many seconds (0: no limit), even mid-schedule; the student keeps "
-                   "the weights it has then (or the best validated ones) and the summary says so.")
+              help="Seconds of training (0: no limit): the schedule is shortened to the steps that fit (timed on "
+                   "the --lr auto probe or the first steps, validations counted), so that its learning rate still "
+                   "decays on time; training also stops there if steps run slower. The summary says which.")
 @click.option("--teacher-runtime", type=click.Choice(list(TEACHER_RUNTIMES)), default="auto", show_default=True,
               help="Where an online teacher runs. auto: ONNX Runtime, unless training is on CUDA and onnxruntime "
                    "has no CUDA provider: then torch on the GPU (fp32, checked against ORT first).")
