@@ -172,32 +172,12 @@ def main() -> None:
     _env.keep_freed_memory()  # every command allocates the same large arrays again and again
 
 
-class LearningRate(click.ParamType):
-    """`--lr`: a positive number, or `auto` (None: the trainer's probe picks it)."""
+class NumberOrAuto(click.ParamType):
+    """A number, or `auto` (None: the command decides): `--lr` (positive) and `run --time-limit` (seconds,
+    0 allowed)."""
 
-    name = "auto|LR"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float | None:
-        if value is None or isinstance(value, float):
-            return value
-        if str(value).strip().lower() == "auto":
-            return None
-        try:
-            lr = float(value)
-        except ValueError:
-            self.fail(f"expected a positive number or 'auto', got '{value}'", param, ctx)
-        if not lr > 0:
-            self.fail(f"expected a positive number or 'auto', got '{value}'", param, ctx)
-        return lr
-
-
-LR = LearningRate()
-
-
-class TimeLimit(click.ParamType):
-    """`run --time-limit`: seconds of distillation (0: none), or `auto` (None: the run's time budget)."""
-
-    name = "auto|SECONDS"
+    def __init__(self, name: str, expected: str, allow_zero: bool) -> None:
+        self.name, self.expected, self.allow_zero = name, expected, allow_zero
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float | None:
         if value is None or isinstance(value, float):
@@ -205,12 +185,16 @@ class TimeLimit(click.ParamType):
         if str(value).strip().lower() == "auto":
             return None
         try:
-            seconds = float(value)
+            number = float(value)
         except ValueError:
-            self.fail(f"expected seconds (>= 0) or 'auto', got '{value}'", param, ctx)
-        if not seconds >= 0:
-            self.fail(f"expected seconds (>= 0) or 'auto', got '{value}'", param, ctx)
-        return seconds
+            self.fail(f"expected {self.expected} or 'auto', got '{value}'", param, ctx)
+        if not (number >= 0 if self.allow_zero else number > 0):
+            self.fail(f"expected {self.expected} or 'auto', got '{value}'", param, ctx)
+        return number
+
+
+LR = NumberOrAuto("auto|LR", "a positive number", allow_zero=False)
+TIME_LIMIT = NumberOrAuto("auto|SECONDS", "seconds (>= 0)", allow_zero=True)
 
 # Shared by `distill` and `run`: one definition, one help text.
 lr_option = click.option("--lr", type=LR, default="auto", show_default=True,
@@ -544,7 +528,7 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--seq-len", "seq_lens", default="",
               help="Bench sequence lengths (dynamic inner dims) instead of --data's sample shape.")
 @click.option("--iters", type=int, default=50, show_default=True, help="Timed bench runs per model and shape.")
-@click.option("--time-limit", type=TimeLimit(), default="auto", show_default=True,
+@click.option("--time-limit", type=TIME_LIMIT, default="auto", show_default=True,
               help="Seconds of distillation (0: no limit): the schedule is sized to fit them. auto: with no "
                    "--epochs/--steps given, the whole run aims at 30 minutes (distillation gets what compress "
                    "left, less a reserve for evaluate and bench); otherwise no limit.")
