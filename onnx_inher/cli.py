@@ -205,6 +205,11 @@ temperature_option = click.option("--temperature", type=float, default=None,
 batch_option = click.option("--batch-size", type=int, default=None,
                             help="Global batch (split across processes; default: 64, lower when the teacher's "
                                  "outputs are large: at most 16M output values per batch).")
+ctc_blank_option = click.option(
+    "--ctc-blank", default="auto", show_default=True, metavar="auto|none|N",
+    help="Blank class of [N,T,C] outputs read as CTC: distilled with the ctc loss and reported by CTC-greedy "
+         "decoded agreement. auto: class 0 (PaddleOCR, torch) or C-1 (TensorFlow), whichever the teacher "
+         "predicts on most frames if it is the most frequent class; none: never read as CTC.")
 
 
 @main.command()
@@ -385,9 +390,11 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
 @temperature_option
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="KD weight of the label loss.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
-              help="Loss of a graph output: kd, kl, mse, cosine or pooled (cosine of mask-mean-pooled "
-                   "token outputs), optionally weighted (repeatable). kd/kl read logits, or the log of a "
-                   "Softmax output's probabilities (never a second softmax); the default follows the output.")
+              help="Loss of a graph output: kd, kl, ctc (kl plus the CTC likelihood of the teacher's decoded "
+                   "text), mse, cosine or pooled (cosine of mask-mean-pooled token outputs), optionally weighted "
+                   "(repeatable). kd/kl/ctc read logits, or the log of a Softmax output's probabilities (never a "
+                   "second softmax); the default follows the output (ctc where it reads as CTC).")
+@ctc_blank_option
 @click.option("--features", default="", help="Feature KD: 'auto' (factorised layers' outputs) or comma-separated "
                                              "tensor names present in teacher and student.")
 @click.option("--feature-weight", type=float, default=1.0, show_default=True)
@@ -508,16 +515,13 @@ def _print_run(result: Any, as_json: bool) -> None:
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--features", default="", help="Feature KD: 'auto' or comma-separated tensor names.")
 @click.option("--loss", "losses", multiple=True, metavar="OUTPUT=KIND[:WEIGHT]",
-              help="Loss of a graph output, as for `distill --loss` (kd/kl also mark it as class scores for the "
+              help="Loss of a graph output, as for `distill --loss` (kd/kl/ctc also mark it as class scores for the "
                    "evaluation, mse/cosine/pooled as features; repeatable).")
 @click.option("--metric", metavar="MODULE:FUNCTION",
               help="Your metric, the report's headline: f(teacher_outputs, student_outputs, inputs) -> float or "
                    "{name: float}, dicts of arrays (samples on axis 0; inputs with 'labels' when the data has "
                    "them). MODULE is imported from the current folder, or give path/to/file.py:FUNCTION.")
-@click.option("--ctc-blank", default="auto", show_default=True, metavar="auto|none|N",
-              help="Blank class for CTC-greedy decoded agreement of [N,T,C] outputs. auto: class 0 (PaddleOCR, "
-                   "torch) or C-1 (TensorFlow), whichever the teacher predicts on most frames if it is the most "
-                   "frequent class; none: no CTC decoding.")
+@ctc_blank_option
 @trainable_option
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--compare-pair", is_flag=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from onnx_inher.distill.losses import (
     class_scores,
     cosine,
     cross_entropy,
+    ctc_to_teacher,
     default_kind,
     feature_loss,
+    greedy_labels,
     kd_loss,
     kl,
     mse,
@@ -276,3 +279,67 @@ def test_an_unshaped_softmax_gets_its_default_temperature_from_a_teacher_output(
     assert (wide.outputs[0].temperature, narrow.outputs[0].temperature) == (1.0, 4.0)
     given = LossPlan([OutputLoss("p", "kl", temperature=2.0, class_axis=2)])
     assert with_temperatures(given, {"p": np.zeros((1, 40, 18385), np.float32)}).outputs[0].temperature == 2.0
+
+
+def _ctc_by_enumeration(log_probs: np.ndarray, labels: tuple[int, ...], blank: int) -> float:
+    """-log Σ over every frame path that greedy-collapses to `labels` of Π its frame probabilities."""
+    t, c = log_probs.shape
+    total = 0.0
+    for path in itertools.product(range(c), repeat=t):
+        collapsed = [k for i, k in enumerate(path) if k != blank and (i == 0 or path[i - 1] != k)]
+        if tuple(collapsed) == labels:
+            total += math.exp(sum(log_probs[i, k] for i, k in enumerate(path)))
+    return -math.log(total)
+
+
+def test_ctc_to_teacher_is_the_nll_of_the_teachers_greedy_text_by_enumeration() -> None:
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 4, 3, generator=g)
+    # teacher frames: "a a - b" -> "ab", and "- a - a" -> "aa" (blank 0, repeats split by a blank)
+    teacher = torch.full((2, 4, 3), -5.0)
+    for n, path in enumerate(((1, 1, 0, 2), (0, 1, 0, 1))):
+        for i, k in enumerate(path):
+            teacher[n, i, k] = 5.0
+    labels, lengths = greedy_labels(teacher, blank=0)
+    assert labels.tolist() == [1, 2, 1, 1] and lengths.tolist() == [2, 2]
+    log_probs = torch.log_softmax(student, dim=-1).numpy()
+    expected = np.mean([_ctc_by_enumeration(log_probs[0], (1, 2), 0) / 2,
+                        _ctc_by_enumeration(log_probs[1], (1, 1), 0) / 2])  # per label, then over sequences
+    assert float(ctc_to_teacher(student, teacher, blank=0)) == pytest.approx(expected, rel=1e-5)
+    # a student that is the teacher reads the same text almost surely: the term vanishes
+    assert float(ctc_to_teacher(teacher * 3, teacher, blank=0)) < 1e-6
+
+
+def test_ctc_kind_adds_the_sequence_term_to_the_per_frame_kl() -> None:
+    g = torch.Generator().manual_seed(4)
+    teacher = torch.randn(3, 6, 5, generator=g)
+    student = teacher + 0.5 * torch.randn(3, 6, 5, generator=g)
+    probs_s, probs_t = torch.softmax(student, -1), torch.softmax(teacher, -1)  # a Softmax-ending model
+    ctc = OutputLoss("y", "ctc", temperature=2.0, space=PROBABILITIES, blank=4)(probs_s, probs_t, None)
+    expected = kl(student, teacher, 2.0) + ctc_to_teacher(student, teacher, blank=4)
+    assert float(ctc) == pytest.approx(float(expected), rel=1e-4)
+    assert float(ctc) > float(OutputLoss("y", "kl", temperature=2.0, space=PROBABILITIES)(probs_s, probs_t, None))
+
+
+def test_an_output_that_reads_as_ctc_gets_the_ctc_loss_unless_the_user_says_otherwise(tmp_path: Path) -> None:
+    from onnx_inher.distill.run import with_ctc
+    from onnx_inher.errors import InputError
+
+    path = ctc_teacher(tmp_path / "ctc.onnx", blank_bias=3.0)  # blank on most frames, as in a recogniser
+    model, x = onnx.load(str(path)), ctc_inputs(16)
+    teacher = {"fetch_name_0": ort_run(path, {"x": x})[0]}
+
+    def kinds(options: DistillOptions, outputs: dict[str, np.ndarray] = teacher) -> list[tuple[str, int]]:
+        plan = with_ctc(loss_plan(model, model, False, options), outputs, {"x": x}, options)
+        return [(o.kind, o.blank) for o in plan.outputs]
+
+    assert kinds(DistillOptions()) == [("ctc", 0)]
+    assert kinds(DistillOptions(ctc_blank=None)) == [("kl", 0)]  # --ctc-blank none
+    assert kinds(DistillOptions(losses={"fetch_name_0": "kl"})) == [("kl", 0)]  # the user's choice stands
+    assert kinds(DistillOptions(ctc_blank=3)) == [("ctc", 3)]
+    # class 0 is not the most frequent: not CTC unless the user names the blank
+    flat = {"fetch_name_0": ort_run(ctc_teacher(tmp_path / "flat.onnx", blank_bias=0.0), {"x": x})[0]}
+    assert np.bincount(flat["fetch_name_0"].argmax(-1).ravel()).argmax() == 3  # of 5 classes
+    assert kinds(DistillOptions(), flat) == [("kl", 0)]
+    with pytest.raises(InputError, match="--ctc-blank N"):
+        kinds(DistillOptions(losses={"fetch_name_0": "ctc"}), flat)

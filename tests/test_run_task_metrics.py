@@ -69,10 +69,13 @@ def test_run_python_headline_is_ctc_agreement_then_top1_for_logits(ctc: Path) ->
     assert [r["metric"] for r in result.summary] == ["CTC decoded agreement"] * 3
     assert result.summary[0]["second"]["metric"] == "sequence agreement"
     (loss,) = result.distill["student"]["distill"]["losses"]
-    assert (loss["kind"], loss["space"]) == ("kl", "probabilities")  # the default for a Softmax output
+    # the default for a Softmax output that reads as CTC: per-frame KL on its log plus the decoded text's CTC
+    assert (loss["kind"], loss["space"], loss["blank"]) == ("ctc", "probabilities", 0)
     result = onnx_inher.run("teacher.onnx", "data.npz", "run", options, dopts, bset, ctc_blank=None,
                             log=lambda _: None)
     assert result.summary[0]["metric"] == "sequence agreement"
+    (loss,) = result.distill["student"]["distill"]["losses"]
+    assert loss["kind"] == "kl"  # --ctc-blank none: not read as CTC, in the loss as in the evaluation
     mlp_teacher(ctc / "mlp.onnx")
     np.savez(ctc / "mlp.npz", x=np.random.default_rng(0).normal(size=(80, 32)).astype(np.float32))
     result = onnx_inher.run("mlp.onnx", "mlp.npz", "run_mlp", options, dopts, bset, log=lambda _: None)

@@ -21,6 +21,7 @@ from onnx_inher.ir.outputs import LOG_PROBABILITIES, LOGITS, PROBABILITIES, Outp
 
 EPS = 1e-8
 SPACES = (LOGITS, PROBABILITIES, LOG_PROBABILITIES)
+CLASS_KINDS = ("kd", "kl", "ctc")  # the losses that read class scores
 # the smallest normal float32 and its log: probabilities that underflowed to 0 (or to a subnormal) count as it
 TINY = torch.finfo(torch.float32).tiny
 LOG_FLOOR = math.log(TINY)
@@ -93,6 +94,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     if labels is None:
         return soft
     return alpha * cross_entropy(student_logits, labels, mask) + (1.0 - alpha) * soft
+
+
+def greedy_labels(scores: torch.Tensor, blank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTC greedy decoding of `[N, T, C]` scores: the concatenated label ids and each sequence's length."""
+    ids = scores.argmax(dim=-1)
+    keep = ids != blank
+    keep[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    return ids[keep], keep.sum(dim=1)
+
+
+def ctc_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, blank: int,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CTC negative log-likelihood, per label, of the teacher's greedy decoding under the student.
+
+    A CTC recogniser is read by its decoded text, and the text changes only where the teacher's frames
+    are close calls (a space, a doubled letter): per-frame KL weighs those few frames like the many sure
+    blanks, while this term is the log-probability of the very sequence the teacher reads (sequence-level
+    KD, Kim & Rush 2016). `mask` (`[N, T]`) gives each sequence its real length.
+    """
+    labels, lengths = greedy_labels(teacher_logits, blank)
+    n, t = student_logits.shape[:2]
+    frames = torch.full((n,), t, dtype=torch.long) if mask is None else mask.long().sum(dim=1)
+    log_probs = F.log_softmax(student_logits.float(), dim=-1).transpose(0, 1)
+    return F.ctc_loss(log_probs, labels, frames, lengths, blank=blank, reduction="mean", zero_infinity=True)
 
 
 def mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,6 +199,7 @@ class OutputLoss:
     alpha: float = 0.5
     space: str = LOGITS
     class_axis: int = -1
+    blank: int = 0  # the CTC blank class, for kind "ctc"
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -185,12 +211,14 @@ class OutputLoss:
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind in ("kd", "kl"):
+        if self.kind in CLASS_KINDS:
             s, t = (class_scores(v, self.space, self.class_axis) for v in (student, teacher))
             if mask is not None and tuple(s.shape[:2]) != tuple(mask.shape):
                 mask = None
             if self.kind == "kd":
                 return kd_loss(s, t, labels, self.temperature, self.alpha, mask)
+            if self.kind == "ctc":
+                return kl(s, t, self.temperature, mask) + ctc_to_teacher(s, t, self.blank, mask)
             return kl(s, t, self.temperature, mask)
         if self.kind == "mse":
             return mse(student, teacher, mask)

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from onnx_inher.errors import InputError
+from onnx_inher.metrics import parse_ctc_blank
 
-LOSS_KINDS = ("kd", "kl", "mse", "cosine", "pooled")
+LOSS_KINDS = ("kd", "kl", "ctc", "mse", "cosine", "pooled")
 TRAINABLE = ("factors", "all", "no-embeddings")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,9 +22,10 @@ TEACHER_RUNTIMES = ("auto", "ort", "torch")
 class DistillOptions:
     """Everything that shapes a distillation run (paths aside). Defaults suit a compressed student.
 
-    `losses` maps an output name to ``kind`` or ``kind:weight`` (kd, kl, mse, cosine, pooled: cosine of
-    mask-weighted mean-pooled token outputs, the sentence-embedding metric); outputs not named
-    get the default for their kind (see `losses.default_kind`). `features` names intermediate tensors for
+    `losses` maps an output name to ``kind`` or ``kind:weight`` (kd, kl, ctc: kl plus the CTC likelihood of
+    the teacher's decoded text, mse, cosine, pooled: cosine of mask-weighted mean-pooled token outputs, the
+    sentence-embedding metric); outputs not named get the default for their kind (see `losses.default_kind`;
+    per-frame outputs that read as CTC under `ctc_blank` get ctc). `features` names intermediate tensors for
     feature KD ("auto": the outputs of every factorised layer), weighted by `feature_weight`.
     """
 
@@ -56,6 +58,7 @@ class DistillOptions:
     augment: str = "none"
     teacher_runtime: str = "auto"
     time_limit: float = 0.0  # seconds of training; 0: none
+    ctc_blank: int | str | None = "auto"  # per-frame outputs read as CTC get the "ctc" loss (`run.with_ctc`)
     backoff: bool = True  # validation far worse than the best, or worse twice in a row: restore the best,
     # lr x BACKOFF_FACTOR (trainer.backoff_due)
 
@@ -105,6 +108,7 @@ class DistillOptions:
             raise InputError(f"--feature-weight must be >= 0, got {self.feature_weight}")
         for output, spec in self.losses.items():
             parse_loss(output, spec)
+        self.ctc_blank = parse_ctc_blank(self.ctc_blank)
 
     def run_identity(self) -> dict[str, Any]:
         """The options that change the trained weights (a resumed run must match them exactly)."""

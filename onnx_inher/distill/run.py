@@ -21,6 +21,7 @@ import torch
 from onnx_inher import _env
 from onnx_inher.bridge import OnnxModule, to_torch, write_back
 from onnx_inher.datasets import Dataset, input_specs, load_data, split
+from onnx_inher.datasets.text import ATTENTION_MASK
 from onnx_inher.distill.augment import augmenter
 from onnx_inher.distill.dist import World, close_world, init_world
 from onnx_inher.distill.losses import OutputLoss, default_kind
@@ -32,6 +33,7 @@ from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import check_output, load_model, save_model
 from onnx_inher.ir.naming import is_factor
 from onnx_inher.ir.outputs import declared_roles, detect
+from onnx_inher.metrics import ctc_blank_of
 from onnx_inher.runtime import session
 
 PathLike = str | os.PathLike[str]
@@ -61,6 +63,9 @@ class DistillResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+CTC_PROBE = 16  # samples whose teacher outputs decide whether a per-frame output reads as CTC
 
 
 def loss_plan(student: onnx.ModelProto, teacher: onnx.ModelProto, labels: bool, options: DistillOptions) -> LossPlan:
@@ -96,6 +101,30 @@ def with_temperatures(plan: LossPlan, one: dict[str, Any]) -> LossPlan:
     outputs = [replace(o, temperature=auto_temperature(
         int(tuple(one[o.output].shape)[o.class_axis]) if o.output in one else None)) if o.temperature < 0 else o
         for o in plan.outputs]
+    return replace(plan, outputs=outputs)
+
+
+def with_ctc(plan: LossPlan, sample: dict[str, Any], feeds: dict[str, np.ndarray], options: DistillOptions) \
+        -> LossPlan:
+    """Per-frame class outputs that read as CTC (`metrics.ctc_blank_of` on teacher outputs of a few samples)
+    get the "ctc" loss unless the user named their loss: the per-frame KL plus the CTC likelihood of the
+    teacher's decoded text. A user's `--loss OUT=ctc` needs a blank, found or given by `--ctc-blank`."""
+    outputs = []
+    for o in plan.outputs:
+        chosen = o.output in options.losses
+        if o.kind == "ctc" or (o.kind == "kl" and not chosen):
+            value = np.asarray(sample[o.output])
+            mask = feeds.get(ATTENTION_MASK)
+            token_level = mask is not None and value.ndim == 3 and tuple(mask.shape) == tuple(value.shape[:2])
+            blank = ctc_blank_of(value.argmax(o.class_axis), int(value.shape[o.class_axis]), options.ctc_blank,
+                                 token_level) if value.ndim == 3 and o.class_axis in (-1, 2) else None
+            if blank is not None:
+                o = replace(o, kind="ctc", blank=blank)
+            elif o.kind == "ctc":
+                raise InputError(f"--loss {o.output}=ctc: the output {tuple(value.shape)} does not read as CTC "
+                                 "(per-frame classes [N,T,C] whose most frequent class is 0 or C-1); give its "
+                                 "blank class with --ctc-blank N, or use kl.")
+        outputs.append(o)
     return replace(plan, outputs=outputs)
 
 
@@ -228,8 +257,10 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
             (arrays, val_arrays), computed, teacher_seconds = cached
             train_part = Part(train, arrays)
             val_part = None if val is None else Part(val, val_arrays)
-        one = online(full.batch(np.arange(1))) if cached is None else {k: v[:1] for k, v in cached[0][0].items()}
-        plan = with_temperatures(plan, one)
+        probe = np.arange(min(CTC_PROBE, len(full)))  # enough frames to tell the blank by its frequency
+        few = online(full.batch(probe)) if cached is None else {k: v[probe] for k, v in cached[0][0].items()}
+        one = {k: v[:1] for k, v in few.items()}
+        plan = with_ctc(with_temperatures(plan, one), few, full.batch(probe), options)
         if options.batch_size is None:
             per_sample = sum(int(np.prod(tuple(v.shape)[1:])) for v in one.values())
             options = replace(options, batch_size=auto_batch(per_sample, world.size))

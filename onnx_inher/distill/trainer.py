@@ -33,7 +33,7 @@ from onnx_inher.datasets.text import ATTENTION_MASK as MASK_INPUT
 from onnx_inher.distill.augment import Augment
 from onnx_inher.distill.checkpoint import latest, load_checkpoint, save_checkpoint
 from onnx_inher.distill.dist import World
-from onnx_inher.distill.losses import OutputLoss, feature_loss, token_mask
+from onnx_inher.distill.losses import CLASS_KINDS, OutputLoss, feature_loss, token_mask
 from onnx_inher.distill.options import DistillOptions
 from onnx_inher.errors import InputError
 
@@ -565,7 +565,7 @@ class Trainer:
 def _output_metrics(loss: OutputLoss, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
                     mask: torch.Tensor | None) -> dict[str, float]:
     name = loss.output
-    if loss.kind in ("kd", "kl"):
+    if loss.kind in CLASS_KINDS:
         axis = loss.class_axis  # argmax is the same in every space (logits, probabilities, their log)
         out = {f"{name}/agree": float((student.argmax(axis) == teacher.argmax(axis)).float().mean())}
         if labels is not None and student.dim() == 2:

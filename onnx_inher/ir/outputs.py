@@ -275,5 +275,5 @@ def detect(model: ModelProto, *, labels: bool = False, declared: Mapping[str, st
 
 def declared_roles(losses: Mapping[str, str]) -> dict[str, str]:
     """`--loss OUT=KIND[:W]` specs -> what they say about each output: kd/kl mean classes, others features."""
-    return {name: DECLARED_CLASSES if spec.partition(":")[0] in ("kd", "kl") else DECLARED_FEATURES
+    return {name: DECLARED_CLASSES if spec.partition(":")[0] in ("kd", "kl", "ctc") else DECLARED_FEATURES
             for name, spec in losses.items()}

@@ -168,6 +168,24 @@ def _fidelity_lines(label: str, ev: dict) -> list[str]:
     return lines
 
 
+LOSS_WORDS = {"kd": "Hinton KD (labels and teacher, T={t:g})", "kl": "KL per position (T={t:g})",
+              "ctc": "KL per frame (T={t:g}) + CTC likelihood of the teacher's decoded text (blank {blank})",
+              "mse": "MSE", "cosine": "cosine", "pooled": "cosine of mean-pooled tokens"}
+
+
+def _losses_text(dist: dict) -> str:
+    """What each output was trained by, so a reader can tell a sequence loss from a per-frame one."""
+    parts = []
+    for o in dist.get("losses") or []:
+        words = LOSS_WORDS.get(o.get("kind"), str(o.get("kind")))
+        words = words.format(t=o.get("temperature", 1.0), blank=o.get("blank", 0))
+        weight = f" x{o['weight']:g}" if o.get("weight", 1.0) != 1.0 else ""
+        parts.append(f"`{o.get('output')}`: {words}{weight}")
+    if dist.get("features"):
+        parts.append(f"{len(dist['features'])} feature tensor(s) (normalised MSE)")
+    return f"; losses: {', '.join(parts)}" if parts else ""
+
+
 def _training_line(label: str, dist: dict) -> str:
     train = dist.get("train", {})
     runtime = "ONNX Runtime" if dist.get("teacher_runtime", "ort") == "ort" else "torch"
@@ -193,7 +211,7 @@ def _training_line(label: str, dist: dict) -> str:
     return (f"{label}: {train.get('steps')} steps{batch} in {train.get('seconds', 0):.1f} s "
             f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "
             f"{dist.get('trainable_params')} trainable params{stop}"
-            f"); teacher outputs {teacher}; ORT vs torch after write-back: max rel err "
+            f"){_losses_text(dist)}; teacher outputs {teacher}; ORT vs torch after write-back: max rel err "
             f"{dist.get('ort_max_rel', 0):.2g}.")
 
 

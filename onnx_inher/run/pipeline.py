@@ -168,6 +168,7 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     bset = bench_settings or BenchSettings()
     teacher_path = load_model(teacher).path
     blank, user_metric = parse_ctc_blank(ctc_blank), load_metric(metric) if metric else None
+    dopts = replace(dopts, ctc_blank=blank)  # one blank for the loss and the evaluation
     _check_losses(teacher_path, dopts.losses)  # before hours of work, not at the distill stage
     if user_metric is not None:
         _probe_metric(user_metric, teacher_path, data, dopts)
