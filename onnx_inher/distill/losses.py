@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from onnx_inher.distill.options import LOSS_KINDS
-from onnx_inher.ir.outputs import LOG_PROBABILITIES, LOGITS, PROBABILITIES, OutputKind
+from onnx_inher.ir.outputs import CLASS_LOSSES, LOG_PROBABILITIES, LOGITS, PROBABILITIES, OutputKind
 
 EPS = 1e-8
 SPACES = (LOGITS, PROBABILITIES, LOG_PROBABILITIES)
-CLASS_KINDS = ("kd", "kl", "ctc")  # the losses that read class scores
+CLASS_KINDS = CLASS_LOSSES  # the losses that read class scores
 # the smallest normal float32 and its log: probabilities that underflowed to 0 (or to a subnormal) count as it
 TINY = torch.finfo(torch.float32).tiny
 LOG_FLOOR = math.log(TINY)

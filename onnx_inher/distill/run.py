@@ -258,9 +258,10 @@ def distill(student: PathLike, teacher: PathLike, data: str, output: PathLike,
             train_part = Part(train, arrays)
             val_part = None if val is None else Part(val, val_arrays)
         probe = np.arange(min(CTC_PROBE, len(full)))  # enough frames to tell the blank by its frequency
-        few = online(full.batch(probe)) if cached is None else {k: v[probe] for k, v in cached[0][0].items()}
+        feeds = full.batch(probe)
+        few = online(feeds) if cached is None else {k: v[probe] for k, v in cached[0][0].items()}
         one = {k: v[:1] for k, v in few.items()}
-        plan = with_ctc(with_temperatures(plan, one), few, full.batch(probe), options)
+        plan = with_ctc(with_temperatures(plan, one), few, feeds, options)
         if options.batch_size is None:
             per_sample = sum(int(np.prod(tuple(v.shape)[1:])) for v in one.values())
             options = replace(options, batch_size=auto_batch(per_sample, world.size))

@@ -273,7 +273,11 @@ def detect(model: ModelProto, *, labels: bool = False, declared: Mapping[str, st
     return out
 
 
+CLASS_LOSSES = ("kd", "kl", "ctc")  # the loss kinds that read class scores (the trainer's too)
+
+
 def declared_roles(losses: Mapping[str, str]) -> dict[str, str]:
-    """`--loss OUT=KIND[:W]` specs -> what they say about each output: kd/kl mean classes, others features."""
-    return {name: DECLARED_CLASSES if spec.partition(":")[0] in ("kd", "kl", "ctc") else DECLARED_FEATURES
+    """`--loss OUT=KIND[:W]` specs -> what they say about each output: kd/kl/ctc mean classes, others
+    features."""
+    return {name: DECLARED_CLASSES if spec.partition(":")[0] in CLASS_LOSSES else DECLARED_FEATURES
             for name, spec in losses.items()}
