@@ -368,3 +368,22 @@ def test_a_time_limit_sizes_the_schedule_so_that_it_ends_on_time(setup: dict[str
     assert result.steps == result.total_steps and not result.out_of_time, result  # the sized schedule ran out
     last = lr_at(result.steps - 1, result.total_steps, trainer.base_lr, 0.05)
     assert last < 0.05 * trainer.base_lr  # the cosine decay ran down with the schedule, not cut mid-way
+
+
+def test_validation_ranks_class_outputs_by_agreement_before_loss() -> None:
+    from onnx_inher.distill.losses import OutputLoss
+    from onnx_inher.distill.trainer import better, selection_score
+
+    probs = [OutputLoss(output="p", kind="kl")]
+    start = selection_score({"val_loss": 0.0277, "p/agree": 1.0}, probs)
+    later = selection_score({"val_loss": 0.0234, "p/agree": 0.9957}, probs)
+    assert start == (1.0, 0.0277)
+    assert not better(later, start, samples=300)  # lower loss, worse decisions: the start stays best
+    assert better((1.0, 0.02), start, samples=300)  # same agreement: the loss decides
+    assert better((0.99, 0.05), (0.95, 0.01), samples=1000)  # clearly more agreement wins over the loss
+    assert not better((0.8125, 9.0), (0.75, 0.5), samples=16)  # one sample of 16 is noise: the loss decides
+    embedding = [OutputLoss(output="e", kind="cosine")]
+    assert selection_score({"val_loss": 0.1, "e/cos": 0.9}, embedding) == (None, 0.1)
+    mixed = [*probs, *embedding]  # not every output holds classes: the loss alone
+    assert selection_score({"val_loss": 0.3, "p/agree": 0.5, "e/cos": 0.9}, mixed) == (None, 0.3)
+    assert better((None, 0.2), (None, 0.3), samples=10) and not better((None, 0.3), (None, 0.2), samples=10)
