@@ -25,7 +25,7 @@ from onnx_inher.passes.factorize import Factorize, release_weight
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.passes.verify import verify as verify_models
-from onnx_inher.planning.plan import Options, Plan, Spectra, apply_edits, build_plan, load_plan
+from onnx_inher.planning.plan import SPLIT_TOP, Options, Plan, Spectra, apply_edits, build_plan, load_plan
 from onnx_inher.runtime import load_inputs, sample_inputs
 
 if TYPE_CHECKING:
@@ -98,8 +98,11 @@ def plan(model: PathLike, options: Options | None = None, *, target: str | None 
 
 def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -> tuple[Plan, Calibration | None]:
     """The plan, and the calibration it measured (so that `compress` does not run the samples twice)."""
-    options, form = _choose_form(a, options)
-    p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra)
+    feeds, classes = _used_classes(a, options)
+    options, form = _choose_form(a, options, classes)
+    p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra,
+                   classes)
+    p.warnings.extend(_split_notes(p, a, feeds))
     if form is not None:
         p.latency_check = {"form": form}
         if form["chosen"] == "pair":
@@ -117,7 +120,7 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
         p = apply_target(p, a.loaded.model, a.views, target)
     if options.allocate != "sensitivity":
         return p, None
-    calibration = _calibrate(a, p, options)
+    calibration = _calibrate(a, p, options, feeds or None)
     from onnx_inher.tuning.allocate import allocate_by_sensitivity
 
     p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams,
@@ -125,7 +128,31 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     return p, calibration
 
 
-def _choose_form(a: Analysis, options: Options) -> tuple[Options, dict | None]:
+def _used_classes(a: Analysis, options: Options) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """The calibration samples and, by classifier head, the classes its teacher uses on them (the class
+    split, `tuning/classes.py`); nothing without `calibration` or with `class_split` off."""
+    if not options.calibration or not options.class_split:
+        return {}, {}
+    from onnx_inher.tuning.calibrate import calibration_feeds
+    from onnx_inher.tuning.classes import classifier_heads, used_classes
+
+    if not classifier_heads(a.loaded.model, a.views):
+        return {}, {}
+    feeds = calibration_feeds(options.calibration, a.loaded.model, dims=a.symbols)
+    return feeds, used_classes(a.loaded.model, a.views, feeds)
+
+
+def _split_notes(p: Plan, a: Analysis, feeds: dict[str, np.ndarray]) -> list[str]:
+    """One warning per class-split head: what was kept, on what data, and what it costs elsewhere."""
+    samples = len(next(iter(feeds.values()))) if feeds else 0
+    return [f"class split: {c.node} keeps the weights of {len(c.dense_classes or [])} of its "
+            f"{a.views[c.node].out_features} classes (those the teacher ranks in its top {SPLIT_TOP} on "
+            f"{samples} calibration samples); the others share a rank-{c.rank} pair, so inputs that need them "
+            "are read worse than by the teacher: calibrate on data like what the model will see, or pass "
+            "--no-class-split" for c in p.candidates if c.dense_classes is not None]
+
+
+def _choose_form(a: Analysis, options: Options, classes: dict[str, list[int]]) -> tuple[Options, dict | None]:
     """With `pick_form` (the CLI's default) and the latency check on: heads or pairs, whichever measures
     faster here, each planned at the requested budget (tuning/speed.choose_form). The teacher's analysis
     `a` is not touched: the trial students are built from fresh ones."""
@@ -135,8 +162,8 @@ def _choose_form(a: Analysis, options: Options) -> tuple[Options, dict | None]:
     if not wanted or not speed.enabled(options.latency_check):
         return options, None
     pairs = replace(options, mode="svd", heads=1)
-    plans = [build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, o, Spectra())
-             for o in (options, pairs)]
+    plans = [build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, o, Spectra(),
+                        classes) for o in (options, pairs)]
     if not any(c.decision == "factorize" and c.heads > 1 for c in plans[0].candidates):
         return options, None
 
@@ -148,11 +175,12 @@ def _choose_form(a: Analysis, options: Options) -> tuple[Options, dict | None]:
     return (pairs if form["chosen"] == "pair" else options), form
 
 
-def _calibrate(a: Analysis, the_plan: Plan, options: Options) -> Calibration:
+def _calibrate(a: Analysis, the_plan: Plan, options: Options,
+               feeds: dict[str, np.ndarray] | None = None) -> Calibration:
     from onnx_inher.tuning.calibrate import calibrate
 
     assert options.calibration
-    calibration = calibrate(a.loaded.model, a.views, the_plan, options.calibration, a.symbols)
+    calibration = calibrate(a.loaded.model, a.views, the_plan, options.calibration, a.symbols, feeds)
     the_plan.options.calibration = options.calibration
     the_plan.warnings.extend(calibration.notes)
     return calibration

@@ -92,6 +92,10 @@ def data_options(f: Callable) -> Callable:
                      show_default=True,
                      help="How --param-ratio's budget is spread: by singular-value energy, or by each layer's "
                           "measured effect on the outputs over --calibration DATA (slower, usually better).")(f)
+    f = click.option("--no-class-split", is_flag=True,
+                     help="With calibration data, a classifier head with many classes keeps exact weights for the "
+                          "classes the teacher uses on that data and a small pair for the rest; this flag "
+                          "factorises it like any other layer.")(f)
     return click.option("--calibration", metavar="DATA",
                         help="Data-aware (whitened) SVD: factor each Conv and MatMul/Gemm to minimise its output "
                              "error on DATA (as for `distill --data`: fortunes, mnist5k, an .npz, images:FOLDER, "
@@ -123,16 +127,18 @@ def _options(kw: dict[str, Any]) -> Options:
                 guard=not kw.pop("no_guard"), include=list(kw.pop("include")), exclude=list(kw.pop("exclude")),
                 min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), shapes=_shapes(kw.pop("shapes", ())),
                 seed=kw.pop("seed"),
-                calibration=kw.pop("calibration", None), allocate=kw.pop("allocate", "energy"))
+                calibration=kw.pop("calibration", None), allocate=kw.pop("allocate", "energy"),
+                class_split=not kw.pop("no_class_split", False))
     o.validate()
     return o
 
 
 def _planning_options(kw: dict[str, Any]) -> Options:
-    """Options of inspect and plan, which write no factors: data only serves --allocate sensitivity."""
+    """Options of inspect and plan, which write no factors: data only serves --allocate sensitivity and the
+    class split of classifier heads."""
     options = _options(kw)
-    if options.calibration and options.allocate != "sensitivity":
-        raise InputError("a plan uses --calibration only with --allocate sensitivity; "
+    if options.calibration and options.allocate != "sensitivity" and not options.class_split:
+        raise InputError("a plan uses --calibration only with --allocate sensitivity or the class split; "
                          "for whitened factors give --calibration to compress.")
     return options
 

@@ -19,6 +19,15 @@ Two forms, chosen per layer by the plan's `heads`:
   perturbation, and the gate weights are zero, so the gate is uniform and the heads' mean is
   exactly `U_r S_r`. Training can still separate the heads because the perturbations differ.
 
+* split (a classifier head with the plan's `dense_classes`): `y = ScatterElements((x D) U, kept, x W[:, kept])`.
+  The classes the teacher uses on the calibration data keep their exact weight columns; the others go
+  through a small rank-r pair whose up-projection spans every class (its kept columns are zeros that the
+  scatter overwrites, so they never matter and get no gradient), and the scatter writes the kept classes'
+  logits in place (an optional Gemm bias is added after it). Measured on the PP-OCRv5 recogniser's head
+  (40 x 120 -> 18,385, 2 threads): 0.79 ms against 1.99 ms dense and 3.2 ms for a Concat + Gather that
+  restores the class order (ORT's Gather on the last axis copies one float at a time). At full rank of
+  the other classes it is the teacher's layer.
+
 Every created name derives from the replaced node (`<node>/svd/...` or `<node>/inher/...`); the
 last created node writes the replaced node's output, so the rest of the graph is untouched.
 
@@ -238,6 +247,27 @@ def _heads_conv_const(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y
     e.node("Add", [out, mixed_b], "apply_bias", y)
 
 
+def _split(e: Emitter, view: LayerView, node: NodeProto, cand: Candidate, dense: np.ndarray, f: Factors) -> None:
+    """The class-split head (module docstring): kept columns `dense` (`[in, k]`), the other classes' factors
+    `f` (up `[1, out - k, r]`, spread over all `out` classes with zeros at the kept ones)."""
+    x = node.input[1 - view.weight_input]
+    trans_a = int(view.attrs.get("transA", 0)) if view.op == "Gemm" else 0
+    classes = list(cand.dense_classes or [])
+    rest = np.setdiff1d(np.arange(view.out_features), classes)
+    up = np.zeros((f.up.shape[2], view.out_features), dtype=np.float32)
+    up[:, rest] = f.up[0].T
+    kept = e.matmul_or_gemm(x, e.weight("dense.weight", dense), "dense", trans_a=trans_a)
+    z = e.matmul_or_gemm(x, e.weight("down.weight", f.down[0].T), "down", trans_a=trans_a)
+    others = e.node("MatMul", [z, e.weight("up.weight", up)], "up")
+    where = e.node("Expand", [e.ints("classes", classes), e.node("Shape", [kept], "kept_shape")], "kept_at")
+    c = str(view.attrs.get("c", "")) if view.op == "Gemm" else ""
+    if not c:
+        e.node("ScatterElements", [others, where, kept], "scatter", node.output[0], axis=-1)
+        return
+    y = e.node("ScatterElements", [others, where, kept], "scatter", axis=-1)
+    e.node("Add", [y, c], "bias", node.output[0])
+
+
 HEAD_FORMS = ("mix", "conv")  # conv heads: per-sample weight mix (the default), constant-weight 1x1 conv
 
 
@@ -248,11 +278,17 @@ def conv_form_applies(view: LayerView, opset: int) -> bool:
 
 
 def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: int, seed: int,
-         weight_prefix: str) -> Emitter:
+         weight_prefix: str, dense: np.ndarray | None = None) -> Emitter:
     """Nodes and initializers replacing `node`; weights are named after `weight_prefix`, the first
-    node sharing them, so layers that share one weight share its factors too."""
+    node sharing them, so layers that share one weight share its factors too. A class-split candidate
+    takes its kept columns as `dense` (`[in, k]`) and `f` as the other classes' factors."""
     tag = factor_tag(cand.heads)
     e = Emitter(f"{view.node}/{tag}", f"{weight_prefix}/{tag}", view.dtype, opset)
+    if cand.dense_classes is not None:
+        if dense is None:
+            raise PassError("factorize", f"class-split node '{view.node}' needs its dense columns")
+        _split(e, view, node, cand, dense, f)
+        return e
     z = _down(e, view, node, f)
     if cand.heads <= 1:
         _up_pair(e, view, node, f, z, node.output[0])
@@ -427,6 +463,9 @@ class Factorize:
         owner: dict[tuple, str] = {}
         for i, c in enumerate(tqdm(chosen, desc="factorize", unit="layer", disable=None, leave=False)):
             view = self.views[c.node]
+            if c.dense_classes is not None:
+                replacements.setdefault(view.scope, {})[view.node_index] = self._emit_split(c, view, scopes)
+                continue
             key = (view.shared_key, c.rank, c.heads, c.head_form)
             prefix = owner.setdefault(key, c.node)
             svd = svds.get(view.shared_key) or self.spectra.svd(view)
@@ -445,6 +484,16 @@ class Factorize:
         if self.release_weights:
             release_memory()
         return replacements
+
+    def _emit_split(self, c: Candidate, view: LayerView, scopes: Scopes) -> Emitter:
+        rest = np.setdiff1d(np.arange(view.out_features), c.dense_classes or [])
+        factors = truncate(self.spectra.split_svd(view, rest), int(c.rank or 1))
+        dense = view.matrices()[0][c.dense_classes or []].T
+        node = scopes.graphs[view.scope].node[view.node_index]
+        e = emit(view, node, c, factors, self.plan.opset, self.plan.options.seed, view.node, dense)
+        if self.release_weights:
+            release_weight(view)
+        return e
 
     def __call__(self, model: ModelProto) -> tuple[ModelProto, bool]:
         self.requires(model)

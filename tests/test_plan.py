@@ -483,3 +483,16 @@ def test_inspect_lists_every_candidate_with_reasons(three: Path) -> None:
     assert [c["node"] for c in doc["candidates"]] == list(SIZES)
     assert doc["totals"]["factorized"] == 1 and doc["totals"]["skipped"] == 2
     assert Plan.from_json(j.output).totals() == doc["totals"]
+
+
+def test_energy_policies_never_round_a_layer_below_its_energy_rank(tmp_path: Path) -> None:
+    """96 -> 32 (pair break-even 24): energy 0.7 needs rank 20-something, which rounds up to 32 (too big) or
+    down to 16 (fits, but keeps far less energy than asked): an energy policy skips the layer; a fixed rank
+    still rounds down to what fits."""
+    path = mlp(tmp_path / "wide.onnx", [("fc", 96, 32, np.linspace(2, 1, 32))])
+    raw = expected_energy_rank(np.linspace(2, 1, 32), 0.7)
+    assert 16 < raw < 24
+    c = by_node(api.plan(path, opts(mode="svd", policy=parse_policy(energy=0.7))))["fc"]
+    assert c.decision == "skip" and "would not make it smaller and cheaper" in c.reason
+    fixed = by_node(api.plan(path, opts(mode="svd", policy=parse_policy(rank=raw))))["fc"]
+    assert fixed.decision == "factorize" and fixed.rank == 16

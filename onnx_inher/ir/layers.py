@@ -89,3 +89,17 @@ def heads_unsupported(view: LayerView, opset: int) -> str | None:
         if not all(isinstance(d, int) for d in spatial) and opset < 10:
             return "dynamic spatial dims need opset >= 10 for the heads' reshape; using a plain pair"
     return None
+
+
+def split_unsupported(view: LayerView, opset: int) -> str | None:
+    """Why this layer cannot take the class-split form (dense columns for some outputs, a pair for the rest,
+    a Gather restoring the order; see passes/factorize.py), or None."""
+    if view.op not in ("MatMul", "Gemm") or view.side != "right" or view.groups != 1 or view.scope:
+        return "not a right-side MatMul/Gemm in the main graph"
+    if view.other_users:
+        return "its weight is shared with other nodes"
+    if view.op == "Gemm" and view.attrs.get("c") and float(view.attrs.get("beta", 1.0)) != 1.0:  # type: ignore[arg-type]
+        return "Gemm with beta != 1"
+    if opset < 11:
+        return "opset < 11 (no ScatterElements)"
+    return None

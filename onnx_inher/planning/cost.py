@@ -70,6 +70,15 @@ def heads(view: LayerView, rank: int, h: int, head_form: str | None = None) -> C
     return Cost(g * rank * i + h * g * o * rank + gate_params + bias, 2 * (down + apply + mix) + pool)
 
 
+def split(view: LayerView, dense_classes: int, rank: int) -> Cost:
+    """A class-split head (right-side MatMul/Gemm): `dense_classes` output columns kept as they are, the others
+    through a rank-`rank` pair whose up-projection spans all `out` classes (the kept ones are zero columns
+    that the scatter overwrites: stored, so counted); the scatter moves data, no MACs."""
+    i, o = view.in_features, view.out_features
+    per_row = i * dense_classes + rank * (i + o)
+    return Cost(per_row + _bias(view), 2 * view.rows * per_row)
+
+
 def after(view: LayerView, rank: int, h: int, head_form: str | None = None) -> Cost:
     return pair(view, rank) if h <= 1 else heads(view, rank, h, head_form)
 

@@ -29,6 +29,8 @@ def plan_table(plan: Plan, *, verbose_reasons: bool = True) -> str:
         shape = "x".join(map(str, c.weight_shape)) or "-"
         if c.decision == "factorize":
             what = f"{c.form} r={c.rank}" + (f" h={c.heads}" if c.heads > 1 else "")
+            if c.dense_classes is not None:
+                what = f"split: {len(c.dense_classes)} classes kept, the rest r={c.rank}"
             if c.energy_rank and c.energy_rank != c.rank:
                 what += f" (energy plan r={c.energy_rank}, sensitivity {c.sensitivity:.3g})"
             energy = f"{c.energy_kept:.3f}" if c.energy_kept is not None else "-"
@@ -198,7 +200,8 @@ def _training_line(label: str, dist: dict) -> str:
                  f"{train['planned_steps']} steps")
     if train.get("lr") is not None:
         probe = train.get("lr_probe")
-        how = ("chosen by `--lr auto` from validation loss after a few steps at each of "
+        how = ("chosen by `--lr auto` from validation (top-1 agreement with the teacher for class outputs, then "
+               "the loss) after a few steps at each of "
                + ", ".join(f"{k} ({v:.4g})" for k, v in probe.items()) if probe else
                "`--lr auto` without validation data" if probe is not None else "as given")
         stop += f"; peak learning rate {train['lr']:g} ({how})"
@@ -270,6 +273,8 @@ def run_markdown(result: RunResult, folder: Path) -> str:
              f"({plan['factorized']}/{plan['candidates']} layers factorised), FLOPs {plan['flop_ratio']:.1%}, "
              f"then distilled on `{first.get('data')}`"
              + (" (**data-free: random inputs**)" if first.get("data_free") else "") + ".", "",
+             *[f"- {note[0].upper()}{note[1:]}." for note in result.plan.get("class_split", [])],
+             *([""] if result.plan.get("class_split") else []),
              "## Summary", "", run_summary_table(result.summary), "",
              f"Task metric measured in ONNX Runtime on {ev['samples']} held-out samples (`{ev['data']}`); "
              "speedups are teacher p50 / student p50 with a 95% bootstrap interval, ideal = FLOP ratio."]

@@ -185,7 +185,8 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
         pair = pair_plan_text(text)
         write_text(out.path("plan_pair.json"), pair or text)
         plot_layers(p, out.path("layers.png"))
-        return {"totals": p.totals(), "has_heads": pair is not None}
+        return {"totals": p.totals(), "has_heads": pair is not None,
+                "class_split": [w for w in p.warnings if w.startswith("class split")]}
 
     plan_result = out.stage("plan", {"options": _options_doc(options)}, [teacher_path],
                             ["plan.json", "plan_pair.json"], do_plan, log=log)

@@ -391,7 +391,8 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
                             feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray | OutputGram],
                             rows: dict[str, np.ndarray] | None = None) -> Plan:
     """Re-rank the plan's factorised layers by measured output sensitivity, within its params and FLOPs."""
-    chosen = [c for c in the_plan.candidates if c.decision == "factorize" and c.node in views and c.rank]
+    chosen = [c for c in the_plan.candidates if c.decision == "factorize" and c.node in views and c.rank
+              and c.dense_classes is None]  # a class-split head's rank is fixed by the data, not traded
     sharers: dict[str, list[LayerView]] = {}
     for c in chosen:
         sharers.setdefault(views[c.node].shared_key, []).append(views[c.node])

@@ -418,6 +418,17 @@ class CalibratedSpectra(Spectra):
         return as_svd(balanced(truncate(data_aware_svd(view.matrices(), gram, rows=rows), self.ranks[view.node])))
 
 
+    def split_svd(self, view: LayerView, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The class-split head's other classes, whitened like the whole head (their class-row weights kept)."""
+        gram = self.grams.get(view.shared_key)
+        if gram is None or isinstance(gram, OutputGram) or view.node not in self.ranks:
+            return super().split_svd(view, rest)
+        rows = self.rows.get(view.shared_key)
+        m = np.ascontiguousarray(view.matrices()[:, rest, :])
+        svd = data_aware_svd(m, gram, rows=None if rows is None else rows[rest])
+        return as_svd(balanced(truncate(svd, self.ranks[view.node])))
+
+
 def as_svd(f: Factors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank-r factors as an `(u, s, vt)` triple with r columns, so that `truncate(.., r)` gives them back."""
     norms = np.linalg.norm(f.up.astype(np.float64), axis=1)
@@ -436,8 +447,9 @@ class Calibration:
 
 
 def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spec: str,
-              dims: dict[str, int] | None = None) -> Calibration:
-    """Grams of the plan's factorised layers (summed over layers sharing one weight), and notes."""
+              dims: dict[str, int] | None = None, feeds: dict[str, np.ndarray] | None = None) -> Calibration:
+    """Grams of the plan's factorised layers (summed over layers sharing one weight), and notes. `feeds`:
+    the samples of `spec` when the caller already loaded them (`calibration_feeds`)."""
     factorised = [views[c.node] for c in the_plan.candidates if c.decision == "factorize" and c.node in views]
     # a layer inside an If/Loop/Scan body reads tensors no graph output can expose: plain SVD
     chosen = [v for v in factorised if not v.scope]
@@ -451,7 +463,7 @@ def calibrate(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, sp
     if not wanted and not lefts and not convs and not outputs and the_plan.options.allocate != "sensitivity":
         raise InputError(f"--calibration {spec}: no factorised layer is a Conv or a MatMul/Gemm, so there is "
                          "nothing to whiten; drop --calibration.")
-    feeds = calibration_feeds(spec, model, dims=dims)
+    feeds = feeds if feeds is not None else calibration_feeds(spec, model, dims=dims)
     by_tensor, by_conv = layer_grams(model, wanted, convs, feeds, lefts=lefts, outputs=outputs) \
         if wanted or lefts or convs or outputs else ({}, {})
     grams: dict[str, np.ndarray] = {}

@@ -111,10 +111,12 @@ def replacement_graph(view: LayerView, model: Any, index: GraphIndex, cand: Cand
     rank = int(cand.rank or 1)
     rng = np.random.default_rng(0)
     g, o, i = view.groups, view.out_features, view.in_features
-    f = Factors(up=(rng.standard_normal((g, o, rank)) * 0.05).astype(np.float32),
+    kept = len(cand.dense_classes or [])  # a class-split head: k dense columns, the other o - k at rank r
+    f = Factors(up=(rng.standard_normal((g, o - kept, rank)) * 0.05).astype(np.float32),
                 down=(rng.standard_normal((g, rank, i)) * 0.05).astype(np.float32))
+    columns = (rng.standard_normal((i, kept)) * 0.05).astype(np.float32) if cand.dense_classes is not None else None
     node = index.graph.node[view.node_index]  # `index` is the index of the layer's own (sub)graph
-    e = emit(view, node, cand, f, opset, 0, view.node)
+    e = emit(view, node, cand, f, opset, 0, view.node, columns)
     tail = tail or []
     consts = {k: numpy_helper.to_array(t) for k, t in e.inits.items()}
     originals = fold([i for n in [node, *tail] for i in n.input], index)
@@ -156,7 +158,8 @@ def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: S
         if x_shape is None:
             continue
         tail = epilogue(node, index)
-        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, c.head_form, tail)
+        form = c.head_form if c.dense_classes is None else f"split:{len(c.dense_classes)}"
+        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, form, tail)
         if key not in cache.entries:
             dense = dense_graph(view, model, index, x_shape, tail)
             if dense is None:

@@ -1,0 +1,166 @@
+"""The class split of a classifier head (issue 17): the classes the teacher uses on the calibration data keep
+their weights, the others share a small pair, a scatter puts the kept logits in place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_inher
+from onnx_inher import Options, parse_policy
+from onnx_inher.api import analyze
+from onnx_inher.bridge import to_torch
+from onnx_inher.planning import cost
+from onnx_inher.planning.plan import SPLIT_RANK
+from onnx_inher.tuning.classes import used_classes
+from tests.helpers import ort_run, torch_run
+from tests.test_bad_input import invoke
+
+CLASSES, USED, FEATURES, HIDDEN, FRAMES = 300, 12, 16, 32, 5
+
+
+def _vocab_head(path: Path, used: int = USED) -> Path:
+    """x [N, 5, 16] -> Relu(x W1) -> Softmax(h W2 + b) over 300 classes, of which the bias makes only the first
+    `used` likely (a recogniser's alphabet inside a large vocabulary)."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.normal(size=(FEATURES, HIDDEN)) / 4).astype(np.float32)
+    w2 = (rng.normal(size=(HIDDEN, CLASSES)) / np.sqrt(HIDDEN)).astype(np.float32)
+    b = np.full(CLASSES, -2.0, np.float32)
+    b[:used] = 6.0
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+             helper.make_node("MatMul", ["h", "w2"], ["z"], name="head"),
+             helper.make_node("Add", ["z", "b"], ["zb"], name="bias"),
+             helper.make_node("Softmax", ["zb"], ["p"], name="softmax", axis=-1)]
+    graph = helper.make_graph(
+        nodes, "vocab", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FRAMES, FEATURES])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", FRAMES, CLASSES])],
+        initializer=[numpy_helper.from_array(a, n) for n, a in (("w1", w1), ("w2", w2), ("b", b))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _inputs(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, FRAMES, FEATURES)).astype(np.float32)
+
+
+@pytest.fixture
+def head(tmp_path: Path) -> tuple[Path, Path]:
+    np.savez(tmp_path / "cal.npz", x=_inputs(96, 1))
+    return _vocab_head(tmp_path / "vocab.onnx"), tmp_path / "cal.npz"
+
+
+def _options(cal: Path, **kw: object) -> Options:
+    return Options(mode="svd", rank_multiple=1, latency_check=False, calibration=str(cal), **kw)  # type: ignore[arg-type]
+
+
+def test_used_classes_are_every_class_the_teacher_ranks_in_its_top_3(head: tuple[Path, Path]) -> None:
+    teacher, cal = head
+    x = np.load(cal)["x"]
+    a = analyze(teacher)
+    got = used_classes(a.loaded.model, a.views, {"x": x})
+    p = ort_run(teacher, {"x": x})[0].reshape(-1, CLASSES)
+    expected = np.unique(np.argsort(-p, axis=-1)[:, :3]).tolist()
+    assert got == {"head": expected}
+    assert 3 <= len(expected) <= USED and max(expected) < USED
+    assert "fc1" not in got  # a Relu follows it: not a classifier head
+
+
+def test_the_plan_splits_the_head_and_spreads_the_rest_of_the_budget(head: tuple[Path, Path]) -> None:
+    teacher, cal = head
+    p = onnx_inher.plan(teacher, _options(cal, policy=parse_policy(param_ratio=0.5)))
+    c = next(c for c in p.candidates if c.node == "head")
+    view = analyze(teacher).views["head"]
+    assert c.decision == "factorize" and c.form == "split" and c.heads == 1 and c.rank == SPLIT_RANK
+    assert c.dense_classes and set(c.dense_classes) <= set(range(USED))
+    assert c.params_after == cost.split(view, len(c.dense_classes), SPLIT_RANK).params < c.params_before / 2
+    assert any(w.startswith("class split: head keeps the weights of") for w in p.warnings)
+    assert p.totals()["params_after"] <= 0.5 * p.totals()["params_before"]
+    doc = json.loads(p.to_json())
+    assert next(e for e in doc["candidates"] if e["node"] == "head")["dense_classes"] == c.dense_classes
+    assert "dense_classes" not in next(e for e in doc["candidates"] if e["node"] == "fc1")
+
+
+def test_no_class_split_and_a_head_that_uses_most_classes_keep_the_plain_pair(tmp_path: Path,
+                                                                            head: tuple[Path, Path]) -> None:
+    teacher, cal = head
+    off = onnx_inher.plan(teacher, _options(cal, class_split=False, policy=parse_policy(param_ratio=0.5)))
+    assert next(c for c in off.candidates if c.node == "head").form == "pair"
+    broad = _vocab_head(tmp_path / "broad.onnx", used=CLASSES)  # every class equally likely: top 3 covers most
+    p = onnx_inher.plan(broad, _options(cal, policy=parse_policy(param_ratio=0.5)))
+    assert next(c for c in p.candidates if c.node == "head").dense_classes is None
+    assert not any(w.startswith("class split") for w in p.warnings)
+
+
+def _split_plan(teacher: Path, cal: Path, out: Path, rank: int) -> Path:
+    p = onnx_inher.plan(teacher, _options(cal, policy=parse_policy(param_ratio=0.5)))
+    doc = json.loads(p.to_json())
+    for e in doc["candidates"]:
+        if e["node"] == "head":
+            e["rank"] = rank
+        else:
+            e["decision"] = "skip"
+    out.write_text(json.dumps(doc))
+    return out
+
+
+def test_the_split_is_exact_at_full_rank_and_keeps_the_used_classes_exact(tmp_path: Path,
+                                                                          head: tuple[Path, Path]) -> None:
+    teacher, cal = head
+    x = _inputs(64, 7)
+    p = ort_run(teacher, {"x": x})[0]
+    kept = json.loads(_split_plan(teacher, cal, tmp_path / "full.json", HIDDEN).read_text())
+    assert next(e for e in kept["candidates"] if e["node"] == "head")["rank"] == HIDDEN
+    onnx_inher.compress(teacher, tmp_path / "full.onnx", _options(cal), plan_path=tmp_path / "full.json")
+    np.testing.assert_allclose(ort_run(tmp_path / "full.onnx", {"x": x})[0], p, atol=1e-5)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "full.onnx")).graph.node]
+    assert "ScatterElements" in ops and "Gather" not in ops
+    onnx_inher.compress(teacher, tmp_path / "r1.onnx", _options(cal), plan_path=_split_plan(teacher, cal,
+                                                                                          tmp_path / "r1.json", 1))
+    q = ort_run(tmp_path / "r1.onnx", {"x": x})[0]
+    assert (q.argmax(-1) == p.argmax(-1)).all()  # rank 1 for the rest: the used classes still decide
+    used = sorted(set(p.reshape(-1, CLASSES).argmax(-1)))
+    logit = lambda probs: np.log(probs[..., used]) - np.log(probs[..., used[:1]])  # noqa: E731
+    np.testing.assert_allclose(logit(q), logit(p), atol=1e-4)  # kept classes: same logits up to the shift
+
+
+def test_the_split_student_is_deterministic_and_the_bridge_runs_it_as_ort_does(tmp_path: Path,
+                                                                                head: tuple[Path, Path]) -> None:
+    teacher, cal = head
+    options = _options(cal, policy=parse_policy(param_ratio=0.5))
+    onnx_inher.compress(teacher, tmp_path / "a.onnx", options)
+    onnx_inher.compress(teacher, tmp_path / "b.onnx", options)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    feed = {"x": _inputs(8, 9)}
+    module, names = to_torch(onnx.load(str(tmp_path / "a.onnx")))
+    np.testing.assert_allclose(torch_run(module, feed)[0], ort_run(tmp_path / "a.onnx", feed)[0], atol=1e-5)
+    trained = sorted(onnx_name for onnx_name, key in names.items() if module.get_parameter(key).requires_grad)
+    assert trained == [f"head/svd/{w}.weight" for w in ("dense", "down", "up")]  # what distill trains
+
+
+def test_a_plan_with_bad_dense_classes_is_one_line_and_exit_2(tmp_path: Path, head: tuple[Path, Path]) -> None:
+    teacher, cal = head
+    plan = _split_plan(teacher, cal, tmp_path / "plan.json", 4)
+    doc = json.loads(plan.read_text())
+    next(e for e in doc["candidates"] if e["node"] == "head")["dense_classes"] = [0, 0, CLASSES + 5]
+    plan.write_text(json.dumps(doc))
+    r = invoke(["compress", str(teacher), "-o", str(tmp_path / "s.onnx"), "--plan", str(plan)])
+    assert r.exit_code == 2 and not (tmp_path / "s.onnx").exists()
+    assert r.stderr.count("\n") == 1 and "'head'" in r.stderr and "dense_classes" in r.stderr
+
+
+def test_the_latency_tools_time_a_split_head_in_its_own_form(tmp_path: Path, head: tuple[Path, Path]) -> None:
+    from onnx_inher.bench.sessions import Settings
+    from onnx_inher.tuning.latency import layer_times
+
+    teacher, cal = head
+    p = onnx_inher.plan(teacher, _options(cal, policy=parse_policy(param_ratio=0.5), dims={"N": 2}))
+    a = analyze(teacher, {"N": 2})
+    times = layer_times(p, a.loaded.model, a.views, Settings(threads=1), cache_dir=tmp_path, warmup=1, iters=3)
+    assert set(times) == {c.node for c in p.candidates if c.decision == "factorize"} and "head" in times
+    assert all(t[0] > 0 and t[1] > 0 for t in times.values())
