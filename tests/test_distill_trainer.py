@@ -375,15 +375,17 @@ def test_validation_ranks_class_outputs_by_agreement_before_loss() -> None:
     from onnx_inher.distill.trainer import better, selection_score
 
     probs = [OutputLoss(output="p", kind="kl")]
-    start = selection_score({"val_loss": 0.0277, "p/agree": 1.0}, probs)
-    later = selection_score({"val_loss": 0.0234, "p/agree": 0.9957}, probs)
-    assert start == (1.0, 0.0277)
-    assert not better(later, start, samples=300)  # lower loss, worse decisions: the start stays best
-    assert better((1.0, 0.02), start, samples=300)  # same agreement: the loss decides
-    assert better((0.99, 0.05), (0.95, 0.01), samples=1000)  # clearly more agreement wins over the loss
-    assert not better((0.8125, 9.0), (0.75, 0.5), samples=16)  # one sample of 16 is noise: the loss decides
+    frames = 300 * 40  # the recogniser's validation: 300 lines of 40 frames
+    start = selection_score({"val_loss": 0.0277, "p/agree": 1.0}, probs, frames)
+    later = selection_score({"val_loss": 0.0234, "p/agree": 0.9957}, probs, frames)
+    assert start == (1.0, 0.0277, frames)
+    assert not better(later, start)  # lower loss, worse decisions: the start stays best
+    assert better((1.0, 0.02, frames), start)  # same agreement: the loss decides
+    probe = 128 * 40  # --lr auto's 128 samples: 99.90% vs 99.45% of 5,120 frames is a real difference
+    assert better((0.999, 0.0282, probe), (0.9945, 0.0277, probe))
+    assert not better((0.8125, 9.0, 16), (0.75, 0.5, 16))  # one sample of 16 is noise: the loss decides
     embedding = [OutputLoss(output="e", kind="cosine")]
-    assert selection_score({"val_loss": 0.1, "e/cos": 0.9}, embedding) == (None, 0.1)
+    assert selection_score({"val_loss": 0.1, "e/cos": 0.9}, embedding, 16) == (None, 0.1, 16)
     mixed = [*probs, *embedding]  # not every output holds classes: the loss alone
-    assert selection_score({"val_loss": 0.3, "p/agree": 0.5, "e/cos": 0.9}, mixed) == (None, 0.3)
-    assert better((None, 0.2), (None, 0.3), samples=10) and not better((None, 0.3), (None, 0.2), samples=10)
+    assert selection_score({"val_loss": 0.3, "p/agree": 0.5, "e/cos": 0.9}, mixed, 16)[0] is None
+    assert better((None, 0.2, 10), (None, 0.3, 10)) and not better((None, 0.3, 10), (None, 0.2, 10))

@@ -149,22 +149,24 @@ def lr_at(step: int, total: int, base: float, warmup: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-Score = tuple[float | None, float]  # (mean top-1 agreement with the teacher or None, validation loss)
+# (mean top-1 agreement with the teacher or None, validation loss, positions the agreement was counted on)
+Score = tuple[float | None, float, int]
 
 
-def selection_score(metrics: dict[str, float], outputs: list[OutputLoss]) -> Score:
-    """A validation's agreement (the mean over the outputs, when every output holds classes) and loss."""
+def selection_score(metrics: dict[str, float], outputs: list[OutputLoss], positions: int) -> Score:
+    """A validation's agreement (the mean over the outputs, when every output holds classes), its loss, and
+    `positions`: how many positions (samples x frames or tokens) the agreement was counted on."""
     agree = [metrics.get(f"{o.output}/agree") for o in outputs]
     loss = float(metrics.get("val_loss", 0.0))
     if outputs and all(o.kind in CLASS_KINDS for o in outputs) and all(a is not None for a in agree):
-        return float(np.mean(agree)), loss  # type: ignore[arg-type]
-    return None, loss
+        return float(np.mean(agree)), loss, max(1, positions)  # type: ignore[arg-type]
+    return None, loss, max(1, positions)
 
 
-def better(score: Score, best: Score, samples: int) -> bool:
+def better(score: Score, best: Score) -> bool:
     """Whether a validation beats the best so far: a clearly higher top-1 agreement, or the same agreement
-    (within one sample, or its standard error on `samples` samples) and a lower loss; the loss alone where
-    outputs do not hold classes.
+    (within one position, or its standard error over the positions counted) and a lower loss; the loss alone
+    where outputs do not hold classes.
 
     The loss alone can improve while the student decides worse: the PP-OCRv5 recogniser's class-split student
     starts at 100% frame agreement on validation; distilling it lowered the KL + CTC loss from 0.0277 to 0.0234
@@ -172,10 +174,9 @@ def better(score: Score, best: Score, samples: int) -> bool:
     to 99.6% and the lines read as the teacher does from 100% to 97%. A user asked for a student that decides
     as the teacher does; the loss is the means. On a few validation samples the agreement is noise, and the
     loss decides."""
-    (agree, loss), (best_agree, best_loss) = score, best
+    (agree, loss, n), (best_agree, best_loss, _) = score, best
     if agree is None or best_agree is None:
         return loss < best_loss
-    n = max(samples, 1)
     tolerance = max(1.0 / n, math.sqrt(best_agree * (1.0 - best_agree) / n))
     if abs(agree - best_agree) > tolerance:
         return agree > best_agree
@@ -323,6 +324,7 @@ class Trainer:
         self.lr_scale = 1.0
         self.probed: dict[str, float] | None = None  # what `lr_probe` measured
         self.probe_step_seconds: float | None = None  # mean time of the probe's training steps
+        self.val_positions = 0  # positions behind the last validation's agreement (`evaluate`)
         self.planned_steps: int | None = None
 
     # ------------------------------------------------------------------ batches
@@ -373,6 +375,7 @@ class Trainer:
         self.module.eval()
         sums: dict[str, float] = {}
         n = len(self.val.data) if limit is None else min(limit, len(self.val.data))
+        self.val_positions = 0  # positions of the class outputs' agreement (the fewest over outputs)
         for start in range(0, n, self.options.batch_size):
             index = np.arange(start, min(start + self.options.batch_size, n))
             inputs, targets, labels, mask = self._tensors(self.val, index)
@@ -382,6 +385,9 @@ class Trainer:
             batch = {"val_loss": float(loss)}
             for o in self.plan.outputs:
                 batch.update(_output_metrics(o, outputs[o.output].float(), targets[o.output].float(), labels, mask))
+            counted = [outputs[o.output].numel() // max(outputs[o.output].shape[o.class_axis], 1)
+                       for o in self.plan.outputs if o.kind in CLASS_KINDS]
+            self.val_positions += min(counted, default=len(index))
             for k, v in batch.items():
                 sums[k] = sums.get(k, 0.0) + v * len(index)
         self.net.train()
@@ -419,7 +425,7 @@ class Trainer:
             tick = time.perf_counter()
             initial = self.evaluate() if self.world.is_main else None
             validation_seconds = time.perf_counter() - tick
-            agree, loss = self._score(initial)
+            agree, loss, _ = self._score(initial)
             state.update(best_agree=agree, best_loss=loss, best_step=0)
             best.update(self._trainable_snapshot())
             if initial is not None:
@@ -523,10 +529,9 @@ class Trainer:
         self.net.train()
         self.probed = scores
         self.probe_step_seconds = timed / stepped if stepped else None
-        samples = min(LR_PROBE_SAMPLES, len(self.val.data))
         best = LR_CANDIDATES[0]
         for lr in LR_CANDIDATES[1:]:  # in order, a rate must beat the larger ones (ties go to the larger)
-            if better(keys[f"{lr:g}"], keys[f"{best:g}"], samples):
+            if better(keys[f"{lr:g}"], keys[f"{best:g}"]):
                 best = lr
         return best
 
@@ -575,8 +580,9 @@ class Trainer:
                   log: MetricsLog) -> dict[str, float]:
         """Evaluate (rank 0), share the loss, keep the best weights, and decide on early stopping."""
         metrics = self.evaluate() if self.world.is_main else {}
-        agree, val_loss = self._score(metrics)
-        if better((agree, val_loss), (state["best_agree"], state["best_loss"]), len(self.val.data) if self.val else 0):
+        score = self._score(metrics)
+        agree, val_loss = score[0], score[1]
+        if better(score, (state["best_agree"], state["best_loss"], score[2])):
             state.update(best_agree=agree, best_loss=val_loss, best_step=step, bad_evals=0)
             best.clear()
             best.update(self._trainable_snapshot())
@@ -593,10 +599,10 @@ class Trainer:
         return metrics
 
     def _score(self, metrics: dict[str, float] | None) -> Score:
-        """`selection_score` of rank 0's validation, the same on every rank."""
-        agree, loss = selection_score(metrics or {}, self.plan.outputs)
+        """`selection_score` of rank 0's last validation, the same on every rank."""
+        agree, loss, n = selection_score(metrics or {}, self.plan.outputs, self.val_positions)
         shared = self.world.broadcast_float(-1.0 if agree is None else agree)
-        return (None if shared < 0 else shared), self.world.broadcast_float(loss)
+        return (None if shared < 0 else shared), self.world.broadcast_float(loss), int(self.world.broadcast_float(n))
 
     def _back_off(self, state: dict[str, Any], best: dict[str, torch.Tensor]) -> None:
         """Validation got worse: go back to the best weights with fresh optimizer moments and a smaller lr.
