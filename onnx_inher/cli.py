@@ -19,7 +19,7 @@ from onnx_inher import _env, api
 from onnx_inher.distill import AUGMENTS, TEACHER_MODES, TEACHER_RUNTIMES, TRAINABLE
 from onnx_inher.errors import CheckFailed, InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
-from onnx_inher.planning import Options, parse_policy
+from onnx_inher.planning import Options, Plan, parse_policy
 from onnx_inher.reporting import text as report
 
 
@@ -143,6 +143,15 @@ def _planning_options(kw: dict[str, Any]) -> Options:
     return options
 
 
+def _note_unused_calibration(p: Plan) -> None:
+    """A plan given data that neither the sensitivity allocation nor a class split used says so (whitening,
+    which always uses it, happens in compress)."""
+    o = p.options
+    if o.calibration and o.allocate != "sensitivity" and not any(c.dense_classes for c in p.candidates):
+        p.warnings.append(f"--calibration {o.calibration} was not used: no classifier head here gains from a "
+                          "class split; give the data to compress (whitened factors) or add --allocate sensitivity")
+
+
 def handled(f: Callable) -> Callable:
     """Turn our errors into one line on stderr and the right exit code (no traceback)."""
 
@@ -228,6 +237,7 @@ ctc_blank_option = click.option(
 def inspect(model: Path, as_json: bool, **kw: Any) -> None:
     """Table of candidate layers: shape, params, FLOPs, and what would be factorised or skipped and why."""
     p = api.plan(model, _planning_options(kw))
+    _note_unused_calibration(p)
     if as_json:
         click.echo(p.to_json(), nl=False)
         return
@@ -252,6 +262,7 @@ def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw:
     options = _planning_options(kw)
     check_output(output, [model])
     p = api.plan(model, options, target=target)
+    _note_unused_calibration(p)
     write_text(output, p.to_json())
     if as_json:
         click.echo(json.dumps({"plan": str(output), "totals": p.totals(), "warnings": p.warnings}, indent=2))

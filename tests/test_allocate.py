@@ -96,10 +96,12 @@ def test_greedy_ranks_stay_within_both_budgets_and_follow_the_measured_damage() 
 
 
 @needs_mnist
-@pytest.mark.parametrize(("sequential", "bound"), [("1", 0.8), ("0", 0.5)])
+@pytest.mark.parametrize(("sequential", "bound"), [("1", 0.8), ("0", 0.65)])
 def test_sensitivity_allocation_beats_energy_on_held_out_digits_at_no_more_params_or_flops(
         sequential: str, bound: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # fitted in graph order (the default) both students are closer, so the moved ranks gain less
+    # fitted in graph order (the default) both students are closer, so the moved ranks gain less; since energy
+    # plans stopped rounding the first conv below its energy rank (it stays dense) the energy student is closer
+    # too: without the graph-order fit 0.124 (was 0.169) against 0.073 moved (was 0.076)
     monkeypatch.setenv("ONNX_INHER_SEQUENTIAL", sequential)
     images = load_data("mnist5k:test", input_specs(onnx.load(str(MNIST)))).inputs["image"][:300]
     common = {"mode": "svd", "policy": parse_policy(param_ratio=0.5), "rank_multiple": 4, "calibration": "mnist5k"}
@@ -135,7 +137,7 @@ def test_moved_ranks_that_measure_worse_are_not_applied(tmp_path: Path, monkeypa
 
 @pytest.mark.parametrize("args, message", [
     (["plan", str(MNIST), "--allocate", "sensitivity"], "--calibration DATA"),
-    (["plan", str(MNIST), "--calibration", "mnist5k"], "only with --allocate sensitivity"),
+    (["plan", str(MNIST), "--calibration", "mnist5k", "--no-class-split"], "only with --allocate sensitivity"),
 ])
 def test_cli_sensitivity_needs_data_and_plan_needs_no_data_otherwise(args: list[str], message: str,
                                                                      tmp_path: Path) -> None:
@@ -237,3 +239,9 @@ def test_greedy_spends_the_params_when_flop_heavy_layers_would_exhaust_the_flops
     spent = sum(layers[n].cost(r) for n, r in ranks.items())
     assert np.all(spent <= budget) and spent[0] >= 0.9 * budget[0], (ranks, spent, budget)
     assert sum(layers[n].damage(r) for n, r in ranks.items()) < 0.8
+
+
+def test_plan_with_data_that_nothing_uses_says_so(tmp_path: Path) -> None:
+    """The MNIST head has 10 classes: no class split, so `plan --calibration` alone has no use for the data."""
+    out = CliRunner().invoke(main, ["plan", str(MNIST), "--calibration", "mnist5k", "-o", str(tmp_path / "p.json")])
+    assert out.exit_code == 0 and "--calibration mnist5k was not used" in out.output

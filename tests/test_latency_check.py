@@ -196,3 +196,13 @@ def test_rounds_of_a_sub_ms_model_span_the_budget() -> None:
     assert reps * 5e-5 * 2 * speed.MAX_ROUNDS == pytest.approx(3.0, rel=0.05)
     assert speed.runs_per_round(0.02, 3.0, 2) == 1  # a 20 ms model: one run per round, as before
     assert speed.runs_per_round(1e-9, 3.0, 2) == speed.MAX_REPS
+
+
+def test_the_check_line_says_when_batch_8_is_measurably_slower() -> None:
+    from onnx_inher.reporting.text import latency_check_line
+
+    doc = {"speedup": 1.03, "low": 1.01, "high": 1.05, "verdict": "faster", "threads": 2,
+           "batch_8": {"speedup": 0.95, "low": 0.93, "high": 0.96}}
+    assert "slower than the teacher at batch 8" in latency_check_line(doc)
+    doc["batch_8"] = {"speedup": 1.04, "low": 0.96, "high": 1.12}
+    assert "slower" not in latency_check_line(doc) and "batch 8: 1.04x" in latency_check_line(doc)
