@@ -164,3 +164,40 @@ def test_the_latency_tools_time_a_split_head_in_its_own_form(tmp_path: Path, hea
     times = layer_times(p, a.loaded.model, a.views, Settings(threads=1), cache_dir=tmp_path, warmup=1, iters=3)
     assert set(times) == {c.node for c in p.candidates if c.decision == "factorize"} and "head" in times
     assert all(t[0] > 0 and t[1] > 0 for t in times.values())
+
+
+def _gemm_classifier(path: Path) -> Path:
+    """x [N, 24] -> Softmax(Gemm(x, W^T, b), transB=1) over 200 classes, 6 of them likely: a torch `nn.Linear`
+    classifier exported, on data from a few of its classes."""
+    rng = np.random.default_rng(4)
+    w = (rng.normal(size=(200, 24)) / np.sqrt(24)).astype(np.float32)  # [out, in], read transposed
+    b = np.full(200, -2.0, np.float32)
+    b[[3, 50, 77, 120, 121, 199]] = 6.0
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="fc", transB=1),
+             helper.make_node("Softmax", ["z"], ["p"], name="softmax", axis=1)]
+    graph = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 24])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 200])],
+                              initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_a_gemm_classifier_with_its_bias_splits_and_is_exact_at_full_rank(tmp_path: Path) -> None:
+    teacher = _gemm_classifier(tmp_path / "cls.onnx")
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "cal.npz", x=rng.normal(size=(64, 24)).astype(np.float32))
+    options = _options(tmp_path / "cal.npz", policy=parse_policy(param_ratio=0.5))
+    p = onnx_inher.plan(teacher, options)
+    c = next(c for c in p.candidates if c.node == "fc")
+    assert c.form == "split" and set(c.dense_classes or []) <= {3, 50, 77, 120, 121, 199}
+    doc = json.loads(p.to_json())
+    doc["candidates"][0]["rank"] = 24  # the other classes at full rank: the teacher's layer
+    (tmp_path / "full.json").write_text(json.dumps(doc))
+    onnx_inher.compress(teacher, tmp_path / "full.onnx", _options(tmp_path / "cal.npz"),
+                        plan_path=tmp_path / "full.json")
+    x = rng.normal(size=(32, 24)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(tmp_path / "full.onnx", {"x": x})[0], ort_run(teacher, {"x": x})[0],
+                               atol=1e-5)
+    onnx_inher.compress(teacher, tmp_path / "s.onnx", options)
+    q, ref = ort_run(tmp_path / "s.onnx", {"x": x})[0], ort_run(teacher, {"x": x})[0]
+    assert (q.argmax(1) == ref.argmax(1)).all()
