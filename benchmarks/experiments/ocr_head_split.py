@@ -10,7 +10,9 @@ and the others go through a rank-r SVD; and each given student's factorised head
 `swap --teacher REC --calib CALIB.npz STUDENT OUT --rank R [--top K]` writes STUDENT with its factorised
 head replaced by the split form: `x @ W_active`, `(x @ D) @ U` for the rest, `Concat` and a `Gather`
 restoring the class order, all under `MatMul.12/svd/` so that `distill` trains them as factors.
-Nothing here is committed data: models and lines stay under /tmp.
+Nothing here is committed data: models and lines stay under /tmp. The product's class split (issue 17,
+eighth pass: `tuning/classes.py`, `passes/factorize.py`) emits a ScatterElements form instead of this
+Concat + Gather, which ONNX Runtime runs slowly on the last axis.
 """
 
 from __future__ import annotations
