@@ -136,10 +136,11 @@ def _used_classes(a: Analysis, options: Options) -> tuple[dict[str, np.ndarray],
     from onnx_inher.tuning.calibrate import calibration_feeds
     from onnx_inher.tuning.classes import classifier_heads, used_classes
 
-    if not classifier_heads(a.loaded.model, a.views):
+    heads = classifier_heads(a.loaded.model, a.views)
+    if not heads:  # no teacher run, no samples loaded
         return {}, {}
     feeds = calibration_feeds(options.calibration, a.loaded.model, dims=a.symbols)
-    return feeds, used_classes(a.loaded.model, a.views, feeds)
+    return feeds, used_classes(a.loaded.model, a.views, feeds, heads=heads)
 
 
 def _split_notes(p: Plan, a: Analysis, feeds: dict[str, np.ndarray]) -> list[str]:

@@ -247,15 +247,19 @@ def _heads_conv_const(e: Emitter, view: LayerView, f: Factors, h: int, z: str, y
     e.node("Add", [out, mixed_b], "apply_bias", y)
 
 
+def other_classes(view: LayerView, cand: Candidate) -> np.ndarray:
+    """The output columns of a class-split head that go through its pair (all but `dense_classes`), in order."""
+    return np.setdiff1d(np.arange(view.out_features), cand.dense_classes or [])
+
+
 def _split(e: Emitter, view: LayerView, node: NodeProto, cand: Candidate, dense: np.ndarray, f: Factors) -> None:
     """The class-split head (module docstring): kept columns `dense` (`[in, k]`), the other classes' factors
     `f` (up `[1, out - k, r]`, spread over all `out` classes with zeros at the kept ones)."""
     x = node.input[1 - view.weight_input]
     trans_a = int(view.attrs.get("transA", 0)) if view.op == "Gemm" else 0
     classes = list(cand.dense_classes or [])
-    rest = np.setdiff1d(np.arange(view.out_features), classes)
     up = np.zeros((f.up.shape[2], view.out_features), dtype=np.float32)
-    up[:, rest] = f.up[0].T
+    up[:, other_classes(view, cand)] = f.up[0].T
     kept = e.matmul_or_gemm(x, e.weight("dense.weight", dense), "dense", trans_a=trans_a)
     z = e.matmul_or_gemm(x, e.weight("down.weight", f.down[0].T), "down", trans_a=trans_a)
     others = e.node("MatMul", [z, e.weight("up.weight", up)], "up")
@@ -486,8 +490,7 @@ class Factorize:
         return replacements
 
     def _emit_split(self, c: Candidate, view: LayerView, scopes: Scopes) -> Emitter:
-        rest = np.setdiff1d(np.arange(view.out_features), c.dense_classes or [])
-        factors = truncate(self.spectra.split_svd(view, rest), int(c.rank or 1))
+        factors = truncate(self.spectra.split_svd(view, other_classes(view, c)), int(c.rank or 1))
         dense = view.matrices()[0][c.dense_classes or []].T
         node = scopes.graphs[view.scope].node[view.node_index]
         e = emit(view, node, c, factors, self.plan.opset, self.plan.options.seed, view.node, dense)

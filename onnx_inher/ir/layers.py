@@ -93,7 +93,7 @@ def heads_unsupported(view: LayerView, opset: int) -> str | None:
 
 def split_unsupported(view: LayerView, opset: int) -> str | None:
     """Why this layer cannot take the class-split form (dense columns for some outputs, a pair for the rest,
-    a Gather restoring the order; see passes/factorize.py), or None."""
+    a ScatterElements putting the kept ones in place; see passes/factorize.py), or None."""
     if view.op not in ("MatMul", "Gemm") or view.side != "right" or view.groups != 1 or view.scope:
         return "not a right-side MatMul/Gemm in the main graph"
     if view.other_users:

@@ -417,7 +417,6 @@ class CalibratedSpectra(Spectra):
         rows = self.rows.get(view.shared_key)
         return as_svd(balanced(truncate(data_aware_svd(view.matrices(), gram, rows=rows), self.ranks[view.node])))
 
-
     def split_svd(self, view: LayerView, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The class-split head's other classes, whitened like the whole head (their class-row weights kept)."""
         gram = self.grams.get(view.shared_key)

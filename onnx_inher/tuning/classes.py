@@ -45,10 +45,11 @@ def _positions(p: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def used_classes(model: ModelProto, views: dict[str, LayerView], feeds: dict[str, np.ndarray],
-                 top: int = SPLIT_TOP) -> dict[str, list[int]]:
+                 top: int = SPLIT_TOP, heads: dict[str, Head] | None = None) -> dict[str, list[int]]:
     """By head node: the sorted classes the teacher ranks in its top `top` somewhere on `feeds`. Heads whose
-    softmax is not over their last axis with the layer's output width are left out."""
-    heads = classifier_heads(model, views)
+    softmax is not over their last axis with the layer's output width are left out. `heads`: the
+    `classifier_heads` when the caller already found them."""
+    heads = classifier_heads(model, views) if heads is None else heads
     if not heads:
         return {}
     names = sorted({h.tensor for h in heads.values()})
