@@ -106,6 +106,25 @@ def test_class_outputs_are_probed_by_per_position_kl(tmp_path: Path) -> None:
     assert prober.distance({}) == 0.0
 
 
+def test_the_probers_score_counts_top1_agreement_per_position(tmp_path: Path) -> None:
+    """The sensitivity allocation's final check ranks students by this agreement first (metrics.better)."""
+    path = ctc_teacher(tmp_path / "ctc.onnx", blank_bias=3.0)
+    a = analyze(path)
+    view = a.views["fc2"]
+    x = ctc_inputs(16)
+    prober = alloc.Prober(a.loaded.model, [view], {"x": x})
+    w = view.weight.copy()
+    w[:, 0] *= -1.0  # the blank's column flipped: every frame the blank won now goes elsewhere
+    agree, distance, positions = prober.score({"fc2": w})
+    logits = np.maximum(x @ onnx.numpy_helper.to_array(_init(a, "w1")), 0) @ w + _bias(a)
+    teacher = ort_run(path, {"x": x})[0]
+    expected = float((teacher.argmax(-1) == logits.argmax(-1)).mean())
+    assert positions == teacher.shape[0] * teacher.shape[1]
+    assert agree == expected and 0.0 < expected < 1.0
+    assert distance == prober.distance({"fc2": w}) > 0.0
+    assert prober.score({})[:2] == (1.0, 0.0)
+
+
 def _init(a: object, name: str) -> onnx.TensorProto:
     return next(t for t in a.loaded.model.graph.initializer if t.name == name)  # type: ignore[attr-defined]
 

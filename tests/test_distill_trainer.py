@@ -372,7 +372,8 @@ def test_a_time_limit_sizes_the_schedule_so_that_it_ends_on_time(setup: dict[str
 
 def test_validation_ranks_class_outputs_by_agreement_before_loss() -> None:
     from onnx_inher.distill.losses import OutputLoss
-    from onnx_inher.distill.trainer import better, selection_score
+    from onnx_inher.distill.trainer import selection_score
+    from onnx_inher.metrics import better
 
     probs = [OutputLoss(output="p", kind="kl")]
     frames = 300 * 40  # the recogniser's validation: 300 lines of 40 frames

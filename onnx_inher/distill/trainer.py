@@ -36,6 +36,7 @@ from onnx_inher.distill.dist import World
 from onnx_inher.distill.losses import CLASS_KINDS, OutputLoss, feature_loss, token_mask
 from onnx_inher.distill.options import DistillOptions
 from onnx_inher.errors import InputError
+from onnx_inher.metrics import Score, better
 
 
 @dataclass
@@ -149,10 +150,6 @@ def lr_at(step: int, total: int, base: float, warmup: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# (mean top-1 agreement with the teacher or None, validation loss, positions the agreement was counted on)
-Score = tuple[float | None, float, int]
-
-
 def selection_score(metrics: dict[str, float], outputs: list[OutputLoss], positions: int) -> Score:
     """A validation's agreement (the mean over the outputs, when every output holds classes), its loss, and
     `positions`: how many positions (samples x frames or tokens) the agreement was counted on."""
@@ -161,26 +158,6 @@ def selection_score(metrics: dict[str, float], outputs: list[OutputLoss], positi
     if outputs and all(o.kind in CLASS_KINDS for o in outputs) and all(a is not None for a in agree):
         return float(np.mean(agree)), loss, max(1, positions)  # type: ignore[arg-type]
     return None, loss, max(1, positions)
-
-
-def better(score: Score, best: Score) -> bool:
-    """Whether a validation beats the best so far: a clearly higher top-1 agreement, or the same agreement
-    (within one position, or its standard error over the positions counted) and a lower loss; the loss alone
-    where outputs do not hold classes.
-
-    The loss alone can improve while the student decides worse: the PP-OCRv5 recogniser's class-split student
-    starts at 100% frame agreement on validation; distilling it lowered the KL + CTC loss from 0.0277 to 0.0234
-    by matching the teacher's tiny probabilities over 18,000 unused classes, while the frame agreement fell
-    to 99.6% and the lines read as the teacher does from 100% to 97%. A user asked for a student that decides
-    as the teacher does; the loss is the means. On a few validation samples the agreement is noise, and the
-    loss decides."""
-    (agree, loss, n), (best_agree, best_loss, _) = score, best
-    if agree is None or best_agree is None:
-        return loss < best_loss
-    tolerance = max(1.0 / n, math.sqrt(best_agree * (1.0 - best_agree) / n))
-    if abs(agree - best_agree) > tolerance:
-        return agree > best_agree
-    return loss < best_loss
 
 
 def backoff_due(val_loss: float, best_loss: float, bad_evals: int) -> bool:

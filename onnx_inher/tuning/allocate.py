@@ -20,9 +20,11 @@ another layer (benchmarks/experiments/minilm_init_experiments.py). So we measure
    the PP-OCRv5 recogniser's rank into its convolutions and made `run`'s student read 79.5% of unseen
    lines instead of 75.3%, but 1.00x the teacher's speed instead of 1.21x (benchmarks/RESULTS.md,
    issue 17 fourth pass).
-3. Layers interact, so the whole student is then measured both ways on all the calibration samples; if
-   the moved ranks do not give closer outputs, the energy ranks stay (the plan says which, with both
-   distances).
+3. Layers interact, so the whole student is then measured both ways on all the calibration samples and
+   ranked as distillation ranks its validations (`metrics.better`): where every output holds classes, a
+   clearly higher top-1 agreement with the teacher wins and a tie goes to the closer outputs; elsewhere the
+   closer outputs win. If the moved ranks do not win, the energy ranks stay (the plan says which, with both
+   measurements).
 
 The layers chosen and the budget are the energy plan's; only ranks move. While it runs it holds every
 factorised layer's SVD, about twice the layers' weights (86 MB for MiniLM).
@@ -47,7 +49,7 @@ from onnx_inher.ir.graph import scope_graph
 from onnx_inher.ir.io import write_text
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.outputs import LOG_PROBABILITIES, PROBABILITIES, OutputKind, detect
-from onnx_inher.metrics import cosine_rows, pool
+from onnx_inher.metrics import Score, better, cosine_rows, pool
 from onnx_inher.planning import cost
 from onnx_inher.planning.plan import Plan, Spectra, apply_edits, fits
 from onnx_inher.planning.svd import OutputGram, data_aware_svd, full_svd, truncate
@@ -170,6 +172,12 @@ def _kl(ref: ClassRef, y: np.ndarray, kind: OutputKind) -> np.ndarray:
     return (ref.prob * (np.log(np.clip(ref.prob, 1e-12, None)) - q)).sum(1)
 
 
+def _agrees(ref: ClassRef, y: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """Per position: whether the student's top class is the teacher's."""
+    top = np.take_along_axis(ref.index, ref.prob.argmax(1)[:, None], 1)[:, 0]
+    return _log_probs(y, kind).argmax(1) == top
+
+
 def _distance(ref: list[np.ndarray | list[ClassRef]], got: list[np.ndarray]) -> float:
     """Mean over outputs: mean per-position KL for class outputs; 1 - cosine of pooled rows otherwise
     (relative squared error when rows are 1 wide)."""
@@ -205,13 +213,17 @@ class Prober:
         self._spill = tempfile.TemporaryDirectory(prefix="onnx-inher-probe-")  # removed with the prober
         self.session = runnable_session(probe, Path(self._spill.name))
         self.reference = self._run({}, None)
+        self.agreement: float | None = None  # of the last `distance`, when every output holds classes
+        self.positions = 0
 
     def _run(self, swapped: dict[str, np.ndarray],
              reference: list[np.ndarray | list[ClassRef]] | None) -> list[np.ndarray | list[ClassRef]]:
         """Per output: pooled rows, or (class outputs) the top-k reference per batch, or with a reference
-        given the per-position KL from it."""
+        given the per-position KL from it (and, in `agreement`, the share of positions whose top class is
+        the teacher's, when every output holds classes)."""
         weights = {**self.weights, **{self.names[n]: w for n, w in swapped.items()}}
         parts: list[list] = [[] for _ in self.outputs]
+        agree: list[np.ndarray] = []
         for b, batch in enumerate(self.batches):
             for j, y in enumerate(self.session.run(self.outputs, {**batch, **weights})):
                 kind = self.kinds.get(self.outputs[j])
@@ -221,6 +233,11 @@ class Prober:
                     parts[j].append(_class_ref(y, kind))
                 else:
                     parts[j].append(_kl(reference[j][b], y, kind))  # type: ignore[index]
+                    agree.append(_agrees(reference[j][b], y, kind))  # type: ignore[index]
+        if reference is not None:
+            every = len(self.kinds) == len(self.outputs) and bool(agree)
+            self.agreement = float(np.concatenate(agree).mean()) if every else None
+            self.positions = sum(len(a) for a in agree) // max(len(self.outputs), 1)
         return [p if self.outputs[j] in self.kinds and reference is None else np.concatenate(p)
                 for j, p in enumerate(parts)]
 
@@ -236,6 +253,12 @@ class Prober:
 
     def distance(self, swapped: dict[str, np.ndarray]) -> float:
         return _round(_distance(self.reference, self._run(swapped, self.reference)))  # type: ignore[arg-type]
+
+    def score(self, swapped: dict[str, np.ndarray]) -> Score:
+        """The whole student's (top-1 agreement or None, output distance, positions), ranked by `better` as
+        distillation ranks its validations: the agreement first where every output holds classes."""
+        distance = self.distance(swapped)
+        return self.agreement, distance, max(1, self.positions)
 
 
 def _round(x: float) -> float:
@@ -417,9 +440,10 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     budget = sum((layer.cost(layer.plan_rank) for layer in layers.values()), np.zeros(2, dtype=np.int64))
     ranks = greedy_ranks(layers, budget, step)
     prober = Prober(model, views_probed, feeds)
-    energy, moved = prober.distance(_all_swapped(layers, {}, sharers)), prober.distance(
+    energy_score, moved_score = prober.score(_all_swapped(layers, {}, sharers)), prober.score(
         _all_swapped(layers, ranks, sharers))
-    kept = moved < energy
+    (energy_agree, energy, _), (moved_agree, moved, _) = energy_score, moved_score
+    kept = better(moved_score, energy_score)
     for c in chosen:
         owner = layers[owners[views[c.node].shared_key]]
         c.energy_rank, c.sensitivity = c.rank, owner.sensitivity
@@ -436,7 +460,12 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
         f"sensitivity allocation ({len(layers)} layers, a table of {entries} ranks on "
         f"{len(next(iter(few.values())))} samples, {entries - measured} of them from the cache"
         f"{f' {table.path}' if table.path and measured < entries else ''}; checked on {samples} samples) "
-        f"{verdict}: output distance "
-        f"{moved:g} with the moved ranks vs {energy:g} with the energy ranks; {int(spent[0])} factor params and "
+        f"{verdict}: {_agreement_text(moved_agree)}output distance "
+        f"{moved:g} with the moved ranks vs {_agreement_text(energy_agree)}{energy:g} with the energy ranks; "
+        f"{int(spent[0])} factor params and "
         f"{int(spent[1])} FLOPs (energy plan: {int(budget[0])} and {int(budget[1])})")
     return the_plan
+
+
+def _agreement_text(agree: float | None) -> str:
+    return "" if agree is None else f"top-1 agreement {100 * agree:.2f}% and "
