@@ -88,10 +88,11 @@ def policy_options(f: Callable) -> Callable:
 
 def data_options(f: Callable) -> Callable:
     """Options that use real samples: whitened SVD and sensitivity rank allocation (plan and compress)."""
-    f = click.option("--allocate", type=click.Choice(["energy", "sensitivity"]), default="energy",
-                     show_default=True,
+    f = click.option("--allocate", type=click.Choice(["energy", "sensitivity"]),
                      help="How --param-ratio's budget is spread: by singular-value energy, or by each layer's "
-                          "measured effect on the outputs over --calibration DATA (slower, usually better).")(f)
+                          "measured effect on the outputs over --calibration DATA (slower, usually better). "
+                          "Default: energy; `run` uses sensitivity on its --data (energy with "
+                          "--calibration none).")(f)
     f = click.option("--no-class-split", is_flag=True,
                      help="With calibration data, a classifier head with many classes keeps exact weights for the "
                           "classes the teacher uses on that data and a small pair for the rest; this flag "
@@ -127,7 +128,7 @@ def _options(kw: dict[str, Any]) -> Options:
                 guard=not kw.pop("no_guard"), include=list(kw.pop("include")), exclude=list(kw.pop("exclude")),
                 min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), shapes=_shapes(kw.pop("shapes", ())),
                 seed=kw.pop("seed"),
-                calibration=kw.pop("calibration", None), allocate=kw.pop("allocate", "energy"),
+                calibration=kw.pop("calibration", None), allocate=kw.pop("allocate", None) or "energy",
                 class_split=not kw.pop("no_class_split", False))
     o.validate()
     return o
@@ -567,10 +568,12 @@ def run_cmd(teacher: Path, data: str, output: Path, epochs: int | None, steps: i
             **kw: Any) -> None:
     """plan -> compress -> verify -> distill -> verify -> bench -> report, into one resumable run folder."""
     from onnx_inher.distill import DistillOptions, parse_assignments
-    from onnx_inher.run import RUN_BUDGET, BenchSettings, not_improved, run
+    from onnx_inher.run import NO_CALIBRATION, RUN_ALLOCATION, RUN_BUDGET, BenchSettings, not_improved, run
 
     losses, metric, ctc_blank = kw.pop("losses"), kw.pop("metric"), kw.pop("ctc_blank")
     require_improvement, time_limit = kw.pop("require_improvement"), kw.pop("time_limit")
+    if kw["allocate"] is None:  # issue 17: ranks measured on the run's own data unless it opts out of data
+        kw["allocate"] = "energy" if kw["calibration"] == NO_CALIBRATION else RUN_ALLOCATION
     if kw["allocate"] == "sensitivity" and not kw["calibration"]:
         kw["calibration"] = data  # measure on the data the student will be distilled on
     options = _options(kw)

@@ -97,3 +97,29 @@ def test_bad_loss_or_metric_exits_2_before_any_stage(ctc: Path, args: list[str],
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.count("\n") == 1
     assert not (ctc / "run" / "plan.json").exists()
+
+
+@pytest.mark.parametrize(("args", "allocate", "calibrated"), [
+    ([], "sensitivity", True),  # issue 17: ranks measured on the run's own data by default
+    (["--allocate", "energy"], "energy", True),
+    (["--calibration", "none"], "energy", False),  # no data for the factors: no data for the ranks either
+])
+def test_run_allocates_ranks_by_sensitivity_on_its_data_unless_told_otherwise(
+        ctc: Path, args: list[str], allocate: str, calibrated: bool) -> None:
+    result = CliRunner().invoke(main, ["run", "teacher.onnx", "--data", "data.npz", "-o", "run", *TINY,
+                                       "--steps", "1", *args])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((ctc / "run" / "plan.json").read_text())
+    assert plan["options"]["allocate"] == allocate
+    assert (plan["options"]["calibration"] == "data.npz") == calibrated
+    measured = [w for w in plan["warnings"] if w.startswith("sensitivity allocation")]
+    assert len(measured) == (allocate == "sensitivity")
+    if measured:
+        assert "top-1 agreement" in measured[0]  # a class output: the final check ranks by agreement first
+
+
+def test_run_python_defaults_to_sensitivity_ranks(ctc: Path) -> None:
+    dopts = DistillOptions(steps=1, batch_size=1, trainable="all")  # the default budget may factorise nothing
+    onnx_inher.run("teacher.onnx", "data.npz", "run", None, dopts, BenchSettings(iters=3), log=lambda _: None)
+    plan = json.loads((ctc / "run" / "plan.json").read_text())
+    assert plan["options"]["allocate"] == "sensitivity"

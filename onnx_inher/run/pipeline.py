@@ -38,6 +38,10 @@ NO_CALIBRATION = "none"  # `--calibration none`: plain SVD factors (run whitens 
 # `run --time-limit auto` (the default when no --epochs/--steps are given): the whole run aims at this many
 # seconds on the machine it runs on, the issue-17 target for a 2-core CPU. Distillation is the stage that
 # scales with the data, so its schedule is sized to what plan and compress leave (`distill_time_limit`).
+# `run`'s rank allocation on its own data (issue 17, point 2): each layer's measured effect on the outputs
+# (tuning/allocate.py), checked against the energy ranks on the calibration samples, which stay when the
+# measured ranks do not win
+RUN_ALLOCATION = "sensitivity"
 RUN_BUDGET = 30 * 60.0
 EVAL_RESERVE = 90.0  # seconds kept for evaluate and bench (76 s for the PP-OCR recogniser, 75 s for CREPE)
 MIN_DISTILL = 60.0
@@ -148,6 +152,8 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     the report's headline (see `onnx_inher.metrics.UserMetric`); `ctc_blank` ("auto", None or a class) is
     the blank of CTC-greedy decoding for `[N,T,C]` outputs (see `onnx_inher.metrics.ctc_blank_of`).
     Factors are whitened on `data` unless `options.calibration` names other data or is "none" (plain SVD).
+    Without `options`, ranks are allocated by measured sensitivity on that data (RUN_ALLOCATION), as the
+    CLI does unless `--allocate energy` or `--calibration none`.
     With `require_improvement`, a distillation whose validation never beat its starting student (the run
     gave the SVD-initialised weights back) raises `CheckFailed` (exit 1) once the report is written.
     With `time_budget` (seconds; the CLI's `--time-limit auto` gives RUN_BUDGET) each distillation's schedule
@@ -157,7 +163,7 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
 
     started = time.perf_counter()
 
-    options = options or Options()
+    options = options or Options(allocate=RUN_ALLOCATION)
     if options.calibration is None:  # whitened factors from the run's own data (issue 17); "none" opts out
         options = replace(options, calibration=data)
     elif options.calibration == NO_CALIBRATION:
