@@ -24,7 +24,7 @@ from tests.test_bad_input import invoke
 CLASSES, USED, FEATURES, HIDDEN, FRAMES = 300, 12, 16, 32, 5
 
 
-def _vocab_head(path: Path, used: int = USED) -> Path:
+def _vocab_head(path: Path, used: int = USED, per_frame_bias: bool = False) -> Path:
     """x [N, 5, 16] -> Relu(x W1) -> Softmax(h W2 + b) over 300 classes, of which the bias makes only the first
     `used` likely (a recogniser's alphabet inside a large vocabulary)."""
     rng = np.random.default_rng(3)
@@ -32,6 +32,8 @@ def _vocab_head(path: Path, used: int = USED) -> Path:
     w2 = (rng.normal(size=(HIDDEN, CLASSES)) / np.sqrt(HIDDEN)).astype(np.float32)
     b = np.full(CLASSES, -2.0, np.float32)
     b[:used] = 6.0
+    if per_frame_bias:  # [FRAMES, CLASSES]: not one bias per class, so the head cannot take it over
+        b = np.tile(b, (FRAMES, 1)) + np.linspace(0.0, 0.1, FRAMES, dtype=np.float32)[:, None]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
              helper.make_node("Relu", ["h0"], ["h"], name="relu"),
              helper.make_node("MatMul", ["h", "w2"], ["z"], name="head"),
@@ -118,8 +120,13 @@ def test_the_split_is_exact_at_full_rank_and_keeps_the_used_classes_exact(tmp_pa
     assert next(e for e in kept["candidates"] if e["node"] == "head")["rank"] == HIDDEN
     onnx_inher.compress(teacher, tmp_path / "full.onnx", _options(cal), plan_path=tmp_path / "full.json")
     np.testing.assert_allclose(ort_run(tmp_path / "full.onnx", {"x": x})[0], p, atol=1e-5)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "full.onnx")).graph.node]
+    student = onnx.load(str(tmp_path / "full.onnx"))
+    ops = [n.op_type for n in student.graph.node]
     assert "ScatterElements" in ops and "Gather" not in ops
+    # the bias Add after the head is folded in: no pass over the full-size logits adds it, its weight is gone
+    assert "bias" not in {n.name for n in student.graph.node} and "b" not in {t.name for t in student.graph.initializer}
+    scatter = next(n for n in student.graph.node if n.op_type == "ScatterElements")
+    assert scatter.output[0] == "zb"
     onnx_inher.compress(teacher, tmp_path / "r1.onnx", _options(cal), plan_path=_split_plan(teacher, cal,
                                                                                           tmp_path / "r1.json", 1))
     q = ort_run(tmp_path / "r1.onnx", {"x": x})[0]
@@ -127,6 +134,17 @@ def test_the_split_is_exact_at_full_rank_and_keeps_the_used_classes_exact(tmp_pa
     used = sorted(set(p.reshape(-1, CLASSES).argmax(-1)))
     logit = lambda probs: np.log(probs[..., used]) - np.log(probs[..., used[:1]])  # noqa: E731
     np.testing.assert_allclose(logit(q), logit(p), atol=1e-4)  # kept classes: same logits up to the shift
+
+
+def test_a_bias_that_is_not_per_class_stays_after_the_split_head(tmp_path: Path, head: tuple[Path, Path]) -> None:
+    _, cal = head
+    teacher = _vocab_head(tmp_path / "frames.onnx", per_frame_bias=True)
+    onnx_inher.compress(teacher, tmp_path / "full.onnx", _options(cal),
+                        plan_path=_split_plan(teacher, cal, tmp_path / "full.json", HIDDEN))
+    x = _inputs(16, 5)
+    np.testing.assert_allclose(ort_run(tmp_path / "full.onnx", {"x": x})[0], ort_run(teacher, {"x": x})[0], atol=1e-5)
+    nodes = onnx.load(str(tmp_path / "full.onnx")).graph.node
+    assert [n.op_type for n in nodes][-3:] == ["ScatterElements", "Add", "Softmax"] and nodes[-2].name == "bias"
 
 
 def test_the_split_student_is_deterministic_and_the_bridge_runs_it_as_ort_does(tmp_path: Path,
@@ -140,7 +158,9 @@ def test_the_split_student_is_deterministic_and_the_bridge_runs_it_as_ort_does(t
     module, names = to_torch(onnx.load(str(tmp_path / "a.onnx")))
     np.testing.assert_allclose(torch_run(module, feed)[0], ort_run(tmp_path / "a.onnx", feed)[0], atol=1e-5)
     trained = sorted(onnx_name for onnx_name, key in names.items() if module.get_parameter(key).requires_grad)
-    assert trained == [f"head/svd/{w}.weight" for w in ("dense", "down", "up")]  # what distill trains
+    # what distill trains: the factors, and the class bias the head took over (kept classes, constant-1 feature)
+    assert trained == [f"head/svd/{w}" for w in ("dense.bias", "dense.weight", "down.one", "down.weight",
+                                                 "up.weight")]
 
 
 def test_a_plan_with_bad_dense_classes_is_one_line_and_exit_2(tmp_path: Path, head: tuple[Path, Path]) -> None:
@@ -198,6 +218,8 @@ def test_a_gemm_classifier_with_its_bias_splits_and_is_exact_at_full_rank(tmp_pa
     x = rng.normal(size=(32, 24)).astype(np.float32)
     np.testing.assert_allclose(ort_run(tmp_path / "full.onnx", {"x": x})[0], ort_run(teacher, {"x": x})[0],
                                atol=1e-5)
+    nodes = onnx.load(str(tmp_path / "full.onnx")).graph.node
+    assert [n.op_type for n in nodes][-2:] == ["ScatterElements", "Softmax"]  # Gemm's C folded in, no Add after
     onnx_inher.compress(teacher, tmp_path / "s.onnx", options)
     q, ref = ort_run(tmp_path / "s.onnx", {"x": x})[0], ort_run(teacher, {"x": x})[0]
     assert (q.argmax(1) == ref.argmax(1)).all()
