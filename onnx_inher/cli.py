@@ -433,7 +433,8 @@ def bench_cmd(models: tuple[Path, ...], batches: str | None, seq_lens: str, shap
                    "restore the best weights, reset the optimizer and cut the learning rate to 0.3x (at most 4 "
                    "times).")
 @click.option("--time-limit", type=float, default=0.0, show_default=True, metavar="SECONDS",
-              help="Seconds of training (0: no limit): the schedule is shortened to the steps that fit (timed on "
+              help="Seconds of distillation (0: no limit; loading the data and computing the teacher's outputs "
+                   "count too): the schedule is shortened to the steps that fit (timed on "
                    "the --lr auto probe or the first steps, validations counted), so that its learning rate still "
                    "decays on time; training also stops there if steps run slower. The summary says which.")
 @click.option("--teacher-runtime", type=click.Choice(list(TEACHER_RUNTIMES)), default="auto", show_default=True,

@@ -390,3 +390,25 @@ def test_validation_ranks_class_outputs_by_agreement_before_loss() -> None:
     mixed = [*probs, *embedding]  # not every output holds classes: the loss alone
     assert selection_score({"val_loss": 0.3, "p/agree": 0.5, "e/cos": 0.9}, mixed, 16)[0] is None
     assert better((None, 0.2, 10), (None, 0.3, 10)) and not better((None, 0.3, 10), (None, 0.2, 10))
+
+
+def test_a_time_limit_counts_the_setup_before_training(setup: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` sizes distillation to its budget: the teacher's outputs computed before training count in it."""
+    from onnx_inher.distill import run as run_module
+    from onnx_inher.distill.run import training_time_limit
+
+    assert training_time_limit(1579.0, 126.0) == pytest.approx(1453.0)
+    assert training_time_limit(100.0, 500.0) == pytest.approx(10.0)  # a long setup still leaves some training
+    given: list[float] = []
+    real = run_module.Trainer
+
+    def recording(*args: Any, **kw: Any) -> Trainer:
+        given.append(args[4].time_limit)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(run_module, "Trainer", recording)
+    clock = itertools.count(0.0, 1.0)  # every clock reading is one second later: the setup takes seconds
+    monkeypatch.setattr(run_module.time, "perf_counter", lambda: float(next(clock)))
+    run_distill(setup, tmp_path / "s.onnx", steps=2, time_limit=1000.0)
+    assert given and given[0] < 1000.0 - 1.0

@@ -57,7 +57,7 @@ class DistillOptions:
     teacher_mode: str = "cache"
     augment: str = "none"
     teacher_runtime: str = "auto"
-    time_limit: float = 0.0  # seconds of training; 0: none
+    time_limit: float = 0.0  # seconds of distillation, setup (data, teacher outputs) included; 0: none
     ctc_blank: int | str | None = "auto"  # per-frame outputs read as CTC get the "ctc" loss (`run.with_ctc`)
     backoff: bool = True  # validation far worse than the best, or worse twice in a row: restore the best,
     # lr x BACKOFF_FACTOR (trainer.backoff_due)
