@@ -21,7 +21,7 @@ from onnx_inher.ir.io import LoadedModel, check_output, load_model, release_memo
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.shapes import Shapes, TensorInfo, check_shapes, complete_shapes, format_shape, infer, shape_symbols
 from onnx_inher.passes.cleanup import Cleanup
-from onnx_inher.passes.factorize import Factorize, release_weight
+from onnx_inher.passes.factorize import Factorize, release_weight, split_bias
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.passes.verify import verify as verify_models
@@ -210,9 +210,20 @@ def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
 
 
 def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
-    """Output tensor names (and elem types) of the factorised layers: teacher and student share them."""
-    views = [a.views[c.node] for c in the_plan.candidates if c.decision == "factorize"]
-    return {v.output: onnx.helper.np_dtype_to_tensor_dtype(v.dtype) for v in views}
+    """Output tensor names (and elem types) of the factorised layers: teacher and student share them. A
+    class-split head that takes over its bias (`passes.factorize.split_bias`) is compared after that bias."""
+    out: dict[str, int] = {}
+    for c in the_plan.candidates:
+        if c.decision != "factorize":
+            continue
+        v = a.views[c.node]
+        name = v.output
+        if c.dense_classes is not None and not v.scope:
+            graph = a.loaded.model.graph
+            bias = split_bias(v, graph.node[v.node_index], graph)
+            name = bias.output if bias is not None else name
+        out[name] = onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
+    return out
 
 
 def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:

@@ -73,7 +73,7 @@ def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, f
            tensors: dict[str, int] | None = None) -> VerifyReport:
     """Compare graph outputs (checked against `bound`) and, for diagnosis, the named inner `tensors`
     that teacher and student share (e.g. outputs of factorised layers), given with their elem types."""
-    tensors = dict(tensors or {})
+    tensors = {k: v for k, v in (tensors or {}).items() if k in _produced(teacher) and k in _produced(student)}
     t_sess = session(_exposing(teacher, tensors), provider)
     s_sess = session(_exposing(student, tensors), provider)
     names = [o.name for o in t_sess.get_outputs()]
@@ -83,6 +83,13 @@ def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, f
     outputs = [e for e in errors if e.name not in tensors or e.name in _graph_outputs(teacher)]
     layers = [e for e in errors if e.name in tensors]
     return VerifyReport(outputs, bound, layers)
+
+
+def _produced(model: ModelProto | str | Path) -> set[str]:
+    """The main graph's node outputs and inputs: an inner tensor can be compared only where both models have it
+    (a class-split head that took over its bias writes the bias Add's output, not the MatMul's)."""
+    m = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
+    return {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
 
 
 def _graph_outputs(model: ModelProto | str | Path) -> set[str]:

@@ -118,8 +118,11 @@ def test_the_split_is_exact_at_full_rank_and_keeps_the_used_classes_exact(tmp_pa
     p = ort_run(teacher, {"x": x})[0]
     kept = json.loads(_split_plan(teacher, cal, tmp_path / "full.json", HIDDEN).read_text())
     assert next(e for e in kept["candidates"] if e["node"] == "head")["rank"] == HIDDEN
-    onnx_inher.compress(teacher, tmp_path / "full.onnx", _options(cal), plan_path=tmp_path / "full.json")
+    result = onnx_inher.compress(teacher, tmp_path / "full.onnx", _options(cal), plan_path=tmp_path / "full.json",
+                                 verify=True)
     np.testing.assert_allclose(ort_run(tmp_path / "full.onnx", {"x": x})[0], p, atol=1e-5)
+    # the layer is compared where teacher and student share a tensor: after the bias the head took over
+    assert result.verification is not None and [e.name for e in result.verification.layers] == ["zb"]
     student = onnx.load(str(tmp_path / "full.onnx"))
     ops = [n.op_type for n in student.graph.node]
     assert "ScatterElements" in ops and "Gather" not in ops
