@@ -226,3 +226,22 @@ def test_a_gemm_classifier_with_its_bias_splits_and_is_exact_at_full_rank(tmp_pa
     onnx_inher.compress(teacher, tmp_path / "s.onnx", options)
     q, ref = ort_run(tmp_path / "s.onnx", {"x": x})[0], ort_run(teacher, {"x": x})[0]
     assert (q.argmax(1) == ref.argmax(1)).all()
+
+
+def test_run_with_every_default_splits_the_head_and_completes(tmp_path: Path, head: tuple[Path, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` verifies the student after compress: a split head that took over its bias must still be compared
+    (an ORT 'Invalid output name' once stopped the PP-OCRv5 recogniser's run there)."""
+    from click.testing import CliRunner
+
+    from onnx_inher.cli import main
+
+    teacher, cal = head
+    monkeypatch.setenv("ONNX_INHER_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["run", str(teacher), "--data", str(cal), "-o", str(tmp_path / "run"),
+                                       "--steps", "1", "--batch-size", "8", "--batch", "1", "--iters", "3"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert next(e for e in plan["candidates"] if e["node"] == "head").get("dense_classes")
+    student = onnx.load(str(tmp_path / "run" / "student.onnx"))
+    assert "ScatterElements" in [n.op_type for n in student.graph.node]
