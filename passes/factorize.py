@@ -23,13 +23,14 @@ Two forms, chosen per layer by the plan's `heads`:
   The classes the teacher uses on the calibration data keep their exact weight columns; the others go
   through a small rank-r pair whose up-projection spans every class (its kept columns are zeros that the
   scatter overwrites, so they never matter and get no gradient), and the scatter writes the kept classes'
-  logits in place. A per-class bias (a Gemm's C, or the constant Add that alone reads the layer's output) is
-  taken into the head (`split_bias`): the kept logits add theirs, and the pair carries the others' as one more
-  rank, a constant-1 feature whose up-projection row is the bias; the Add node goes, so the `[rows, classes]`
-  logits are written once instead of written, then read and written again. Measured on the PP-OCRv5
-  recogniser's head (40 x 120 -> 18,385, 2 threads): 0.79 ms against 1.99 ms dense and 3.2 ms for a Concat + Gather that
-  restores the class order (ORT's Gather on the last axis copies one float at a time). At full rank of
-  the other classes it is the teacher's layer.
+  logits in place. Measured on the PP-OCRv5 recogniser's head (40 x 120 -> 18,385, 2 threads): 0.79 ms
+  against 1.99 ms dense and 3.2 ms for a Concat + Gather that restores the class order (ORT's Gather on the
+  last axis copies one float at a time). A per-class bias (a Gemm's C, or the constant Add that alone reads
+  the layer's output) is taken into the head (`split_bias`): the kept logits add theirs, and the pair carries
+  the others' as one more rank, a constant-1 feature whose up-projection row is the bias; the Add node goes,
+  so the `[rows, classes]` logits are written once instead of written, then read and written again (the
+  whole recogniser: 1.02x -> 1.04x at batch 1, 0.94x -> 0.96x at batch 32, benchmarks/RESULTS.md). At full
+  rank of the other classes it is the teacher's layer.
 
 Every created name derives from the replaced node (`<node>/svd/...` or `<node>/inher/...`); the
 last created node writes the replaced node's output, so the rest of the graph is untouched (a split head
