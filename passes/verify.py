@@ -58,14 +58,18 @@ def _exposing(model: ModelProto | str | Path, tensors: dict[str, int]) -> ModelP
     graph can be: one computed inside an If/Loop/Scan subgraph (a factorised layer there) is not exposed."""
     if not tensors:
         return model
-    m = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    m = _load(model)
     out = ModelProto()
     out.CopyFrom(m)
     present = {o.name for o in out.graph.output}
-    produced = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
+    produced = _produced(out)
     out.graph.output.extend(onnx.helper.make_tensor_value_info(name, elem, None)
                             for name, elem in tensors.items() if name not in present and name in produced)
     return out
+
+
+def _load(model: ModelProto | str | Path) -> ModelProto:
+    return onnx.load(str(model)) if isinstance(model, (str, Path)) else model
 
 
 def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, feed: dict[str, np.ndarray],
@@ -73,7 +77,11 @@ def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, f
            tensors: dict[str, int] | None = None) -> VerifyReport:
     """Compare graph outputs (checked against `bound`) and, for diagnosis, the named inner `tensors`
     that teacher and student share (e.g. outputs of factorised layers), given with their elem types."""
-    tensors = {k: v for k, v in (tensors or {}).items() if k in _produced(teacher) and k in _produced(student)}
+    tensors = dict(tensors or {})
+    if tensors:  # each model loaded once; only tensors both produce can be compared
+        teacher, student = _load(teacher), _load(student)
+        shared = _produced(teacher) & _produced(student)
+        tensors = {k: v for k, v in tensors.items() if k in shared}
     t_sess = session(_exposing(teacher, tensors), provider)
     s_sess = session(_exposing(student, tensors), provider)
     names = [o.name for o in t_sess.get_outputs()]
@@ -85,11 +93,10 @@ def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, f
     return VerifyReport(outputs, bound, layers)
 
 
-def _produced(model: ModelProto | str | Path) -> set[str]:
+def _produced(model: ModelProto) -> set[str]:
     """The main graph's node outputs and inputs: an inner tensor can be compared only where both models have it
     (a class-split head that took over its bias writes the bias Add's output, not the MatMul's)."""
-    m = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
-    return {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
+    return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
 
 
 def _graph_outputs(model: ModelProto | str | Path) -> set[str]:

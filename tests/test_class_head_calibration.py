@@ -91,16 +91,25 @@ def test_calibrated_head_weighting_lowers_the_students_kl_and_stays_exact_at_ful
     assert kls[1] < kls[0]
 
 
-def test_class_outputs_are_probed_by_per_position_kl(tmp_path: Path) -> None:
+def _fc2_prober(tmp_path: Path) -> tuple[Path, object, np.ndarray, alloc.Prober]:
+    """The CTC-like teacher, its analysis, 16 inputs and a prober that swaps its head `fc2`."""
     path = ctc_teacher(tmp_path / "ctc.onnx", blank_bias=3.0)
     a = analyze(path)
-    view = a.views["fc2"]
     x = ctc_inputs(16)
-    prober = alloc.Prober(a.loaded.model, [view], {"x": x})
+    return path, a, x, alloc.Prober(a.loaded.model, [a.views["fc2"]], {"x": x})
+
+
+def _head_logits(a: object, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The teacher's logits with `w` as the head's weight."""
+    return np.maximum(x @ onnx.numpy_helper.to_array(_init(a, "w1")), 0) @ w + _bias(a)
+
+
+def test_class_outputs_are_probed_by_per_position_kl(tmp_path: Path) -> None:
+    path, a, x, prober = _fc2_prober(tmp_path)
     assert list(prober.kinds) == ["fetch_name_0"]
-    w = view.weight * 0.5
+    w = a.views["fc2"].weight * 0.5  # type: ignore[attr-defined]
     got = prober.distance({"fc2": w})
-    logits = np.maximum(x @ onnx.numpy_helper.to_array(_init(a, "w1")), 0) @ w + _bias(a)
+    logits = _head_logits(a, x, w)
     expected = _kl(ort_run(path, {"x": x})[0], softmax(logits))
     assert abs(got - expected) <= 1e-3 * expected + 1e-6  # 5 classes: the top-8 holds them all
     assert prober.distance({}) == 0.0
@@ -108,15 +117,11 @@ def test_class_outputs_are_probed_by_per_position_kl(tmp_path: Path) -> None:
 
 def test_the_probers_score_counts_top1_agreement_per_position(tmp_path: Path) -> None:
     """The sensitivity allocation's final check ranks students by this agreement first (metrics.better)."""
-    path = ctc_teacher(tmp_path / "ctc.onnx", blank_bias=3.0)
-    a = analyze(path)
-    view = a.views["fc2"]
-    x = ctc_inputs(16)
-    prober = alloc.Prober(a.loaded.model, [view], {"x": x})
-    w = view.weight.copy()
+    path, a, x, prober = _fc2_prober(tmp_path)
+    w = a.views["fc2"].weight.copy()  # type: ignore[attr-defined]
     w[:, 0] *= -1.0  # the blank's column flipped: every frame the blank won now goes elsewhere
     agree, distance, positions = prober.score({"fc2": w})
-    logits = np.maximum(x @ onnx.numpy_helper.to_array(_init(a, "w1")), 0) @ w + _bias(a)
+    logits = _head_logits(a, x, w)
     teacher = ort_run(path, {"x": x})[0]
     expected = float((teacher.argmax(-1) == logits.argmax(-1)).mean())
     assert positions == teacher.shape[0] * teacher.shape[1]
