@@ -121,10 +121,12 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     if options.allocate != "sensitivity":
         return p, None
     calibration = _calibrate(a, p, options, feeds or None)
+    from onnx_inher.tuning import speed
     from onnx_inher.tuning.allocate import allocate_by_sensitivity
 
+    timing = speed.cpu_settings() if speed.enabled(options.latency_check) else None
     p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams,
-                                calibration.rows)
+                                calibration.rows, timing)
     return p, calibration
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,71 @@ def test_plan_with_data_that_nothing_uses_says_so(tmp_path: Path) -> None:
     """The MNIST head has 10 classes: no class split, so `plan --calibration` alone has no use for the data."""
     out = CliRunner().invoke(main, ["plan", str(MNIST), "--calibration", "mnist5k", "-o", str(tmp_path / "p.json")])
     assert out.exit_code == 0 and "--calibration mnist5k was not used" in out.output
+
+
+class _Sized(_Toy):
+    """A toy layer priced through `Layer.size` (params = width x rank), so `times` can replace its FLOPs."""
+
+    def size(self, rank: int) -> np.ndarray:
+        return np.array([rank * self.width, 10 * rank * self.width], dtype=np.int64)
+
+    def cost(self, rank: int) -> np.ndarray:
+        return alloc.Layer.cost(self, rank)
+
+
+def test_time_grid_holds_every_step_multiple_then_every_kth() -> None:
+    assert alloc.time_grid(100, 16) == [16, 32, 48, 64, 80, 96, 100]
+    assert alloc.time_grid(10, 16) == [10]
+    wide = alloc.time_grid(16 * 70, 16)  # 70 multiples: every third, the first step and the cap
+    assert len(wide) <= alloc.TIMED_RANKS + 2 and wide[:3] == [16, 48, 96] and wide[-1] == 16 * 70
+
+
+def test_greedy_priced_by_time_jumps_a_slow_rank_and_keeps_the_time_budget() -> None:
+    """Rank 8 of `conv` runs slower than rank 12 (as CREPE's conv at 64 and 80 channels on two threads): the
+    time-priced greedy jumps to 12 and ends faster than the energy ranks; where rank 12 is slow too, the time
+    budget keeps the conv at 8."""
+    def toy(times: dict[int, float], scale: float) -> _Sized:
+        layer = _Sized(np.linspace(10, 1, 16), 1.0, 10)
+        layer.measured = {r: scale * float(np.exp(-r / 4)) for r in (4, 8, 12, 16)}
+        layer.times = times
+        return layer
+
+    def ranks_with(conv_times: dict[int, float]) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        layers = {"conv": toy(conv_times, 3.0), "head": toy({4: 1.0, 8: 1.1, 12: 1.2, 16: 1.3}, 1.0)}
+        budget = layers["conv"].cost(8) + layers["head"].cost(8)  # an energy plan at rank 8 each
+        ranks = alloc.greedy_ranks(layers, budget, 4)
+        return ranks, sum(layers[n].cost(r) for n, r in ranks.items()), budget
+
+    ranks, spent, budget = ranks_with({4: 1.0, 8: 3.0, 12: 1.2, 16: 3.2})
+    assert ranks == {"conv": 12, "head": 4} and np.all(spent <= budget), (ranks, spent, budget)
+    assert spent[1] < budget[1]  # faster than the energy ranks, by the layers' times alone
+    ranks, spent, budget = ranks_with({4: 1.0, 8: 3.0, 12: 3.5, 16: 3.6})
+    assert ranks["conv"] <= 8 and np.all(spent <= budget), (ranks, spent, budget)
+
+
+@needs_mnist
+def test_sensitivity_ranks_are_priced_by_time_when_the_latency_check_is_on(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the latency check on, every layer is timed alone at each step multiple of its rank (cached per
+    machine) and the greedy spends time instead of FLOPs: the layers' summed time alone at the moved ranks
+    is at most the energy ranks', the params within the plan's, and a second plan reads the cache and moves
+    the same ranks. With the check off nothing is timed."""
+    monkeypatch.setenv("ONNX_INHER_CACHE", str(tmp_path / "cache"))
+    common = {"mode": "svd", "rank_multiple": 4, "calibration": "mnist5k", "allocate": "sensitivity",
+              "policy": parse_policy(param_ratio=0.5)}
+    energy = onnx_inher.plan(MNIST, Options(**{**common, "allocate": "energy"}))
+    timed = onnx_inher.plan(MNIST, Options(**common, latency_check=True))
+    said = next(w for w in timed.warnings if w.startswith("sensitivity allocation"))
+    assert "priced by time alone at the real shapes" in said and " 0 from the cache" in said, said
+    ms = [float(x) for x in re.search(r"take ([\d.]+) ms alone \(energy ranks ([\d.]+) ms", said).groups()]
+    assert ms[0] <= ms[1] + 1e-9, said
+    assert timed.totals()["params_after"] <= energy.totals()["params_after"]
+    chosen = [c for c in timed.candidates if c.decision == "factorize"]
+    assert chosen and all("alone on this machine" in (c.note or "") for c in chosen)
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
+    again = onnx_inher.plan(MNIST, Options(**common, latency_check=True))
+    assert [c.rank for c in again.candidates] == [c.rank for c in timed.candidates]
+    assert " 0 from the cache" not in next(w for w in again.warnings if w.startswith("sensitivity allocation"))
+    monkeypatch.setattr(alloc, "rank_times", lambda *a, **k: pytest.fail("timed with the latency check off"))
+    untimed = onnx_inher.plan(MNIST, Options(**common, latency_check=False))
+    assert any("priced by FLOPs" in w for w in untimed.warnings)

@@ -20,6 +20,11 @@ another layer (benchmarks/experiments/minilm_init_experiments.py). So we measure
    the PP-OCRv5 recogniser's rank into its convolutions and made `run`'s student read 79.5% of unseen
    lines instead of 75.3%, but 1.00x the teacher's speed instead of 1.21x (benchmarks/RESULTS.md,
    issue 17 fourth pass).
+   With the latency check on (the default), time replaces FLOPs: every layer is timed alone at its real
+   input shape at each step multiple of its rank (`time_grid`, cached per machine like the check's
+   timings), and the greedy may jump several steps where a higher rank runs faster. FLOPs did not predict
+   time: on CREPE at 2 threads its 1024-channel conv took 5.4 ms at rank 64 and 4.1 ms at 80, and the FLOP
+   greedy chose the slow ranks (benchmarks/RESULTS.md, issue 18).
 3. Layers interact, so the whole student is then measured both ways on all the calibration samples and
    ranked as distillation ranks its validations (`metrics.better`): where every output holds classes, a
    clearly higher top-1 agreement with the teacher wins and a tie goes to the closer outputs; elsewhere the
@@ -43,6 +48,7 @@ from onnx import ModelProto, TensorProto, helper
 from tqdm import tqdm
 
 from onnx_inher import _env
+from onnx_inher.bench.sessions import Settings
 from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import scope_graph
@@ -56,6 +62,7 @@ from onnx_inher.planning.svd import OutputGram, data_aware_svd, full_svd, trunca
 from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session
 from onnx_inher.tuning.calibrate import batches
+from onnx_inher.tuning.latency import rank_times
 
 PROBE = "onnx_inher.probe."
 SIGNIFICANT = 4  # distances are rounded so that float noise between machines cannot reorder the greedy
@@ -73,8 +80,11 @@ class Layer:
     heads: int
     sensitivity: float = 0.0
     measured: dict[int, float] | None = None  # rank -> output distance with this layer alone at that rank
+    times: dict[int, float] | None = None  # rank -> ms of the factorised layer alone on this machine
+    dense_ms: float = 0.0  # the dense layer alone, where timed
 
     def __post_init__(self) -> None:
+        self._costs: dict[int, np.ndarray] = {}
         # the greedy asks for errors thousands of times: keep the energy left past each rank
         power = (self.svd[1].astype(np.float64) ** 2).sum(0)
         total = float(power.sum())
@@ -84,10 +94,34 @@ class Layer:
         """Relative squared truncation error at `rank` (of `M S` when whitened, of `M` otherwise)."""
         return float(self._tail[min(rank, len(self._tail) - 1)])
 
-    def cost(self, rank: int) -> np.ndarray:
+    def size(self, rank: int) -> np.ndarray:
         """(params, FLOPs) of the factorised layer at `rank`."""
-        c = cost.after(self.view, rank, self.heads)
-        return np.array([c.params, c.flops], dtype=np.int64)
+        if rank not in self._costs:
+            c = cost.after(self.view, rank, self.heads)
+            self._costs[rank] = np.array([c.params, c.flops], dtype=np.int64)
+        return self._costs[rank]
+
+    def cost(self, rank: int) -> np.ndarray:
+        """What the greedy budgets: (params, FLOPs), or (params, nanoseconds alone) where the layer was timed."""
+        params, flops = self.size(rank)
+        return np.array([params, round(self.time(rank) * 1e6) if self.times else flops], dtype=np.int64)
+
+    def time(self, rank: int) -> float:
+        """Milliseconds alone at `rank`: the timed rank's, else linearly interpolated between timed ranks."""
+        assert self.times
+        if rank in self.times:
+            return self.times[rank]
+        ranks = sorted(self.times)
+        return float(np.interp(rank, ranks, [self.times[r] for r in ranks]))
+
+    def moves(self, rank: int, step: int) -> list[int]:
+        """The ranks the greedy may raise this layer to from `rank`: one step, or, where the layer was timed,
+        any timed rank above (time is not monotone in rank, so the cheapest next rank may be several steps up:
+        at 2 threads CREPE's 1024-channel conv ran 5.4 ms at rank 64 and 4.1 ms at rank 80)."""
+        if self.times:
+            return [r for r in sorted(self.times) if r > rank]
+        nxt = min(rank + step, self.cap)
+        return [nxt] if nxt > rank else []
 
     def weight(self) -> float:
         return self.sensitivity / max(self.error(self.plan_rank), 1e-12)
@@ -266,31 +300,30 @@ def _round(x: float) -> float:
 
 
 def greedy_ranks(layers: dict[str, Layer], budget: np.ndarray, step: int) -> dict[str, int]:
-    """Ranks (multiples of `step`, at most each layer's cap) within `budget` = (params, FLOPs).
+    """Ranks (multiples of `step`, at most each layer's cap) within `budget` = (params, FLOPs), or (params,
+    nanoseconds alone) for timed layers (`Layer.cost`).
 
     Both count: on a CNN the parameters that help most often sit in convolutions whose FLOPs per
     parameter are high, and a student of equal size but twice the FLOPs is not what a user asked
-    for. Each round adds one step to the layer whose output damage (`Layer.damage`) falls most per unit of
-    `_price`; ties go to the node name, so the result does not depend on dict order."""
+    for. Each round makes the move (`Layer.moves`: one step, or a jump to any timed rank) whose output
+    damage (`Layer.damage`) falls most per unit of `_price`; ties go to the node name and then the lower
+    rank, so the result does not depend on dict order."""
     ranks = {n: min(step, layer.cap) for n, layer in layers.items()}
     used = sum((layer.cost(ranks[n]) for n, layer in layers.items()), np.zeros(2, dtype=np.int64))
     while True:
-        best: tuple[float, str] | None = None
+        best: tuple[float, str, int] | None = None
         for n in sorted(layers):
             layer, r = layers[n], ranks[n]
-            nxt = min(r + step, layer.cap)
-            if nxt <= r:
-                continue
-            added = layer.cost(nxt) - layer.cost(r)
-            if np.any(used + added > budget):
-                continue
-            gain = (layer.damage(r) - layer.damage(nxt)) / _price(added, budget - used)
-            if best is None or gain > best[0]:
-                best = (gain, n)
+            for nxt in layer.moves(r, step):
+                added = layer.cost(nxt) - layer.cost(r)
+                if np.any(used + added > budget):
+                    continue
+                gain = (layer.damage(r) - layer.damage(nxt)) / _price(added, budget - used)
+                if best is None or gain > best[0]:
+                    best = (gain, n, nxt)
         if best is None:
             return ranks
-        n = best[1]
-        nxt = min(ranks[n] + step, layers[n].cap)
+        _, n, nxt = best
         used += layers[n].cost(nxt) - layers[n].cost(ranks[n])
         ranks[n] = nxt
 
@@ -298,6 +331,17 @@ def greedy_ranks(layers: dict[str, Layer], budget: np.ndarray, step: int) -> dic
 TABLE_SAMPLES = 64  # calibration samples each table entry is measured on (the final check uses them all)
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # ranks probed, in --rank-multiple steps
 TABLE_FORMAT = "onnx-inher-damage/1"
+TIMED_RANKS = 32  # ranks timed per layer at most: past that, every k-th step multiple
+
+
+def time_grid(cap: int, step: int) -> list[int]:
+    """The ranks a layer is timed at: every `step` multiple up to its cap and the cap itself (every k-th
+    multiple where there are more than TIMED_RANKS). Not the damage ladder's geometric ranks: time jumps
+    between neighbouring multiples (ONNX Runtime splits a conv's output-channel blocks over threads in
+    fixed sets), and a ladder would step over the fast ranks."""
+    ranks = list(range(step, cap + 1, step))
+    stride = max(1, -(-len(ranks) // TIMED_RANKS))
+    return sorted({*ranks[stride - 1::stride], min(step, cap), cap})
 
 
 def ladder(cap: int, step: int) -> list[int]:
@@ -410,10 +454,29 @@ def _all_swapped(layers: dict[str, Layer], ranks: dict[str, int],
     return out
 
 
+def time_layers(layers: dict[str, Layer], the_plan: Plan, model: ModelProto, views: dict[str, LayerView],
+                settings: Settings, step: int) -> str:
+    """Give every layer its time alone at each rank of its `time_grid` (and its energy rank), so the greedy
+    prices time instead of FLOPs; returns what the plan's warning says of it. All or nothing: one budget
+    cannot add nanoseconds to FLOPs, so if a layer cannot be timed alone (input shape unknown), none is."""
+    grids = {n: sorted({*time_grid(layer.cap, step), layer.plan_rank}) for n, layer in layers.items()}
+    times, measured = rank_times(the_plan, model, views, settings, grids, desc="timing ranks")
+    untimed = sorted(set(layers) - set(times))
+    if untimed:
+        return f"priced by FLOPs: {untimed[0]} cannot be timed alone (its input shape is unknown)"
+    for n, layer in layers.items():
+        layer.times = times[n].ms
+        layer.dense_ms = times[n].dense_ms
+    entries = sum(len(g) for g in grids.values())
+    return (f"priced by time alone at the real shapes on this machine ({settings.threads} threads; {entries} "
+            f"timings, {entries - measured} from the cache)")
+
+
 def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spectra: Spectra,
                             feeds: dict[str, np.ndarray], grams: dict[str, np.ndarray | OutputGram],
-                            rows: dict[str, np.ndarray] | None = None) -> Plan:
-    """Re-rank the plan's factorised layers by measured output sensitivity, within its params and FLOPs."""
+                            rows: dict[str, np.ndarray] | None = None, timing: Settings | None = None) -> Plan:
+    """Re-rank the plan's factorised layers by measured output sensitivity, within its params and FLOPs,
+    or, with `timing`, within its params and the time its layers take alone on this machine."""
     chosen = [c for c in the_plan.candidates if c.decision == "factorize" and c.node in views and c.rank
               and c.dense_classes is None]  # a class-split head's rank is fixed by the data, not traded
     sharers: dict[str, list[LayerView]] = {}
@@ -437,6 +500,7 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     measured = measure_table(layers, Prober(model, views_probed, few), sharers, step, table)
     for layer in layers.values():
         layer.sensitivity = layer.damage(layer.plan_rank)
+    priced = time_layers(layers, the_plan, model, views, timing, step) if timing is not None else "priced by FLOPs"
     budget = sum((layer.cost(layer.plan_rank) for layer in layers.values()), np.zeros(2, dtype=np.int64))
     ranks = greedy_ranks(layers, budget, step)
     prober = Prober(model, views_probed, feeds)
@@ -448,22 +512,34 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
         owner = layers[owners[views[c.node].shared_key]]
         c.energy_rank, c.sensitivity = c.rank, owner.sensitivity
         c.rank = ranks[owner.view.node] if kept else c.rank
+        if owner.times:
+            c.note = "; ".join(filter(None, [c.note, (
+                f"alone on this machine: {owner.time(int(c.rank or 1)):.3f} ms at rank {c.rank}, "
+                f"{owner.time(owner.plan_rank):.3f} ms at the energy rank {owner.plan_rank}, dense "
+                f"{owner.dense_ms:.3f} ms (sensitivity allocation)")]))
     apply_edits(the_plan, views, spectra)
-    spent = sum((layer.cost(ranks[n] if kept else layer.plan_rank) for n, layer in layers.items()),
-                np.zeros(2, dtype=np.int64))
+    final = {n: ranks[n] if kept else layer.plan_rank for n, layer in layers.items()}
+    spent = sum((layer.size(final[n]) for n, layer in layers.items()), np.zeros(2, dtype=np.int64))
+    energy_size = sum((layer.size(layer.plan_rank) for layer in layers.values()), np.zeros(2, dtype=np.int64))
     the_plan.options.allocate = "sensitivity"
     samples = len(next(iter(feeds.values())))
     same = all(ranks[n] == layer.plan_rank for n, layer in layers.items())
     verdict = "moved no rank" if same else "applied" if kept else "not applied, the energy ranks stay"
     entries = sum(len(layer.measured or {}) for layer in layers.values())
+    timed = ""
+    if all(layer.times for layer in layers.values()):
+        ms = sum(layer.time(final[n]) for n, layer in layers.items())
+        timed = (f"; the factorised layers take {ms:.3f} ms alone "
+                 f"(energy ranks {sum(layer.time(layer.plan_rank) for layer in layers.values()):.3f} ms, dense "
+                 f"{sum(layer.dense_ms for layer in layers.values()):.3f} ms)")
     the_plan.warnings.append(
         f"sensitivity allocation ({len(layers)} layers, a table of {entries} ranks on "
         f"{len(next(iter(few.values())))} samples, {entries - measured} of them from the cache"
-        f"{f' {table.path}' if table.path and measured < entries else ''}; checked on {samples} samples) "
-        f"{verdict}: {_agreement_text(moved_agree)}output distance "
+        f"{f' {table.path}' if table.path and measured < entries else ''}; {priced}; checked on {samples} "
+        f"samples) {verdict}: {_agreement_text(moved_agree)}output distance "
         f"{moved:g} with the moved ranks vs {_agreement_text(energy_agree)}{energy:g} with the energy ranks; "
         f"{int(spent[0])} factor params and "
-        f"{int(spent[1])} FLOPs (energy plan: {int(budget[0])} and {int(budget[1])})")
+        f"{int(spent[1])} FLOPs (energy plan: {int(energy_size[0])} and {int(energy_size[1])}){timed}")
     return the_plan
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.shapes import check_shapes, shape_symbols
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.planning.svd import Factors
+from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import machine_info, sample_inputs
 
 FORMAT = "onnx-inher-latency/1"
@@ -137,38 +138,93 @@ def plan_dims(model: Any, dims: dict[str, int], shapes: dict[str, list[int]] | N
     return out
 
 
+class LayerTimer:
+    """Times factorised layers of a plan alone, each at its input shape and at a chosen rank, through the
+    per-machine cache: the model's shapes are found once, however many layers and ranks are timed."""
+
+    def __init__(self, plan: Plan, model: Any, settings: Settings, cache_dir: Path | None = None,
+                 warmup: int = WARMUP, iters: int = ITERS) -> None:
+        self.cache = LatencyCache.open(settings, cache_dir)
+        self.plan, self.model, self.settings, self.warmup, self.iters = plan, model, settings, warmup, iters
+        self.indexes = index_scopes(model.graph)  # a subgraph layer's node and weights are found in its own scope
+        basis = plan_dims(model, plan.options.dims, plan.options.shapes)
+        self.table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
+        self.measured = 0  # timings taken now (not read from the cache)
+
+    def __call__(self, c: Candidate, view: LayerView, rank: int | None = None) -> tuple[float, float, str] | None:
+        """(dense ms, factorised ms, where) of `c` at `rank` (its planned rank by default); None when the
+        layer's input shape is unknown or it cannot be built alone."""
+        index = self.indexes[view.scope]
+        node = index.graph.node[view.node_index]
+        x_shape = static_input_shape(node, index, self.table)
+        if x_shape is None:
+            return None
+        if rank is not None and rank != c.rank:
+            c = replace(c, rank=rank)
+        tail = epilogue(node, index)
+        form = c.head_form if c.dense_classes is None else f"split:{len(c.dense_classes)}"
+        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, form, tail)
+        if key not in self.cache.entries:
+            dense = dense_graph(view, self.model, index, x_shape, tail)
+            if dense is None:
+                return None
+            fact = replacement_graph(view, self.model, index, c, dense, self.plan.opset, tail)
+            self.cache.entries[key] = list(time_pair(dense, fact, self.settings, self.warmup, self.iters))
+            self.measured += 1
+        d_ms, f_ms = self.cache.entries[key]
+        return d_ms, f_ms, f"input {'x'.join(map(str, x_shape))}"
+
+
 def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: Settings,
                 cache_dir: Path | None = None, warmup: int = WARMUP, iters: int = ITERS,
                 nodes: set[str] | None = None, desc: str = "timing layers") -> dict[str, tuple[float, float, str]]:
     """`{node: (dense ms, factorised ms, where)}` of the plan's factorised layers (or of `nodes`), each
     timed alone at its input shape, through the per-machine cache. Layers whose input shape is unknown
     (or that cannot be built alone) are left out."""
-    cache = LatencyCache.open(settings, cache_dir)
-    indexes = index_scopes(model.graph)  # a subgraph layer's node and weights are found in its own scope
-    basis = plan_dims(model, plan.options.dims, plan.options.shapes)
-    table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
+    timer = LayerTimer(plan, model, settings, cache_dir, warmup, iters)
     chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views
               and (nodes is None or c.node in nodes)]
     out: dict[str, tuple[float, float, str]] = {}
     for c in tqdm(chosen, desc=desc, unit="layer", disable=_env.progress_disabled(), leave=False):
-        view = views[c.node]
-        index = indexes[view.scope]
-        node = index.graph.node[view.node_index]
-        x_shape = static_input_shape(node, index, table)
-        if x_shape is None:
-            continue
-        tail = epilogue(node, index)
-        form = c.head_form if c.dense_classes is None else f"split:{len(c.dense_classes)}"
-        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, form, tail)
-        if key not in cache.entries:
-            dense = dense_graph(view, model, index, x_shape, tail)
-            if dense is None:
-                continue
-            fact = replacement_graph(view, model, index, c, dense, plan.opset, tail)
-            cache.entries[key] = list(time_pair(dense, fact, settings, warmup, iters))
-        out[c.node] = (*cache.entries[key], f"input {'x'.join(map(str, x_shape))}")  # type: ignore[assignment]
-    cache.save()
+        timed = timer(c, views[c.node])
+        if timed is not None:
+            out[c.node] = timed
+    timer.cache.save()
     return out
+
+
+@dataclass
+class RankTimes:
+    """One layer timed alone at several ranks: the dense layer's ms (median over its runs) and rank -> ms."""
+
+    dense_ms: float
+    ms: dict[int, float]
+    where: str
+
+
+def rank_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: Settings,
+               grids: dict[str, list[int]], cache_dir: Path | None = None,
+               desc: str = "timing ranks") -> tuple[dict[str, RankTimes], int]:
+    """Each layer of `grids` timed alone at every rank of its grid (through the cache); returns the times of
+    the layers that could be timed and how many timings were taken now."""
+    timer = LayerTimer(plan, model, settings, cache_dir)
+    by_node = {c.node: c for c in plan.candidates if c.node in grids and c.node in views}
+    todo = [(n, r) for n in sorted(by_node) for r in grids[n]]
+    dense: dict[str, list[float]] = {}
+    out: dict[str, RankTimes] = {}
+    beat = Heartbeat(desc, len(todo), "timing")
+    for done, (n, r) in enumerate(tqdm(todo, desc=desc, unit="timing", disable=_env.progress_disabled(),
+                                       leave=False)):
+        beat.tick(done)
+        timed = timer(by_node[n], views[n], r)
+        if timed is None:
+            continue
+        dense.setdefault(n, []).append(timed[0])
+        out.setdefault(n, RankTimes(0.0, {}, timed[2])).ms[r] = timed[1]
+    for n, t in out.items():
+        t.dense_ms = float(np.median(dense[n]))
+    timer.cache.save()
+    return out, timer.measured
 
 
 def apply_target(plan: Plan, model: Any, views: dict[str, LayerView], target: str,

@@ -64,6 +64,11 @@ def enabled(option: bool | None) -> bool:
     return _env.latency_check_default() if option is None else option
 
 
+def cpu_settings() -> Settings:
+    """What every timing of the check runs with: ONNX Runtime on the CPU, on all its cores."""
+    return Settings(provider="cpu", threads=os.cpu_count() or 1)
+
+
 @dataclass
 class Analysed:
     """What a rebuild needs: a freshly loaded teacher (`model`) and its layer views."""
@@ -153,7 +158,7 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
     if heads.ByteSize() > MAX_BYTES or pairs.ByteSize() > MAX_BYTES:
         return None
     t, h, p = time_models([teacher, heads.SerializeToString(), pairs.SerializeToString()], feed,
-                          Settings(provider="cpu", threads=os.cpu_count() or 1))
+                          cpu_settings())
     vs = speedup(h, p)  # heads time / pair time: > 1 when the pairs are faster
     return {"chosen": "pair" if vs.low > 1.0 else "heads", "heads": _ratio_doc(t, h), "pair": _ratio_doc(t, p),
             "pair_over_heads": {"speedup": round(vs.value, 4), "low": round(vs.low, 4), "high": round(vs.high, 4)},
@@ -247,7 +252,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
     module doc). `fresh()` loads the teacher anew and `rebuild(analysed, plan)` makes a student from it
     (`api.rewrite` consumes its analysis). Returns the student to save; `plan` is updated in place."""
     options = plan.options
-    settings = Settings(provider="cpu", threads=os.cpu_count() or 1)
+    settings = cpu_settings()
     chosen_early = (plan.latency_check or {}).get("form")  # decided when planning (`choose_form`)
     doc: dict[str, Any] = {"provider": "cpu", "threads": settings.threads, "budget_s": BUDGET_S,
                            "min_speedup": options.min_speedup, "form": chosen_early, "rounds": [], "layers": {}}
