@@ -90,8 +90,9 @@ def data_options(f: Callable) -> Callable:
     """Options that use real samples: whitened SVD and sensitivity rank allocation (plan and compress)."""
     f = click.option("--allocate", type=click.Choice(["energy", "sensitivity"]),
                      help="How --param-ratio's budget is spread: by singular-value energy, or by each layer's "
-                          "measured effect on the outputs over --calibration DATA (slower, usually better). "
-                          "Default: energy; `run` uses sensitivity on its --data (energy with "
+                          "measured effect on the outputs over --calibration DATA (slower, usually better; "
+                          "with the latency check on, each rank is priced by the layer's measured time here, "
+                          "else by its FLOPs). Default: energy; `run` uses sensitivity on its --data (energy with "
                           "--calibration none).")(f)
     f = click.option("--no-class-split", is_flag=True,
                      help="With calibration data, a classifier head with many classes keeps exact weights for the "
