@@ -124,7 +124,7 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     from onnx_inher.tuning import speed
     from onnx_inher.tuning.allocate import allocate_by_sensitivity
 
-    timing = speed.cpu_settings() if speed.enabled(options.latency_check) else None
+    timing = speed.cpu_settings(options.latency_threads) if speed.enabled(options.latency_check) else None
     p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams,
                                 calibration.rows, timing)
     return p, calibration
@@ -344,7 +344,8 @@ def _latency_check(the_plan: Plan, options: Options, student: ModelProto, model:
     if not speed.enabled(options.latency_check) and options.min_speedup is None:
         return student
     the_plan.options = replace(the_plan.options, latency_check=options.latency_check,
-                               min_speedup=options.min_speedup, pick_form=options.pick_form)
+                               min_speedup=options.min_speedup, pick_form=options.pick_form,
+                               latency_threads=options.latency_threads)
 
     return speed.check(the_plan, student, Path(model), lambda: _fresh(model, options),
                        lambda an, p: rewrite(an.handle, p, spectra))

@@ -104,11 +104,21 @@ def data_options(f: Callable) -> Callable:
                              "...). `run` uses its --data unless given other DATA or 'none' (plain SVD).")(f)
 
 
+def timing_options(f: Callable) -> Callable:
+    """What plan, compress and run time on this machine, and with how many threads."""
+    f = click.option("--latency-threads", type=int, metavar="N",
+                     help="Intra-op threads the student will run with: every timing (heads or pairs, "
+                          "time-priced sensitivity ranks, the latency check) uses N. Default: all cores.")(f)
+    return click.option("--no-latency-check", is_flag=True,
+                        help="Time nothing on this machine: no check of the student against the teacher (by "
+                             "default a few seconds at the real shapes choose heads or pairs and revert layers "
+                             "until the student is not slower), and sensitivity ranks priced by FLOPs instead "
+                             "of each layer's measured time.")(f)
+
+
 def speed_options(f: Callable) -> Callable:
     """The latency check of compress and run (onnx_inher/tuning/speed.py)."""
-    f = click.option("--no-latency-check", is_flag=True,
-                     help="Do not time the student against the teacher (by default a few seconds at the real "
-                          "shapes choose heads or pairs and revert layers until the student is not slower).")(f)
+    f = timing_options(f)
     return click.option("--min-speedup", type=float, metavar="X",
                         help="Exit 1 when the student measures below X times the teacher's speed "
                              "(teacher time / student time, at batch 1 on this machine).")(f)
@@ -125,6 +135,7 @@ def _options(kw: dict[str, Any]) -> Options:
     o = Options(mode=mode or "inher", heads=2 if heads is None else heads, policy=policy,
                 pick_form=mode is None and heads is None, min_speedup=kw.pop("min_speedup", None),
                 latency_check=False if kw.pop("no_latency_check", False) else None,
+                latency_threads=kw.pop("latency_threads", None),
                 rank_multiple=kw.pop("rank_multiple"),
                 guard=not kw.pop("no_guard"), include=list(kw.pop("include")), exclude=list(kw.pop("exclude")),
                 min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), shapes=_shapes(kw.pop("shapes", ())),
@@ -235,6 +246,7 @@ ctc_blank_option = click.option(
 @shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @data_options
+@timing_options
 @handled
 def inspect(model: Path, as_json: bool, **kw: Any) -> None:
     """Table of candidate layers: shape, params, FLOPs, and what would be factorised or skipped and why."""
@@ -258,6 +270,7 @@ def inspect(model: Path, as_json: bool, **kw: Any) -> None:
               help="Skip layers whose factorised form is not faster on this machine (per-layer timings, cached).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan's totals and file as JSON.")
 @data_options
+@timing_options
 @handled
 def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw: Any) -> None:
     """Write a JSON plan (edit ranks by hand, then `compress --plan`)."""

@@ -299,16 +299,17 @@ def test_sensitivity_ranks_are_priced_by_time_when_the_latency_check_is_on(tmp_p
     common = {"mode": "svd", "rank_multiple": 4, "calibration": "mnist5k", "allocate": "sensitivity",
               "policy": parse_policy(param_ratio=0.5)}
     energy = onnx_inher.plan(MNIST, Options(**{**common, "allocate": "energy"}))
-    timed = onnx_inher.plan(MNIST, Options(**common, latency_check=True))
+    timed = onnx_inher.plan(MNIST, Options(**common, latency_check=True, latency_threads=1))
     said = next(w for w in timed.warnings if w.startswith("sensitivity allocation"))
-    assert "priced by time alone at the real shapes" in said and " 0 from the cache" in said, said
+    assert "priced by time alone at the real shapes on this machine (1 thread;" in said, said
+    assert " 0 from the cache" in said, said
     ms = [float(x) for x in re.search(r"take ([\d.]+) ms alone \(energy ranks ([\d.]+) ms", said).groups()]
     assert ms[0] <= ms[1] + 1e-9, said
     assert timed.totals()["params_after"] <= energy.totals()["params_after"]
     chosen = [c for c in timed.candidates if c.decision == "factorize"]
     assert chosen and all("alone on this machine" in (c.note or "") for c in chosen)
     assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
-    again = onnx_inher.plan(MNIST, Options(**common, latency_check=True))
+    again = onnx_inher.plan(MNIST, Options(**common, latency_check=True, latency_threads=1))
     assert [c.rank for c in again.candidates] == [c.rank for c in timed.candidates]
     assert " 0 from the cache" not in next(w for w in again.warnings if w.startswith("sensitivity allocation"))
     monkeypatch.setattr(alloc, "rank_times", lambda *a, **k: pytest.fail("timed with the latency check off"))

@@ -206,3 +206,23 @@ def test_the_check_line_says_when_batch_8_is_measurably_slower() -> None:
     assert "slower than the teacher at batch 8" in latency_check_line(doc)
     doc["batch_8"] = {"speedup": 1.04, "low": 0.96, "high": 1.12}
     assert "slower" not in latency_check_line(doc) and "batch 8: 1.04x" in latency_check_line(doc)
+
+
+def test_latency_threads_set_every_timing_and_need_the_check(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--latency-threads N`: the form choice and the check time with N threads (a student tuned for the threads
+    it will run with); N < 1, or N with the check off, is a usage error naming the option."""
+    seen: list[int] = []
+    timer = fake_timer(pair_ms=-0.1, heads_ms=0.2)
+
+    def recording(models, feed, settings, budget_s=speed.BUDGET_S):
+        seen.append(settings.threads)
+        return timer(models, feed, settings, budget_s)
+
+    checked.setattr(speed, "time_models", recording)
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True, latency_threads=1))
+    assert seen == [1, 1, 1] and r.plan.latency_check["threads"] == 1
+    assert json.loads(r.plan.to_json())["options"]["latency_threads"] == 1
+    for args, message in ((["--latency-threads", "0"], "--latency-threads must be >= 1"),
+                          (["--latency-threads", "1", "--no-latency-check"], "drop --no-latency-check")):
+        out = CliRunner().invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "x.onnx"), *args])
+        assert out.exit_code == 2 and message in out.output and not (tmp_path / "x.onnx").exists(), out.output

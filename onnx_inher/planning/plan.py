@@ -101,6 +101,8 @@ class Options:
     # None: on unless ONNX_INHER_LATENCY_CHECK=0
     latency_check: bool | None = None
     min_speedup: float | None = None  # a student slower than this (teacher time / student time) fails (exit 1)
+    # intra-op threads every timing runs with (the check, the form choice, time-priced ranks); None: all cores
+    latency_threads: int | None = None
     # heads or a plain pair by measurement: the CLI's default when neither --mode nor --heads is given; in
     # Python the form asked for in `mode`/`heads` is kept unless this is set
     pick_form: bool = False
@@ -126,6 +128,11 @@ class Options:
             raise InputError(f"--min-speedup must be > 0, got {self.min_speedup:g}")
         if self.min_speedup is not None and self.latency_check is False:
             raise InputError("--min-speedup needs the latency check; drop --no-latency-check.")
+        if self.latency_threads is not None and self.latency_threads < 1:
+            raise InputError(f"--latency-threads must be >= 1, got {self.latency_threads}")
+        if self.latency_threads is not None and self.latency_check is False:
+            raise InputError("--latency-threads sets the threads the latency check times with; drop "
+                             "--no-latency-check.")
         for name, shape in self.shapes.items():
             if not all(isinstance(d, int) and d >= 1 for d in shape):
                 raise InputError(f"--shape {name}: dims must be positive integers, got {list(shape)}")

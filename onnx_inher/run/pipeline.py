@@ -172,6 +172,8 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     dopts = distill_options or DistillOptions()
     dopts.validate()
     bset = bench_settings or BenchSettings()
+    if options.latency_threads and not bset.threads:  # the report times what the student was tuned for
+        bset = replace(bset, threads=options.latency_threads)
     teacher_path = load_model(teacher).path
     blank, user_metric = parse_ctc_blank(ctc_blank), load_metric(metric) if metric else None
     dopts = replace(dopts, ctc_blank=blank)  # one blank for the loss and the evaluation

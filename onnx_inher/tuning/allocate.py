@@ -428,7 +428,7 @@ def _price(added: np.ndarray, left: np.ndarray) -> float:
     return float(max(added[0], 0) / left[0] + max(added[1], 0) / left[1]) or 1e-30
 
 
-def _cap(view: LayerView, heads: int, guard: bool) -> int:
+def rank_cap(view: LayerView, heads: int, guard: bool) -> int:
     """Largest rank at which the layer still gets smaller and cheaper (full rank without the guard)."""
     if not guard:
         return view.full_rank
@@ -468,7 +468,8 @@ def time_layers(layers: dict[str, Layer], the_plan: Plan, model: ModelProto, vie
         layer.times = times[n].ms
         layer.dense_ms = times[n].dense_ms
     entries = sum(len(g) for g in grids.values())
-    return (f"priced by time alone at the real shapes on this machine ({settings.threads} threads; {entries} "
+    threads = f"{settings.threads} thread{'s' if settings.threads > 1 else ''}"
+    return (f"priced by time alone at the real shapes on this machine ({threads}; {entries} "
             f"timings, {entries - measured} from the cache)")
 
 
@@ -492,7 +493,7 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
         gram = grams.get(view.shared_key)
         svd = data_aware_svd(view.matrices(), gram, rows=(rows or {}).get(view.shared_key)) if gram is not None \
             else full_svd(view.matrices())
-        layers[n] = Layer(view, svd, int(c.rank or 1), _cap(view, c.heads, the_plan.options.guard), c.heads)
+        layers[n] = Layer(view, svd, int(c.rank or 1), rank_cap(view, c.heads, the_plan.options.guard), c.heads)
     views_probed = [v for group in sharers.values() for v in group]
     step = max(1, the_plan.options.rank_multiple)
     few = {k: v[:TABLE_SAMPLES] for k, v in feeds.items()}

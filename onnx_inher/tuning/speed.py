@@ -64,9 +64,10 @@ def enabled(option: bool | None) -> bool:
     return _env.latency_check_default() if option is None else option
 
 
-def cpu_settings() -> Settings:
-    """What every timing of the check runs with: ONNX Runtime on the CPU, on all its cores."""
-    return Settings(provider="cpu", threads=os.cpu_count() or 1)
+def cpu_settings(threads: int | None = None) -> Settings:
+    """What every timing of the check runs with: ONNX Runtime on the CPU, on `threads` intra-op threads (the
+    student's deployment, `--latency-threads`), all cores by default."""
+    return Settings(provider="cpu", threads=threads or os.cpu_count() or 1)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
     if heads.ByteSize() > MAX_BYTES or pairs.ByteSize() > MAX_BYTES:
         return None
     t, h, p = time_models([teacher, heads.SerializeToString(), pairs.SerializeToString()], feed,
-                          cpu_settings())
+                          cpu_settings(options.latency_threads))
     vs = speedup(h, p)  # heads time / pair time: > 1 when the pairs are faster
     return {"chosen": "pair" if vs.low > 1.0 else "heads", "heads": _ratio_doc(t, h), "pair": _ratio_doc(t, p),
             "pair_over_heads": {"speedup": round(vs.value, 4), "low": round(vs.low, 4), "high": round(vs.high, 4)},
@@ -252,7 +253,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
     module doc). `fresh()` loads the teacher anew and `rebuild(analysed, plan)` makes a student from it
     (`api.rewrite` consumes its analysis). Returns the student to save; `plan` is updated in place."""
     options = plan.options
-    settings = cpu_settings()
+    settings = cpu_settings(options.latency_threads)
     chosen_early = (plan.latency_check or {}).get("form")  # decided when planning (`choose_form`)
     doc: dict[str, Any] = {"provider": "cpu", "threads": settings.threads, "budget_s": BUDGET_S,
                            "min_speedup": options.min_speedup, "form": chosen_early, "rounds": [], "layers": {}}
