@@ -17,6 +17,9 @@ import json
 import os
 import shlex
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MNIST_TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
 
-__all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "command", "helpers", "proc_status", "quiet", "reset_peak_rss",
-           "subgraphs", "write_json", "zoo"]
+__all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "command", "helpers", "measure_models", "proc_status", "quiet",
+           "reset_peak_rss", "subgraphs", "write_json", "zoo"]
 
 
 def __getattr__(name: str) -> Any:
@@ -66,6 +69,22 @@ def write_json(path: Path, record: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def measure_models(module: str, names: list[str], measure: Callable[[str, Path], dict[str, Any]],
+                   markdown: Callable[[dict[str, dict[str, Any]]], str], out: Path) -> None:
+    """Measure each model (its students written to a scratch folder), print its table rows as they come, then
+    write every record to `out`.json and the table to `out`.md."""
+    began = time.perf_counter()
+    records: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            records[name] = measure(name, Path(tmp))
+            print(markdown({name: records[name]}), flush=True)
+    doc = {"command": command(module), "seconds": round(time.perf_counter() - began, 1), "models": records}
+    write_json(out.with_suffix(".json"), doc)
+    out.with_suffix(".md").write_text(markdown(records))
+    print(f"wrote {out.with_suffix('.json')} and .md in {doc['seconds']} s")
 
 
 def proc_status(key: str) -> int:

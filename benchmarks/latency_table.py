@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MNIST_TEACHER, RESULTS, command, quiet, write_json, zoo
+from benchmarks.common import MNIST_TEACHER, RESULTS, measure_models, quiet, zoo
 
 
 def _ocr(name: str) -> Callable[[], Path]:
@@ -152,19 +151,10 @@ def main() -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-    began = time.perf_counter()
-    records = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            threads = [int(t) for t in args.threads.split(",") if t] or [1, os.cpu_count() or 1]
-            records[name] = measure(name, Path(tmp), args.iters, threads, [int(b) for b in args.batches.split(",")])
-            print(markdown({name: records[name]}), flush=True)
-    doc = {"command": command("benchmarks.latency_table"), "seconds": round(time.perf_counter() - began, 1),
-           "models": records}
-    write_json(args.out.with_suffix(".json"), doc)
-    args.out.with_suffix(".md").write_text(markdown(records))
-    print(f"wrote {args.out.with_suffix('.json')} and .md in {doc['seconds']} s")
-
+    threads = [int(t) for t in args.threads.split(",") if t] or [1, os.cpu_count() or 1]
+    batches = [int(b) for b in args.batches.split(",")]
+    measure_models("benchmarks.latency_table", names,
+                   lambda name, folder: measure(name, folder, args.iters, threads, batches), markdown, args.out)
 
 if __name__ == "__main__":
     main()

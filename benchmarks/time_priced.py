@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, command, quiet, write_json
+from benchmarks.common import RESULTS, measure_models, quiet
 from benchmarks.latency_table import FIXED_BATCH, MODELS
 
 DATA = {"mnist_cnn": "mnist5k", "minilm": "fortunes"}  # built-in sets; others need --data NAME=PATH
@@ -142,18 +141,9 @@ def main() -> None:
     missing = [n for n in names if n not in MODELS or n not in data]
     if missing:
         raise SystemExit(f"no model or no data for {missing}: models {list(MODELS)}, data for {sorted(data)}")
-    began = time.perf_counter()
-    records = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            records[name] = measure(name, data[name], Path(tmp), args.iters, [1, os.cpu_count() or 1])
-            print(markdown({name: records[name]}), flush=True)
-    doc = {"command": command("benchmarks.time_priced"), "seconds": round(time.perf_counter() - began, 1),
-           "models": records}
-    write_json(args.out.with_suffix(".json"), doc)
-    args.out.with_suffix(".md").write_text(markdown(records))
-    print(f"wrote {args.out.with_suffix('.json')} and .md in {doc['seconds']} s")
-
+    measure_models("benchmarks.time_priced", names,
+                   lambda name, folder: measure(name, data[name], folder, args.iters, [1, os.cpu_count() or 1]),
+                   markdown, args.out)
 
 if __name__ == "__main__":
     main()
