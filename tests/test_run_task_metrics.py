@@ -116,6 +116,8 @@ def test_run_allocates_ranks_by_sensitivity_on_its_data_unless_told_otherwise(
     assert len(measured) == (allocate == "sensitivity")
     if measured:
         assert "top-1 agreement" in measured[0]  # a class output: the final check ranks by agreement first
+    report = (ctc / "run" / "report.md").read_text()
+    assert ("- Ranks: Sensitivity allocation (" in report) == (allocate == "sensitivity"), report
 
 
 def test_run_python_defaults_to_sensitivity_ranks(ctc: Path) -> None:

@@ -297,7 +297,7 @@ def run_markdown(result: RunResult, folder: Path) -> str:
                   "`student_init.plan.json`'s `latency_check`):", ""]
         lines += [f"- {label}: {latency_check_line(doc)}" for label, doc in checks if doc]
         lines += [""]
-    lines += [
-              "## Factorised layers", "", "Every candidate with its decision and reason: [plan.json](plan.json).",
-              "", "![rank and energy kept per layer](layers.png)", ""]
+    lines += ["## Factorised layers", "", "Every candidate with its decision and reason: [plan.json](plan.json).", ""]
+    lines += [f"- Ranks: {note[0].upper()}{note[1:]}." for note in result.plan.get("allocation", [])]
+    lines += ["", "![rank and energy kept per layer](layers.png)", ""]
     return "\n".join(lines)

@@ -194,7 +194,8 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
         write_text(out.path("plan_pair.json"), pair or text)
         plot_layers(p, out.path("layers.png"))
         return {"totals": p.totals(), "has_heads": pair is not None,
-                "class_split": [w for w in p.warnings if w.startswith("class split")]}
+                "class_split": [w for w in p.warnings if w.startswith("class split")],
+                "allocation": [w for w in p.warnings if w.startswith("sensitivity allocation")]}
 
     plan_result = out.stage("plan", {"options": _options_doc(options)}, [teacher_path],
                             ["plan.json", "plan_pair.json"], do_plan, log=log)
