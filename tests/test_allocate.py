@@ -315,3 +315,23 @@ def test_sensitivity_ranks_are_priced_by_time_when_the_latency_check_is_on(tmp_p
     monkeypatch.setattr(alloc, "rank_times", lambda *a, **k: pytest.fail("timed with the latency check off"))
     untimed = onnx_inher.plan(MNIST, Options(**common, latency_check=False))
     assert any("priced by FLOPs" in w for w in untimed.warnings)
+
+
+def test_time_pricing_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One budget cannot add nanoseconds to FLOPs: if a layer cannot be timed alone (its input shape is unknown,
+    e.g. inside a loop body), every layer is priced by FLOPs, and the plan says which layer stopped it."""
+    from onnx_inher.bench.sessions import Settings
+    from onnx_inher.tuning.latency import RankTimes
+
+    layers = {n: _Sized(np.linspace(10, 1, 16), 1.0, 10) for n in ("a", "b")}
+    asked: dict[str, list[int]] = {}
+
+    def only_a(plan, model, views, settings, grids, desc=""):
+        asked.update(grids)
+        return {"a": RankTimes(1.0, {r: 0.5 for r in grids["a"]}, "input 1")}, 3
+
+    monkeypatch.setattr(alloc, "rank_times", only_a)
+    said = alloc.time_layers(layers, None, None, {}, Settings("cpu", 1), 4)  # type: ignore[arg-type]
+    assert said == "priced by FLOPs: b cannot be timed alone (its input shape is unknown)"
+    assert all(layer.times is None for layer in layers.values())
+    assert asked["a"] == [4, 8, 12, 16]  # every step multiple up to the cap, the energy rank among them
