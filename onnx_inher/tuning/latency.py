@@ -6,7 +6,8 @@ the values) at the layer's input shape, both followed by the nodes ONNX Runtime 
 dense node (`bench.layers.epilogue`: constant bias/scale, batch norm, activation), and turns a layer
 that is not faster into a skip with the measured times as its reason. Timings are cached per machine
 (CPU model, core count, onnxruntime version, provider, threads), so planning the same model again, or
-another model with the same layer shapes, measures nothing.
+another model with the same layer shapes, measures nothing. The same timer (`LayerTimer`) serves the
+time-priced sensitivity allocation, which times each layer at many ranks (`rank_times`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The latency check of `compress` and `run`: never ship a student slower than its teacher by default.
 
 After the student is built, teacher and student run interleaved in ONNX Runtime (in-memory sessions,
-all cores, the plan's real input shapes at batch 1) for a few seconds. The verdict is the ratio of
-medians (teacher time / student time) with a paired bootstrap interval (`bench.stats.speedup`):
+all cores or `--latency-threads`, the plan's real input shapes at batch 1) for a few seconds. The verdict
+is the ratio of medians (teacher time / student time) with a paired bootstrap interval
+(`bench.stats.speedup`):
 
 - **conv head form** (when the plan has heads on ungrouped Conv layers): each such layer is timed alone
   at its input shape in both conv head forms (`passes/factorize.py`: the per-sample weight mix, and
