@@ -231,6 +231,13 @@ def test_plan_target_times_layers_once_and_skips_slower_ones(pair: tuple[Path, P
     assert all(c.decision == "skip" and "not faster on cpu: factorised 2.000 ms vs dense 1.000 ms" in str(c.reason)
                for c in again.candidates if c.rank)
 
+    # --latency-threads: timed with that many threads, in that thread count's cache
+    monkeypatch.undo()
+    one = Options(mode="svd", policy=parse_policy(rank_ratio=0.25), guard=False, dims={"batch": 2}, latency_threads=1)
+    apply_target(api.plan(teacher, one, _analysis=a), a.loaded.model, a.views, "cpu", cache_dir=tmp_path / "one",
+                 iters=3, warmup=1)
+    assert json.loads(next((tmp_path / "one").glob("*.json")).read_text())["machine"]["threads"] == 1
+
 
 def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "gpu_check.sh")], capture_output=True, text=True,

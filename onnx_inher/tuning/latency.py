@@ -233,7 +233,7 @@ def apply_target(plan: Plan, model: Any, views: dict[str, LayerView], target: st
     """Skip every factorisation the measured per-layer timings say is not faster on `target`."""
     if target not in TARGETS:
         raise InputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
-    settings = Settings(provider=target, threads=os.cpu_count() or 1)
+    settings = Settings(provider=target, threads=plan.options.latency_threads or os.cpu_count() or 1)
     settings.provider_list()  # a clear error when the target's provider is missing
     times = layer_times(plan, model, views, settings, cache_dir, warmup, iters, desc=f"timing layers ({target})")
     where_cached = LatencyCache.open(settings, cache_dir).path
