@@ -54,17 +54,15 @@ def compare(teacher: list[np.ndarray], student: list[np.ndarray], names: list[st
 
 
 def _exposing(model: ModelProto | str | Path, tensors: dict[str, int]) -> ModelProto | str | Path:
-    """The model with `tensors` (name -> ONNX elem type) added as graph outputs. Only tensors of the main
-    graph can be: one computed inside an If/Loop/Scan subgraph (a factorised layer there) is not exposed."""
+    """The model with `tensors` (name -> ONNX elem type, each produced in its main graph: `verify` keeps only
+    those) added as graph outputs; the model itself when there are none."""
     if not tensors:
         return model
-    m = _load(model)
     out = ModelProto()
-    out.CopyFrom(m)
+    out.CopyFrom(_load(model))
     present = {o.name for o in out.graph.output}
-    produced = _produced(out)
     out.graph.output.extend(onnx.helper.make_tensor_value_info(name, elem, None)
-                            for name, elem in tensors.items() if name not in present and name in produced)
+                            for name, elem in tensors.items() if name not in present)
     return out
 
 
@@ -95,7 +93,8 @@ def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, f
 
 def _produced(model: ModelProto) -> set[str]:
     """The main graph's node outputs and inputs: an inner tensor can be compared only where both models have it
-    (a class-split head that took over its bias writes the bias Add's output, not the MatMul's)."""
+    in their main graph (a class-split head that took over its bias writes the bias Add's output, not the
+    MatMul's; a tensor computed inside an If/Loop/Scan subgraph cannot be made a graph output)."""
     return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
 
 
