@@ -138,8 +138,60 @@ def _conv_down_weight(view: LayerView, f: Factors) -> np.ndarray:
     return f.down.reshape(g, r, cin_g, k).transpose(0, 2, 1, 3).reshape(g * cin_g, r, *view.kernel)
 
 
-def _down(e: Emitter, view: LayerView, node: NodeProto, f: Factors) -> str:
-    """The shared down-projection x -> r (all of the original node's layout attributes kept)."""
+def fold_applies(node: NodeProto, opset: int) -> bool:
+    """Whether a Conv's output rows (its first spatial axis) can be folded into the batch: no padding and
+    no SAME auto-pad on that axis, so each part reads only its own input rows, and Slice with inputs
+    (opset 10)."""
+    if node.op_type != "Conv" or opset < 10:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    auto = attrs.get("auto_pad", b"NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else str(auto)) not in ("NOTSET", "VALID"):
+        return False
+    pads = list(attrs.get("pads", []))
+    return not pads or (pads[0] == 0 and pads[len(pads) // 2] == 0)
+
+
+def fold_bounds(node: NodeProto, kernel: int, rows: int, parts: int) -> list[tuple[int, int]] | None:
+    """The input rows `[start, end)` each of `parts` equal parts of the output rows reads; None when the
+    output rows do not split into equal parts of at least 2 rows."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    stride = int((attrs.get("strides") or [1])[0])
+    dilation = int((attrs.get("dilations") or [1])[0])
+    span = dilation * (kernel - 1) + 1
+    if parts < 2 or rows < span:
+        return None
+    out = (rows - span) // stride + 1
+    if out % parts or out // parts < 2:
+        return None
+    step = out // parts
+    return [(p * step * stride, p * step * stride + (step - 1) * stride + span) for p in range(parts)]
+
+
+def _folded_conv(e: Emitter, node: NodeProto, x: str, w: str, kernel: int, fold: dict[str, int],
+                 attrs: dict[str, object]) -> str:
+    """The down conv with its output rows folded into the batch: P row slices of the input (each with the
+    rows its outputs read) stacked on the batch axis, one conv, and the P results put back in row order.
+    The same MACs; ONNX Runtime then runs the P parts on P threads where it would run one image's
+    rank <= 64 blocked conv on one."""
+    bounds = fold_bounds(node, kernel, int(fold["rows"]), int(fold["parts"])) if fold_applies(node, e.opset) else None
+    if bounds is None:
+        raise InputError(f"plan folds node '{node.name}' into {fold['parts']} parts of {fold['rows']} input rows, "
+                         "which it cannot take (padded rows, SAME auto-pad, opset < 10, or output rows that do not "
+                         "split into equal parts of 2 or more); remove its `fold`.")
+    axes = e.ints("fold.axes", [2])
+    pieces = [e.node("Slice", [x, e.ints(f"fold.start{p}", [a]), e.ints(f"fold.end{p}", [b]), axes], f"fold.slice{p}")
+              for p, (a, b) in enumerate(bounds)]
+    z = e.node("Conv", [e.node("Concat", pieces, "fold.batch", axis=0), w], "down", **attrs)
+    parts = [f"{e.prefix}/fold.part{p}" for p in range(len(bounds))]
+    split: dict[str, object] = {"num_outputs": len(bounds)} if e.opset >= 18 else {}
+    e.nodes.append(helper.make_node("Split", [z], parts, name=f"{e.prefix}/fold.split", axis=0, **split))
+    return e.node("Concat", parts, "fold.rows", axis=2)
+
+
+def _down(e: Emitter, view: LayerView, node: NodeProto, f: Factors, fold: dict[str, int] | None = None) -> str:
+    """The shared down-projection x -> r (all of the original node's layout attributes kept), its rows
+    folded into the batch when the plan says so (`fold`, Conv only)."""
     x = node.input[1 - view.weight_input] if view.op in ("MatMul", "Gemm") else node.input[0]
     d = f.down[0]
     if view.op == "MatMul":
@@ -150,7 +202,10 @@ def _down(e: Emitter, view: LayerView, node: NodeProto, f: Factors) -> str:
             return e.matmul_or_gemm(x, e.weight("down.weight", d.T), "down", trans_a=int(view.attrs["transA"]))
         return e.matmul_or_gemm(e.weight("down.weight", d), x, "down", trans_b=int(view.attrs["transB"]))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return e.node(view.op, [x, e.weight("down.weight", _conv_down_weight(view, f))], "down", **attrs)
+    w = e.weight("down.weight", _conv_down_weight(view, f))
+    if fold and view.op == "Conv":
+        return _folded_conv(e, node, x, w, int(view.kernel[0]), fold, attrs)
+    return e.node(view.op, [x, w], "down", **attrs)
 
 
 def _up_pair(e: Emitter, view: LayerView, node: NodeProto, f: Factors, z: str, y: str) -> None:
@@ -358,7 +413,7 @@ def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: i
             raise PassError("factorize", f"class-split node '{view.node}' needs its dense columns")
         _split(e, view, node, cand, dense, f, bias)
         return e
-    z = _down(e, view, node, f)
+    z = _down(e, view, node, f, cand.fold)
     if cand.heads <= 1:
         _up_pair(e, view, node, f, z, node.output[0])
     elif view.op in ("MatMul", "Gemm"):
@@ -489,6 +544,12 @@ def _has_unknown(*messages: Message) -> bool:
     return any(len(UnknownFieldSet(m)) for m in messages)
 
 
+def _valid_fold(fold: object, view: LayerView) -> bool:
+    return (view.op == "Conv" and isinstance(fold, dict) and set(fold) == {"parts", "rows"}
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in fold.values())
+            and fold["parts"] >= 2 and fold["rows"] >= 1)
+
+
 class Factorize:
     """Pass: apply a plan's `factorize` decisions. `(model) -> (model, changed)`.
 
@@ -522,6 +583,9 @@ class Factorize:
             if c.head_form is not None and c.head_form not in HEAD_FORMS:
                 raise InputError(f"plan gives node '{c.node}' head_form '{c.head_form}'; use one of "
                                  f"{', '.join(HEAD_FORMS)} (or leave it out).")
+            if c.fold is not None and not _valid_fold(c.fold, view):
+                raise InputError(f"plan gives node '{c.node}' fold {c.fold}; a fold is {{\"parts\": P >= 2, "
+                                 "\"rows\": input rows}} on a Conv layer (or leave it out).")
 
     def _emit_all(self, scopes: Scopes) -> Replacements:
         """One replacement per factorised node, by scope; each SVD lives only until its weight's last layer."""

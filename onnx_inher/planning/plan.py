@@ -71,12 +71,18 @@ class Candidate:
     # class-split heads only: the output columns (classes) kept dense, sorted; `rank` is then the rank of
     # the pair that carries every other class. None (and left out of the JSON) for every other layer
     dense_classes: list[int] | None = None
+    # Conv layers only, set by the latency check: the down conv runs with its output rows folded into the
+    # batch, `{"parts": P, "rows": input rows}` (ONNX Runtime spreads one image's blocked conv over threads
+    # by groups of 64 output channels, so a rank <= 64 down conv runs on one thread at batch 1), and the
+    # times that chose it; None (and left out of the JSON): not folded
+    fold: dict[str, int] | None = None
+    fold_ms: dict[str, float] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON fields: every field, `graph`, `head_form`, `form_ms` and `dense_classes` only when set
-        (plans that do not use them keep their bytes)."""
+        """The JSON fields: every field; `graph`, `head_form`, `form_ms`, `dense_classes`, `fold` and `fold_ms`
+        only when set (plans that do not use them keep their bytes)."""
         doc = asdict(self)
-        for optional in ("graph", "head_form", "form_ms", "dense_classes"):
+        for optional in ("graph", "head_form", "form_ms", "dense_classes", "fold", "fold_ms"):
             if doc[optional] is None:
                 del doc[optional]
         return doc

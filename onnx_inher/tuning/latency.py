@@ -90,9 +90,9 @@ class LatencyCache:
 
 
 def layer_key(view: LayerView, node_attrs: list[Any], x_shape: tuple[int, ...], rank: int, heads: int,
-              head_form: str | None = None, tail: list[Any] | None = None) -> str:
-    """The cache key of one layer's timing; the default head form and an empty epilogue add nothing, so
-    older entries of layers without one stay valid."""
+              head_form: str | None = None, tail: list[Any] | None = None, fold: dict[str, int] | None = None) -> str:
+    """The cache key of one layer's timing; the default head form, an empty epilogue and no fold add
+    nothing, so older entries of layers without one stay valid."""
     doc = [view.op, view.side, view.groups, list(view.weight.shape), str(view.dtype), view.bias is not None,
            sorted((a.name, str(helper.get_attribute_value(a))) for a in node_attrs), list(x_shape), rank, heads,
            sorted((k, str(v)) for k, v in view.attrs.items() if k in ("alpha", "beta", "transA", "transB", "c"))]
@@ -101,6 +101,8 @@ def layer_key(view: LayerView, node_attrs: list[Any], x_shape: tuple[int, ...], 
     if tail:
         doc.append(["epilogue", [[n.op_type, sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute)]
                                  for n in tail]])
+    if fold:
+        doc.append(["fold", int(fold["parts"])])  # the rows are the input shape's
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 
@@ -164,7 +166,7 @@ class LayerTimer:
             c = replace(c, rank=rank)
         tail = epilogue(node, index)
         form = c.head_form if c.dense_classes is None else f"split:{len(c.dense_classes)}"
-        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, form, tail)
+        key = layer_key(view, list(node.attribute), x_shape, int(c.rank or 1), c.heads, form, tail, c.fold)
         if key not in self.cache.entries:
             dense = dense_graph(view, self.model, index, x_shape, tail)
             if dense is None:
@@ -174,6 +176,37 @@ class LayerTimer:
             self.measured += 1
         d_ms, f_ms = self.cache.entries[key]
         return d_ms, f_ms, f"input {'x'.join(map(str, x_shape))}"
+
+
+def static_rows(plan: Plan, model: Any, views: dict[str, LayerView], nodes: set[str]) -> dict[str, int]:
+    """`{node: rows}` of the Conv layers among `nodes` whose input rows (first spatial axis) are the same
+    at the plan's shapes and with every free input dim d made 2d + 1: rows a folded form may hard-code.
+    (Shape inference alone leaves them unknown behind a Pad or Reshape whose sizes are computed.) The
+    change is d + 1, not 1, because strides absorb a small one: a stride-2 conv gives 12 rows from 25
+    input rows and from 26, and 13 from 27. A layer whose rows fold has at least 2 rows per part, so its
+    total stride on the axis is below d + 1 and a change of d + 1 reaches it."""
+    basis = plan_dims(model, plan.options.dims, plan.options.shapes)
+    feed = sample_inputs(model, basis, shapes=plan.options.shapes)
+    declared = {i.name: [bool(d.dim_param) or not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim]
+                for i in model.graph.input}
+    wider = {k: [2 * d + 1 if k in declared and j < len(declared[k]) and declared[k][j] else d
+                 for j, d in enumerate(v.shape)] for k, v in feed.items()}
+    path = Path(plan.model)
+    first = shape_table(path, model, feed)
+    try:
+        second = shape_table(path, model, sample_inputs(model, shapes=wider))
+    except Exception:  # a model that rejects the wider shapes proves nothing static: no fold
+        return {}
+    indexes = index_scopes(model.graph)
+    out: dict[str, int] = {}
+    for n in sorted(nodes):
+        view = views[n]
+        index = indexes[view.scope]
+        node = index.graph.node[view.node_index]
+        a, b = static_input_shape(node, index, first), static_input_shape(node, index, second)
+        if a is not None and b is not None and len(a) >= 3 and a[2] == b[2]:
+            out[n] = int(a[2])
+    return out
 
 
 def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: Settings,
