@@ -139,26 +139,33 @@ def _conv_down_weight(view: LayerView, f: Factors) -> np.ndarray:
 
 
 def fold_applies(node: NodeProto, opset: int) -> bool:
-    """Whether a Conv's output rows (its first spatial axis) can be folded into the batch: no padding and
-    no SAME auto-pad on that axis, so each part reads only its own input rows, and Slice with inputs
-    (opset 10)."""
+    """Whether a Conv's output rows (its first spatial axis) can be folded into the batch: explicit pads
+    (a SAME auto-pad's depend on the shape) and Slice with inputs (opset 10). Padded rows are padded by
+    a Pad node first, so each part reads only its own rows."""
     if node.op_type != "Conv" or opset < 10:
         return False
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    auto = attrs.get("auto_pad", b"NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else str(auto)) not in ("NOTSET", "VALID"):
-        return False
-    pads = list(attrs.get("pads", []))
-    return not pads or (pads[0] == 0 and pads[len(pads) // 2] == 0)
+    auto = {a.name: helper.get_attribute_value(a) for a in node.attribute}.get("auto_pad", b"NOTSET")
+    return (auto.decode() if isinstance(auto, bytes) else str(auto)) in ("NOTSET", "VALID")
+
+
+def _pads(attrs: dict[str, object]) -> list[int]:
+    value = attrs.get("pads")
+    return [int(p) for p in value] if isinstance(value, (list, tuple)) else []
+
+
+def _row_pads(attrs: dict[str, object]) -> tuple[int, int]:
+    pads = _pads(attrs)
+    return (pads[0], pads[len(pads) // 2]) if pads else (0, 0)
 
 
 def fold_bounds(node: NodeProto, kernel: int, rows: int, parts: int) -> list[tuple[int, int]] | None:
-    """The input rows `[start, end)` each of `parts` equal parts of the output rows reads; None when the
-    output rows do not split into equal parts of at least 2 rows."""
+    """The rows `[start, end)` of the row-padded input that each of `parts` equal parts of the output rows
+    reads; None when the output rows do not split into equal parts of at least 2 rows."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     stride = int((attrs.get("strides") or [1])[0])
     dilation = int((attrs.get("dilations") or [1])[0])
     span = dilation * (kernel - 1) + 1
+    rows += sum(_row_pads(attrs))
     if parts < 2 or rows < span:
         return None
     out = (rows - span) // stride + 1
@@ -177,8 +184,19 @@ def _folded_conv(e: Emitter, node: NodeProto, x: str, w: str, kernel: int, fold:
     bounds = fold_bounds(node, kernel, int(fold["rows"]), int(fold["parts"])) if fold_applies(node, e.opset) else None
     if bounds is None:
         raise InputError(f"plan folds node '{node.name}' into {fold['parts']} parts of {fold['rows']} input rows, "
-                         "which it cannot take (padded rows, SAME auto-pad, opset < 10, or output rows that do not "
-                         "split into equal parts of 2 or more); remove its `fold`.")
+                         "which it cannot take (SAME auto-pad, opset < 10, or output rows that do not split into "
+                         "equal parts of 2 or more); remove its `fold`.")
+    top, bottom = _row_pads(attrs)
+    if top or bottom:  # pad the rows once, so that every part reads only its own; the conv pads the rest
+        conv_pads = _pads(attrs)
+        spatial = len(conv_pads) // 2
+        pads = [0, 0, top, *([0] * (spatial - 1)), 0, 0, bottom, *([0] * (spatial - 1))]
+        if e.opset >= 11:
+            x = e.node("Pad", [x, e.ints("fold.pads", pads)], "fold.pad")
+        else:
+            x = e.node("Pad", [x], "fold.pad", pads=pads)
+        conv_pads[0] = conv_pads[spatial] = 0
+        attrs = {**attrs, "pads": conv_pads}
     axes = e.ints("fold.axes", [2])
     pieces = [e.node("Slice", [x, e.ints(f"fold.start{p}", [a]), e.ints(f"fold.end{p}", [b]), axes], f"fold.slice{p}")
               for p, (a, b) in enumerate(bounds)]

@@ -28,7 +28,7 @@ ort = pytest.importorskip("onnxruntime")
 
 def _teacher(path: Path, rows: int | str = 24) -> Path:
     """conv1: 3x3, stride 2 on rows, W padded; conv2: (5, 1) dilated by 2 on rows, with bias;
-    conv3: padded rows (cannot fold)."""
+    conv3: 3x3 with padded rows; conv4: SAME auto-pad (cannot fold)."""
     rng = np.random.default_rng(0)
 
     def w(*shape: int) -> np.ndarray:
@@ -37,9 +37,11 @@ def _teacher(path: Path, rows: int | str = 24) -> Path:
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", strides=[2, 1], pads=[0, 1, 0, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[5, 1], dilations=[2, 1]),
-             helper.make_node("Conv", ["c2", "w3", "b3"], ["y"], name="conv3", pads=[1, 1, 1, 1])]
+             helper.make_node("Conv", ["c2", "w3", "b3"], ["c3"], name="conv3", pads=[2, 1, 0, 1]),
+             helper.make_node("Conv", ["c3", "w4"], ["y"], name="conv4", auto_pad="SAME_UPPER")]
     inits = [numpy_helper.from_array(a, n) for n, a in (
-        ("w1", w(24, 12, 3, 3)), ("w2", w(32, 24, 5, 1)), ("b2", w(32)), ("w3", w(24, 32, 3, 3)), ("b3", w(24)))]
+        ("w1", w(24, 12, 3, 3)), ("w2", w(32, 24, 5, 1)), ("b2", w(32)), ("w3", w(24, 32, 3, 3)), ("b3", w(24)),
+        ("w4", w(24, 24, 3, 3)))]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, rows, 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24, "R", 6])
     graph = helper.make_graph(nodes, "convs", [x], [y], inits)
@@ -76,8 +78,9 @@ def test_fold_bounds_split_the_output_rows_into_equal_parts() -> None:
     dilated = helper.make_node("Conv", ["x", "w"], ["y"], dilations=[2, 1])
     assert fold_bounds(dilated, 5, 11, 3) is None  # 3 outputs: parts of 1 row are not worth a fold
     assert fold_bounds(dilated, 5, 14, 3) == [(0, 10), (2, 12), (4, 14)]
-    padded = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 0, 1, 0])
-    assert not fold_applies(padded, 17)
+    padded = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 0, 2, 0])
+    assert fold_applies(padded, 17)
+    assert fold_bounds(padded, 3, 9, 2) == [(0, 7), (5, 12)]  # rows padded to 12: 10 outputs, 5 each
     assert fold_applies(helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 1, 0, 1]), 17)
     assert not fold_applies(helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER"), 17)
     assert not fold_applies(helper.make_node("Conv", ["x", "w"], ["y"]), 9)
@@ -85,13 +88,13 @@ def test_fold_bounds_split_the_output_rows_into_equal_parts() -> None:
 
 @pytest.mark.parametrize("mode", ["svd", "inher"])
 def test_folded_down_convs_give_the_unfolded_outputs_at_any_batch(tmp_path: Path, mode: str) -> None:
-    teacher = _teacher(tmp_path / "t.onnx", rows=25)  # conv1: 12 output rows, conv2: 4
-    folds = {"conv1": {"parts": 2, "rows": 25}, "conv2": {"parts": 2, "rows": 12}}
+    teacher = _teacher(tmp_path / "t.onnx", rows=25)  # conv1: 12 output rows, conv2: 4, conv3: 4
+    folds = {"conv1": {"parts": 2, "rows": 25}, "conv2": {"parts": 2, "rows": 12}, "conv3": {"parts": 2, "rows": 4}}
     plain = _student(teacher, tmp_path / "plain.onnx", {}, mode)
     folded = _student(teacher, tmp_path / "folded.onnx", folds, mode)
     names = [n.name for n in onnx.load(str(folded)).graph.node]
     assert "conv1/" + ("svd" if mode == "svd" else "inher") + "/fold.split" in names
-    assert sum(n.endswith("/fold.split") for n in names) == 2
+    assert sum(n.endswith("/fold.split") for n in names) == 3 and sum(n.endswith("/fold.pad") for n in names) == 1
     for batch in (1, 3):
         x = np.random.default_rng(batch).standard_normal((batch, 12, 25, 6)).astype(np.float32)
         ref = _run(plain, x)
@@ -100,7 +103,7 @@ def test_folded_down_convs_give_the_unfolded_outputs_at_any_batch(tmp_path: Path
 
 def test_a_fold_the_layer_cannot_take_is_refused(tmp_path: Path) -> None:
     teacher = _teacher(tmp_path / "t.onnx")
-    for node, fold in (("conv3", {"parts": 2, "rows": 10}),  # padded rows
+    for node, fold in (("conv4", {"parts": 2, "rows": 4}),  # SAME auto-pad
                        ("conv1", {"parts": 2, "rows": 24}),  # 11 output rows
                        ("conv1", {"parts": 1, "rows": 24})):  # not a fold
         plan = api.plan(teacher, _options())
@@ -146,8 +149,8 @@ def test_folds_are_chosen_per_layer_by_measurement_and_recorded(monkeypatch: pyt
     assert speed.choose_folds(plan, a.views, a.loaded.model, Settings("cpu", 1)) == {}  # one thread: no fold
     record = speed.choose_folds(plan, a.views, a.loaded.model, Settings("cpu", 2))
     by = {c.node: c for c in plan.candidates}
-    assert by["conv1"].fold == {"parts": 2, "rows": 25} and by["conv2"].fold is None and by["conv3"].fold is None
-    assert set(record) == {"conv1", "conv2"}  # conv3's rows are padded: not a candidate
+    assert by["conv1"].fold == {"parts": 2, "rows": 25} and by["conv2"].fold is None and by["conv4"].fold is None
+    assert set(record) == {"conv1", "conv2", "conv3"}  # conv4 pads SAME: its pads depend on the shape
     assert record["conv1"] == {"dense": 1.0, "plain": 0.8, "folded": 0.5, "parts": 2, "chosen": "folded"}
     assert record["conv2"]["chosen"] == "plain"
     assert "rows folded into the batch in 2 parts: 0.500 ms alone vs 0.800 ms" in (by["conv1"].note or "")
