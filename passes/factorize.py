@@ -19,6 +19,13 @@ Two forms, chosen per layer by the plan's `heads`:
   perturbation, and the gate weights are zero, so the gate is uniform and the heads' mean is
   exactly `U_r S_r`. Training can still separate the heads because the perturbations differ.
 
+* fold (a Conv layer with the plan's `fold`, set by the latency check where it measures faster): the
+  down conv's output rows are folded into the batch, `P` row slices of the (row-padded) input stacked on
+  the batch axis, one conv, the `P` results put back in row order. The same MACs and outputs; ONNX Runtime
+  runs one image's blocked conv with <= 64 output channels on one thread, and the folded batch spreads
+  it over `P` (CREPE's 1024 -> 64 down conv on 2 threads: 5.4 -> 3.4 ms alone). Rows must be fixed in the
+  model: the slices hard-code them.
+
 * split (a classifier head with the plan's `dense_classes`): `y = ScatterElements((x D) U, kept, x W[:, kept])`.
   The classes the teacher uses on the calibration data keep their exact weight columns; the others go
   through a small rank-r pair whose up-projection spans every class (its kept columns are zeros that the

@@ -11,6 +11,11 @@ is the ratio of medians (teacher time / student time) with a paired bootstrap in
   factorised/dense ratio is 10% below the weight mix's (`choose_head_forms`; the plan entry records
   `head_form` and `form_ms`). Without the check the form is always the weight mix, so compress stays
   deterministic.
+- **fold** (on 2 or more threads): each factorised conv whose input rows are fixed in the model
+  (`tuning.latency.static_rows`) is timed alone with its down conv's output rows folded into the batch,
+  one part per thread (`passes/factorize.py`), and folded where that is 10% faster than unfolded
+  (`choose_folds`; the plan entry records `fold` and `fold_ms`). ONNX Runtime runs one image's blocked
+  conv with <= 64 output channels on one thread; the fold gives the other threads work.
 - **form** (when the user did not fix `--mode`/`--heads` and the plan has heads): the same ranks are
   also built as plain pairs and the three models are timed together; the pairs are kept when they are
   measurably faster than the heads (the interval of heads-time / pair-time lies above 1), else the
@@ -27,8 +32,8 @@ is the ratio of medians (teacher time / student time) with a paired bootstrap in
 
 The final student is also timed at batch 8 when that is cheap (recorded, not decided on).
 Everything measured goes into `plan.latency_check` (and so into the plan JSON and compress's output).
-When nothing is reverted, no conv layer changes head form and the form is kept, the student is the one
-built first, byte for byte.
+When nothing is reverted, no conv layer changes head form, no down conv is folded and the form is kept,
+the student is the one built first, byte for byte.
 """
 
 from __future__ import annotations
