@@ -191,3 +191,16 @@ def test_nothing_is_folded_with_the_check_off(monkeypatch: pytest.MonkeyPatch, t
     r = onnx_inher.compress(teacher, tmp_path / "s.onnx", _options())
     assert '"fold"' not in r.plan.to_json()
     assert not any("fold" in n.name for n in onnx.load(str(tmp_path / "s.onnx")).graph.node)
+
+
+def test_a_restored_round_gets_its_folds_back(tmp_path: Path) -> None:
+    """A revert clears a layer's fold; when the check keeps an earlier round's student, the plan must
+    describe that student, folds included."""
+    teacher = _teacher(tmp_path / "t.onnx", rows=25)
+    plan = api.plan(teacher, _options())
+    c = next(c for c in plan.candidates if c.node == "conv1")
+    c.fold = {"parts": 2, "rows": 25}
+    state = speed._state(plan)
+    c.decision, c.fold = "skip", None
+    speed._restore(plan, state)
+    assert c.decision == "factorize" and c.fold == {"parts": 2, "rows": 25}

@@ -303,12 +303,12 @@ def _groups(plan: Plan) -> dict[str, list[Candidate]]:
 
 
 def _state(plan: Plan) -> list[tuple[Any, ...]]:
-    return [(c.decision, c.reason, c.params_after, c.flops_after) for c in plan.candidates]
+    return [(c.decision, c.reason, c.params_after, c.flops_after, c.fold) for c in plan.candidates]
 
 
 def _restore(plan: Plan, state: list[tuple[Any, ...]]) -> None:
-    for c, (decision, reason, params, flops) in zip(plan.candidates, state, strict=True):
-        c.decision, c.reason, c.params_after, c.flops_after = decision, reason, params, flops
+    for c, (decision, reason, params, flops, fold) in zip(plan.candidates, state, strict=True):
+        c.decision, c.reason, c.params_after, c.flops_after, c.fold = decision, reason, params, flops, fold
 
 
 def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], Analysed],
