@@ -21,7 +21,7 @@ from onnx_inher.passes.factorize import fold_applies, fold_bounds
 from onnx_inher.planning.plan import Options, Plan
 from onnx_inher.planning.rank import parse_policy
 from onnx_inher.tuning import speed
-from onnx_inher.tuning.latency import static_rows
+from onnx_inher.tuning.latency import LayerTimer, static_rows
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -118,14 +118,14 @@ def test_static_rows_are_those_the_free_dims_do_not_change(tmp_path: Path) -> No
     fixed = _teacher(tmp_path / "fixed.onnx", rows=25)
     a = api.analyze(fixed)
     plan = api.plan(fixed, _options(), _analysis=a)
-    assert static_rows(plan, a.loaded.model, a.views, {"conv1", "conv2", "conv3"}) == \
+    assert static_rows(LayerTimer(plan, a.loaded.model, Settings("cpu", 1)), a.views, {"conv1", "conv2", "conv3"}) == \
         {"conv1": 25, "conv2": 12, "conv3": 4}
     free = _teacher(tmp_path / "free.onnx", rows="H")
     a = api.analyze(free)
     options = _options()
     options.shapes = {"x": [1, 12, 25, 6]}
     plan = api.plan(free, options, _analysis=a)
-    assert static_rows(plan, a.loaded.model, a.views, {"conv1", "conv2", "conv3"}) == {}
+    assert static_rows(LayerTimer(plan, a.loaded.model, Settings("cpu", 1)), a.views, {"conv1", "conv2", "conv3"}) == {}
 
 
 def _fake_layer_times(faster: set[str], folded_ms: float = 0.5):

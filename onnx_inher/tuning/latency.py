@@ -154,11 +154,15 @@ class LayerTimer:
         self.table = shape_table(Path(plan.model), model, sample_inputs(model, basis, shapes=plan.options.shapes))
         self.measured = 0  # timings taken now (not read from the cache)
 
+    def node(self, view: LayerView) -> tuple[GraphIndex, Any]:
+        """The index of the layer's own (sub)graph and its dense node."""
+        index = self.indexes[view.scope]
+        return index, index.graph.node[view.node_index]
+
     def __call__(self, c: Candidate, view: LayerView, rank: int | None = None) -> tuple[float, float, str] | None:
         """(dense ms, factorised ms, where) of `c` at `rank` (its planned rank by default); None when the
         layer's input shape is unknown or it cannot be built alone."""
-        index = self.indexes[view.scope]
-        node = index.graph.node[view.node_index]
+        index, node = self.node(view)
         x_shape = static_input_shape(node, index, self.table)
         if x_shape is None:
             return None
@@ -178,32 +182,28 @@ class LayerTimer:
         return d_ms, f_ms, f"input {'x'.join(map(str, x_shape))}"
 
 
-def static_rows(plan: Plan, model: Any, views: dict[str, LayerView], nodes: set[str]) -> dict[str, int]:
+def static_rows(timer: LayerTimer, views: dict[str, LayerView], nodes: set[str]) -> dict[str, int]:
     """`{node: rows}` of the Conv layers among `nodes` whose input rows (first spatial axis) are the same
     at the plan's shapes and with every free input dim d made 2d + 1: rows a folded form may hard-code.
     (Shape inference alone leaves them unknown behind a Pad or Reshape whose sizes are computed.) The
     change is d + 1, not 1, because strides absorb a small one: a stride-2 conv gives 12 rows from 25
     input rows and from 26, and 13 from 27. A layer whose rows fold has at least 2 rows per part, so its
-    total stride on the axis is below d + 1 and a change of d + 1 reaches it."""
-    basis = plan_dims(model, plan.options.dims, plan.options.shapes)
-    feed = sample_inputs(model, basis, shapes=plan.options.shapes)
+    total stride on the axis is below d + 1 and a change of d + 1 reaches it. The shapes at the plan's are
+    the `timer`'s (the layers are timed with it next), so only the wider ones are inferred here."""
+    plan, model = timer.plan, timer.model
+    feed = sample_inputs(model, plan_dims(model, plan.options.dims, plan.options.shapes), shapes=plan.options.shapes)
     declared = {i.name: [bool(d.dim_param) or not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim]
                 for i in model.graph.input}
     wider = {k: [2 * d + 1 if k in declared and j < len(declared[k]) and declared[k][j] else d
                  for j, d in enumerate(v.shape)] for k, v in feed.items()}
-    path = Path(plan.model)
-    first = shape_table(path, model, feed)
     try:
-        second = shape_table(path, model, sample_inputs(model, shapes=wider))
+        second = shape_table(Path(plan.model), model, sample_inputs(model, shapes=wider))
     except Exception:  # a model that rejects the wider shapes proves nothing static: no fold
         return {}
-    indexes = index_scopes(model.graph)
     out: dict[str, int] = {}
     for n in sorted(nodes):
-        view = views[n]
-        index = indexes[view.scope]
-        node = index.graph.node[view.node_index]
-        a, b = static_input_shape(node, index, first), static_input_shape(node, index, second)
+        index, node = timer.node(views[n])
+        a, b = static_input_shape(node, index, timer.table), static_input_shape(node, index, second)
         if a is not None and b is not None and len(a) >= 3 and a[2] == b[2]:
             out[n] = int(a[2])
     return out
@@ -211,11 +211,13 @@ def static_rows(plan: Plan, model: Any, views: dict[str, LayerView], nodes: set[
 
 def layer_times(plan: Plan, model: Any, views: dict[str, LayerView], settings: Settings,
                 cache_dir: Path | None = None, warmup: int = WARMUP, iters: int = ITERS,
-                nodes: set[str] | None = None, desc: str = "timing layers") -> dict[str, tuple[float, float, str]]:
+                nodes: set[str] | None = None, desc: str = "timing layers",
+                timer: LayerTimer | None = None) -> dict[str, tuple[float, float, str]]:
     """`{node: (dense ms, factorised ms, where)}` of the plan's factorised layers (or of `nodes`), each
     timed alone at its input shape, through the per-machine cache. Layers whose input shape is unknown
-    (or that cannot be built alone) are left out."""
-    timer = LayerTimer(plan, model, settings, cache_dir, warmup, iters)
+    (or that cannot be built alone) are left out. Callers that time the same model several ways (forms,
+    folds) pass one `timer`, so its shapes are found once."""
+    timer = timer or LayerTimer(plan, model, settings, cache_dir, warmup, iters)
     chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views
               and (nodes is None or c.node in nodes)]
     out: dict[str, tuple[float, float, str]] = {}

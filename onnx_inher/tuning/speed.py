@@ -52,10 +52,9 @@ from onnx_inher import _env
 from onnx_inher.bench.core import with_batch
 from onnx_inher.bench.sessions import Runner, Settings, create
 from onnx_inher.bench.stats import Ratio, speedup
-from onnx_inher.ir.graph import index_scopes
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.runtime import sample_inputs
-from onnx_inher.tuning.latency import layer_times, plan_dims, static_rows
+from onnx_inher.tuning.latency import LayerTimer, layer_times, plan_dims, static_rows
 
 BUDGET_S = 3.0  # seconds of timed rounds per measurement
 WARMUP = 3
@@ -199,13 +198,15 @@ def choose_head_forms(plan: Plan, views: dict[str, Any], model: ModelProto, sett
 
     cands = _conv_headed(plan, views)
     nodes = {c.node for c in cands}
+    timer = LayerTimer(plan, model, settings)  # one shape table for both forms
     times: dict[str, dict[str, tuple[float, float, str]]] = {}
     for form in HEAD_FORMS:
         p = deepcopy(plan)
         for c in p.candidates:
             if c.node in nodes:
                 c.head_form = form
-        times[form] = layer_times(p, model, views, settings, nodes=nodes, desc=f"timing conv heads ({form})")
+        times[form] = layer_times(p, model, views, settings, nodes=nodes, desc=f"timing conv heads ({form})",
+                                  timer=timer)
     record: dict[str, Any] = {}
     chosen: dict[str, str] = {}
     for c in cands:
@@ -257,25 +258,21 @@ def choose_folds(plan: Plan, views: dict[str, Any], model: ModelProto, settings:
               and c.node in views and views[c.node].op == "Conv"]
     if parts < 2 or not chosen:
         return {}
-    indexes = index_scopes(model.graph)
-
-    def node_of(c: Candidate) -> Any:
-        v = views[c.node]
-        return indexes[v.scope].graph.node[v.node_index]
-
-    chosen = [c for c in chosen if fold_applies(node_of(c), plan.opset)]
-    rows = static_rows(plan, model, views, {c.node for c in chosen}) if chosen else {}
-    cands = [c for c in chosen if c.node in rows
-             and fold_bounds(node_of(c), int(views[c.node].kernel[0]), rows[c.node], parts) is not None]
+    timer = LayerTimer(plan, model, settings)  # one shape table for the rows and both timings
+    chosen = [c for c in chosen if fold_applies(timer.node(views[c.node])[1], plan.opset)]
+    rows = static_rows(timer, views, {c.node for c in chosen}) if chosen else {}
+    cands = [c for c in chosen if c.node in rows and fold_bounds(
+        timer.node(views[c.node])[1], int(views[c.node].kernel[0]), rows[c.node], parts) is not None]
     if not cands:
         return {}
     nodes = {c.node for c in cands}
-    plain = layer_times(plan, model, views, settings, nodes=nodes, desc="timing down convs")
+    plain = layer_times(plan, model, views, settings, nodes=nodes, desc="timing down convs", timer=timer)
     folded_plan = deepcopy(plan)
     for c in folded_plan.candidates:
         if c.node in nodes:
             c.fold = {"parts": parts, "rows": rows[c.node]}
-    folded = layer_times(folded_plan, model, views, settings, nodes=nodes, desc="timing folded down convs")
+    folded = layer_times(folded_plan, model, views, settings, nodes=nodes, desc="timing folded down convs",
+                         timer=timer)
     record: dict[str, Any] = {}
     for c in cands:
         if c.node not in plain or c.node not in folded:
