@@ -20,8 +20,8 @@ from onnx_inher.errors import InputError
 from onnx_inher.passes.factorize import fold_applies, fold_bounds
 from onnx_inher.planning.plan import Options, Plan
 from onnx_inher.planning.rank import parse_policy
-from onnx_inher.tuning import speed
-from onnx_inher.tuning.latency import LayerTimer, static_rows
+from onnx_inher.tuning import latency, speed
+from onnx_inher.tuning.latency import LayerTimer, rank_times, static_rows
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -204,3 +204,26 @@ def test_a_restored_round_gets_its_folds_back(tmp_path: Path) -> None:
     c.decision, c.fold = "skip", None
     speed._restore(plan, state)
     assert c.decision == "factorize" and c.fold == {"parts": 2, "rows": 25}
+
+
+@pytest.mark.parametrize("folded_ms, priced", [(0.5, 0.5), (0.75, 0.8)])
+def test_ranks_are_priced_folded_where_the_fold_pays(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      folded_ms: float, priced: float) -> None:
+    """The time-priced allocation prices a rank with its down conv folded where the check would fold it
+    (10% faster alone), so it need not move a layer up to a rank ONNX Runtime splits over threads."""
+    teacher = _teacher(tmp_path / "t.onnx", rows=25)
+    a = api.analyze(teacher)
+    plan = api.plan(teacher, _options(), _analysis=a)
+
+    def fake_pair(dense, fact, settings, warmup, iters):  # dense 1 ms; 0.8 ms unfolded, `folded_ms` folded
+        return 1.0, folded_ms if any(n.op_type == "Split" for n in fact.model.graph.node) else 0.8
+
+    monkeypatch.setattr(latency, "time_pair", fake_pair)
+    grids = {"conv1": [2, 4], "conv4": [2]}
+    two, measured = rank_times(plan, a.loaded.model, a.views, Settings("cpu", 2), grids, tmp_path / "c2")
+    assert two["conv1"].ms == {2: priced, 4: priced} and two["conv1"].timings == 4
+    assert two["conv1"].folded == ({2, 4} if priced == folded_ms else set())
+    assert two["conv4"].ms == {2: 0.8} and not two["conv4"].folded  # SAME auto-pad: never folded
+    assert measured == 5
+    one, _ = rank_times(plan, a.loaded.model, a.views, Settings("cpu", 1), grids, tmp_path / "c1")
+    assert one["conv1"].ms == {2: 0.8, 4: 0.8} and not one["conv1"].folded and one["conv1"].timings == 2

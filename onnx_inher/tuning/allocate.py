@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,7 @@ class Layer:
     measured: dict[int, float] | None = None  # rank -> output distance with this layer alone at that rank
     times: dict[int, float] | None = None  # rank -> ms of the factorised layer alone on this machine
     dense_ms: float = 0.0  # the dense layer alone, where timed
+    folded: set[int] = field(default_factory=set)  # timed ranks priced with the down conv folded (the check folds)
 
     def __post_init__(self) -> None:
         self._costs: dict[int, np.ndarray] = {}
@@ -465,12 +466,13 @@ def time_layers(layers: dict[str, Layer], the_plan: Plan, model: ModelProto, vie
     if untimed:
         return f"priced by FLOPs: {untimed[0]} cannot be timed alone (its input shape is unknown)"
     for n, layer in layers.items():
-        layer.times = times[n].ms
-        layer.dense_ms = times[n].dense_ms
-    entries = sum(len(g) for g in grids.values())
+        layer.times, layer.dense_ms, layer.folded = times[n].ms, times[n].dense_ms, times[n].folded
+    entries = sum(t.timings for t in times.values())
+    folded = sum(len(layer.folded) for layer in layers.values())
     threads = f"{settings.threads} thread{'s' if settings.threads > 1 else ''}"
     return (f"priced by time alone at the real shapes on this machine ({threads}; {entries} "
-            f"timings, {entries - measured} from the cache)")
+            f"timings, {entries - measured} from the cache"
+            f"{f'; {folded} ranks priced with the down conv folded' if folded else ''})")
 
 
 def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_plan: Plan, spectra: Spectra,
@@ -515,7 +517,8 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
         c.rank = ranks[owner.view.node] if kept else c.rank
         if owner.times:
             c.note = "; ".join(filter(None, [c.note, (
-                f"alone on this machine: {owner.time(int(c.rank or 1)):.3f} ms at rank {c.rank}, "
+                f"alone on this machine: {owner.time(int(c.rank or 1)):.3f} ms at rank {c.rank}"
+                f"{' (down conv folded)' if c.rank in owner.folded else ''}, "
                 f"{owner.time(owner.plan_rank):.3f} ms at the energy rank {owner.plan_rank}, dense "
                 f"{owner.dense_ms:.3f} ms (sensitivity allocation)")]))
     apply_edits(the_plan, views, spectra)

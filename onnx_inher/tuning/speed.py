@@ -54,7 +54,7 @@ from onnx_inher.bench.sessions import Runner, Settings, create
 from onnx_inher.bench.stats import Ratio, speedup
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.runtime import sample_inputs
-from onnx_inher.tuning.latency import LayerTimer, layer_times, plan_dims, static_rows
+from onnx_inher.tuning.latency import LayerTimer, fold_pays, foldable, layer_times, plan_dims
 
 BUDGET_S = 3.0  # seconds of timed rounds per measurement
 WARMUP = 3
@@ -63,7 +63,6 @@ MAX_REPS = 64  # runs per round at most (`runs_per_round`)
 MAX_BYTES = 2_000_000_000 - (1 << 20)  # in-memory sessions: a protobuf must stay under 2 GB
 MAX_REVERT_ROUNDS = 12
 CONV_FORM_MARGIN = 0.9  # the constant-weight conv heads must measure 10% faster alone than the weight mix
-FOLD_MARGIN = 0.9  # a folded down conv must measure 10% faster alone than the unfolded one
 SECOND_BATCH = 8  # also timed (recorded only) when a run of the teacher at this batch is cheap
 
 
@@ -246,47 +245,41 @@ def choose_folds(plan: Plan, views: dict[str, Any], model: ModelProto, settings:
     channels, so at batch 1 a down conv of rank <= 64 runs on one thread while the teacher's wider conv ran
     on all (CREPE's 1024 -> 64 conv: 5.7 ms on 1 or 2 threads; folded in two, 3.3 ms on 2). Folding copies
     the input's rows and costs time at larger batches and on one thread, hence the measurement, at the
-    check's shape and threads, and a margin (`FOLD_MARGIN`). Only rows that stay the same whatever the free
-    input dims are folded (`static_rows`). Records `fold` and `fold_ms` in the plan entries; returns
-    `{node: times and choice}` for the check's record."""
+    check's shape and threads, and a margin (`tuning.latency.fold_pays`). Only rows that stay the same
+    whatever the free input dims are folded (`tuning.latency.foldable`). Records `fold` and `fold_ms` in the
+    plan entries; returns `{node: times and choice}` for the check's record."""
     from copy import deepcopy
 
-    from onnx_inher.passes.factorize import fold_applies, fold_bounds
-
-    parts = settings.threads
-    chosen = [c for c in plan.candidates if c.decision == "factorize" and c.dense_classes is None
-              and c.node in views and views[c.node].op == "Conv"]
-    if parts < 2 or not chosen:
+    chosen = [c for c in plan.candidates if c.decision == "factorize" and c.node in views
+              and views[c.node].op == "Conv"]
+    if settings.threads < 2 or not chosen:
         return {}
     timer = LayerTimer(plan, model, settings)  # one shape table for the rows and both timings
-    chosen = [c for c in chosen if fold_applies(timer.node(views[c.node])[1], plan.opset)]
-    rows = static_rows(timer, views, {c.node for c in chosen}) if chosen else {}
-    cands = [c for c in chosen if c.node in rows and fold_bounds(
-        timer.node(views[c.node])[1], int(views[c.node].kernel[0]), rows[c.node], parts) is not None]
-    if not cands:
+    folds = foldable(timer, views, chosen, settings.threads)
+    if not folds:
         return {}
-    nodes = {c.node for c in cands}
+    nodes = set(folds)
     plain = layer_times(plan, model, views, settings, nodes=nodes, desc="timing down convs", timer=timer)
     folded_plan = deepcopy(plan)
     for c in folded_plan.candidates:
-        if c.node in nodes:
-            c.fold = {"parts": parts, "rows": rows[c.node]}
+        c.fold = folds.get(c.node, c.fold)
     folded = layer_times(folded_plan, model, views, settings, nodes=nodes, desc="timing folded down convs",
                          timer=timer)
     record: dict[str, Any] = {}
-    for c in cands:
+    for c in chosen:
         if c.node not in plain or c.node not in folded:
             continue
         (d_plain, f_plain, _), (d_fold, f_fold, _) = plain[c.node], folded[c.node]
-        wins = f_fold / d_fold < FOLD_MARGIN * f_plain / d_plain
+        wins = fold_pays((d_plain, f_plain), (d_fold, f_fold))
         c.fold_ms = {"dense": round(float(np.median([d_plain, d_fold])), 4), "plain": round(f_plain, 4),
                      "folded": round(f_fold, 4)}
-        record[c.node] = {**c.fold_ms, "parts": parts, "chosen": "folded" if wins else "plain"}
+        record[c.node] = {**c.fold_ms, "parts": settings.threads, "chosen": "folded" if wins else "plain"}
         if wins:
-            c.fold = {"parts": parts, "rows": rows[c.node]}
+            c.fold = folds[c.node]
             c.note = "; ".join(filter(None, [c.note, (
-                f"down conv rows folded into the batch in {parts} parts: {f_fold:.3f} ms alone vs {f_plain:.3f} ms "
-                f"unfolded (dense {c.fold_ms['dense']:.3f} ms, latency check, {parts} threads)")]))
+                f"down conv rows folded into the batch in {settings.threads} parts: {f_fold:.3f} ms alone vs "
+                f"{f_plain:.3f} ms unfolded (dense {c.fold_ms['dense']:.3f} ms, latency check, "
+                f"{settings.threads} threads)")]))
     return record
 
 
