@@ -245,3 +245,44 @@ def test_run_with_every_default_splits_the_head_and_completes(tmp_path: Path, he
     assert next(e for e in plan["candidates"] if e["node"] == "head").get("dense_classes")
     student = onnx.load(str(tmp_path / "run" / "student.onnx"))
     assert "ScatterElements" in [n.op_type for n in student.graph.node]
+
+
+def _unknown_rank(teacher: Path, cal: Path, out: Path) -> tuple[Path, Path]:
+    """The teacher behind a Squeeze without axes of an `[N, one, 5, 16]` input, and its calibration data:
+    shape inference then knows neither the rank nor the dims of the head's logits (as on the PP-OCRv5
+    recogniser, whose Paddle export squeezes its features the same way)."""
+    model = onnx.load(str(teacher))
+    x = model.graph.input[0]
+    x.CopyFrom(helper.make_tensor_value_info("x4", TensorProto.FLOAT, ["N", "one", FRAMES, FEATURES]))
+    model.graph.node.insert(0, helper.make_node("Squeeze", ["x4"], ["x"], name="squeeze"))
+    model.graph.output[0].type.tensor_type.shape.Clear()
+    onnx.save(model, str(out))
+    np.savez(out.with_suffix(".npz"), x4=np.load(cal)["x"][:, None])
+    return out, out.with_suffix(".npz")
+
+
+@pytest.mark.parametrize("rank_known", [True, False])
+def test_the_scatter_writes_in_place_into_logits_whose_dims_are_all_named(tmp_path: Path, head: tuple[Path, Path],
+                                                                         rank_known: bool) -> None:
+    # ONNX Runtime lets the scatter overwrite its data input only where it can prove the two the same size,
+    # which an unnamed unknown dim never is: the up-projection's logits are declared with every dim named
+    teacher, cal = head
+    if not rank_known:
+        teacher, cal = _unknown_rank(teacher, cal, tmp_path / "unknown.onnx")
+    onnx_inher.compress(teacher, tmp_path / "s.onnx", _options(cal),
+                        plan_path=_split_plan(teacher, cal, tmp_path / "full.json", HIDDEN))
+    student = onnx.load(str(tmp_path / "s.onnx"))
+    scatter = next(n for n in student.graph.node if n.op_type == "ScatterElements")
+    declared = {v.name: v for v in student.graph.value_info}
+    dims = declared[scatter.input[0]].type.tensor_type.shape.dim
+    assert all(d.HasField("dim_value") or d.dim_param for d in dims) and dims[-1].dim_value == CLASSES
+    reshapes = [n.name for n in student.graph.node if n.op_type == "Reshape"]
+    if rank_known:  # declared as the model's own logits: ['N', 5, 300], and nothing added around the scatter
+        assert [d.dim_param or d.dim_value for d in dims] == ["N", FRAMES, CLASSES] and not reshapes
+    else:  # rank unknown: the scatter runs on [rows, classes] views, put back in the logits' shape after it
+        assert len(dims) == 2 and dims[0].dim_param == "head/svd/up.d0"
+        assert reshapes == ["head/svd/z_rows", "head/svd/kept_rows", "head/svd/logits"]
+    feed = {"x": _inputs(24, 4)} if rank_known else {"x4": _inputs(24, 4)[:, None]}
+    np.testing.assert_allclose(ort_run(tmp_path / "s.onnx", feed)[0], ort_run(teacher, feed)[0], atol=1e-5)
+    module, _ = to_torch(student)
+    np.testing.assert_allclose(torch_run(module, feed)[0], ort_run(tmp_path / "s.onnx", feed)[0], atol=1e-5)
