@@ -87,7 +87,9 @@ def test_bench_result_structure_and_sanity(pair: tuple[Path, Path]) -> None:
     result = bench([teacher, student], provider="cpu", batches=[1, 4], iters=5, warmup=1, threads=1, per_layer=True)
     doc = json.loads(json.dumps(result.to_dict()))
     assert doc["format"] == "onnx-inher-bench/1" and doc["baseline"] == "teacher"
-    assert doc["settings"]["spinning"] is False and doc["settings"]["threads_intra_op"] == 1
+    # sessions taking turns spin during their runs only (ONNX Runtime's default, minus the fight between pools)
+    assert doc["settings"]["spinning"] is True and doc["settings"]["spinning_stops_after_run"] is True
+    assert doc["settings"]["threads_intra_op"] == 1
     assert [p["batch"] for p in doc["points"]] == [1, 4]
     for p in doc["points"]:
         assert p["inputs"] == {"x": [p["batch"], 8, 16, 16]}
@@ -126,7 +128,8 @@ def test_cli_writes_json_markdown_and_png(pair: tuple[Path, Path], tmp_path: Pat
     assert "| b=2 | student |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = CliRunner().invoke(main, ["bench", str(teacher), "--provider", "cpu", "--iters", "2", "--json"])
-    assert res.exit_code == 0 and json.loads(res.output)["settings"]["spinning"] is True
+    alone = json.loads(res.output)["settings"]
+    assert res.exit_code == 0 and alone["spinning"] is True and alone["spinning_stops_after_run"] is False
 
 
 def test_cli_bad_input_exits_2(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -246,3 +249,17 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no CUDA" in res.stdout
     assert "no CUDA" in (tmp_path / "gpu_check.txt").read_text()
+
+
+def test_session_settings_spin_as_onnx_runtime_does_and_stop_between_turns() -> None:
+    from onnx_inher.bench.sessions import Settings
+    from onnx_inher.tuning.latency import machine_key
+
+    turns, alone = Settings(provider="cpu", threads=2), Settings(provider="cpu", threads=2, stop_spinning=False)
+    assert turns.session_config() == {"session.intra_op.allow_spinning": "1", "session.inter_op.allow_spinning": "1",
+                                      "session.force_spinning_stop": "1"}
+    assert "session.force_spinning_stop" not in alone.session_config()
+    off = Settings(provider="cpu", threads=2, spinning=False).session_config()
+    assert off["session.intra_op.allow_spinning"] == "0" and "session.force_spinning_stop" not in off
+    # layer timings taken with another spinning are another measurement: another cache file
+    assert machine_key(turns)[0] != machine_key(Settings(provider="cpu", threads=2, spinning=False))[0]

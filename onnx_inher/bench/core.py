@@ -283,14 +283,15 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
     if not points:
         raise InputError(f"bench: no requested shape fits the baseline ({'; '.join(skipped)}); "
                          "pick --batch values the model accepts.")
-    settings = Settings(provider=provider, threads=threads, spinning=len(entries) == 1, cuda_graph=cuda_graph)
+    settings = Settings(provider=provider, threads=threads, stop_spinning=len(entries) > 1, cuda_graph=cuda_graph)
     chosen = settings.provider_list()  # fail before timing on an unavailable provider
     if cuda_graph and not any(isinstance(p, tuple) and p[0] == "CUDAExecutionProvider" for p in chosen):
         raise InputError("--cuda-graph needs the CUDA provider; drop it or run with --provider cuda on a GPU.")
     used = _run_points(entries, points, settings, warmup, iters, seed)
     result = BenchResult(
         settings={"provider_requested": provider, "provider": used, "threads_intra_op": threads,
-                  "threads_inter_op": 1, "spinning": settings.spinning, "cuda_graph": cuda_graph,
+                  "threads_inter_op": 1, "spinning": settings.spinning,
+                  "spinning_stops_after_run": settings.spinning and settings.stop_spinning, "cuda_graph": cuda_graph,
                   "io_binding": used != "CPUExecutionProvider", "warmup": warmup, "iters": iters,
                   "order": "interleaved round-robin (A, B, A, B, ...) after per-shape warm-up",
                   "ratio": "baseline p50 / model p50; paired percentile bootstrap over rounds",
@@ -330,8 +331,7 @@ def session_peak_memory(model: Path, feed: dict[str, np.ndarray], settings: Sett
         feed_path, config_path = Path(tmp) / "feed.npz", Path(tmp) / "config.json"
         np.savez(feed_path, **feed)
         config = {"threads": settings.threads, "providers": settings.provider_list(),
-                  "session_config": {f"session.{pool}.allow_spinning": "1" if settings.spinning else "0"
-                                     for pool in ("intra_op", "inter_op")}}
+                  "session_config": settings.session_config()}
         config_path.write_text(json.dumps(config))
         probe = Path(__file__).with_name("memprobe.py")
         try:

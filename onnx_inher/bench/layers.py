@@ -159,7 +159,7 @@ def time_pair_samples(dense: LayerGraph, factorized: LayerGraph, settings: Setti
     """Seconds per round of the dense and factorised graphs, timed interleaved on the same input."""
     dtype = onnx.helper.tensor_dtype_to_np_dtype(dense.model.graph.input[0].type.tensor_type.elem_type)
     x = np.random.default_rng(seed).standard_normal(dense.x_shape).astype(dtype)
-    solo = Settings(settings.provider, settings.threads, spinning=False, cuda_graph=False)
+    solo = Settings(settings.provider, settings.threads, cuda_graph=False)
     runners = []
     for g, label in ((dense, "dense layer"), (factorized, "factorised layer")):
         r = Runner(create(g.model.SerializeToString(), solo, label), {g.x: x}, label)

@@ -1,8 +1,12 @@
 """ONNX Runtime sessions set up for honest timing, and one timed run of a model.
 
-CPU: fixed intra-op threads, one inter-op thread, sequential execution, and thread spinning off
-when several sessions take turns (a spinning pool keeps its cores busy after a run and the next
-session's threads fight it: a 4 ms run was measured at 43 ms).
+CPU: fixed intra-op threads, one inter-op thread, sequential execution. Worker threads spin while a run
+is in progress, as they do by ONNX Runtime's default, and when several sessions take turns each stops
+spinning at the end of its run (`session.force_spinning_stop`): a pool left spinning keeps its cores busy
+for some milliseconds after a run, and the next session's threads fight it (a 4 ms run was measured at
+43 ms). Spinning off altogether, as before, woke the workers at every parallel node, which is not how the
+model runs for its user: the PP-OCRv5 recogniser at 2 threads took 14.8 ms instead of 9.6 ms, and students,
+with more and smaller nodes, paid more of it (benchmarks/RESULTS.md, issue 18).
 CUDA: inputs and outputs bound on the device (IO binding, no host copies inside the timed region),
 exhaustive cuDNN convolution search, optional CUDA graphs, synchronisation before reading the clock.
 """
@@ -30,7 +34,8 @@ class Settings:
 
     provider: str = "auto"
     threads: int = 0
-    spinning: bool = False
+    spinning: bool = True  # workers spin while a run is in progress (ONNX Runtime's default)
+    stop_spinning: bool = True  # ... and stop at its end, so that sessions taking turns do not fight
     cuda_graph: bool = False
 
     def provider_list(self) -> list[Any]:
@@ -57,10 +62,17 @@ class Settings:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
-        flag = "1" if self.spinning else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", flag)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", flag)
+        for key, value in self.session_config().items():
+            opts.add_session_config_entry(key, value)
         return opts
+
+    def session_config(self) -> dict[str, str]:
+        """The session config entries that set the threads' spinning."""
+        flag = "1" if self.spinning else "0"
+        config = {"session.intra_op.allow_spinning": flag, "session.inter_op.allow_spinning": flag}
+        if self.spinning and self.stop_spinning:
+            config["session.force_spinning_stop"] = "1"
+        return config
 
 
 def first_line(err: BaseException) -> str:

@@ -83,10 +83,16 @@ def _markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _spinning(s: dict[str, Any]) -> str:
+    if not s["spinning"]:
+        return "spinning off"
+    return "threads spin during each run, stopped after it" if s.get("spinning_stops_after_run") else "spinning on"
+
+
 def _settings_line(doc: dict[str, Any]) -> str:
     s, m = doc["settings"], doc["machine"]
     return (f"{s['provider']} on {m['cpu']} ({m['cores']} cores), onnxruntime {m['onnxruntime']}; "
-            f"{s['threads_intra_op']} intra-op thread(s), spinning {'on' if s['spinning'] else 'off'}, "
+            f"{s['threads_intra_op']} intra-op thread(s), {_spinning(s)}, "
             f"IO binding {'on' if s['io_binding'] else 'off'}, CUDA graphs {'on' if s['cuda_graph'] else 'off'}; "
             f"{s['warmup']} warm-up + {s['iters']} timed runs per model and shape, interleaved")
 
