@@ -57,7 +57,7 @@ class Settings:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # failures raise and are reported in one line (`first_line`)
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if self.threads:
             opts.intra_op_num_threads = self.threads

@@ -47,7 +47,7 @@ def session(model: ModelProto | str | Path, preference: str = "auto", threads: i
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # a failed run raises, and we say why in one line: ORT's own log line is noise
     if threads:
         opts.intra_op_num_threads = threads
     source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
