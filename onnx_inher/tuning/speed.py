@@ -1,7 +1,8 @@
 """The latency check of `compress` and `run`: never ship a student slower than its teacher by default.
 
 After the student is built, teacher and student run interleaved in ONNX Runtime (in-memory sessions,
-all cores or `--latency-threads`, the plan's real input shapes at batch 1) for a few seconds. The verdict
+all cores or `--latency-threads`, threads spinning during each run as ONNX Runtime's default has them
+(`bench.sessions`), the plan's real input shapes at batch 1) for a few seconds. The verdict
 is the ratio of medians (teacher time / student time) with a paired bootstrap interval
 (`bench.stats.speedup`):
 
@@ -15,7 +16,9 @@ is the ratio of medians (teacher time / student time) with a paired bootstrap in
   (`tuning.latency.static_rows`) is timed alone with its down conv's output rows folded into the batch,
   one part per thread (`passes/factorize.py`), and folded where that is 10% faster than unfolded
   (`choose_folds`; the plan entry records `fold` and `fold_ms`). ONNX Runtime runs one image's blocked
-  conv with <= 64 output channels on one thread; the fold gives the other threads work.
+  conv with <= 64 output channels on one thread; the fold gives the other threads work. The folds then
+  stay only if the whole student, timed with and without them, is measurably faster with them
+  (`keep_folds`: a fold faster alone once made the MNIST demo's student 0.99x the teacher instead of 1.18x).
 - **form** (when the user did not fix `--mode`/`--heads` and the plan has heads): the same ranks are
   also built as plain pairs and the three models are timed together; the pairs are kept when they are
   measurably faster than the heads (the interval of heads-time / pair-time lies above 1), else the
