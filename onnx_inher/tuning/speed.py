@@ -305,8 +305,9 @@ def keep_folds(plan: Plan, unfolded: bytes, folded: bytes, teacher: Path, feed: 
                                                         "high": round(vs.high, 4)},
                                "kept": keep, "rule": "folds kept when the whole student measures faster with them "
                                                      "(interval above 1)"}
+    made = {n for n, v in record.items() if isinstance(v, dict) and v.get("chosen") == "folded"}
     for c in plan.candidates:
-        if c.fold is None or c.decision != "factorize":
+        if c.node not in made or c.fold is None:  # a fold given in a --plan file is the user's
             continue
         if keep:
             c.note = "; ".join(filter(None, [c.note, _fold_note(c, settings.threads)]))
