@@ -288,10 +288,10 @@ def _fold_note(c: Candidate, threads: int) -> str:
             f"{t.get('plain', 0):.3f} ms unfolded (dense {t.get('dense', 0):.3f} ms, latency check, {threads} threads)")
 
 
-def keep_folds(plan: Plan, unfolded: bytes, folded: bytes, teacher: Path, feed: dict[str, np.ndarray],
-               settings: Settings, record: dict[str, Any]) -> bool:
-    """Whether the whole student is measurably faster with the folds `choose_folds` made than without them
-    (interval of unfolded time / folded time above 1); if not, the folds are undone. Either way the plan
+def keep_folds(plan: Plan, made: set[str], unfolded: bytes, folded: bytes, teacher: Path,
+               feed: dict[str, np.ndarray], settings: Settings, record: dict[str, Any]) -> bool:
+    """Whether the whole student is measurably faster with the folds `choose_folds` made (`made`) than without
+    them (interval of unfolded time / folded time above 1); if not, those folds are undone. Either way the plan
     entries say what was measured.
 
     Why: a fold that measured faster alone can still slow the model: on the MNIST demo's 0.05 ms conv it
@@ -305,7 +305,6 @@ def keep_folds(plan: Plan, unfolded: bytes, folded: bytes, teacher: Path, feed: 
                                                         "high": round(vs.high, 4)},
                                "kept": keep, "rule": "folds kept when the whole student measures faster with them "
                                                      "(interval above 1)"}
-    made = {n for n, v in record.items() if isinstance(v, dict) and v.get("chosen") == "folded"}
     for c in plan.candidates:
         if c.node not in made or c.fold is None:  # a fold given in a --plan file is the user's
             continue
@@ -376,12 +375,13 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
     folds = choose_folds(plan, a.views, a.model, settings)
     if folds:
         doc["folds"] = folds
-        n = sum(1 for v in folds.values() if isinstance(v, dict) and v.get("chosen") == "folded")
-        if n:
+        made = {node for node, v in folds.items() if v["chosen"] == "folded"}
+        n = len(made)
+        if made:
             folded = rebuild(a, plan)
             a = fresh()
-            if keep_folds(plan, current.SerializeToString(), folded.SerializeToString(), teacher, feed, settings,
-                          folds):
+            if keep_folds(plan, made, current.SerializeToString(), folded.SerializeToString(), teacher, feed,
+                          settings, folds):
                 current = folded
                 say(f"latency check: {n} down conv(s) folded into the batch, the whole student measured faster")
             else:
