@@ -72,7 +72,7 @@ from onnx_inher.ir.io import copy_model, release_memory
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.naming import factor_tag, node_ids
 from onnx_inher.ir.shapes import Dim
-from onnx_inher.ir.tensors import flush_denormals
+from onnx_inher.ir.tensors import flush_negligible
 from onnx_inher.planning.plan import Candidate, Plan, Spectra
 from onnx_inher.planning.svd import Factors, truncate
 
@@ -106,7 +106,7 @@ class Emitter:
     def weight(self, suffix: str, array: np.ndarray) -> str:
         name = f"{self.weight_prefix}/{suffix}"
         if name not in self.inits:
-            values = flush_denormals(np.ascontiguousarray(array.astype(self.dtype)))
+            values = flush_negligible(np.ascontiguousarray(array.astype(self.dtype)))
             self.inits[name] = numpy_helper.from_array(values, name)
         return name
 

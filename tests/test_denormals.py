@@ -1,6 +1,7 @@
-"""No subnormal floats in what compress emits or write-back writes (issue 18): they slow ONNX Runtime
-down many times on x86 and carry nothing. A teacher with near-dead output channels makes SVD factors
-that would hold them."""
+"""No negligible floats (subnormal, or float32 below 1e-30) in what compress emits or write-back writes
+(issue 18): arithmetic with them goes subnormal, which slows ONNX Runtime down many times on x86, and
+they carry nothing. A teacher with near-dead output channels makes SVD factors that would hold them,
+and teachers carry them in the layers compress leaves alone."""
 
 from __future__ import annotations
 
@@ -13,27 +14,29 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_inher
-from onnx_inher import Options, parse_policy
+from onnx_inher import Options, api, parse_policy
 from onnx_inher.bridge import to_torch, write_back
 from onnx_inher.ir import tensors
 from onnx_inher.ir.naming import is_factor
-from onnx_inher.ir.tensors import denormal_count, flush_denormals
+from onnx_inher.ir.tensors import flush_negligible, negligible_count
 from onnx_inher.passes import factorize
 from tests.helpers import ort_run, rel_err, torch_run
 
 TINY = np.finfo(np.float32).tiny
 
 
-def test_flush_zeroes_only_subnormals() -> None:
-    a = np.array([0.0, -0.0, TINY, -TINY, TINY / 2, -TINY / 8, 1e-45, 1.0, np.inf, np.nan], np.float32)
-    out = flush_denormals(a)
-    assert denormal_count(a) == 3 and denormal_count(out) == 0
-    np.testing.assert_array_equal(out[[0, 2, 3, 7, 8]], a[[0, 2, 3, 7, 8]])
-    assert np.isnan(out[9]) and (out[4:7] == 0).all()
+def test_flush_zeroes_float32_below_1e_30_and_float64_subnormals_only() -> None:
+    a = np.array([0.0, -0.0, 1e-30, -2e-30, 9e-31, -TINY, TINY / 8, 1e-45, 1.0, np.inf, np.nan], np.float32)
+    out = flush_negligible(a)
+    assert negligible_count(a) == 4 and negligible_count(out) == 0
+    np.testing.assert_array_equal(out[[0, 2, 3, 8, 9]], a[[0, 2, 3, 8, 9]])
+    assert np.isnan(out[10]) and (out[4:8] == 0).all()
+    double = np.array([1e-35, 1e-300, 1e-310], np.float64)  # float64 keeps its range: only its subnormals go
+    assert negligible_count(double) == 1 and flush_negligible(double)[2] == 0 and flush_negligible(double)[0] == 1e-35
     half = np.array([6e-8, 1e-5], np.float16)  # fp16 subnormals are ordinary float32 numbers in ORT's kernels
-    assert flush_denormals(half) is half
+    assert flush_negligible(half) is half
     clean = np.ones(4, np.float32)
-    assert flush_denormals(clean) is clean
+    assert flush_negligible(clean) is clean
 
 
 def _near_dead_teacher(path: Path, op: str) -> Path:
@@ -65,7 +68,7 @@ def _near_dead_teacher(path: Path, op: str) -> Path:
 
 
 def _factor_denormals(model: onnx.ModelProto) -> int:
-    return sum(denormal_count(numpy_helper.to_array(t)) for t in model.graph.initializer if is_factor(t.name))
+    return sum(negligible_count(numpy_helper.to_array(t)) for t in model.graph.initializer if is_factor(t.name))
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Conv"])
@@ -75,8 +78,9 @@ def test_emitted_factors_hold_no_denormals_and_flushing_changes_no_output(
     teacher = _near_dead_teacher(tmp_path / "teacher.onnx", op)
     options = Options(mode=mode, heads=heads, policy=parse_policy(rank_ratio=0.3), rank_multiple=1)
     onnx_inher.compress(teacher, tmp_path / "flushed.onnx", options)
-    with monkeypatch.context() as m:  # the same student without the flush: the factors would hold denormals
-        m.setattr(factorize, "flush_denormals", lambda a: a)
+    with monkeypatch.context() as m:  # the same student without the flushes: the factors would hold them
+        m.setattr(factorize, "flush_negligible", lambda a: a)
+        m.setattr(api, "FlushNegligible", lambda inplace: (lambda model: (model, False)))
         onnx_inher.compress(teacher, tmp_path / "raw.onnx", options)
     flushed, raw = onnx.load(str(tmp_path / "flushed.onnx")), onnx.load(str(tmp_path / "raw.onnx"))
     assert _factor_denormals(raw) > 0
@@ -96,9 +100,9 @@ def test_write_back_flushes_trained_denormals_and_keeps_frozen_bytes(tmp_path: P
     with torch.no_grad():  # what an optimizer step can leave behind: values decayed into the subnormal range
         p = dict(module.named_parameters())[trained]
         p.view(-1)[::3] = torch.tensor(TINY / 4)
-    assert denormal_count(dict(module.named_parameters())[trained].detach().numpy()) > 0
+    assert negligible_count(dict(module.named_parameters())[trained].detach().numpy()) > 0
     out = write_back(student, module, param_map)
-    assert sum(denormal_count(numpy_helper.to_array(t)) for t in out.graph.initializer) == 0
+    assert sum(negligible_count(numpy_helper.to_array(t)) for t in out.graph.initializer) == 0
     before = {t.name: t.SerializeToString() for t in student.graph.initializer}
     after = {t.name: t.SerializeToString() for t in out.graph.initializer}
     assert [n for n in before if before[n] != after[n]] == ["fc1/svd/up.weight"]  # frozen weights keep their bytes
@@ -107,4 +111,4 @@ def test_write_back_flushes_trained_denormals_and_keeps_frozen_bytes(tmp_path: P
 
 
 def test_the_flush_is_the_one_in_ir() -> None:
-    assert factorize.flush_denormals is tensors.flush_denormals
+    assert factorize.flush_negligible is tensors.flush_negligible

@@ -7,8 +7,8 @@ touched; weights whose value did not change keep their bytes. The result is a ne
 with `onnx_inher.ir.io.save_model`, which decides the external-data layout (pass `external_data=True`
 for a model that came with a data file).
 Tensors that still point at external data (a model loaded without it) get their new values inline and
-lose the pointer: the save writes them out again. Trained values are written without subnormal floats
-(`ir.tensors.flush_denormals`: they would slow ONNX Runtime down and carry nothing).
+lose the pointer: the save writes them out again. Trained values are written without negligible floats
+(`ir.tensors.flush_negligible`: subnormal or below 1e-30, they slow ONNX Runtime down and carry nothing).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from onnx import GraphProto, ModelProto, TensorProto, numpy_helper
 
 from onnx_inher.errors import InputError
 from onnx_inher.ir.io import copy_model
-from onnx_inher.ir.tensors import flush_denormals
+from onnx_inher.ir.tensors import flush_negligible
 
 
 def _weights(graph: GraphProto) -> Iterator[tuple[str, onnx.NodeProto | None, TensorProto | None]]:
@@ -50,7 +50,7 @@ def _set_tensor(tensor: TensorProto, value: np.ndarray) -> None:
     external = tensor.data_location == TensorProto.EXTERNAL
     if not external and np.array_equal(numpy_helper.to_array(tensor), cast, equal_nan=True):
         return  # unchanged (a frozen weight): keep its bytes exactly as they were
-    fresh = numpy_helper.from_array(flush_denormals(cast), tensor.name)
+    fresh = numpy_helper.from_array(flush_negligible(cast), tensor.name)
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)  # type: ignore[arg-type]
     if external:
@@ -64,10 +64,10 @@ def _set_constant(node: onnx.NodeProto, value: np.ndarray) -> None:
         if a.name == "value":
             _set_tensor(a.t, value.reshape(tuple(a.t.dims)) if value.size == int(np.prod(a.t.dims)) else value)
         elif a.name == "value_float":
-            a.f = float(flush_denormals(value.astype(np.float32)).reshape(()))
+            a.f = float(flush_negligible(value.astype(np.float32)).reshape(()))
         elif a.name == "value_floats":
             del a.floats[:]
-            a.floats.extend(float(v) for v in flush_denormals(value.astype(np.float32)).reshape(-1))
+            a.floats.extend(float(v) for v in flush_negligible(value.astype(np.float32)).reshape(-1))
 
 
 def write_back(model: ModelProto, module: torch.nn.Module, param_map: dict[str, str]) -> ModelProto:
