@@ -379,6 +379,12 @@ def _ints(value: str, option: str) -> list[int]:
 @click.option("--iters", type=int, default=100, show_default=True, help="Timed runs per model and shape.")
 @click.option("--cuda-graph", is_flag=True, help="Capture and replay CUDA graphs (CUDA provider only).")
 @click.option("--per-layer", is_flag=True, help="Also time each factorised layer alone vs its dense original.")
+@click.option("--layer-profile", is_flag=True,
+              help="Also attribute each factorised layer's time inside the running teacher and student, from "
+                   "ONNX Runtime's profiles (what the layer costs in the model, fusions included).")
+@click.option("--flushed-baseline/--no-flushed-baseline", default=True, show_default=True,
+              help="When the baseline's weights hold negligible floats (subnormal, or float32 below 1e-30), also "
+                   "time it with them zeroed: the part of a student's speedup that flushing alone gives.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Report prefix: writes PREFIX.json, PREFIX.md and PREFIX.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")

@@ -43,6 +43,7 @@ class Model:
     path: Path
     proto: ModelProto  # without external data: only names and dims are read
     peak_rss_bytes: int | None = None
+    reference: str | None = None  # what this added model is (the baseline flushed), when bench added it
 
 
 @dataclass
@@ -66,9 +67,11 @@ class BenchResult:
     points: list[Point]
     skipped: list[str]
     layers: list[dict[str, Any]] = field(default_factory=list)
+    layer_profile: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         base = self.models[0].label
+        ref_at = next((j for j, m in enumerate(self.models) if m.reference), None)
         points = []
         for p in self.points:
             rows = []
@@ -88,21 +91,23 @@ class BenchResult:
                     "ideal_speedup_bytes": ideal_bytes,
                     "efficiency_flops": ratio.value / ideal_flops if ratio and ideal_flops else None,
                     "efficiency_bytes": ratio.value / ideal_bytes if ratio and ideal_bytes else None,
+                    "speedup_vs_reference": (speedup(p.seconds[ref_at], p.seconds[j]).to_dict()
+                                             if ref_at is not None and j not in (0, ref_at) else None),
                 })
             points.append({"batch": p.batch, "seq_len": p.seq_len, "items": p.batch,
                            "inputs": {k: list(v) for k, v in feed_shapes(p.feed).items()}, "results": rows})
         models = []
         for j, m in enumerate(self.models):
             prof = self.points[-1].profiles[j] if self.points else None
-            models.append({"label": m.label, "path": str(m.path), "baseline": j == 0,
+            models.append({"label": m.label, "path": None if m.reference else str(m.path), "baseline": j == 0,
                            "params": prof.params if prof else None,
                            "weight_bytes": prof.weight_bytes if prof else None,
                            "file_bytes": prof.file_bytes if prof else None,
                            "flops_unresolved_nodes": prof.unresolved_nodes if prof else None,
-                           "session_peak_rss_bytes": m.peak_rss_bytes})
+                           "session_peak_rss_bytes": m.peak_rss_bytes, "reference": m.reference})
         return {"format": FORMAT, "baseline": base, "settings": self.settings, "machine": self.machine,
                 "memory_method": MEMORY_METHOD, "models": models, "points": points, "skipped": self.skipped,
-                "layers": self.layers}
+                "layers": self.layers, "layer_profile": self.layer_profile}
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -238,7 +243,8 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
           seq_lens: Sequence[int] = (), shapes: Mapping[str, Sequence[int]] | None = None,
           inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None, threads: int = 0,
           warmup: int = 10, iters: int = 100, cuda_graph: bool = False, per_layer: bool = False,
-          layer_iters: int | None = None, seed: int = 0) -> BenchResult:
+          layer_iters: int | None = None, seed: int = 0, flushed_baseline: bool = True,
+          layer_profile: bool = False) -> BenchResult:
     """Time `models` interleaved at every (batch, seq_len); the first model is the baseline.
 
     `shapes` ({input: dims}, the trtexec `--shapes` convention) or `inputs` (an .npz keyed by input name,
@@ -247,7 +253,12 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
     fed as they are. `seq_lens` does not combine with either. `batches` defaults to 1.
 
     `per_layer` also times every factorised layer alone against its dense original (`layer_iters`
-    timed runs each, default `iters`)."""
+    timed runs each, default `iters`); `layer_profile` attributes every factorised layer's time inside the
+    running models from ONNX Runtime's profiles (`bench.inmodel`).
+
+    When the baseline's weights hold negligible floats (`ir.tensors`: subnormal, or float32 below 1e-30) and
+    `flushed_baseline` is on, the baseline with them zeroed is timed too, as the last model: the share of a
+    student's speedup that flushing alone gives."""
     paths = [Path(m) for m in models]
     threads = threads or (os.cpu_count() or 1)
     given = shapes is not None or inputs is not None
@@ -262,6 +273,37 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
     _validate(paths, (1,) if batches is None else batches, seq_lens, warmup, iters, threads)
     entries = [Model(label, p, _load(p)) for label, p in zip(_labels(paths), paths, strict=True)]
     check_same_inputs(entries)
+    with tempfile.TemporaryDirectory(prefix="onnx-inher-bench-") as tmp:
+        reference = _flushed_reference(entries[0], Path(tmp)) if flushed_baseline and len(entries) > 1 else None
+        if reference is not None:
+            entries.append(reference)
+        return _bench(entries, provider, batches, seq_lens, shapes, inputs, threads, warmup, iters, cuda_graph,
+                      per_layer, layer_iters, seed, layer_profile)
+
+
+def _flushed_reference(baseline: Model, folder: Path) -> Model | None:
+    """The baseline with its negligible weights (`ir.tensors`) zeroed, saved in `folder` (None when it has
+    none, or keeps its weights in external files)."""
+    from onnx_inher.passes.flush import FlushNegligible, negligible_weights
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in baseline.proto.graph.initializer):
+        return None
+    values, tensors = negligible_weights(baseline.proto)
+    if not values:
+        return None
+    flushed, _ = FlushNegligible()(baseline.proto)
+    path = folder / f"{baseline.path.stem}.flushed.onnx"
+    onnx.save(flushed, str(path))
+    return Model(f"{baseline.label} (flushed)", path, flushed,
+                 reference=f"the baseline with its {values:,} negligible weights (subnormal or below 1e-30, in "
+                           f"{tensors} tensors) zeroed")
+
+
+def _bench(entries: list[Model], provider: str, batches: Sequence[int] | None, seq_lens: Sequence[int],
+           shapes: Mapping[str, Sequence[int]] | None, inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None,
+           threads: int, warmup: int, iters: int, cuda_graph: bool, per_layer: bool, layer_iters: int | None,
+           seed: int, layer_profile: bool) -> BenchResult:
+    given = shapes is not None or inputs is not None
     skipped: list[str] = []
     points: list[Point] = []
     sampler = _with_external_data(entries[0])  # token-id bounds read the embedding tables
@@ -299,10 +341,16 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
                   "shapes": {k: [int(d) for d in v] for k, v in shapes.items()} if shapes is not None else None,
                   "inputs": _inputs_label(inputs)},
         machine=machine_info(used), models=entries, points=points, skipped=skipped)
-    if per_layer and len(entries) > 1:
-
-        result.layers = per_layer_results(entries, points, settings, min(warmup, layer_iters or iters),
+    students = [e for e in entries if e.reference is None]
+    if per_layer and len(students) > 1:
+        result.layers = per_layer_results(students, points, settings, min(warmup, layer_iters or iters),
                                           layer_iters or iters)
+    if layer_profile and len(students) > 1:
+        from onnx_inher.bench.inmodel import in_model_results
+
+        flushed = next((e for e in entries if e.reference is not None), None)
+        result.layer_profile = in_model_results(students, points, settings, min(warmup, layer_iters or iters),
+                                                layer_iters or iters, dense=flushed)
     return result
 
 

@@ -87,16 +87,22 @@ EPILOGUE_CONST = ("Add", "Mul", "BatchNormalization")
 EPILOGUE_ACT = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh")
 
 
-def epilogue(node: NodeProto, index: GraphIndex, limit: int = 3) -> list[NodeProto]:
+def epilogue(node: NodeProto, index: GraphIndex, limit: int = 3, through_identity: bool = False) -> list[NodeProto]:
     """The chain of nodes after `node` that ORT folds into a dense node: each the only reader of the one before,
     every other input constant, an activation ending it. Timed with the layer, because a factorised form
     that ends in a Reshape or a MatMul loses those fusions and pays each node as one more pass over the
-    output, a cost the layer alone does not show."""
+    output, a cost the layer alone does not show. `through_identity` also follows (and returns) the
+    Identity nodes some exporters put between them (Paddle's), which ORT removes before fusing; `limit`
+    counts the others."""
     out: list[NodeProto] = []
     tensor = node.output[0]
     outputs = index.graph_output_names()
-    while len(out) < limit and tensor not in outputs:
+    while sum(n.op_type != "Identity" for n in out) < limit and tensor not in outputs:
         readers = index.consumers.get(tensor, [])
+        if through_identity and len(readers) == 1 and readers[0].op_type == "Identity":
+            out.append(readers[0])
+            tensor = readers[0].output[0]
+            continue
         if len(readers) != 1 or readers[0].op_type not in (*EPILOGUE_CONST, *EPILOGUE_ACT):
             break
         nxt = readers[0]

@@ -81,12 +81,13 @@ def first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def create(model: Path | bytes, settings: Settings, label: str) -> Any:
+def create(model: Path | bytes, settings: Settings, label: str, options: Any = None) -> Any:
+    """A session of `model`; `options` (default `settings.session_options()`) may add to them, e.g. profiling."""
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, settings.session_options(), providers=settings.provider_list())
+        return ort.InferenceSession(source, options or settings.session_options(), providers=settings.provider_list())
     except InputError:
         raise
     except Exception as err:  # onnxruntime raises its own exception types

@@ -36,18 +36,60 @@ def _given(doc: dict[str, Any]) -> bool:
     return s.get("shapes") is not None or s.get("inputs") is not None
 
 
+def _ci(sp: dict[str, Any] | None, missing: str = "-") -> str:
+    return f"{sp['value']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}]" if sp else missing
+
+
+def reference(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The model bench added as a second reference (the baseline with its negligible weights flushed)."""
+    return next((m for m in doc["models"] if m.get("reference")), None)
+
+
 def rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    ref = reference(doc)
     header = ["shape", "model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "speedup [95% CI]",
-              "ideal FLOPs", "eff", "ideal bytes", "eff"]
+              "ideal FLOPs", "eff", "ideal bytes", "eff"] + (["vs flushed baseline"] if ref else [])
     out = []
     given = _given(doc)
     for p in doc["points"]:
         for r in p["results"]:
-            lat, sp = r["latency_ms"], r["speedup"]
-            ci = f"{sp['value']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}]" if sp else "baseline"
-            out.append([_shape(p, given), r["model"], f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
-                        f"{lat['mean']:.3f}", f"{r['throughput_items_per_s']:.1f}", ci, _x(r["ideal_speedup_flops"]),
-                        _pct(r["efficiency_flops"]), _x(r["ideal_speedup_bytes"]), _pct(r["efficiency_bytes"])])
+            lat = r["latency_ms"]
+            row = [_shape(p, given), r["model"], f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                   f"{lat['mean']:.3f}", f"{r['throughput_items_per_s']:.1f}", _ci(r["speedup"], "baseline"),
+                   _x(r["ideal_speedup_flops"]), _pct(r["efficiency_flops"]), _x(r["ideal_speedup_bytes"]),
+                   _pct(r["efficiency_bytes"])]
+            out.append(row + ([_ci(r.get("speedup_vs_reference"))] if ref else []))
+    return header, out
+
+
+def _reference_note(doc: dict[str, Any]) -> list[str]:
+    ref = reference(doc)
+    if not ref:
+        return []
+    return [f"'{ref['label']}' is {ref['reference']}: arithmetic with them goes subnormal, which ONNX Runtime "
+            "computes many times slower, and students have none. Its speedup is what flushing alone gives; "
+            "'vs flushed baseline' is what the rest of a student's changes give."]
+
+
+def _dense_side(doc: dict[str, Any]) -> str:
+    rows = doc.get("layer_profile") or [{}]
+    side = rows[0].get("dense_side", "baseline")
+    return f"; teacher side: the {side}" if side != "baseline" else ""
+
+
+def profile_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["shape", "model", "layer", "form", "rank", "teacher ms", "student ms", "speedup", "ideal FLOPs", "eff",
+              "compute-bound"]
+    out = []
+    for r in doc.get("layer_profile", []):
+        if r["node"] == "(rest)":
+            out.append([_shape(r), r["model"], "(everything else)", "", "", f"{r['teacher_ms']:.3f}",
+                        f"{r['student_ms']:.3f}", _x(r["teacher_ms"] / r["student_ms"] if r["student_ms"] else None),
+                        "", "", ""])
+            continue
+        out.append([_shape(r), r["model"], r["node"], r["form"], str(r["rank"] or "-"), f"{r['dense_ms']:.3f}",
+                    f"{r['factorized_ms']:.3f}", _x(r["speedup"]), _x(r["ideal_speedup_flops"]),
+                    _pct(r["efficiency_flops"]), "yes" if r["compute_bound"] else "no"])
     return header, out
 
 
@@ -99,8 +141,12 @@ def _settings_line(doc: dict[str, Any]) -> str:
 
 def terminal(doc: dict[str, Any]) -> str:
     parts = [_settings_line(doc), "", _table(*rows(doc)), "", _table(*model_rows(doc))]
+    parts += _reference_note(doc)
     if doc["layers"]:
         parts += ["", _table(*layer_rows(doc))]
+    if doc.get("layer_profile"):
+        parts += ["", f"In the running models (ONNX Runtime profile{_dense_side(doc)}):",
+                  _table(*profile_rows(doc))]
     parts += [f"skipped: {s}" for s in doc["skipped"]]
     return "\n".join(parts)
 
@@ -110,9 +156,17 @@ def markdown(doc: dict[str, Any]) -> str:
              "Speedup = baseline p50 / model p50 (95% paired bootstrap interval over rounds). Ideal = baseline / model "
              "FLOPs (dense ops) or weight bytes; eff = measured / ideal.", "", _markdown(*rows(doc)), "",
              "## Models", "", _markdown(*model_rows(doc)), "", f"Session memory: {doc['memory_method']}."]
+    parts[7:7] = ["", *_reference_note(doc)] if reference(doc) else []
     if doc["layers"]:
         parts += ["", "## Factorised layers (dense node vs its replacement, alone, at its real input shape)", "",
                   _markdown(*layer_rows(doc))]
+    if doc.get("layer_profile"):
+        parts += ["", "## Factorised layers in the running models (ONNX Runtime profile)", "",
+                  "Kernel time of the optimised graph's nodes that compute each layer (with the bias or activation "
+                  "ONNX Runtime fused into it), median per run; teacher and student interleaved. A layer is "
+                  "compute-bound when its dense form takes at least 0.05 ms per sample. Teacher side: "
+                  + (_dense_side(doc).lstrip("; ") or "the baseline") + ".", "",
+                  _markdown(*profile_rows(doc))]
     if doc["skipped"]:
         parts += ["", "Skipped: " + "; ".join(doc["skipped"]) + "."]
     return "\n".join(parts) + "\n"

@@ -1,0 +1,200 @@
+"""Each factorised layer's time inside the running model, from ONNX Runtime's own profile.
+
+Timing a layer alone (`layers.py`) gives it a graph of its own, and on the CPU that graph converts
+its activation into ONNX Runtime's blocked (NCHWc) layout and back around the conv: about 0.1 ms at
+the PP-OCRv5 recogniser's shapes, paid by the dense layer and its replacement alike but by neither
+inside the model, where the blocked layout runs from conv to conv. That fixed cost pulls a small
+layer's measured speedup towards 1. Here teacher and student run whole and interleaved, with ONNX
+Runtime's profiler on, and each node of ORT's optimised graph is attributed to the layer it computes:
+what a user's model spends on the layer, fusions included.
+
+Attribution is by name. A replacement's nodes are `<node>/<tag>/...` and ORT keeps those names
+(adding suffixes such as `_nchwc`). When ORT fuses a conv or matmul with the bias Add or activation
+after it, the fused node takes the name of the last node fused (the recogniser's `Conv.4` runs as
+`Add.19_nchwc`), so those epilogue nodes count for the layer on both sides whenever either side fused
+them; an epilogue node that runs on its own in both graphs costs both the same and is left out.
+Whatever the student runs that no layer claims (a layout reorder it added, say) shows up in `rest`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from onnx_inher.bench.layers import epilogue, rank_of, replacement_nodes
+from onnx_inher.bench.profile import node_flops, shape_table
+from onnx_inher.bench.sessions import Runner, Settings, create
+from onnx_inher.ir.graph import GraphIndex
+from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.naming import is_factor
+
+# ops whose node, after ORT's fusions, carries a dense layer's multiply-adds
+COMPUTE_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ConvTranspose")
+# a dense layer is compute-bound (held to the efficiency targets) when it takes at least this long per sample
+COMPUTE_BOUND_MS = 0.05
+
+
+@dataclass(frozen=True)
+class NodeTimes:
+    """Median microseconds per run of every node of one session's optimised graph, with its op type."""
+
+    us: dict[str, float]
+    ops: dict[str, str]
+
+    def total(self, names: Sequence[str]) -> float:
+        return float(sum(self.us.get(n, 0.0) for n in names))
+
+
+def _owns(name: str, node: str) -> bool:
+    """`name` is `node` or what ORT made of it (`node_nchwc`, `node/MatmulTransposeFusion/`)."""
+    return name == node or (name.startswith(node) and name[len(node)] in "_/")
+
+
+def _read_profile(path: Path, warmup: int, iters: int) -> NodeTimes:
+    occurrences: dict[str, list[float]] = defaultdict(list)
+    ops: dict[str, str] = {}
+    for event in json.loads(path.read_text()):
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        node = name[: -len("_kernel_time")]
+        occurrences[node].append(float(event["dur"]))
+        ops[node] = str(event.get("args", {}).get("op_name", ""))
+    us = {}
+    for node, durs in occurrences.items():
+        per_run = max(1, round(len(durs) / (warmup + iters)))  # a node inside a loop runs several times a run
+        timed = np.asarray(durs[warmup * per_run:] or durs)
+        us[node] = float(np.median(timed)) * per_run
+    return NodeTimes(us, ops)
+
+
+def profile_models(paths: Sequence[Path], feed: dict[str, np.ndarray], settings: Settings, warmup: int,
+                   iters: int, progress: Callable[[int], None] | None = None) -> list[NodeTimes]:
+    """Node times of each model's optimised graph, their runs interleaved (A, B, A, B...) so that the
+    machine's drift falls on all of them alike."""
+    with tempfile.TemporaryDirectory(prefix="onnx-inher-profile-") as tmp:
+        runners = []
+        for i, path in enumerate(paths):
+            opts = settings.session_options()
+            opts.enable_profiling = True
+            opts.profile_file_prefix = f"{tmp}/p{i}"
+            runner = Runner(create(path, settings, str(path), opts), feed, str(path))
+            runner.check()  # one more profiled run: counted as warm-up
+            runners.append(runner)
+        for _ in range(warmup):
+            for r in runners:
+                r()
+        for _ in range(iters):
+            for r in runners:
+                r()
+            if progress:
+                progress(len(runners))
+        return [_read_profile(Path(r.session.end_profiling()), warmup + 1, iters) for r in runners]
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """The optimised-graph nodes that compute one factorised layer, in the teacher and in the student."""
+
+    node: str
+    teacher: list[str]
+    student: list[str]
+
+
+def attribute(layer: str, names: Sequence[str], fused_after: Sequence[Sequence[str]], teacher: NodeTimes,
+              student: NodeTimes) -> Attribution:
+    """The nodes of `layer` on both sides. ORT names a node it creates after a node or after its output
+    tensor (`<tensor>_nchwc`), so `names` are the dense node's name and outputs, and each entry of
+    `fused_after` those of one node after it that ORT may fuse into it (`layers.epilogue`). An epilogue
+    node counts on both sides where either side ran it fused (under a compute op), never where both ran
+    it on its own."""
+    owned = lambda side, keys: [n for n in side.us if any(_owns(n, k) for k in keys)]  # noqa: E731
+    t_nodes = owned(teacher, names)
+    s_nodes = [n for n in student.us if _owns_factor(n, layer)] + owned(student, names)
+    for keys in fused_after:
+        t_own, s_own = owned(teacher, keys), owned(student, keys)
+        if any(side.ops.get(n) in COMPUTE_OPS for side, own in ((teacher, t_own), (student, s_own)) for n in own):
+            t_nodes += t_own
+            s_nodes += s_own
+    return Attribution(layer, sorted(set(t_nodes)), sorted(set(s_nodes)))
+
+
+def _owns_factor(name: str, layer: str) -> bool:
+    return is_factor(name) and name.startswith(f"{layer}/")
+
+
+def layer_rows(teacher_model: ModelProto, student_model: ModelProto, views: Sequence[LayerView],
+               teacher: NodeTimes, student: NodeTimes, feed: dict[str, np.ndarray], teacher_path: Path,
+               student_path: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One row per factorised layer of the student, and the time of everything no layer claims."""
+    t_index = GraphIndex.build(teacher_model.graph)
+    s_index = GraphIndex.build(student_model.graph)
+    t_table = shape_table(teacher_path, teacher_model, feed)
+    s_table = shape_table(student_path, student_model, feed)
+    batch = max(1, next(iter(feed.values())).shape[0] if feed else 1)
+    rows: list[dict[str, Any]] = []
+    claimed_t: set[str] = set()
+    claimed_s: set[str] = set()
+    for view in views:
+        found = replacement_nodes(view, student_model)
+        if not found:
+            continue
+        nodes, form = found
+        dense = teacher_model.graph.node[view.node_index]
+        tail = [[n.name, *n.output] for n in epilogue(dense, t_index, through_identity=True)]
+        at = attribute(view.node, [dense.name, *dense.output], tail, teacher, student)
+        claimed_t.update(at.teacher)
+        claimed_s.update(at.student)
+        t_us, s_us = teacher.total(at.teacher), student.total(at.student)
+        dense_flops = node_flops(dense, t_table)
+        fact_flops = sum(node_flops(n, s_table) or 0 for n in nodes)
+        ideal = dense_flops / fact_flops if dense_flops and fact_flops else None
+        speed = t_us / s_us if t_us and s_us else None
+        rows.append({"node": view.node, "op": view.op, "form": form, "rank": rank_of(nodes, view, s_index),
+                     "dense_ms": t_us / 1e3, "factorized_ms": s_us / 1e3, "speedup": speed,
+                     "ideal_speedup_flops": ideal, "efficiency_flops": speed / ideal if speed and ideal else None,
+                     "compute_bound": t_us / 1e3 / batch >= COMPUTE_BOUND_MS,
+                     "teacher_nodes": at.teacher, "student_nodes": at.student})
+    rest = {"teacher_ms": sum(v for n, v in teacher.us.items() if n not in claimed_t) / 1e3,
+            "student_ms": sum(v for n, v in student.us.items() if n not in claimed_s) / 1e3,
+            "teacher_total_ms": sum(teacher.us.values()) / 1e3, "student_total_ms": sum(student.us.values()) / 1e3}
+    return rows, rest
+
+
+def in_model_results(entries: list[Any], points: list[Any], settings: Settings, warmup: int,
+                     iters: int, dense: Any = None) -> list[dict[str, Any]]:
+    """Every factorised layer of every student, in the running model, at every benchmarked shape; and per
+    student and shape one `(rest)` row with the time of the nodes no layer claims. `dense` (the baseline
+    with its negligible weights flushed, when bench made one) runs the dense side instead of the baseline:
+    a layer slowed by them would otherwise credit the factorisation with the flushing's
+    speedup."""
+    from tqdm import tqdm
+
+    from onnx_inher import _env
+    from onnx_inher.ir.io import load_model
+    from onnx_inher.passes.locate import locate
+
+    teacher = load_model(entries[0].path).model
+    views = [v for v in locate(teacher) if isinstance(v, LayerView) and not v.scope]
+    students = [(m.label, m.path, load_model(m.path).model) for m in entries[1:]]
+    out: list[dict[str, Any]] = []
+    with tqdm(total=len(points) * iters * len(students) * 2, desc="layer profile", unit="run",
+              disable=_env.progress_disabled(), leave=False) as bar:
+        for point in points:
+            for label, path, student in students:
+                baseline = dense.path if dense is not None else entries[0].path
+                t_times, s_times = profile_models([baseline, path], point.feed, settings, warmup, iters, bar.update)
+                rows, rest = layer_rows(teacher, student, views, t_times, s_times, point.feed, entries[0].path, path)
+                where = {"batch": point.batch, "seq_len": point.seq_len, "model": label,
+                         "dense_side": "baseline, negligible weights flushed" if dense is not None else "baseline"}
+                out += [{**where, **r} for r in rows]
+                out.append({**where, "node": "(rest)", **rest})
+    return out

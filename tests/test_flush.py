@@ -1,0 +1,110 @@
+"""Negligible weights (subnormal, or float32 below 1e-30) the teacher carries in layers compress leaves
+alone are flushed too (issue 18), and `bench` times the teacher flushed, so that a student's speedup is
+not credited with what flushing alone gives (the PP-OCRv5 detector: 2.0x from flushing alone)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_inher
+from onnx_inher import Options, parse_policy
+from onnx_inher.bench import bench
+from onnx_inher.passes.flush import FlushNegligible, negligible_weights
+from onnx_inher.reporting.bench import markdown, terminal
+from tests.helpers import ort_run, rel_err
+
+
+def _teacher(path: Path) -> Path:
+    """MatMul 32->48 (factorised), + bias with near-dead entries, Relu, MatMul 48->8 whose rows for the
+    dead units are near-dead too (too small to be factorised: excluded by name), + a Constant scale
+    written as value_floats with one tiny entry."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(32, 48)).astype(np.float32) / 6
+    b1 = rng.normal(size=48).astype(np.float32)
+    b1[:6] = 1e-36
+    w2 = rng.normal(size=(48, 8)).astype(np.float32) / 7
+    w2[:10] *= 1e-33
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Constant", [], ["s"], name="scale", value_floats=[1.0] * 7 + [3e-39]),
+             helper.make_node("Mul", ["z", "s"], ["y"], name="scaled")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+                               numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_compress_flushes_the_weights_it_leaves_alone_and_says_so(tmp_path: Path) -> None:
+    teacher = _teacher(tmp_path / "t.onnx")
+    assert negligible_weights(onnx.load(str(teacher))) == (6 + 80 + 1, 3)
+    res = onnx_inher.compress(teacher, tmp_path / "s.onnx",
+                              Options(mode="svd", policy=parse_policy(rank_ratio=0.5), rank_multiple=1,
+                                      exclude=("fc2",)))
+    student = onnx.load(str(tmp_path / "s.onnx"))
+    assert negligible_weights(student) == (0, 0)
+    assert [c.node for c in res.plan.candidates if c.decision == "factorize"] == ["fc1"]
+    assert any("87 negligible floats" in w and "3 tensors" in w for w in res.plan.warnings)
+    # the layer left alone keeps its values, but for the flushed ones
+    w2 = numpy_helper.to_array(next(t for t in student.graph.initializer if t.name == "w2"))
+    w2_t = numpy_helper.to_array(next(t for t in onnx.load(str(teacher)).graph.initializer if t.name == "w2"))
+    assert (w2[:10] == 0).all() and np.array_equal(w2[10:], w2_t[10:])
+    full = onnx_inher.compress(teacher, tmp_path / "full.onnx",
+                               Options(mode="svd", policy=parse_policy(rank_ratio=1.0), rank_multiple=1,
+                                       guard=False))
+    assert full.plan.candidates
+    feed = {"x": np.random.default_rng(1).normal(size=(16, 32)).astype(np.float32)}
+    assert rel_err(ort_run(onnx.load(str(tmp_path / "full.onnx")), feed), ort_run(onnx.load(str(teacher)), feed)) < 1e-5
+
+
+def test_the_pass_reaches_subgraphs_and_constant_attributes_and_leaves_its_input_alone() -> None:
+    tiny = numpy_helper.from_array(np.array([1.0, 2e-31, -5e-40], np.float32), "c")
+    branch = helper.make_graph([helper.make_node("Constant", [], ["k"], value=tiny)], "then", [],
+                               [helper.make_tensor_value_info("k", TensorProto.FLOAT, [3])])
+    other = helper.make_graph([helper.make_node("Constant", [], ["k2"], value_float=1e-35)], "else", [],
+                              [helper.make_tensor_value_info("k2", TensorProto.FLOAT, [])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)],
+                              "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([1e-300, 1e-310]), "double")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    flush = FlushNegligible()
+    out, changed = flush(model)
+    assert changed and (flush.flushed, flush.tensors) == (4, 3)  # 2 in the branch tensor, 1 value_float, 1 double
+    assert model.SerializeToString() == before
+    assert negligible_weights(out) == (0, 0)
+    then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    k = numpy_helper.to_array(then.node[0].attribute[0].t)
+    np.testing.assert_array_equal(k, [1.0, 0.0, 0.0])
+    again, _ = FlushNegligible()(model)
+    assert again.SerializeToString() == out.SerializeToString()
+    clean, changed = FlushNegligible()(out)
+    assert clean is out and not changed
+
+
+def test_bench_times_the_teacher_flushed_when_its_weights_hold_negligible_floats(tmp_path: Path) -> None:
+    teacher = _teacher(tmp_path / "t.onnx")
+    student = tmp_path / "s.onnx"
+    onnx_inher.compress(teacher, student, Options(mode="svd", policy=parse_policy(rank_ratio=0.5), rank_multiple=1))
+    doc = json.loads(json.dumps(bench([teacher, student], provider="cpu", iters=3, warmup=1, threads=1).to_dict()))
+    labels = [m["label"] for m in doc["models"]]
+    assert labels == ["t", "s", "t (flushed)"]
+    assert doc["models"][2]["reference"].startswith("the baseline with its 87 negligible weights")
+    assert doc["models"][2]["path"] is None  # a temporary file, gone after the bench
+    _, stud, ref = doc["points"][0]["results"]
+    assert stud["speedup_vs_reference"]["value"] > 0 and ref["speedup_vs_reference"] is None
+    assert ref["speedup"]["value"] > 0
+    assert "vs flushed baseline" in terminal(doc) and "t (flushed)" in markdown(doc)
+    plain = bench([teacher, student], provider="cpu", iters=3, warmup=1, threads=1, flushed_baseline=False)
+    assert [m.label for m in plain.models] == ["t", "s"]
+    clean = bench([tmp_path / "s.onnx", teacher], provider="cpu", iters=3, warmup=1, threads=1)
+    assert [m.label for m in clean.models] == ["s", "t"]  # a baseline without negligible weights gets no reference

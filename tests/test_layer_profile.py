@@ -1,0 +1,58 @@
+"""Each factorised layer's time inside the running models, from ONNX Runtime's profile (issue 18): timed
+alone, a small conv pays layout conversions that neither the teacher nor the student pays in the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from onnx_inher import api
+from onnx_inher.bench import bench
+from onnx_inher.bench.inmodel import NodeTimes, attribute
+from onnx_inher.planning.plan import Options
+from onnx_inher.planning.rank import parse_policy
+from onnx_inher.reporting.bench import markdown, terminal
+from tests.test_bench import _cnn
+
+
+def test_fused_epilogues_count_on_both_sides_and_standalone_ones_on_neither() -> None:
+    # ORT names a conv fused with the Add after it after the Add's output tensor (`h1b_nchwc`)
+    teacher = NodeTimes({"h1b_nchwc": 100.0, "relu1": 10.0, "conv10_nchwc": 70.0, "Reorder": 5.0},
+                        {"h1b_nchwc": "Conv", "relu1": "Relu", "conv10_nchwc": "Conv", "Reorder": "ReorderOutput"})
+    student = NodeTimes({"conv1/svd/down_nchwc": 20.0, "h1b_nchwc": 30.0, "relu1": 10.0, "conv10_nchwc": 70.0},
+                        {"conv1/svd/down_nchwc": "Conv", "h1b_nchwc": "Conv", "relu1": "Relu", "conv10_nchwc": "Conv"})
+    at = attribute("conv1", ["conv1", "h1"], [["bias1", "h1b"], ["relu1", "r1"]], teacher, student)
+    assert at.teacher == ["h1b_nchwc"]  # not conv10's node, whose name only starts like it
+    assert at.student == ["conv1/svd/down_nchwc", "h1b_nchwc"]  # the Relu runs alone on both sides: left out
+    # a head that ends in a MatMul cannot take the Add: the student runs it alone, and pays it
+    heads = NodeTimes({"conv1/inher/up": 40.0, "bias1": 15.0, "conv1/inher/down_nchwc": 20.0},
+                      {"conv1/inher/up": "MatMul", "bias1": "Add", "conv1/inher/down_nchwc": "Conv"})
+    at = attribute("conv1", ["conv1", "h1"], [["bias1", "h1b"]], teacher, heads)
+    assert at.teacher == ["h1b_nchwc"] and at.student == ["bias1", "conv1/inher/down_nchwc", "conv1/inher/up"]
+
+
+@pytest.mark.parametrize("mode,heads,form", [("svd", 1, "pair"), ("inher", 2, "heads")])
+def test_layer_profile_attributes_every_factorised_layer(tmp_path: Path, mode: str, heads: int, form: str) -> None:
+    teacher = _cnn(tmp_path / "teacher.onnx")
+    student = tmp_path / "student.onnx"
+    api.compress(teacher, student, Options(mode=mode, heads=heads, policy=parse_policy(rank_ratio=0.25), guard=False,
+                                           rank_multiple=1))
+    doc = json.loads(json.dumps(bench([teacher, student], provider="cpu", batches=[2], iters=4, warmup=1, threads=1,
+                                      layer_profile=True).to_dict()))
+    rows = {r["node"]: r for r in doc["layer_profile"]}
+    assert set(rows) == {"conv1", "conv2", "fc", "(rest)"}
+    for name in ("conv1", "conv2", "fc"):
+        r = rows[name]
+        assert r["form"] == form and r["batch"] == 2 and r["model"] == "student"
+        assert r["teacher_nodes"] and r["student_nodes"]
+        assert any(f"{name}/" in n for n in r["student_nodes"])
+        assert r["dense_ms"] > 0 and r["factorized_ms"] > 0 and r["ideal_speedup_flops"] > 0
+        assert r["efficiency_flops"] == pytest.approx(r["speedup"] / r["ideal_speedup_flops"])
+    rest = rows["(rest)"]
+    claimed = sum(rows[n]["dense_ms"] for n in ("conv1", "conv2", "fc"))
+    assert claimed + rest["teacher_ms"] == pytest.approx(rest["teacher_total_ms"])
+    claimed = sum(rows[n]["factorized_ms"] for n in ("conv1", "conv2", "fc"))
+    assert claimed + rest["student_ms"] == pytest.approx(rest["student_total_ms"])
+    assert "In the running models" in terminal(doc) and "ONNX Runtime profile" in markdown(doc)
