@@ -15,6 +15,13 @@ latency only) and the embedded MNIST CNN.
 When the latency check gave some conv layers of the heads student the constant-weight form, the same student
 with every conv head in the weight-mix form is timed too ("heads, mix only (before)").
 
+When the teacher's weights hold negligible floats (subnormal, or float32 below 1e-30; students have none),
+`bench` also times the teacher with them flushed: the "flushed teacher" column gives its speedup over the
+teacher, and each cell the student's speedup over it ("vs flushed"), what factorisation gives on its own.
+`--layer-profile` adds each factorised layer's time inside the running models (ONNX Runtime's profile, one
+thread, batch 1; `bench --layer-profile`) and, per student, how many compute-bound layers reach the targets
+(pairs >= 0.8 of their FLOP ideal, heads >= 0.7).
+
 The machine is shared: ratios are paired (interleaved rounds), absolute times are not comparable across runs.
 """
 
@@ -58,12 +65,32 @@ FORMS = {"pair": {"mode": "svd", "heads": 1}, "heads": {"mode": "inher", "heads"
 BEFORE = "heads_mix"  # the heads student with every conv layer in the weight-mix form (before issue 18.3)
 
 
+TARGET = {"pair": 0.8, "heads": 0.7}  # issue 18: per factorised compute-bound layer, of the FLOP ideal
+
+
 def _cell(result: dict[str, Any]) -> dict[str, Any]:
+    vs = result.get("speedup_vs_reference")
     return {"speedup": round(result["speedup"]["value"], 3), "low": round(result["speedup"]["low"], 3),
             "high": round(result["speedup"]["high"], 3),
             "ideal_flops": round(result["ideal_speedup_flops"], 3) if result.get("ideal_speedup_flops") else None,
             "efficiency_flops": round(result["efficiency_flops"], 3) if result.get("efficiency_flops") else None,
-            "student_ms": round(result["latency_ms"]["p50"], 4)}
+            "student_ms": round(result["latency_ms"]["p50"], 4),
+            "vs_flushed": round(vs["value"], 3) if vs else None,
+            "efficiency_vs_flushed": (round(vs["value"] / result["ideal_speedup_flops"], 3)
+                                      if vs and result.get("ideal_speedup_flops") else None)}
+
+
+def layer_summary(rows: list[dict[str, Any]], form: str) -> dict[str, Any]:
+    """Compute-bound factorised layers of one student in the running model: how many reach the target."""
+    bound = [r for r in rows if r["node"] != "(rest)" and r["compute_bound"] and r["efficiency_flops"]]
+    effs = sorted(r["efficiency_flops"] for r in bound)
+    target = TARGET[form]
+    return {"compute_bound": len(bound), "at_target": sum(e >= target for e in effs), "target": target,
+            "median_efficiency": round(effs[len(effs) // 2], 3) if effs else None,
+            "misses": [{"node": r["node"], "rank": r["rank"], "efficiency": round(r["efficiency_flops"], 3)}
+                       for r in bound if r["efficiency_flops"] < target],
+            "rest": next(({k: round(v, 4) for k, v in r.items() if k.endswith("_ms")} for r in rows
+                          if r["node"] == "(rest)"), None)}
 
 
 def _mix_only(teacher: Path, plan: Any, out: Path) -> Path | None:
@@ -83,7 +110,7 @@ def _mix_only(teacher: Path, plan: Any, out: Path) -> Path | None:
 
 
 def measure(name: str, folder: Path, iters: int, thread_counts: list[int],
-            batches: list[int] | None = None) -> dict[str, Any]:
+            batches: list[int] | None = None, layer_profile: bool = False) -> dict[str, Any]:
     import onnx_inher
     from onnx_inher import Options, parse_policy
 
@@ -111,11 +138,23 @@ def measure(name: str, folder: Path, iters: int, thread_counts: list[int],
         points = [1] if name in FIXED_BATCH else (batches or [1, 8])
         doc = onnx_inher.bench([teacher, *students], shapes=shapes, batches=points, threads=threads,
                                iters=iters, warmup=max(3, iters // 10)).to_dict()
+        flushed = len(doc["points"][0]["results"]) > len(labels) + 1  # bench added the flushed teacher, last
         for point in doc["points"]:
+            results = point["results"]
             record["runs"].append({"threads": threads, "batch": point["batch"],
-                                   "teacher_ms": round(point["results"][0]["latency_ms"]["p50"], 4),
-                                   **{form: _cell(point["results"][j + 1]) for j, form in enumerate(labels)}})
+                                   "teacher_ms": round(results[0]["latency_ms"]["p50"], 4),
+                                   "flushed_teacher": ({"speedup": round(results[-1]["speedup"]["value"], 3),
+                                                        "ms": round(results[-1]["latency_ms"]["p50"], 4)}
+                                                       if flushed else None),
+                                   **{form: _cell(results[j + 1]) for j, form in enumerate(labels)}})
         record["machine"] = doc["machine"]
+    if layer_profile:
+        doc = onnx_inher.bench([teacher, *students[:len(FORMS)]], shapes=shapes, batches=[1], threads=1, iters=3,
+                               warmup=1, layer_profile=True, layer_iters=iters).to_dict()
+        rows = doc["layer_profile"]
+        record["layer_profile"] = {form: layer_summary([r for r in rows if r["model"] == Path(p).stem], form)
+                                   for form, p in zip(FORMS, students, strict=False)}
+        record["layer_rows"] = rows
     return record
 
 
@@ -127,14 +166,35 @@ def markdown(records: dict[str, dict[str, Any]]) -> str:
     rule = "|---|---:|---:|---:|---|---|"
     if before:
         head, rule = head + " heads, mix only (before) |", rule + "---|"
+    flushed = any(run.get("flushed_teacher") for rec in records.values() for run in rec["runs"])
+    if flushed:
+        head, rule = head + " flushed teacher |", rule + "---|"
     lines = [head, rule]
     for name, rec in records.items():
         for run in rec["runs"]:
             forms = ["pair", "heads", *([BEFORE] if before else [])]
-            cells = [f"**{c['speedup']:.2f}x** ({c['ideal_flops']}, {c['efficiency_flops']})" if c else "-"
+            cells = [f"**{c['speedup']:.2f}x** ({c['ideal_flops']}, {c['efficiency_flops']})"
+                     + (f"; vs flushed {c['vs_flushed']:.2f}x ({c['efficiency_vs_flushed']})" if c.get("vs_flushed")
+                        else "") if c else "-"
                      for c in (run.get(f) for f in forms)]
+            if flushed:
+                f = run.get("flushed_teacher")
+                cells.append(f"{f['speedup']:.2f}x" if f else "-")
             lines.append(f"| {name} | {run['threads']} | {run['batch']} | {run['teacher_ms']:.3f} | "
                          + " | ".join(cells) + " |")
+    profiled = {name: rec["layer_profile"] for name, rec in records.items() if rec.get("layer_profile")}
+    if profiled:
+        lines += ["", "Factorised compute-bound layers in the running models (1 thread, batch 1): at target / all "
+                  "(median efficiency); misses as layer (rank: efficiency)", "",
+                  "| model | pairs (>= 0.8) | pair misses | heads (>= 0.7) | heads misses |", "|---|---|---|---|---|"]
+        for name, forms in profiled.items():
+            cells = []
+            for form in FORMS:
+                s = forms.get(form)
+                cells += ([f"{s['at_target']}/{s['compute_bound']} ({s['median_efficiency']})",
+                           ", ".join(f"{m['node']} ({m['rank']}: {m['efficiency']})" for m in s["misses"]) or "-"]
+                          if s else ["-", "-"])
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +205,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "latency_table")
     parser.add_argument("--threads", default="", help="Comma-separated intra-op thread counts (default: 1 and all).")
     parser.add_argument("--batches", default="1,8", help="Comma-separated batches (fixed-batch models: 1 only).")
+    parser.add_argument("--layer-profile", action="store_true",
+                        help="Also profile each factorised layer inside the running models (1 thread, batch 1).")
     args = parser.parse_args()
     quiet()
     names = [n for n in args.only.split(",") if n] or list(MODELS)
@@ -154,7 +216,8 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",") if t] or [1, os.cpu_count() or 1]
     batches = [int(b) for b in args.batches.split(",")]
     measure_models("benchmarks.latency_table", names,
-                   lambda name, folder: measure(name, folder, args.iters, threads, batches), markdown, args.out)
+                   lambda name, folder: measure(name, folder, args.iters, threads, batches, args.layer_profile),
+                   markdown, args.out)
 
 if __name__ == "__main__":
     main()
