@@ -108,3 +108,18 @@ def test_bench_times_the_teacher_flushed_when_its_weights_hold_negligible_floats
     assert [m.label for m in plain.models] == ["t", "s"]
     clean = bench([tmp_path / "s.onnx", teacher], provider="cpu", iters=3, warmup=1, threads=1)
     assert [m.label for m in clean.models] == ["s", "t"]  # a baseline without negligible weights gets no reference
+
+
+def test_run_report_says_what_flushing_alone_gives() -> None:
+    from onnx_inher.reporting.text import flushed_teacher_lines
+
+    ratio = lambda v: {"value": v, "low": v - 0.01, "high": v + 0.01}  # noqa: E731
+    bench_doc = {"flushed_teacher": "the baseline with its 35,276 negligible weights (subnormal or below 1e-30, in "
+                                    "21 tensors) zeroed",
+                 "points": [{"batch": 1, "seq_len": None, "student": {"speedup": ratio(2.1),
+                                                                     "speedup_vs_reference": ratio(1.05)},
+                             "flushed_teacher": {"speedup": ratio(2.0)}}]}
+    text = " ".join(flushed_teacher_lines(bench_doc, {"student": "student"}))
+    assert "hold 35,276 negligible weights (subnormal or below 1e-30, in 21 tensors);" in text
+    assert "b1: flushed teacher 2.00× the teacher; vs it: student 1.05×" in text
+    assert flushed_teacher_lines({"points": []}, {}) == []

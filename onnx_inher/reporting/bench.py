@@ -164,7 +164,9 @@ def markdown(doc: dict[str, Any]) -> str:
         parts += ["", "## Factorised layers in the running models (ONNX Runtime profile)", "",
                   "Kernel time of the optimised graph's nodes that compute each layer (with the bias or activation "
                   "ONNX Runtime fused into it), median per run; teacher and student interleaved. A layer is "
-                  "compute-bound when its dense form takes at least 0.05 ms per sample. Teacher side: "
+                  "compute-bound when its dense form takes at least 0.05 ms per sample. The profiler's own cost "
+                  f"per node ({doc['layer_profile'][0].get('profiler_overhead_us', 0):.1f} us, measured on a chain "
+                  "of no-op nodes) is taken off every node. Teacher side: "
                   + (_dense_side(doc).lstrip("; ") or "the baseline") + ".", "",
                   _markdown(*profile_rows(doc))]
     if doc["skipped"]:

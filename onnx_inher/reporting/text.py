@@ -116,6 +116,26 @@ def _speed(d: dict | None, key: str = "value") -> str:
     return "; ".join(parts) or "-"
 
 
+def flushed_teacher_lines(bench: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """How much of the speedup flushing the teacher's negligible weights gives alone, when bench timed that."""
+    if not bench.get("flushed_teacher"):
+        return []
+    parts = []
+    for p in bench["points"]:
+        ref = p.get("flushed_teacher")
+        if not ref or not ref.get("speedup"):
+            continue
+        students = [f"{labels.get(n, n)} {v['speedup_vs_reference']['value']:.2f}×" for n, v in p.items()
+                    if isinstance(v, dict) and v.get("speedup_vs_reference")]
+        parts.append(f"b{p['batch']}: flushed teacher {ref['speedup']['value']:.2f}× the teacher; vs it: "
+                     + ", ".join(students))
+    held = bench["flushed_teacher"].removeprefix("the baseline with its ").removesuffix(" zeroed")
+    return [f"The teacher's weights hold {held}; "
+            "arithmetic with them goes subnormal, which ONNX Runtime computes many times slower, and the student "
+            "has none. So part of its speedup comes from flushing alone, which the teacher could have too "
+            f"({'; '.join(parts)}).", ""]
+
+
 def run_summary_table(rows: list[dict], markdown: bool = True) -> str:
     """Teacher vs student: params, FLOPs, file size, task metric (headline first, then the next figure),
     measured and ideal speedups."""
@@ -290,7 +310,8 @@ def run_markdown(result: RunResult, folder: Path) -> str:
     settings = bench.get("settings", {})
     lines += ["", "## Latency", "", f"{settings.get('provider')}, {settings.get('threads_intra_op')} intra-op "
               "threads, models run interleaved. Full table (p50/p90/p99, throughput, efficiency vs ideal): "
-              "[bench.md](bench.md).", "", "![latency vs batch](bench.png)", ""]
+              "[bench.md](bench.md).", "", *flushed_teacher_lines(bench, labels), "![latency vs batch](bench.png)",
+              ""]
     checks = [(labels[n], v["compress"].get("latency_check")) for n, v in result.distill.items()]
     if any(doc for _, doc in checks):
         lines += ["Measured before distillation (what compress kept, reverted or chose; every measurement is in "

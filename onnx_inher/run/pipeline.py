@@ -240,9 +240,11 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
                     iters=bset.iters)
         doc = res.to_dict()
         write_reports(doc, out.path("bench"))
+        flushed = doc["models"][-1].get("reference")  # bench timed the teacher flushed too, last
         return {"points": [{"batch": p["batch"], "seq_len": p["seq_len"],
-                            **{name: p["results"][j + 1] for j, (name, _) in enumerate(variants)}}
-                           for p in doc["points"]], "settings": doc.get("settings", {})}
+                            **{name: p["results"][j + 1] for j, (name, _) in enumerate(variants)},
+                            **({"flushed_teacher": p["results"][-1]} if flushed else {})}
+                           for p in doc["points"]], "settings": doc.get("settings", {}), "flushed_teacher": flushed}
 
     bench_shapes = None if bset.seq_lens else options.shapes  # --seq-len asks for other inner dims
     bench_result = out.stage("bench", {**asdict(bset), "shapes": bench_shapes}, [teacher_path, *students],
