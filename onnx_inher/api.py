@@ -1,6 +1,6 @@
 """The Python API; the CLI is a thin layer over these functions.
 
-Data flows one way: load -> locate -> plan -> factorize -> cleanup -> check -> save -> verify.
+Data flows one way: load -> locate -> plan -> factorize -> cleanup -> flush -> check -> save -> verify.
 """
 
 from __future__ import annotations

@@ -226,3 +226,35 @@ def test_latency_threads_set_every_timing_and_need_the_check(checked: pytest.Mon
                           (["--latency-threads", "1", "--no-latency-check"], "drop --no-latency-check")):
         out = CliRunner().invoke(main, ["compress", str(MNIST), "-o", str(tmp_path / "x.onnx"), *args])
         assert out.exit_code == 2 and message in out.output and not (tmp_path / "x.onnx").exists(), out.output
+
+
+def test_students_are_timed_against_the_teacher_flushed(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every student is flushed (passes/flush.py): against a teacher slowed by near-dead weights, every
+    factorisation would look faster, whether it paid or not."""
+    from onnx import numpy_helper
+
+    from onnx_inher.bench.layers import fold
+    from onnx_inher.ir.graph import GraphIndex
+    from onnx_inher.passes.flush import negligible_weights
+
+    model = onnx.load(str(MNIST))
+    w = next(t for t in model.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    values = numpy_helper.to_array(w).copy()
+    values.reshape(-1)[:5] = 1e-35
+    w.CopyFrom(numpy_helper.from_array(values, w.name))
+    teacher = tmp_path / "near_dead.onnx"
+    onnx.save(model, str(teacher))
+    baselines: list = []
+    timer = fake_timer(pair_ms=-0.1, heads_ms=0.2)
+
+    def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
+        baselines.append(models[0])
+        return timer(models, feed, settings, budget_s)
+
+    checked.setattr(speed, "time_models", time_models)
+    r = onnx_inher.compress(teacher, tmp_path / "s.onnx", Options(pick_form=True))
+    assert baselines and all(isinstance(b, bytes) for b in baselines)
+    assert all(negligible_weights(onnx.load_from_string(b)) == (0, 0) for b in baselines)
+    assert "5 negligible weights (1 tensors) flushed" in r.plan.latency_check["baseline"]
+    # a dense layer timed alone gets the flushed weights too
+    assert (fold([w.name], GraphIndex.build(model.graph))[w.name].reshape(-1)[:5] == 0).all()

@@ -23,6 +23,7 @@ from onnx_inher.bench.stats import speedup, summarize
 from onnx_inher.ir.graph import Constant, GraphIndex
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.naming import HEADS_TAG, PAIR_TAG
+from onnx_inher.ir.tensors import flush_negligible
 
 FORMS = {PAIR_TAG: "pair", HEADS_TAG: "heads"}
 
@@ -74,11 +75,15 @@ def build(nodes: Iterable[NodeProto], constants: dict[str, np.ndarray], x: str, 
 
 
 def fold(names: Iterable[str], index: GraphIndex) -> dict[str, np.ndarray]:
+    """The constant values of `names`, negligible floats flushed (`ir.tensors`): compress flushes every
+    weight of the student, a layer it leaves dense included, so a dense layer is timed as the student
+    would run it. With the teacher's own near-dead weights the PP-OCRv5 detector's `Conv.24` took 29 ms
+    instead of 0.3, and every factorisation of it would look like a 9x speedup."""
     out = {}
     for n in names:
         c = index.constant(n)
         if isinstance(c, Constant):
-            out[n] = np.asarray(c.value)
+            out[n] = flush_negligible(np.asarray(c.value))
     return out
 
 

@@ -55,7 +55,8 @@ def latency_check_line(doc: dict[str, Any]) -> str:
     if doc.get("speedup") is None:
         return f"latency check: {doc.get('verdict')}"
     form = doc.get("form")
-    text = (f"latency check ({doc.get('threads')} threads, batch 1): student {doc['speedup']:.2f}x the teacher "
+    teacher = "the teacher, negligible weights flushed," if doc.get("baseline") else "the teacher"
+    text = (f"latency check ({doc.get('threads')} threads, batch 1): student {doc['speedup']:.2f}x {teacher} "
             f"[{doc['low']:.2f}, {doc['high']:.2f}], {doc['verdict']}")
     if form:
         text += (f"; form: {form['chosen']} (heads {form['heads']['speedup']:.2f}x, pairs "

@@ -58,7 +58,8 @@ def machine_key(settings: Settings) -> tuple[str, dict[str, Any]]:
     info = machine_info(settings.provider)
     ident = {k: info[k] for k in ("cpu", "cores", "onnxruntime")}
     ident.update(provider=settings.provider, threads=settings.threads,
-                 spinning=settings.session_config())  # timings taken with other spinning are not these
+                 spinning=settings.session_config(),  # timings taken with other spinning are not these
+                 weights="negligible flushed")  # dense layers timed with the teacher's near-dead weights were slow
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16], ident
 
 
