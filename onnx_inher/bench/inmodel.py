@@ -34,7 +34,7 @@ from onnx_inher.bench.profile import node_flops, shape_table
 from onnx_inher.bench.sessions import Runner, Settings, create
 from onnx_inher.ir.graph import GraphIndex
 from onnx_inher.ir.layers import LayerView
-from onnx_inher.ir.naming import is_factor
+from onnx_inher.ir.naming import FACTOR_TAGS
 
 # ops whose node, after ORT's fusions, carries a dense layer's multiply-adds
 COMPUTE_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ConvTranspose")
@@ -173,7 +173,8 @@ def attribute(layer: str, names: Sequence[str], fused_after: Sequence[Sequence[s
 
 
 def _owns_factor(name: str, layer: str) -> bool:
-    return is_factor(name) and name.startswith(f"{layer}/")
+    """`name` is one of the nodes that replaced `layer` (`<layer>/<tag>/...`, suffixes ORT adds included)."""
+    return any(name.startswith(f"{layer}/{tag}/") for tag in FACTOR_TAGS)
 
 
 def layer_rows(teacher_model: ModelProto, student_model: ModelProto, views: Sequence[LayerView],
