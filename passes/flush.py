@@ -5,6 +5,10 @@ student inherits unchanged. Teachers carry them: the PP-OCRv5 detector holds 35,
 below 1e-30, and ONNX Runtime (which leaves flush-to-zero off) ran one of its 1x1 convs in 29 ms instead
 of about 0.2 ms; that teacher runs 2.0x faster with them zeroed, its outputs unchanged. A student that
 kept them would be slowed the same way. External-data tensors not loaded in memory are left as they are.
+
+Scalars are left alone too: a lone tiny constant is deliberate, such as float32's smallest normal number
+(1.18e-38, below the threshold) as the floor of a clamp before a log, and zeroing it would turn
+`log(max(x, tiny))` into -inf. The slow products come from weight tensors, never from one scalar.
 """
 
 from __future__ import annotations
@@ -24,22 +28,23 @@ def _view(tensor: TensorProto) -> np.ndarray | None:
     """The tensor's values (a zero-copy view of raw data where there is some), or None if not a float
     tensor held in memory."""
     dtype = FLOAT_TYPES.get(tensor.data_type)
-    if dtype is None or tensor.data_location == TensorProto.EXTERNAL:
-        return None
+    if dtype is None or tensor.data_location == TensorProto.EXTERNAL or int(np.prod(tensor.dims)) <= 1:
+        return None  # not a float tensor in memory, or a scalar (left alone: see the module doc)
     if tensor.HasField("raw_data"):
         return np.frombuffer(tensor.raw_data, dtype=dtype)
     return numpy_helper.to_array(tensor)
 
 
 def _attribute_floats(model: ModelProto) -> list[onnx.AttributeProto]:
-    """Constant nodes' `value_float` / `value_floats` attributes (float32 values outside a tensor)."""
+    """Constant nodes' `value_floats` attributes of more than one value (float32 values outside a tensor;
+    a `value_float` is a scalar, left alone)."""
     out = []
     stack = [model.graph]
     while stack:
         g = stack.pop()
         for node in g.node:
             for a in node.attribute:
-                if node.op_type == "Constant" and a.name in ("value_float", "value_floats"):
+                if node.op_type == "Constant" and a.name == "value_floats" and len(a.floats) > 1:
                     out.append(a)
                 elif a.type == onnx.AttributeProto.GRAPH:
                     stack.append(a.g)
@@ -49,7 +54,7 @@ def _attribute_floats(model: ModelProto) -> list[onnx.AttributeProto]:
 
 
 def _attribute_values(a: onnx.AttributeProto) -> np.ndarray:
-    return np.float32([a.f]) if a.name == "value_float" else np.asarray(a.floats, dtype=np.float32)
+    return np.asarray(a.floats, dtype=np.float32)
 
 
 def negligible_weights(model: ModelProto) -> tuple[int, int]:
@@ -61,8 +66,8 @@ def negligible_weights(model: ModelProto) -> tuple[int, int]:
 
 
 class FlushNegligible:
-    """Pass: zero every negligible float32/float64 weight (initializers and Constant values, in every
-    subgraph). `flushed` and `tensors` say how many values, in how many tensors, it zeroed."""
+    """Pass: zero every negligible float32/float64 weight (initializers and Constant values of more than
+    one element, in every subgraph). `flushed` and `tensors` say how many values, in how many tensors, it zeroed."""
 
     name = "flush"
 
@@ -91,11 +96,8 @@ class FlushNegligible:
             count = negligible_count(values)
             if not count:
                 continue
-            if a.name == "value_float":
-                a.f = 0.0
-            else:
-                del a.floats[:]
-                a.floats.extend(float(v) for v in flush_negligible(values))
+            del a.floats[:]
+            a.floats.extend(float(v) for v in flush_negligible(values))
             self.flushed += count
             self.tensors += 1
         self.ensures(out)

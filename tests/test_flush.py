@@ -69,8 +69,12 @@ def test_the_pass_reaches_subgraphs_and_constant_attributes_and_leaves_its_input
     tiny = numpy_helper.from_array(np.array([1.0, 2e-31, -5e-40], np.float32), "c")
     branch = helper.make_graph([helper.make_node("Constant", [], ["k"], value=tiny)], "then", [],
                                [helper.make_tensor_value_info("k", TensorProto.FLOAT, [3])])
-    other = helper.make_graph([helper.make_node("Constant", [], ["k2"], value_float=1e-35)], "else", [],
-                              [helper.make_tensor_value_info("k2", TensorProto.FLOAT, [])])
+    # a scalar is deliberate (a clamp floor before a log, say): kept, however small
+    floor = numpy_helper.from_array(np.array(np.finfo(np.float32).tiny, np.float32), "floor")
+    other = helper.make_graph([helper.make_node("Constant", [], ["k2"], value_float=1e-35),
+                               helper.make_node("Constant", [], ["k3"], value=floor),
+                               helper.make_node("Max", ["k2", "k3"], ["k4"])], "else", [],
+                              [helper.make_tensor_value_info("k4", TensorProto.FLOAT, [])])
     graph = helper.make_graph([helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other)],
                               "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
@@ -79,12 +83,15 @@ def test_the_pass_reaches_subgraphs_and_constant_attributes_and_leaves_its_input
     before = model.SerializeToString()
     flush = FlushNegligible()
     out, changed = flush(model)
-    assert changed and (flush.flushed, flush.tensors) == (4, 3)  # 2 in the branch tensor, 1 value_float, 1 double
+    assert changed and (flush.flushed, flush.tensors) == (3, 2)  # 2 in the branch tensor, 1 in the float64 one
     assert model.SerializeToString() == before
     assert negligible_weights(out) == (0, 0)
     then = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
     k = numpy_helper.to_array(then.node[0].attribute[0].t)
     np.testing.assert_array_equal(k, [1.0, 0.0, 0.0])
+    other_out = next(a.g for a in out.graph.node[0].attribute if a.name == "else_branch")
+    assert other_out.node[0].attribute[0].f == np.float32(1e-35)
+    assert numpy_helper.to_array(other_out.node[1].attribute[0].t) == np.finfo(np.float32).tiny
     again, _ = FlushNegligible()(model)
     assert again.SerializeToString() == out.SerializeToString()
     clean, changed = FlushNegligible()(out)
