@@ -1,6 +1,6 @@
 """onnx-inher: compress exported ONNX models into SVD-inherited factor layers (InherNet)."""
 
-from onnx_inher.api import compress, plan, verify_files
+from onnx_inher.api import compress, flush, plan, verify_files
 from onnx_inher.bench import bench
 from onnx_inher.distill import DistillOptions, distill
 from onnx_inher.errors import CheckFailed, InputError, OnnxInherError
@@ -20,6 +20,7 @@ __all__ = [
     "bench",
     "compress",
     "distill",
+    "flush",
     "parse_policy",
     "plan",
     "run",

@@ -203,6 +203,36 @@ class CompressResult:
         return bool((self.plan.latency_check or {}).get("ok", True))
 
 
+@dataclass
+class FlushResult:
+    flushed: int  # negligible values zeroed
+    tensors: int  # in this many tensors
+    outputs: list[Path]  # the files written (none when there was nothing to flush)
+    verification: VerifyReport | None = None
+
+
+FLUSH_BOUND = 1e-5  # relative output change `flush --verify` accepts: zeroing them changes only rounding
+
+
+def flush(model: PathLike, output: PathLike, *, verify: bool = False, inputs: PathLike | None = None,
+          shapes: Mapping[str, Sequence[int]] | None = None) -> FlushResult:
+    """The model with its negligible weights zeroed (`passes/flush.py`): the speed a teacher slowed by
+    near-dead weights gets without any compression (the PP-OCRv5 detector: 2.0x, outputs unchanged), and
+    the baseline `bench` compares students with. Nothing is written when it has none."""
+    out = Path(output)
+    check_output(out, [Path(model), *([Path(inputs)] if inputs else [])])
+    loaded = load_model(model)
+    flusher = FlushNegligible(inplace=True)
+    flushed, changed = flusher(loaded.model)
+    if not changed:
+        return FlushResult(0, 0, [])
+    written = save_model(flushed, out, external_data=loaded.external_data, inputs=[loaded.path])
+    result = FlushResult(flusher.flushed, flusher.tensors, written)
+    if verify:
+        result.verification = verify_files(loaded.path, out, inputs=inputs, shapes=shapes, bound=FLUSH_BOUND)
+    return result
+
+
 def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
     p = load_plan(path)
     if p.sha256 != a.loaded.sha256:
@@ -253,7 +283,7 @@ def negligible_note(teacher: ModelProto) -> str | None:
     return (f"the teacher's weights hold {values:,} negligible floats (subnormal or below 1e-30) in {tensors} "
             "tensors, which make ONNX Runtime compute with subnormal numbers, many times slower; the student has "
             "them as zeros (no output changes beyond float rounding), so part of its speedup comes from that "
-            "alone: `bench` also times the teacher with them flushed")
+            "alone: `bench` also times the teacher with them flushed, and `onnx-inher flush` writes it")
 
 
 def _full_check(path: Path) -> str | None:

@@ -130,3 +130,23 @@ def test_run_report_says_what_flushing_alone_gives() -> None:
     assert "hold 35,276 negligible weights (subnormal or below 1e-30, in 21 tensors);" in text
     assert "b1: flushed teacher 2.00× the teacher; vs it: student 1.05×" in text
     assert flushed_teacher_lines({"points": []}, {}) == []
+
+
+def test_flush_command_writes_the_teacher_flushed_and_verifies_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from onnx_inher.cli import main
+
+    teacher = _teacher(tmp_path / "t.onnx")
+    before = teacher.read_bytes()
+    res = CliRunner().invoke(main, ["flush", str(teacher), "-o", str(tmp_path / "f.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "zeroed 87 negligible weights in 3 tensors" in res.output and "max" in res.output.lower()
+    assert teacher.read_bytes() == before
+    assert negligible_weights(onnx.load(str(tmp_path / "f.onnx"))) == (0, 0)
+    res = CliRunner().invoke(main, ["flush", str(tmp_path / "f.onnx"), "-o", str(tmp_path / "g.onnx")])
+    assert res.exit_code == 0 and "nothing written" in res.output and not (tmp_path / "g.onnx").exists()
+    res = CliRunner().invoke(main, ["flush", str(teacher), "-o", str(teacher)])
+    assert res.exit_code == 2 and teacher.read_bytes() == before  # never overwrites its input
+    res = CliRunner().invoke(main, ["flush", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "h.onnx")])
+    assert res.exit_code == 2 and "missing.onnx" in res.output
