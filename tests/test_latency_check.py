@@ -258,3 +258,21 @@ def test_students_are_timed_against_the_teacher_flushed(checked: pytest.MonkeyPa
     assert "5 negligible weights (1 tensors) flushed" in r.plan.latency_check["baseline"]
     # a dense layer timed alone gets the flushed weights too
     assert (fold([w.name], GraphIndex.build(model.graph))[w.name].reshape(-1)[:5] == 0).all()
+
+
+def test_a_form_chosen_when_planning_is_not_redecided_at_smaller_pairs(checked: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """Planning times heads and pairs at the same budget; pairs at the heads' ranks are smaller than asked,
+    so a second look would favour them for being smaller (the detector: 40.9% of the params, not 50%)."""
+    calls: list[int] = []
+    equal, pairs_win = fake_timer(pair_ms=-0.1, heads_ms=-0.1), fake_timer(pair_ms=-0.3, heads_ms=-0.1)
+
+    def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
+        calls.append(len(models))
+        return (equal if len(calls) == 1 else pairs_win)(models, feed, settings, budget_s)
+
+    checked.setattr(speed, "time_models", time_models)
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
+    assert r.plan.latency_check["form"]["chosen"] == "heads"
+    assert calls[0] == 3 and all(n == 2 for n in calls[1:])  # the check timed the student alone, no second pick
+    assert all(c.heads == 2 for c in r.plan.candidates if c.decision == "factorize")

@@ -19,10 +19,14 @@ is the ratio of medians (teacher time / student time) with a paired bootstrap in
   conv with <= 64 output channels on one thread; the fold gives the other threads work. The folds then
   stay only if the whole student, timed with and without them, is measurably faster with them
   (`keep_folds`: a fold faster alone once made the MNIST demo's student 0.99x the teacher instead of 1.18x).
-- **form** (when the user did not fix `--mode`/`--heads` and the plan has heads): the same ranks are
+- **form** (when the user did not fix `--mode`/`--heads`, the plan has heads and planning did not
+  already choose them by timing both forms at the same budget, `choose_form`): the same ranks are
   also built as plain pairs and the three models are timed together; the pairs are kept when they are
   measurably faster than the heads (the interval of heads-time / pair-time lies above 1), else the
-  heads stay (within noise they are the better start for distillation).
+  heads stay (within noise they are the better start for distillation). Pairs at the heads' ranks have
+  fewer params and FLOPs than the budget asked for, so after a planning choice this comparison would
+  favour an undersized student: the PP-OCRv5 detector's heads, chosen at 1.07x vs 1.06x, became pairs
+  at 40.9% of the params instead of the 50% asked.
 - **revert**: while the student is measurably slower than the teacher (the interval lies below 1),
   factorised layers are turned back into dense ones, the worst first by their per-layer timings
   (`tuning.latency.layer_times`, cached per machine: smallest time saved first), 1, 2, 4, ... layers
@@ -420,7 +424,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                 else:
                     say(f"latency check: {n} down conv(s) measured faster folded alone, but not the whole student: "
                         "not folded")
-        if options.pick_form and _headed(plan):
+        if options.pick_form and _headed(plan) and chosen_early is None:
             pairs_plan = _as_pairs(plan, a.views)
             pairs = rebuild(a, pairs_plan)
             a = fresh()
