@@ -150,3 +150,15 @@ def test_flush_command_writes_the_teacher_flushed_and_verifies_it(tmp_path: Path
     assert res.exit_code == 2 and teacher.read_bytes() == before  # never overwrites its input
     res = CliRunner().invoke(main, ["flush", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "h.onnx")])
     assert res.exit_code == 2 and "missing.onnx" in res.output
+
+
+def test_bench_says_when_it_cannot_look_for_near_dead_weights(tmp_path: Path) -> None:
+    teacher = _teacher(tmp_path / "t.onnx")
+    student = tmp_path / "s.onnx"
+    onnx_inher.compress(teacher, student, Options(mode="svd", policy=parse_policy(rank_ratio=0.5), rank_multiple=1))
+    external = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(str(teacher)), str(external), save_as_external_data=True, location="ext.data",
+              size_threshold=0)
+    result = bench([external, student], provider="cpu", iters=2, warmup=0, threads=1)
+    assert [m.label for m in result.models] == ["ext", "s"]
+    assert any("near-dead weights not looked for" in s for s in result.skipped)

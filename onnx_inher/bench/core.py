@@ -273,20 +273,26 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
     _validate(paths, (1,) if batches is None else batches, seq_lens, warmup, iters, threads)
     entries = [Model(label, p, _load(p)) for label, p in zip(_labels(paths), paths, strict=True)]
     check_same_inputs(entries)
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="onnx-inher-bench-") as tmp:
-        reference = _flushed_reference(entries[0], Path(tmp)) if flushed_baseline and len(entries) > 1 else None
+        reference = (_flushed_reference(entries[0], Path(tmp), notes) if flushed_baseline and len(entries) > 1
+                     else None)
         if reference is not None:
             entries.append(reference)
-        return _bench(entries, provider, batches, seq_lens, shapes, inputs, threads, warmup, iters, cuda_graph,
-                      per_layer, layer_iters, seed, layer_profile)
+        result = _bench(entries, provider, batches, seq_lens, shapes, inputs, threads, warmup, iters, cuda_graph,
+                        per_layer, layer_iters, seed, layer_profile)
+    result.skipped += notes
+    return result
 
 
-def _flushed_reference(baseline: Model, folder: Path) -> Model | None:
+def _flushed_reference(baseline: Model, folder: Path, notes: list[str]) -> Model | None:
     """The baseline with its negligible weights (`ir.tensors`) zeroed, saved in `folder` (None when it has
-    none, or keeps its weights in external files)."""
+    none; also when it keeps its weights in external files, which `notes` then says)."""
     from onnx_inher.passes.flush import FlushNegligible, negligible_weights
 
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in baseline.proto.graph.initializer):
+        notes.append("near-dead weights not looked for: the baseline keeps its weights in external files "
+                     "(`onnx-inher flush` writes a flushed copy to bench beside it)")
         return None
     values, tensors = negligible_weights(baseline.proto)
     if not values:
