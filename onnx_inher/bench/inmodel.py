@@ -48,6 +48,7 @@ class NodeTimes:
 
     us: dict[str, float]
     ops: dict[str, str]
+    wall_us: float | None = None  # median of the same model's runs without the profiler, timed beside them
 
     def total(self, names: Sequence[str]) -> float:
         return float(sum(self.us.get(n, 0.0) for n in names))
@@ -122,10 +123,11 @@ def profile_models(paths: Sequence[Path], feed: dict[str, np.ndarray], settings:
                    iters: int, progress: Callable[[int], None] | None = None) -> list[NodeTimes]:
     """Node times of each model's optimised graph, their runs interleaved (A, B, A, B...) so that the
     machine's drift falls on all of them alike; the profiler's own cost per node
-    (`profiler_overhead_us`) taken off each."""
+    (`profiler_overhead_us`) taken off each. Each model also runs without the profiler in the same
+    rounds (`wall_us`): the sum of its node times should come close to it, which the report shows."""
     overhead = profiler_overhead_us(settings)
     with tempfile.TemporaryDirectory(prefix="onnx-inher-profile-") as tmp:
-        runners = []
+        runners, plain = [], []
         for i, path in enumerate(paths):
             opts = settings.session_options()
             opts.enable_profiling = True
@@ -133,16 +135,21 @@ def profile_models(paths: Sequence[Path], feed: dict[str, np.ndarray], settings:
             runner = Runner(create(path, settings, str(path), opts), feed, str(path))
             runner.check()  # one more profiled run: counted as warm-up
             runners.append(runner)
+            plain.append(Runner(create(path, settings, str(path)), feed, str(path)))
         for _ in range(warmup):
-            for r in runners:
+            for r in [*runners, *plain]:
                 r()
+        walls: list[list[float]] = [[] for _ in plain]
         for _ in range(iters):
             for r in runners:
                 r()
+            for j, r in enumerate(plain):
+                walls[j].append(r())
             if progress:
                 progress(len(runners))
         times = [_read_profile(Path(r.session.end_profiling()), warmup + 1, iters) for r in runners]
-    return [NodeTimes({n: max(0.0, v - overhead) for n, v in t.us.items()}, t.ops) for t in times]
+    return [NodeTimes({n: max(0.0, v - overhead) for n, v in t.us.items()}, t.ops, float(np.median(w)) * 1e6)
+            for t, w in zip(times, walls, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,9 @@ def layer_rows(teacher_model: ModelProto, student_model: ModelProto, views: Sequ
                      "teacher_nodes": at.teacher, "student_nodes": at.student})
     rest = {"teacher_ms": sum(v for n, v in teacher.us.items() if n not in claimed_t) / 1e3,
             "student_ms": sum(v for n, v in student.us.items() if n not in claimed_s) / 1e3,
-            "teacher_total_ms": sum(teacher.us.values()) / 1e3, "student_total_ms": sum(student.us.values()) / 1e3}
+            "teacher_total_ms": sum(teacher.us.values()) / 1e3, "student_total_ms": sum(student.us.values()) / 1e3,
+            "teacher_wall_ms": teacher.wall_us / 1e3 if teacher.wall_us else None,
+            "student_wall_ms": student.wall_us / 1e3 if student.wall_us else None}
     return rows, rest
 
 

@@ -86,6 +86,10 @@ def profile_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             out.append([_shape(r), r["model"], "(everything else)", "", "", f"{r['teacher_ms']:.3f}",
                         f"{r['student_ms']:.3f}", _x(r["teacher_ms"] / r["student_ms"] if r["student_ms"] else None),
                         "", "", ""])
+            if r.get("teacher_wall_ms") and r.get("student_wall_ms"):  # how well the node times account for a run
+                out.append([_shape(r), r["model"], "(all nodes / run without profiler)", "", "",
+                            f"{r['teacher_total_ms']:.3f} / {r['teacher_wall_ms']:.3f}",
+                            f"{r['student_total_ms']:.3f} / {r['student_wall_ms']:.3f}", "", "", "", ""])
             continue
         out.append([_shape(r), r["model"], r["node"], r["form"], str(r["rank"] or "-"), f"{r['dense_ms']:.3f}",
                     f"{r['factorized_ms']:.3f}", _x(r["speedup"]), _x(r["ideal_speedup_flops"]),
