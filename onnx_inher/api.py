@@ -222,14 +222,15 @@ def flush(model: PathLike, output: PathLike, *, verify: bool = False, inputs: Pa
     out = Path(output)
     check_output(out, [Path(model), *([Path(inputs)] if inputs else [])])
     loaded = load_model(model)
+    feed = verify_feed(loaded.model, inputs, shapes) if verify else None  # bad inputs fail before any output
     flusher = FlushNegligible(inplace=True)
     flushed, changed = flusher(loaded.model)
     if not changed:
         return FlushResult(0, 0, [])
     written = save_model(flushed, out, external_data=loaded.external_data, inputs=[loaded.path])
     result = FlushResult(flusher.flushed, flusher.tensors, written)
-    if verify:
-        result.verification = verify_files(loaded.path, out, inputs=inputs, shapes=shapes, bound=FLUSH_BOUND)
+    if feed is not None:
+        result.verification = verify_models(loaded.path, out, feed, FLUSH_BOUND)
     return result
 
 
@@ -413,14 +414,20 @@ def verify_files(teacher: PathLike, student: PathLike, *, inputs: PathLike | Non
                  layers: dict[str, int] | None = None) -> VerifyReport:
     """Teacher vs student in ONNX Runtime, on `inputs` (.npz) or random inputs of the right shapes:
     `shapes` (real input shapes, checked against the teacher), named dims from `dims`."""
-    if feed is None and inputs and shapes:
-        raise InputError("give the inputs (an .npz) or their shapes (--shape), not both: an .npz fixes the shapes.")
     t = load_model(teacher)
     load_model(student)
     if feed is None:
-        if inputs:
-            feed = load_inputs(inputs, t.model)
-        else:
-            checked = check_shapes(t.model, shapes or {})
-            feed = sample_inputs(t.model, shape_symbols(t.model, checked, dims), seed, shapes=checked)
+        feed = verify_feed(t.model, inputs, shapes, dims, seed)
     return verify_models(teacher, student, feed, bound, tensors=layers)
+
+
+def verify_feed(model: ModelProto, inputs: PathLike | None, shapes: Mapping[str, Sequence[int]] | None,
+                dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """What `verify` runs: `inputs` (an .npz), or random inputs of `shapes` (real input shapes, checked
+    against the model) with named dims from `dims`."""
+    if inputs and shapes:
+        raise InputError("give the inputs (an .npz) or their shapes (--shape), not both: an .npz fixes the shapes.")
+    if inputs:
+        return load_inputs(inputs, model)
+    checked = check_shapes(model, shapes or {})
+    return sample_inputs(model, shape_symbols(model, checked, dims), seed, shapes=checked)

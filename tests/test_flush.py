@@ -150,6 +150,8 @@ def test_flush_command_writes_the_teacher_flushed_and_verifies_it(tmp_path: Path
     assert res.exit_code == 2 and teacher.read_bytes() == before  # never overwrites its input
     res = CliRunner().invoke(main, ["flush", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "h.onnx")])
     assert res.exit_code == 2 and "missing.onnx" in res.output
+    res = CliRunner().invoke(main, ["flush", str(teacher), "-o", str(tmp_path / "i.onnx"), "--shape", "y=4x32"])
+    assert res.exit_code == 2 and not (tmp_path / "i.onnx").exists()  # bad --verify input: no partial output
 
 
 def test_bench_says_when_it_cannot_look_for_near_dead_weights(tmp_path: Path) -> None:
