@@ -18,6 +18,7 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from onnx_inher.errors import PassError
+from onnx_inher.ir.graph import walk_scopes
 from onnx_inher.ir.io import copy_model, iter_tensors
 from onnx_inher.ir.tensors import flush_negligible, negligible_count
 
@@ -38,19 +39,8 @@ def _view(tensor: TensorProto) -> np.ndarray | None:
 def _attribute_floats(model: ModelProto) -> list[onnx.AttributeProto]:
     """Constant nodes' `value_floats` attributes of more than one value (float32 values outside a tensor;
     a `value_float` is a scalar, left alone)."""
-    out = []
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            for a in node.attribute:
-                if node.op_type == "Constant" and a.name == "value_floats" and len(a.floats) > 1:
-                    out.append(a)
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    stack.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(a.graphs)
-    return out
+    return [a for _, graph, _ in walk_scopes(model.graph) for node in graph.node if node.op_type == "Constant"
+            for a in node.attribute if a.name == "value_floats" and len(a.floats) > 1]
 
 
 def _attribute_values(a: onnx.AttributeProto) -> np.ndarray:

@@ -285,22 +285,34 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
     return result
 
 
-def _flushed_reference(baseline: Model, folder: Path, notes: list[str]) -> Model | None:
-    """The baseline with its negligible weights (`ir.tensors`) zeroed, saved in `folder` (None when it has
-    none; also when it keeps its weights in external files, which `notes` then says)."""
-    from onnx_inher.passes.flush import FlushNegligible, negligible_weights
+def save_flushed(model: ModelProto, folder: Path, stem: str) -> tuple[Path, int, int] | None:
+    """`model` with its negligible weights (`ir.tensors`) zeroed, saved in `folder` with its weights in a side
+    file, so that no copy stays in memory while it is timed: what students are fairly timed against (bench's
+    reference, the latency check's baseline). Returns (path, values zeroed, tensors), or None when it has none."""
+    from onnx_inher.passes.flush import FlushNegligible
 
+    flush = FlushNegligible()
+    flushed, changed = flush(model)
+    if not changed:
+        return None
+    path = folder / f"{stem}.flushed.onnx"
+    onnx.save_model(flushed, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{stem}.flushed.data", size_threshold=1024)
+    return path, flush.flushed, flush.tensors
+
+
+def _flushed_reference(baseline: Model, folder: Path, notes: list[str]) -> Model | None:
+    """The baseline flushed (`save_flushed`) as one more model to time (None when it has no negligible weights;
+    also when it keeps its weights in external files, which `notes` then says)."""
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in baseline.proto.graph.initializer):
         notes.append("near-dead weights not looked for: the baseline keeps its weights in external files "
                      "(`onnx-inher flush` writes a flushed copy to bench beside it)")
         return None
-    values, tensors = negligible_weights(baseline.proto)
-    if not values:
+    saved = save_flushed(baseline.proto, folder, baseline.path.stem)
+    if saved is None:
         return None
-    flushed, _ = FlushNegligible()(baseline.proto)
-    path = folder / f"{baseline.path.stem}.flushed.onnx"
-    onnx.save(flushed, str(path))
-    return Model(f"{baseline.label} (flushed)", path, flushed,
+    path, values, tensors = saved
+    return Model(f"{baseline.label} (flushed)", path, _load(path),
                  reference=f"the baseline with its {values:,} negligible weights (subnormal or below 1e-30, in "
                            f"{tensors} tensors) zeroed")
 

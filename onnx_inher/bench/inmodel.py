@@ -185,12 +185,12 @@ def _owns_factor(name: str, layer: str) -> bool:
 
 
 def layer_rows(teacher_model: ModelProto, student_model: ModelProto, views: Sequence[LayerView],
-               teacher: NodeTimes, student: NodeTimes, feed: dict[str, np.ndarray], teacher_path: Path,
+               teacher: NodeTimes, student: NodeTimes, feed: dict[str, np.ndarray], t_table: dict[str, Any],
                student_path: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """One row per factorised layer of the student, and the time of everything no layer claims."""
+    """One row per factorised layer of the student, and the time of everything no layer claims; `t_table`
+    is the teacher's `shape_table` at `feed` (the same for every student)."""
     t_index = GraphIndex.build(teacher_model.graph)
     s_index = GraphIndex.build(student_model.graph)
-    t_table = shape_table(teacher_path, teacher_model, feed)
     s_table = shape_table(student_path, student_model, feed)
     batch = max(1, next(iter(feed.values())).shape[0] if feed else 1)
     rows: list[dict[str, Any]] = []
@@ -243,11 +243,12 @@ def in_model_results(entries: list[Any], points: list[Any], settings: Settings, 
     out: list[dict[str, Any]] = []
     with tqdm(total=len(points) * iters * len(students) * 2, desc="layer profile", unit="run",
               disable=_env.progress_disabled(), leave=False) as bar:
+        baseline = dense.path if dense is not None else entries[0].path
         for point in points:
+            t_table = shape_table(entries[0].path, teacher, point.feed)
             for label, path, student in students:
-                baseline = dense.path if dense is not None else entries[0].path
                 t_times, s_times = profile_models([baseline, path], point.feed, settings, warmup, iters, bar.update)
-                rows, rest = layer_rows(teacher, student, views, t_times, s_times, point.feed, entries[0].path, path)
+                rows, rest = layer_rows(teacher, student, views, t_times, s_times, point.feed, t_table, path)
                 where = {"batch": point.batch, "seq_len": point.seq_len, "model": label,
                          "profiler_overhead_us": round(profiler_overhead_us(settings), 2),
                          "dense_side": "baseline, negligible weights flushed" if dense is not None else "baseline"}

@@ -158,9 +158,9 @@ def terminal(doc: dict[str, Any]) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     parts = [f"# Benchmark: baseline `{doc['baseline']}`", "", _settings_line(doc) + ".", "",
              "Speedup = baseline p50 / model p50 (95% paired bootstrap interval over rounds). Ideal = baseline / model "
-             "FLOPs (dense ops) or weight bytes; eff = measured / ideal.", "", _markdown(*rows(doc)), "",
+             "FLOPs (dense ops) or weight bytes; eff = measured / ideal.", "", _markdown(*rows(doc)),
+             *(["", *_reference_note(doc)] if reference(doc) else []), "",
              "## Models", "", _markdown(*model_rows(doc)), "", f"Session memory: {doc['memory_method']}."]
-    parts[7:7] = ["", *_reference_note(doc)] if reference(doc) else []
     if doc["layers"]:
         parts += ["", "## Factorised layers (dense node vs its replacement, alone, at its real input shape)", "",
                   _markdown(*layer_rows(doc))]

@@ -55,11 +55,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 from onnx import ModelProto
 
 from onnx_inher import _env
-from onnx_inher.bench.core import with_batch
+from onnx_inher.bench.core import save_flushed, with_batch
 from onnx_inher.bench.sessions import Runner, Settings, create
 from onnx_inher.bench.stats import Ratio, speedup
 from onnx_inher.planning.plan import Candidate, Plan
@@ -166,22 +165,14 @@ def flushed_baseline(teacher: Path, model: ModelProto) -> Iterator[tuple[Path, s
     Every student is flushed, so the flushed teacher is what a student with no layer factorised would be:
     against the teacher as it is, every factorisation of the PP-OCRv5 detector looked 2x faster, whether it
     paid or not."""
-    from onnx_inher.passes.flush import FlushNegligible
-
-    flush = FlushNegligible()
-    flushed, changed = flush(model)
-    if not changed:
-        yield teacher, None
-        return
-    note = f"timed against the teacher with its {flush.flushed:,} negligible weights ({flush.tensors} tensors) " \
-           "flushed, as every student is"
     with tempfile.TemporaryDirectory(prefix="onnx-inher-baseline-") as tmp:
-        path = Path(tmp) / "teacher.flushed.onnx"
-        # weights in a side file: the copy is not held in memory while the students are timed, at any size
-        onnx.save_model(flushed, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="teacher.flushed.data", size_threshold=1024)
-        del flushed
-        yield path, note
+        saved = save_flushed(model, Path(tmp), "teacher")
+        if saved is None:
+            yield teacher, None
+            return
+        path, values, tensors = saved
+        yield path, (f"timed against the teacher with its {values:,} negligible weights ({tensors} tensors) "
+                     "flushed, as every student is")
 
 
 def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callable[[], Analysed],
