@@ -96,6 +96,77 @@ def test_conv_form_is_exact_at_init_and_at_full_rank(tmp_path: Path) -> None:
     assert np.abs(full - ref).max() <= 1e-4 * float(np.abs(ref).max())
 
 
+def _ops(path: Path, layer: str) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node if n.name.startswith(f"{layer}/")]
+
+
+def test_weight_mix_takes_the_bias_into_its_product(tmp_path: Path) -> None:
+    """The heads' bias rides in the apply MatMul as a constant-1 row (no Add over the output): the conv's own
+    bias, and a per-channel Add that alone reads the conv's output, which goes (Paddle's bias); exact at full
+    rank and equal to the pair at init."""
+    teacher = _teacher(tmp_path / "t.onnx")
+    x = _x()
+    mix_path = _student(teacher, tmp_path / "mix.onnx", None, 0.5)
+    model = onnx.load(str(mix_path))
+    assert "bias2" not in [n.name for n in model.graph.node]  # the Add was taken over...
+    assert next(n for n in model.graph.node if n.name == "conv2/inher/out").output[0] == "a2"  # ...its output kept
+    for layer in ("conv1", "conv2", "conv3"):
+        ops = _ops(mix_path, layer)
+        assert "Pad" in ops and "Add" not in ops, (layer, ops)
+    pair = _run(_student(teacher, tmp_path / "pair.onnx", None, 0.5, mode="svd"), x)
+    assert np.abs(_run(mix_path, x) - pair).max() <= 1e-5 * float(np.abs(pair).max())
+    ref = _run(teacher, x)
+    full = _run(_student(teacher, tmp_path / "full.onnx", None, 1.0), x)
+    assert np.abs(full - ref).max() <= 1e-4 * float(np.abs(ref).max())
+
+
+def _one_conv(path: Path, bias: np.ndarray, dims: list[str | int], readers: int = 1) -> Path:
+    """conv -> Add(`bias`) (and, with `readers` 2, a Relu that also reads the conv's output)."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b"], ["y"], name="bias")]
+    out_dims = [dims[0], 24, *dims[2:]]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_dims)]
+    if readers == 2:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, out_dims))
+    inits = [numpy_helper.from_array((rng.standard_normal((24, 16, 3, 3)) / 12).astype(np.float32), "w"),
+             numpy_helper.from_array(bias.astype(np.float32), "b")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    graph = helper.make_graph(nodes, "conv", [x], outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["per-channel", "along W", "two readers"])
+def test_only_a_per_channel_add_read_by_nothing_else_is_taken_over(tmp_path: Path, case: str) -> None:
+    bias = np.arange(10.0) if case == "along W" else np.arange(24.0).reshape(24, 1, 1)
+    teacher = _one_conv(tmp_path / "t.onnx", bias, ["N", 16, 12, 10], readers=2 if case == "two readers" else 1)
+    student = _student(teacher, tmp_path / "s.onnx", None, 1.0)
+    kept = "bias" in [n.name for n in onnx.load(str(student)).graph.node]
+    assert kept == (case != "per-channel")
+    sess = ort.InferenceSession(str(teacher), providers=["CPUExecutionProvider"])
+    x = _x()
+    for got, ref in zip(ort.InferenceSession(str(student), providers=["CPUExecutionProvider"]).run(None, {"x": x}),
+                        sess.run(None, {"x": x}), strict=True):
+        assert np.abs(got - ref).max() <= 1e-4 * float(np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dims,shape_ops", [(["N", 16, 12, 10], 0), (["N", 16, 12, "W"], 0),
+                                            (["N", 16, "H", "W"], 2)])
+def test_heads_output_shape_needs_no_shape_arithmetic_with_one_free_dim(tmp_path: Path, dims: list[str | int],
+                                                                        shape_ops: int) -> None:
+    """The `[N, out, pixels]` product goes back to `[N, out, H, W]` by a constant Reshape target (-1 for the
+    one dim the model leaves free), or by `Shape(z)` plus the channel change when two are free."""
+    teacher = _one_conv(tmp_path / "t.onnx", np.arange(24.0).reshape(1, 24, 1, 1), dims)
+    student = _student(teacher, tmp_path / "s.onnx", None, 1.0)
+    ops = _ops(student, "conv")
+    assert ops.count("Shape") + ops.count("Slice") + ops.count("Concat") + ops.count("Add") == shape_ops, ops
+    x = np.random.default_rng(3).standard_normal((2, 16, 12, 10)).astype(np.float32)
+    ref, got = _run(teacher, x), _run(student, x)
+    assert np.abs(got - ref).max() <= 1e-4 * float(np.abs(ref).max())
+
+
 def test_unknown_head_form_in_a_plan_is_refused(tmp_path: Path) -> None:
     teacher = _teacher(tmp_path / "t.onnx")
     plan = api.plan(teacher, _options(0.5))

@@ -612,8 +612,11 @@ def test_heads_are_separated_and_average_to_the_pair(tmp_path: Path, op: str) ->
     wi, wp = inits_by_name(inher), inits_by_name(pair)
     up = wp["layer/svd/up.weight"]
     heads = wi["layer/inher/heads.weight"]
-    if op == "Conv":  # [h, g*out*r] vs the pair's 1x1 conv [g*out, r, 1, 1]
-        per_head = heads.reshape(h, *up.shape[:2])
+    if op == "Conv":  # [h, g*out*(r+1)] (each row's last column the bias) vs the pair's 1x1 conv [g*out, r, 1, 1]
+        with_bias = heads.reshape(h, up.shape[0], up.shape[1] + 1)
+        for i in range(h):  # every head carries the full bias, unperturbed
+            np.testing.assert_array_equal(with_bias[i, :, -1], wp["B"])
+        per_head = with_bias[:, :, :-1]
         up = up.reshape(up.shape[:2])
     else:  # fused [r, h*out] vs the pair's [r, out]
         assert heads.shape == (rank, h * OUT)
