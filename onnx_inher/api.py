@@ -6,7 +6,8 @@ Data flows one way: load -> locate -> plan -> factorize -> cleanup -> flush -> c
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -230,8 +231,20 @@ def flush(model: PathLike, output: PathLike, *, verify: bool = False, inputs: Pa
     written = save_model(flushed, out, external_data=loaded.external_data, inputs=[loaded.path])
     result = FlushResult(flusher.flushed, flusher.tensors, written)
     if feed is not None:
-        result.verification = verify_models(loaded.path, out, feed, FLUSH_BOUND)
+        with _removed_on_bad_input(written):
+            result.verification = verify_models(loaded.path, out, feed, FLUSH_BOUND)
     return result
+
+
+@contextmanager
+def _removed_on_bad_input(written: Sequence[Path]) -> Iterator[None]:
+    """Bad input found only after writing (the teacher cannot run on the --verify inputs) leaves no output."""
+    try:
+        yield
+    except InputError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
@@ -380,8 +393,9 @@ def compress(
                                  "it, and the student keeps that flaw")
     result = CompressResult(the_plan, written, notes=list(the_plan.warnings))
     if verify:
-        result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,
-                                           shapes=options.shapes, feed=feed, layers=layers)
+        with _removed_on_bad_input(written):
+            result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,
+                                               shapes=options.shapes, feed=feed, layers=layers)
     return result
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from onnx_inher.errors import InputError
 from onnx_inher.runtime import session
 
 
@@ -83,12 +84,30 @@ def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, f
     t_sess = session(_exposing(teacher, tensors), provider)
     s_sess = session(_exposing(student, tensors), provider)
     names = [o.name for o in t_sess.get_outputs()]
-    t_out = t_sess.run(names, feed)
+    t_out = _run_teacher(t_sess, names, feed, teacher)
     s_out = s_sess.run(names, feed)
     errors = compare(t_out, s_out, names)
     outputs = [e for e in errors if e.name not in tensors or e.name in _graph_outputs(teacher)]
     layers = [e for e in errors if e.name in tensors]
     return VerifyReport(outputs, bound, layers)
+
+
+def _run_teacher(sess: object, names: list[str], feed: dict[str, np.ndarray],
+                 teacher: ModelProto | str | Path) -> list[np.ndarray]:
+    """The teacher's outputs on `feed`. When the teacher itself cannot run on them (a detector whose sizes
+    must divide by 32, fed the sample 1x1 image), that is the inputs' fault, not a bug: one line, exit 2."""
+    try:
+        return sess.run(names, feed)  # type: ignore[attr-defined]
+    except Exception as err:  # ORT raises its own pybind exception types
+        if type(err).__module__.split(".")[0] != "onnxruntime":
+            raise
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
+        where = teacher if isinstance(teacher, (str, Path)) else (teacher.graph.name or "the teacher")
+        why = " ".join(str(err).split())
+        why = why[why.find("Status Message:"):] if "Status Message:" in why else why
+        raise InputError(f"{where}: ONNX Runtime cannot run it on inputs of shape {shapes} ({why[:200]}); "
+                         "give shapes it takes with --shape NAME=DxD... or real inputs with --inputs FILE.npz.") \
+            from None
 
 
 def _produced(model: ModelProto) -> set[str]:

@@ -164,3 +164,29 @@ def test_bench_says_when_it_cannot_look_for_near_dead_weights(tmp_path: Path) ->
     result = bench([external, student], provider="cpu", iters=2, warmup=0, threads=1)
     assert [m.label for m in result.models] == ["ext", "s"]
     assert any("near-dead weights not looked for" in s for s in result.skipped)
+
+
+def test_a_teacher_that_cannot_run_on_the_sample_inputs_is_bad_input(tmp_path: Path) -> None:
+    """A model whose free dims take only some sizes (here the batch must be 5) fails in ONNX Runtime on
+    the sample inputs: one line naming the model, the shapes tried and the fix, exit 2, no output left."""
+    from click.testing import CliRunner
+
+    from onnx_inher.cli import main
+
+    model = onnx.load(str(_teacher(tmp_path / "t.onnx")))
+    model.graph.node[0].input[0] = "x5"
+    model.graph.node.insert(0, helper.make_node("Add", ["x", "five"], ["x5"], name="fixed_batch"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 32), np.float32), "five"))
+    teacher = tmp_path / "fixed.onnx"
+    onnx.save(model, str(teacher))
+    res = CliRunner().invoke(main, ["flush", str(teacher), "-o", str(tmp_path / "f.onnx")])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "fixed.onnx" in line and "cannot run it on inputs of shape x=" in line and "--shape" in line, line
+    assert not (tmp_path / "f.onnx").exists() and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["flush", str(teacher), "-o", str(tmp_path / "f.onnx"), "--shape", "x=5x32"])
+    assert res.exit_code == 0 and (tmp_path / "f.onnx").exists(), res.output
+    res = CliRunner().invoke(main, ["compress", str(teacher), "-o", str(tmp_path / "s.onnx"), "--verify",
+                                    "--no-latency-check"])
+    assert res.exit_code == 2 and "cannot run it on inputs of shape" in res.output, res.output
+    assert not (tmp_path / "s.onnx").exists()
