@@ -200,6 +200,42 @@ def _crepe_module(capacity: str) -> torch.nn.Module:
     return model.eval()
 
 
+def _resnet50_module() -> torch.nn.Module:
+    """ResNet-50 (torchvision's layout: bottlenecks 3-4-6-3, stride on the 3x3 conv), written out here so
+    that no torchvision is needed; random weights from seed 0 (PyTorch's default init, kaiming-uniform), so
+    its spectra are those of an untrained net: for latency work, where the onnx `light` ResNet-50's
+    placeholder weights (one value per tensor, rank 1) gave every layer the smallest rank."""
+    import torch
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin: int, width: int, stride: int) -> None:
+            super().__init__()
+            cout = width * 4
+            self.body = nn.Sequential(
+                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.body(x) + self.skip(x))
+
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                               nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for b in range(blocks):
+            layers.append(Bottleneck(cin, width, stride if b == 0 else 1))
+            cin = width * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(*layers)
+    return model.eval()
+
+
 def _resemblyzer_module() -> torch.nn.Module:
     """Resemblyzer's speaker encoder (3-layer LSTM 40->256, Linear 256->256, ReLU, L2 norm), pretrained.
 
@@ -395,6 +431,19 @@ def skl_mlp() -> Path:
     """sklearn MLPClassifier on digits via skl2onnx: input ``input`` [N, 64] float32."""
     version = _version_key(1, "scikit-learn", "skl2onnx")
     return _cached("skl_mlp", version, _build_skl_mlp)
+
+
+def resnet50_random() -> Path:
+    """ResNet-50 with random weights (`_resnet50_module`), BatchNorm folded by the exporter, input
+    ``image`` [batch, 3, 224, 224]: a real conv-net architecture at real ranks, for latency only."""
+    def build(path: Path) -> None:
+        import torch
+
+        image = torch.linspace(-1.0, 1.0, 2 * 3 * 224 * 224).reshape(2, 3, 224, 224)
+        axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
+        _export_torchscript(_resnet50_module(), (image,), path, ("image",), ("logits",), axes)
+
+    return _cached("resnet50_random", _version_key(1, "torch"), build)
 
 
 def resemblyzer() -> Path:
