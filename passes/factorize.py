@@ -426,37 +426,18 @@ def split_bias(view: LayerView, node: NodeProto, graph: GraphProto) -> SplitBias
     return SplitBias(total, out) if found else None
 
 
-def _channel_vector(value: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
-    """`value` as one bias per output channel of a conv output of rank `out_rank` (`[C, 1, 1]`,
-    `[1, C, 1, 1]`), None when it broadcasts along any other axis."""
-    if value.size != channels or value.ndim < out_rank - 1 or value.ndim > out_rank:
-        return None
-    if value.shape[value.ndim - (out_rank - 1)] != channels or not np.issubdtype(value.dtype, np.floating):
-        return None
-    return np.asarray(value, dtype=np.float32).reshape(-1)
-
-
-def conv_bias(view: LayerView, node: NodeProto, graph: GraphProto) -> SplitBias | None:
-    """The bias a conv layer's mixed heads take into their product (`_heads_conv`): the conv's own, plus
-    the constant per-channel Add that alone reads its output (Paddle exports a conv's bias that way; ONNX
-    Runtime fuses it into the teacher's conv, but after the heads' MatMul it would be a pass of its own).
-    None when there is no bias at all."""
-    channels = view.groups * view.out_features
-    out_rank = 2 + len(view.kernel)
-    total = np.zeros(channels, dtype=np.float32)
+def conv_bias(view: LayerView, graph: GraphProto) -> SplitBias | None:
+    """The bias a conv layer's mixed heads take into their product (`_heads_conv`): the conv's own, plus the
+    per-channel Add that alone reads its output (`view.trailing_bias`: Paddle exports a conv's bias that way;
+    ONNX Runtime fuses it into the teacher's conv, but after the heads' MatMul it would be a pass of its
+    own), which then goes. None when there is no bias at all."""
+    total = np.zeros(view.groups * view.out_features, dtype=np.float32)
     if view.bias is not None:
         total += np.asarray(view.bias, dtype=np.float32).reshape(-1)
-    index = GraphIndex.build(graph)
-    out = node.output[0]
-    users = index.consumers.get(out, [])
-    if len(users) == 1 and out not in index.graph_output_names() and users[0].op_type == "Add":
-        add = users[0]
-        other = [i for i in add.input if i != out]
-        folded = index.constant(other[0]) if len(other) == 1 else NotConstant("not one bias")
-        vector = None if isinstance(folded, NotConstant) else _channel_vector(folded.value, channels, out_rank)
-        if vector is not None:
-            return SplitBias(total + vector, add.output[0], list(graph.node).index(add))
-    return SplitBias(total, out) if view.bias is not None else None
+    if view.trailing_bias is not None:
+        add = next(i for i, n in enumerate(graph.node) if n.op_type == "Add" and n.output[0] == view.trailing_add)
+        return SplitBias(total + view.trailing_bias, view.trailing_add, add)
+    return SplitBias(total, view.output) if view.bias is not None else None
 
 
 def _split(e: Emitter, view: LayerView, node: NodeProto, cand: Candidate, dense: np.ndarray, f: Factors,
@@ -741,8 +722,7 @@ class Factorize:
             factors = truncate(svd, int(c.rank or 1))
             del svd
             node = scopes.graphs[view.scope].node[view.node_index]
-            bias = conv_bias(view, node, scopes.graphs[view.scope]) if mixes_conv_heads(view, c, self.plan.opset) \
-                else None
+            bias = conv_bias(view, scopes.graphs[view.scope]) if mixes_conv_heads(view, c, self.plan.opset) else None
             e = emit(view, node, c, factors, self.plan.opset, self.plan.options.seed, prefix, bias=bias)
             e.home = scopes.home(view.scope, view.weight_root)
             here = replacements.setdefault(view.scope, {})

@@ -249,10 +249,40 @@ def _conv(node, i, nid, index, shapes, basis) -> LayerView | Skip:
     cx, cy, sym = basis.dims(node.input[0]), basis.dims(node.output[0]), basis.symbols
     batch = _count(cx[:1], sym) if cx else 1
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return LayerView(nid, node.op_type, i, node.output[0], 1, w.root, w.chain, value, "right", groups, int(out_g),
+    view = LayerView(nid, node.op_type, i, node.output[0], 1, w.root, w.chain, value, "right", groups, int(out_g),
                      int(cin_g * k), kernel, bias, _count(cy[:1] + cy[2:] if cy else None, sym),
                      _count(cx[:1] + cx[2:] if cx else None, sym), batch,
                      len(x_dims) if x_dims else None, y_dims, attrs)
+    trailing = _trailing_bias(node, index, groups * int(out_g), 2 + len(kernel))
+    if trailing is not None:
+        view.trailing_add, view.trailing_bias = trailing
+    return view
+
+
+def channel_vector(value: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
+    """`value` as one float per output channel of a conv output of rank `out_rank` (`[C, 1, 1]`,
+    `[1, C, 1, 1]`), None when it broadcasts along any other axis."""
+    if value.size != channels or value.ndim < out_rank - 1 or value.ndim > out_rank:
+        return None
+    if value.shape[value.ndim - (out_rank - 1)] != channels or not np.issubdtype(value.dtype, np.floating):
+        return None
+    return np.asarray(value, dtype=np.float32).reshape(-1)
+
+
+def _trailing_bias(node: NodeProto, index: GraphIndex, channels: int, out_rank: int) -> tuple[str, np.ndarray] | None:
+    """The Add that alone reads a conv's output and adds a constant per-channel vector read by nothing else
+    (how Paddle exports a conv's bias): its output and the vector."""
+    out = node.output[0]
+    users = index.consumers.get(out, [])
+    if len(users) != 1 or out in index.graph_output_names() or users[0].op_type != "Add":
+        return None
+    add = users[0]
+    other = [name for name in add.input if name != out]
+    if len(other) != 1 or len(index.consumers.get(other[0], [])) != 1:
+        return None
+    folded = index.constant(other[0])
+    vector = None if isinstance(folded, NotConstant) else channel_vector(folded.value, channels, out_rank)
+    return None if vector is None else (add.output[0], vector)
 
 
 def _shared_key(v: LayerView, owner: str) -> str:

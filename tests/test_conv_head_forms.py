@@ -120,6 +120,19 @@ def test_weight_mix_takes_the_bias_into_its_product(tmp_path: Path) -> None:
     assert np.abs(full - ref).max() <= 1e-4 * float(np.abs(ref).max())
 
 
+def _float_params(path: Path) -> int:
+    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer if t.data_type == TensorProto.FLOAT)
+
+
+def test_the_plan_counts_the_bias_the_heads_take_over(tmp_path: Path) -> None:
+    """Each head stores the taken-over Add's bias and the Add's copy goes: the plan's params are the file's."""
+    teacher = _teacher(tmp_path / "t.onnx")
+    result = api.compress(teacher, tmp_path / "s.onnx", _options(0.5))
+    totals = result.plan.totals()
+    assert _float_params(tmp_path / "s.onnx") == _float_params(teacher) - totals["params_before"] \
+        + totals["params_after"]
+
+
 def _one_conv(path: Path, bias: np.ndarray, dims: list[str | int], readers: int = 1) -> Path:
     """conv -> Add(`bias`) (and, with `readers` 2, a Relu that also reads the conv's output)."""
     rng = np.random.default_rng(2)

@@ -43,6 +43,10 @@ class LayerView:
     # where the node lives: "" for the main graph, else its subgraph's path (`ir.graph.walk_scopes`);
     # `node_index` indexes that graph's nodes
     scope: str = ""
+    # a Conv's bias written as a separate Add (Paddle's export): the constant per-channel vector of the Add
+    # that alone reads the conv's output, and that Add's output; mixed conv heads take it over
+    trailing_bias: np.ndarray | None = None
+    trailing_add: str = ""
 
     @property
     def dtype(self) -> np.dtype:

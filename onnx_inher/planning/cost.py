@@ -56,7 +56,7 @@ def heads(view: LayerView, rank: int, h: int, head_form: str | None = None) -> C
     """
     g, o, i = view.groups, view.out_features, view.in_features
     r = g * rank
-    bias = h * (int(view.bias.size) if view.bias is not None else 0)  # every head stores a full bias
+    bias = h * (int(view.bias.size) if view.bias is not None else 0) + _taken_over(view, h, head_form)
     gate_params = r * h + h
     if view.op in ("MatMul", "Gemm"):
         per_row = i * rank + h * rank * o + rank * h + h * o
@@ -68,6 +68,14 @@ def heads(view: LayerView, rank: int, h: int, head_form: str | None = None) -> C
         apply, mix = view.rows * h * g * rank * o, view.batch * (h * g * o + r * h)
     pool = view.rows * r
     return Cost(g * rank * i + h * g * o * rank + gate_params + bias, 2 * (down + apply + mix) + pool)
+
+
+def _taken_over(view: LayerView, h: int, head_form: str | None) -> int:
+    """Params mixed conv heads add by taking over the bias Add after the conv (`view.trailing_bias`): every
+    head stores the vector, and the Add's own copy goes."""
+    if view.trailing_bias is None or (head_form == "conv" and view.op == "Conv" and view.groups == 1):
+        return 0
+    return (h - 1) * int(view.trailing_bias.size)
 
 
 def split(view: LayerView, dense_classes: int, rank: int) -> Cost:
