@@ -259,7 +259,7 @@ def _conv(node, i, nid, index, shapes, basis) -> LayerView | Skip:
     return view
 
 
-def channel_vector(value: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
+def _channel_vector(value: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
     """`value` as one float per output channel of a conv output of rank `out_rank` (`[C, 1, 1]`,
     `[1, C, 1, 1]`), None when it broadcasts along any other axis."""
     if value.size != channels or value.ndim < out_rank - 1 or value.ndim > out_rank:
@@ -281,7 +281,7 @@ def _trailing_bias(node: NodeProto, index: GraphIndex, channels: int, out_rank: 
     if len(other) != 1 or len(index.consumers.get(other[0], [])) != 1:
         return None
     folded = index.constant(other[0])
-    vector = None if isinstance(folded, NotConstant) else channel_vector(folded.value, channels, out_rank)
+    vector = None if isinstance(folded, NotConstant) else _channel_vector(folded.value, channels, out_rank)
     return None if vector is None else (add.output[0], vector)
 
 

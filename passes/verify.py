@@ -95,7 +95,7 @@ def verify(teacher: ModelProto | str | Path, student: ModelProto | str | Path, f
 def _run_teacher(sess: object, names: list[str], feed: dict[str, np.ndarray],
                  teacher: ModelProto | str | Path) -> list[np.ndarray]:
     """The teacher's outputs on `feed`. When the teacher itself cannot run on them (a detector whose sizes
-    must divide by 32, fed the sample 1x1 image), that is the inputs' fault, not a bug: one line, exit 2."""
+    must divide by 32, fed a small sample image), that is the inputs' fault, not a bug: one line, exit 2."""
     try:
         return sess.run(names, feed)  # type: ignore[attr-defined]
     except Exception as err:  # ORT raises its own pybind exception types
