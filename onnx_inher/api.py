@@ -20,7 +20,16 @@ from onnx_inher import _env
 from onnx_inher.errors import CheckFailed, InputError
 from onnx_inher.ir.io import LoadedModel, check_output, load_model, release_memory, save_model
 from onnx_inher.ir.layers import LayerView
-from onnx_inher.ir.shapes import Shapes, TensorInfo, check_shapes, complete_shapes, format_shape, infer, shape_symbols
+from onnx_inher.ir.shapes import (
+    Shapes,
+    TensorInfo,
+    check_shapes,
+    complete_shapes,
+    format_shape,
+    image_defaults,
+    infer,
+    shape_symbols,
+)
 from onnx_inher.passes.cleanup import Cleanup
 from onnx_inher.passes.factorize import Factorize, release_weight, split_bias
 from onnx_inher.passes.flush import FlushNegligible, negligible_weights
@@ -48,18 +57,49 @@ class Analysis:
     found: list
     views: dict[str, LayerView]
     symbols: dict[str, int] = field(default_factory=dict)  # named dims: --dim and those the shapes fix
+    assumed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # image shapes no --shape gave
+    shape_note: str = ""  # what was assumed for them, and how to give the real size
 
 
 def analyze(model: PathLike, dims: dict[str, int] | None = None,
             shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
     """Load and locate; FLOPs are counted at `shapes` (real input shapes, checked against the model)
-    and `dims` (named dynamic dims), every other dynamic dim at 1."""
+    and `dims` (named dynamic dims), an image input's free height and width at IMAGE_SIDE
+    (`ir.shapes.image_defaults`, said in `shape_note`), every other dynamic dim at 1."""
     loaded = load_model(model)
-    checked = check_shapes(loaded.model, shapes or {})
+    assumed = image_defaults(loaded.model, shapes or {}, dims)
+    note = ""
+    if assumed:
+        given = ", ".join(f"{k}={format_shape(v)}" for k, v in assumed.items())
+        try:
+            a = _analyze(loaded, dims, {**(shapes or {}), **assumed})
+            a.assumed = assumed
+            a.shape_note = (f"no --shape for image input(s) with a free height or width: FLOPs and timings are at "
+                            f"{given}; give --shape with the size your model runs at")
+            return a
+        except InputError as err:
+            note = (f"no --shape for image input(s) with a free height or width, and the model does not run at "
+                    f"{given} ({err}): FLOPs and timings are per pixel (free dims at 1), which says nothing "
+                    "about speed; give --shape with the size your model runs at")
+    a = _analyze(loaded, dims, shapes or {})
+    a.shape_note = note
+    return a
+
+
+def _analyze(loaded: LoadedModel, dims: dict[str, int] | None, shapes: Mapping[str, Sequence[int]]) -> Analysis:
+    checked = check_shapes(loaded.model, shapes)
     symbols = shape_symbols(loaded.model, checked, dims)
     found = locate(loaded.model, symbols, counted_shapes(loaded, checked) if checked else None)
     views = {f.node: f for f in found if isinstance(f, LayerView)}
     return Analysis(loaded, found, views, symbols)
+
+
+def _with_assumed(options: Options, a: Analysis) -> Options:
+    """`options` with the image shapes `analyze` assumed, so that the plan records them and every timing
+    (the form's, the latency check's) runs at them."""
+    if not a.assumed:
+        return options
+    return replace(options, shapes={**(options.shapes or {}), **{k: list(v) for k, v in a.assumed.items()}})
 
 
 def counted_shapes(loaded: LoadedModel, shapes: Shapes) -> dict[str, TensorInfo]:
@@ -95,7 +135,7 @@ def plan(model: PathLike, options: Options | None = None, *, target: str | None 
     options = options or Options()
     options.validate()
     a = _analysis or analyze(model, options.dims, options.shapes)
-    return _plan(a, options, target, _spectra or Spectra())[0]
+    return _plan(a, _with_assumed(options, a), target, _spectra or Spectra())[0]
 
 
 def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -> tuple[Plan, Calibration | None]:
@@ -105,6 +145,8 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra,
                    classes)
     p.warnings.extend(_split_notes(p, a, feeds))
+    if a.shape_note:
+        p.warnings.append(a.shape_note)
     if form is not None:
         p.latency_check = {"form": form}
         if form["chosen"] == "pair":
@@ -350,10 +392,15 @@ def compress(
         planned = load_plan(plan_path).options
         options = replace(options, dims=planned.dims, shapes=planned.shapes)
     a = analyze(model, options.dims, options.shapes)
+    options = _with_assumed(options, a)
     spectra = Spectra()
     calibration = None
     if plan_path:
         the_plan = _read_plan(plan_path, a, spectra)
+        if a.assumed and not the_plan.options.shapes:  # a plan made per pixel: time the check at the image size
+            the_plan.options.shapes = dict(options.shapes or {})
+        if a.shape_note:
+            the_plan.warnings.append(a.shape_note)
         planned_on = the_plan.options.calibration
         if planned_on and not options.calibration:
             the_plan.options.calibration = None

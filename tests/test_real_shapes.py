@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
 from onnx_inher import api
 from onnx_inher.bench import bench
 from onnx_inher.cli import main
+from onnx_inher.ir.shapes import IMAGE_SIDE
 from onnx_inher.planning.plan import Options
 from onnx_inher.planning.rank import parse_policy
 from tests.helpers import ort_run, width_conv_teacher
@@ -53,17 +55,35 @@ def _sha(path: Path) -> str:
 
 
 def test_flops_count_the_real_width(models: dict[str, Path]) -> None:
-    """Without a shape the free width counts 1 (the old per-pixel basis); at W=320 every conv and the head
-    (behind a Reshape that ONNX inference leaves open) cost exactly 320 times that."""
+    """At W=320 every conv and the head (behind a Reshape that ONNX inference leaves open) cost exactly 320
+    times what they cost at W=1. Without a shape, the image's free width is taken as 224 (not 1: a conv net
+    at one pixel is all fixed costs), and the plan records that and says how to give the real size."""
     default = api.plan(models["teacher"], _options())
     one = api.plan(models["teacher"], _options(shapes={"x": [1, 3, 48, 1]}))
     real = api.plan(models["teacher"], _options(shapes={"x": SHAPE}))
-    assert _flops(default, "Conv") == _flops(one, "Conv") > 0
-    assert _flops(real, "Conv") == 320 * _flops(one, "Conv")
+    assert _flops(real, "Conv") == 320 * _flops(one, "Conv") > 0
+    assert _flops(default, "Conv") == IMAGE_SIDE * _flops(one, "Conv")
     head_one, head_real = (next(c for c in p.candidates if c.node == "head").flops_before for p in (one, real))
     assert head_real == 2 * 320 * 64 * 10 == 320 * head_one
     assert json.loads(real.to_json())["options"]["shapes"] == {"x": SHAPE}
-    assert json.loads(default.to_json())["options"]["shapes"] == {}
+    assert json.loads(default.to_json())["options"]["shapes"] == {"x": [1, 3, 48, IMAGE_SIDE]}
+    assert any("x=1x3x48x224" in w and "--shape" in w for w in default.warnings), default.warnings
+    assert not any("--shape" in w for w in real.warnings)
+
+
+def test_an_image_that_cannot_be_224_wide_stays_per_pixel_and_says_so(tmp_path: Path) -> None:
+    """When the model does not run at the assumed width (here it adds a constant 40 columns wide), the plan
+    falls back to the per-pixel basis and says that this says nothing about speed: no error, no guess."""
+    model = onnx.load(str(width_conv_teacher(tmp_path / "t.onnx")))
+    model.graph.node[0].input[0] = "x40"
+    model.graph.node.insert(0, onnx.helper.make_node("Add", ["x", "cols"], ["x40"], name="fixed_width"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, 1, 1, 40), np.float32), "cols"))
+    onnx.save(model, str(tmp_path / "w40.onnx"))
+    p = api.plan(tmp_path / "w40.onnx", _options())
+    assert json.loads(p.to_json())["options"]["shapes"] == {}
+    assert any("does not run at x=1x3x48x224" in w and "per pixel" in w for w in p.warnings), p.warnings
+    assert _flops(p, "Conv") == _flops(api.plan(tmp_path / "w40.onnx", _options(shapes={"x": [1, 3, 48, 1]})),
+                                       "Conv")
 
 
 def test_shape_fixes_named_dims_too(models: dict[str, Path]) -> None:
