@@ -491,5 +491,6 @@ def verify_feed(model: ModelProto, inputs: PathLike | None, shapes: Mapping[str,
         raise InputError("give the inputs (an .npz) or their shapes (--shape), not both: an .npz fixes the shapes.")
     if inputs:
         return load_inputs(inputs, model)
-    checked = check_shapes(model, shapes or {})
+    # an image's free sides at the size compress plans at (`image_defaults`): a detector cannot run at 8x8
+    checked = check_shapes(model, {**image_defaults(model, shapes or {}, dims), **(shapes or {})})
     return sample_inputs(model, shape_symbols(model, checked, dims), seed, shapes=checked)

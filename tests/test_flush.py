@@ -190,3 +190,23 @@ def test_a_teacher_that_cannot_run_on_the_sample_inputs_is_bad_input(tmp_path: P
                                     "--no-latency-check"])
     assert res.exit_code == 2 and "cannot run it on inputs of shape" in res.output, res.output
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_verify_runs_an_image_model_at_the_size_compress_plans_at(tmp_path: Path) -> None:
+    """An image input with free sides is verified at 224 (as compress plans), not 8: a net that pools by 32,
+    as detectors do, cannot run at 8x8."""
+    from click.testing import CliRunner
+
+    from onnx_inher.cli import main
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
+    w[0, 0] = 1e-35
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[32, 32], strides=[32, 32])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])
+    graph = helper.make_graph(nodes, "pool32", [x], [y], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "t.onnx"))
+    res = CliRunner().invoke(main, ["flush", str(tmp_path / "t.onnx"), "-o", str(tmp_path / "f.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "1x4x7x7" in res.output and (tmp_path / "f.onnx").exists()
