@@ -77,9 +77,9 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
             a.shape_note = (f"no --shape for image input(s) with a free height or width: FLOPs and timings are at "
                             f"{given}; give --shape with the size your model runs at")
             return a
-        except InputError as err:
-            note = (f"no --shape for image input(s) with a free height or width, and the model does not run at "
-                    f"{given} ({err}): FLOPs and timings are per pixel (free dims at 1), which says nothing "
+        except InputError:
+            note = (f"no --shape for image input(s) with a free height or width, and ONNX Runtime cannot run the "
+                    f"model at {given}: FLOPs and timings are per pixel (free dims at 1), which says nothing "
                     "about speed; give --shape with the size your model runs at")
     a = _analyze(loaded, dims, shapes or {})
     a.shape_note = note
