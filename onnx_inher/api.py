@@ -71,16 +71,17 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
     note = ""
     if assumed:
         given = ", ".join(f"{k}={format_shape(v)}" for k, v in assumed.items())
+        fix = " ".join(f"--shape {k}={v[0]}x{v[1]}xHxW" for k, v in assumed.items())
         try:
             a = _analyze(loaded, dims, {**(shapes or {}), **assumed})
             a.assumed = assumed
             a.shape_note = (f"no --shape for image input(s) with a free height or width: FLOPs and timings are at "
-                            f"{given}; give --shape with the size your model runs at")
+                            f"{given}; give {fix} with the size your model runs at")
             return a
         except InputError:
             note = (f"no --shape for image input(s) with a free height or width, and ONNX Runtime cannot run the "
                     f"model at {given}: FLOPs and timings are per pixel (free dims at 1), which says nothing "
-                    "about speed; give --shape with the size your model runs at")
+                    f"about speed; give {fix} with the size your model runs at")
     a = _analyze(loaded, dims, shapes or {})
     a.shape_note = note
     return a
