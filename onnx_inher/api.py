@@ -27,6 +27,7 @@ from onnx_inher.ir.shapes import (
     complete_shapes,
     format_shape,
     image_defaults,
+    image_hint,
     infer,
     shape_symbols,
 )
@@ -71,7 +72,7 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
     note = ""
     if assumed:
         given = ", ".join(f"{k}={format_shape(v)}" for k, v in assumed.items())
-        fix = " ".join(f"--shape {k}={v[0]}x{v[1]}xHxW" for k, v in assumed.items())
+        fix = " ".join(f"--shape {image_hint(loaded.model, k)}" for k in assumed)
         try:
             a = _analyze(loaded, dims, {**(shapes or {}), **assumed})
             a.assumed = assumed

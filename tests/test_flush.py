@@ -210,3 +210,19 @@ def test_verify_runs_an_image_model_at_the_size_compress_plans_at(tmp_path: Path
     res = CliRunner().invoke(main, ["flush", str(tmp_path / "t.onnx"), "-o", str(tmp_path / "f.onnx")])
     assert res.exit_code == 0, res.output
     assert "1x4x7x7" in res.output and (tmp_path / "f.onnx").exists()
+
+
+def test_bench_names_the_shapes_a_model_cannot_run_at(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from onnx_inher.cli import main
+
+    model = onnx.load(str(_teacher(tmp_path / "t.onnx")))
+    model.graph.node[0].input[0] = "x5"
+    model.graph.node.insert(0, helper.make_node("Add", ["x", "five"], ["x5"], name="fixed_batch"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 32), np.float32), "five"))
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    res = CliRunner().invoke(main, ["bench", str(tmp_path / "fixed.onnx"), "--batch", "2", "--iters", "1"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "failed on the benchmark inputs (x=2x32)" in line and "--shape" in line, line

@@ -67,7 +67,7 @@ def test_flops_count_the_real_width(models: dict[str, Path]) -> None:
     assert head_real == 2 * 320 * 64 * 10 == 320 * head_one
     assert json.loads(real.to_json())["options"]["shapes"] == {"x": SHAPE}
     assert json.loads(default.to_json())["options"]["shapes"] == {"x": [1, 3, 48, IMAGE_SIDE]}
-    assert any("x=1x3x48x224" in w and "--shape x=1x3xHxW" in w for w in default.warnings), default.warnings
+    assert any("x=1x3x48x224" in w and "--shape x=1x3x48xW" in w for w in default.warnings), default.warnings
     assert not any("--shape" in w for w in real.warnings)
 
 
@@ -84,6 +84,23 @@ def test_an_image_that_cannot_be_224_wide_stays_per_pixel_and_says_so(tmp_path: 
     assert any("cannot run the model at x=1x3x48x224" in w and "per pixel" in w for w in p.warnings), p.warnings
     assert _flops(p, "Conv") == _flops(api.plan(tmp_path / "w40.onnx", _options(shapes={"x": [1, 3, 48, 1]})),
                                        "Conv")
+
+
+def test_a_channels_last_image_is_planned_at_224_too(tmp_path: Path) -> None:
+    """Keras and TF export images as `[N, H, W, C]` (MTCNN's P-Net: `[N, M1, M2, 3]`, which cannot run at
+    one pixel): the free sides are taken as 224 there too, and the hint keeps that layout."""
+    rng = np.random.default_rng(0)
+    nodes = [onnx.helper.make_node("Transpose", ["x"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+             onnx.helper.make_node("Conv", ["nchw", "w"], ["y"], name="conv", kernel_shape=[3, 3])]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "H", "W", 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64, "h", "w"])
+    w = onnx.numpy_helper.from_array(rng.standard_normal((64, 3, 3, 3)).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(nodes, "nhwc", [x], [y], [w])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(tmp_path / "t.onnx"))
+    p = api.plan(tmp_path / "t.onnx", _options())
+    assert json.loads(p.to_json())["options"]["shapes"] == {"x": [1, IMAGE_SIDE, IMAGE_SIDE, 3]}
+    assert any("--shape x=1xHxWx3" in w for w in p.warnings), p.warnings
+    assert p.candidates[0].flops_before == 2 * 64 * 27 * (IMAGE_SIDE - 2) ** 2
 
 
 def test_shape_fixes_named_dims_too(models: dict[str, Path]) -> None:

@@ -162,7 +162,10 @@ class Runner:
         try:
             self.session.run(None, self.feed)
         except Exception as err:  # onnxruntime's own exception types
-            raise InputError(f"{self.label}: ONNX Runtime failed on the benchmark inputs: {first_line(err)}") from None
+            shapes = ", ".join(f"{k}={'x'.join(map(str, np.shape(v)))}" for k, v in self.feed.items())
+            raise InputError(f"{self.label}: ONNX Runtime failed on the benchmark inputs ({shapes}): "
+                             f"{first_line(err)}; give the shapes the model runs at with --shape NAME=DxD...") \
+                from None
 
 
 def interleave(runners: Sequence[Callable[[], float]], warmup: int, iters: int,

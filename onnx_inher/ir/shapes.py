@@ -203,30 +203,56 @@ def check_shapes(model: ModelProto, shapes: Mapping[str, Sequence[int]], source:
 IMAGE_SIDE = 224  # the size a free image height or width is planned and timed at when no --shape gives it
 
 
+def _image_sides(declared: tuple[Dim, ...] | None) -> tuple[int, int] | None:
+    """The height and width axes of an image input: `[N, C, H, W]` with C fixed, or `[N, H, W, C]` with 1-4
+    fixed channels; None for anything else."""
+    if declared is None or len(declared) != 4:
+        return None
+    if isinstance(declared[1], int):
+        return (2, 3)
+    if isinstance(declared[3], int) and declared[3] <= 4:
+        return (1, 2)
+    return None
+
+
+def image_hint(model: ModelProto, name: str) -> str:
+    """The `--shape` to give for image input `name`: its fixed dims, batch 1, H and W for the free sides."""
+    declared = next((_dims(i.type) for i in graph_inputs(model) if i.name == name), None)
+    sides = _image_sides(declared)
+    if declared is None or sides is None:
+        return f"{name}=..."
+    letters = dict(zip(sides, "HW", strict=True))
+    parts = [str(d) if isinstance(d, int) else letters.get(axis, "1") for axis, d in enumerate(declared)]
+    return f"{name}={'x'.join(parts)}"
+
+
 def image_defaults(model: ModelProto, shapes: Mapping[str, Sequence[int]],
                    dims: Mapping[str, int] | None = None) -> Shapes:
     """Shapes for the image inputs that `shapes` and `dims` leave free: a float input `[N, C, H, W]` with its
-    channels fixed and its height or width free gets batch 1 and IMAGE_SIDE for each free side.
+    channels fixed, or `[N, H, W, C]` with 1-4 fixed channels (Keras, TF), whose height or width is free,
+    gets batch 1 and IMAGE_SIDE for each free side.
 
     Why: every other free dim counts as 1, and a conv net at one pixel is all fixed costs, so the latency
     check's verdicts there (form, reverts) say nothing about the real model (the PP-OCRv5 detector at 1x1:
-    2.49x [0.96, 3.10]). 224 is the common size; the plan says it was assumed and how to give the real one."""
+    2.49x [0.96, 3.10]), and some nets cannot run there at all (MTCNN's P-Net). 224 is the common size;
+    the plan says it was assumed and how to give the real one."""
     given = dict(dims or {})
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     out: Shapes = {}
     for inp in graph_inputs(model):
         declared = _dims(inp.type)
         elem = inp.type.tensor_type.elem_type if inp.type.HasField("tensor_type") else 0
-        if (inp.name in shapes or declared is None or len(declared) != 4 or not isinstance(declared[1], int)
-                or elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)):
+        sides = _image_sides(declared) if elem in floats and inp.name not in shapes else None
+        if declared is None or sides is None:
             continue
-        sides = declared[2:]
-        if all(isinstance(d, int) or (isinstance(d, str) and d in given) for d in sides):
+        if all(isinstance(declared[a], int) or (isinstance(declared[a], str) and declared[a] in given)
+               for a in sides):
             continue
 
         def value(d: Dim, default: int) -> int:
             return d if isinstance(d, int) else given.get(d, default) if isinstance(d, str) and d else default
 
-        out[inp.name] = (value(declared[0], 1), declared[1], *(value(d, IMAGE_SIDE) for d in sides))
+        out[inp.name] = tuple(value(d, IMAGE_SIDE if axis in sides else 1) for axis, d in enumerate(declared))
     return out
 
 
