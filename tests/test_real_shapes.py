@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from onnx_inher import api
 from onnx_inher.bench import bench
 from onnx_inher.cli import main
-from onnx_inher.ir.shapes import IMAGE_SIDE
+from onnx_inher.ir.shapes import IMAGE_SIDE, image_defaults
 from onnx_inher.planning.plan import Options
 from onnx_inher.planning.rank import parse_policy
 from tests.helpers import ort_run, width_conv_teacher
@@ -243,3 +243,20 @@ def test_run_takes_the_shapes_from_its_data(models: dict[str, Path], tmp_path: P
     assert plan["totals"]["flops_before"] == 24 * at_one.totals()["flops_before"]
     points = json.loads((folder / "bench.json").read_text())["points"]
     assert sorted(tuple(p["inputs"]["x"]) for p in points) == [(1, 3, 48, 24), (2, 3, 48, 24)]
+
+
+@pytest.mark.parametrize("dims,expected", [
+    (["N", 3, "H", "W"], (1, 3, 224, 224)),
+    (["N", 3, 48, None], (1, 3, 48, 224)),
+    (["N", "H", "W", 3], (1, 224, 224, 3)),
+    (["N", 3, 32, 32], None),             # nothing free
+    (["N", 1, 1, "seq"], None),           # an attention mask, not an image
+    (["N", "seq", "hidden"], None),       # not 4-D
+])
+def test_which_inputs_are_images(dims: list, expected: tuple | None) -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                                          [x], [y]))
+    assert image_defaults(model, {}).get("x") == expected
+    assert image_defaults(model, {"x": [1] * len(dims)}) == {}  # a --shape wins

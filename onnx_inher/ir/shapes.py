@@ -208,11 +208,11 @@ def _image_sides(declared: tuple[Dim, ...] | None) -> tuple[int, int] | None:
     fixed channels; None for anything else."""
     if declared is None or len(declared) != 4:
         return None
-    if isinstance(declared[1], int):
-        return (2, 3)
-    if isinstance(declared[3], int) and declared[3] <= 4:
-        return (1, 2)
-    return None
+    sides = (2, 3) if isinstance(declared[1], int) else (1, 2) if isinstance(declared[3], int) and declared[3] <= 4 \
+        else None
+    if sides is None or any(isinstance(declared[a], int) and declared[a] == 1 for a in sides):
+        return None  # a side fixed at 1 is no image: an attention mask `[N, 1, 1, seq]`, say
+    return sides
 
 
 def image_hint(model: ModelProto, name: str) -> str:
