@@ -32,7 +32,7 @@ from onnx_inher.ir.shapes import (
     shape_symbols,
 )
 from onnx_inher.passes.cleanup import Cleanup
-from onnx_inher.passes.factorize import Factorize, release_weight, split_bias
+from onnx_inher.passes.factorize import Factorize, mixes_conv_heads, release_weight
 from onnx_inher.passes.flush import FlushNegligible, negligible_weights
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
@@ -302,17 +302,15 @@ def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
 
 def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
     """Output tensor names (and elem types) of the factorised layers: teacher and student share them. A
-    class-split head that takes over its bias (`passes.factorize.split_bias`) is compared after that bias."""
+    class-split head or mixed conv heads that take over the bias Add after the layer
+    (`passes.factorize.split_bias`, `conv_bias`) are compared after that bias."""
     out: dict[str, int] = {}
     for c in the_plan.candidates:
         if c.decision != "factorize":
             continue
         v = a.views[c.node]
-        name = v.output
-        if c.dense_classes is not None and not v.scope:
-            graph = a.loaded.model.graph
-            bias = split_bias(v, graph.node[v.node_index], graph)
-            name = bias.output if bias is not None else name
+        takes = v.split_takes_bias if c.dense_classes is not None else mixes_conv_heads(v, c, the_plan.opset)
+        name = v.trailing_add if takes and v.trailing_bias is not None else v.output
         out[name] = onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
     return out
 

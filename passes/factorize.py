@@ -67,7 +67,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 from tqdm import tqdm
 
 from onnx_inher.errors import InputError, PassError
-from onnx_inher.ir.graph import MAIN, GraphIndex, NotConstant, child_paths, subgraphs, walk_scopes
+from onnx_inher.ir.graph import MAIN, child_paths, subgraphs, walk_scopes
 from onnx_inher.ir.io import copy_model, release_memory
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.naming import factor_tag, node_ids
@@ -390,40 +390,20 @@ class SplitBias:
     add_index: int | None = None
 
 
-def _class_vector(value: np.ndarray, classes: int) -> np.ndarray | None:
-    """`value` as one bias per class when it broadcasts along the class axis only (`[C]`, `[1, ..., C]`)."""
-    if value.size != classes or value.ndim == 0 or value.shape[-1] != classes:
-        return None
-    return np.asarray(value, dtype=np.float32).reshape(-1)
-
-
-def split_bias(view: LayerView, node: NodeProto, graph: GraphProto) -> SplitBias | None:
+def split_bias(view: LayerView, graph: GraphProto) -> SplitBias | None:
     """The per-class bias after a class-split head, folded into the head so that no pass over the full-size
-    logits adds it: a Gemm's constant C, and/or the constant Add that alone reads the layer's output (the
-    MatMul + Add of a torch/Paddle `Linear`). None when there is neither, or one that is not a per-class
-    vector (then the head is emitted as before, with the bias after the scatter)."""
-    index = GraphIndex.build(graph)
+    logits adds it: a Gemm's C when it is one value per class, and/or the constant Add that alone reads the
+    layer's output (`view.trailing_bias`: the MatMul + Add of a torch/Paddle `Linear`). None when the head
+    does not take it (`view.split_takes_bias`; then it is emitted with the bias after the scatter)."""
+    if not view.split_takes_bias:
+        return None
     total = np.zeros(view.out_features, dtype=np.float32)
-    found = False
-    c = str(view.attrs.get("c", "")) if view.op == "Gemm" else ""
-    if c:
-        folded = index.constant(c)
-        vector = None if isinstance(folded, NotConstant) else _class_vector(folded.value, view.out_features)
-        if vector is None:
-            return None
-        total += vector
-        found = True
-    out = node.output[0]
-    users = index.consumers.get(out, [])
-    if len(users) == 1 and out not in index.graph_output_names() and users[0].op_type == "Add":
-        add = users[0]
-        other = [i for i in add.input if i != out]
-        folded = index.constant(other[0]) if len(other) == 1 else NotConstant("not one bias")
-        vector = None if isinstance(folded, NotConstant) else _class_vector(folded.value, view.out_features)
-        if vector is not None:
-            total += vector
-            return SplitBias(total, add.output[0], list(graph.node).index(add))
-    return SplitBias(total, out) if found else None
+    if view.op == "Gemm" and view.attrs.get("c") and view.bias is not None:
+        total += np.asarray(view.bias, dtype=np.float32)
+    if view.trailing_bias is not None:
+        add = next(i for i, n in enumerate(graph.node) if n.op_type == "Add" and n.output[0] == view.trailing_add)
+        return SplitBias(total + view.trailing_bias, view.trailing_add, add)
+    return SplitBias(total, view.output)
 
 
 def conv_bias(view: LayerView, graph: GraphProto) -> SplitBias | None:
@@ -706,7 +686,7 @@ class Factorize:
             view = self.views[c.node]
             if c.dense_classes is not None:
                 node = scopes.graphs[view.scope].node[view.node_index]
-                bias = split_bias(view, node, scopes.graphs[view.scope])
+                bias = split_bias(view, scopes.graphs[view.scope])
                 here = replacements.setdefault(view.scope, {})
                 here[view.node_index] = self._emit_split(c, view, node, bias)
                 if bias is not None and bias.add_index is not None:  # the head writes the Add's output now

@@ -9,7 +9,7 @@ layers there).
 from __future__ import annotations
 
 from collections import ChainMap, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -185,9 +185,10 @@ def _matmul(node, i, nid, index, shapes, basis) -> LayerView | Skip:
     else:
         n_out, n_in = w.value.shape
         rows = _count(cx[:-2] + cx[-1:] if cx and len(cx) >= 2 else None, basis.symbols)
-    return LayerView(nid, "MatMul", i, node.output[0], 1 if side == "right" else 0, w.root, w.chain, w.value, side, 1,
+    view = LayerView(nid, "MatMul", i, node.output[0], 1 if side == "right" else 0, w.root, w.chain, w.value, side, 1,
                      int(n_out), int(n_in), (), None, rows, rows, 1, len(x_dims) if x_dims else None,
                      _dims(shapes, node.output[0]), {})
+    return _with_trailing_bias(view, node, index, lambda v: _class_vector(v, int(n_out))) if side == "right" else view
 
 
 def _gemm(node, i, nid, index, shapes, basis) -> LayerView | Skip:
@@ -218,8 +219,9 @@ def _gemm(node, i, nid, index, shapes, basis) -> LayerView | Skip:
                                                               and c.value.size == n_out)):
             bias = np.broadcast_to(c.value.reshape(-1), (n_out,)) * float(attrs["beta"])  # type: ignore[arg-type]
             attrs["c_size"] = int(c.value.size)  # as stored: a scalar C is broadcast, not n_out params
-    return LayerView(nid, "Gemm", i, node.output[0], slot, w.root, w.chain, w.value, side, 1, int(n_out), int(n_in), (),
+    view = LayerView(nid, "Gemm", i, node.output[0], slot, w.root, w.chain, w.value, side, 1, int(n_out), int(n_in), (),
                      bias, rows, rows, 1, 2, _dims(shapes, node.output[0]), attrs)
+    return _with_trailing_bias(view, node, index, lambda v: _class_vector(v, int(n_out))) if side == "right" else view
 
 
 def _conv(node, i, nid, index, shapes, basis) -> LayerView | Skip:
@@ -253,10 +255,8 @@ def _conv(node, i, nid, index, shapes, basis) -> LayerView | Skip:
                      int(cin_g * k), kernel, bias, _count(cy[:1] + cy[2:] if cy else None, sym),
                      _count(cx[:1] + cx[2:] if cx else None, sym), batch,
                      len(x_dims) if x_dims else None, y_dims, attrs)
-    trailing = _trailing_bias(node, index, groups * int(out_g), 2 + len(kernel))
-    if trailing is not None:
-        view.trailing_add, view.trailing_bias = trailing
-    return view
+    return _with_trailing_bias(view, node, index,
+                               lambda v: _channel_vector(v, groups * int(out_g), 2 + len(kernel)))
 
 
 def _channel_vector(value: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
@@ -269,20 +269,32 @@ def _channel_vector(value: np.ndarray, channels: int, out_rank: int) -> np.ndarr
     return np.asarray(value, dtype=np.float32).reshape(-1)
 
 
-def _trailing_bias(node: NodeProto, index: GraphIndex, channels: int, out_rank: int) -> tuple[str, np.ndarray] | None:
-    """The Add that alone reads a conv's output and adds a constant per-channel vector read by nothing else
-    (how Paddle exports a conv's bias): its output and the vector."""
+def _class_vector(value: np.ndarray, classes: int) -> np.ndarray | None:
+    """`value` as one float per output column of a MatMul/Gemm (`[C]`, `[1, ..., C]`), None otherwise."""
+    if value.size != classes or value.ndim == 0 or value.shape[-1] != classes \
+            or not np.issubdtype(value.dtype, np.floating):
+        return None
+    return np.asarray(value, dtype=np.float32).reshape(-1)
+
+
+def _with_trailing_bias(view: LayerView, node: NodeProto, index: GraphIndex,
+                        to_vector: Callable[[np.ndarray], np.ndarray | None]) -> LayerView:
+    """`view` with the Add that alone reads the layer's output and adds a constant bias read by nothing else
+    (how Paddle exports a conv's bias, and torch/Paddle a Linear's as MatMul + Add): its output and the bias
+    as one value per output (`to_vector`). Mixed conv heads and class-split heads take it over."""
     out = node.output[0]
     users = index.consumers.get(out, [])
     if len(users) != 1 or out in index.graph_output_names() or users[0].op_type != "Add":
-        return None
+        return view
     add = users[0]
     other = [name for name in add.input if name != out]
     if len(other) != 1 or len(index.consumers.get(other[0], [])) != 1:
-        return None
+        return view
     folded = index.constant(other[0])
-    vector = None if isinstance(folded, NotConstant) else _channel_vector(folded.value, channels, out_rank)
-    return None if vector is None else (add.output[0], vector)
+    vector = None if isinstance(folded, NotConstant) else to_vector(folded.value)
+    if vector is not None:
+        view.trailing_add, view.trailing_bias = add.output[0], vector
+    return view
 
 
 def _shared_key(v: LayerView, owner: str) -> str:

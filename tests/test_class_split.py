@@ -286,3 +286,23 @@ def test_the_scatter_writes_in_place_into_logits_whose_dims_are_all_named(tmp_pa
     np.testing.assert_allclose(ort_run(tmp_path / "s.onnx", feed)[0], ort_run(teacher, feed)[0], atol=1e-5)
     module, _ = to_torch(student)
     np.testing.assert_allclose(torch_run(module, feed)[0], ort_run(tmp_path / "s.onnx", feed)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("per_frame_bias", [False, True])
+def test_the_plan_counts_what_the_split_head_stores(tmp_path: Path, per_frame_bias: bool) -> None:
+    """With the bias taken over, the kept classes store theirs and the pair one more rank, and the Add's copy
+    goes; with a per-frame bias nothing is taken: either way the plan's params are the file's, and verify
+    compares the head where both models have its logits."""
+    np.savez(tmp_path / "cal.npz", x=_inputs(96, 1))
+    teacher = _vocab_head(tmp_path / "vocab.onnx", per_frame_bias=per_frame_bias)
+    r = onnx_inher.compress(teacher, tmp_path / "s.onnx", _options(tmp_path / "cal.npz",
+                                                                   policy=parse_policy(param_ratio=0.5)), verify=True)
+
+    def floats(path: Path) -> int:
+        return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer
+                   if t.data_type == TensorProto.FLOAT)
+
+    totals = r.plan.totals()
+    assert floats(tmp_path / "s.onnx") == floats(teacher) - totals["params_before"] + totals["params_after"]
+    assert r.verification is not None
+    assert [e.name for e in r.verification.layers] == ["z" if per_frame_bias else "zb"]

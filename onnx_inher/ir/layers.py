@@ -43,10 +43,19 @@ class LayerView:
     # where the node lives: "" for the main graph, else its subgraph's path (`ir.graph.walk_scopes`);
     # `node_index` indexes that graph's nodes
     scope: str = ""
-    # a Conv's bias written as a separate Add (Paddle's export): the constant per-channel vector of the Add
-    # that alone reads the conv's output, and that Add's output; mixed conv heads take it over
+    # a bias written as a separate Add (Paddle's convs, torch/Paddle Linear as MatMul + Add): the constant
+    # vector (one per output channel or class) of the Add that alone reads the layer's output, and that Add's
+    # output; mixed conv heads and class-split heads take it over
     trailing_bias: np.ndarray | None = None
     trailing_add: str = ""
+
+    @property
+    def split_takes_bias(self) -> bool:
+        """Whether a class-split head takes the layer's bias into itself (`passes.factorize.split_bias`): a
+        Gemm's C when it is one value per class, else the bias Add after the layer (`trailing_bias`)."""
+        if self.op == "Gemm" and self.attrs.get("c"):
+            return self.bias is not None and self.attrs.get("c_size") == self.out_features
+        return self.trailing_bias is not None
 
     @property
     def dtype(self) -> np.dtype:

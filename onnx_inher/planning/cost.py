@@ -73,7 +73,8 @@ def heads(view: LayerView, rank: int, h: int, head_form: str | None = None) -> C
 def _taken_over(view: LayerView, h: int, head_form: str | None) -> int:
     """Params mixed conv heads add by taking over the bias Add after the conv (`view.trailing_bias`): every
     head stores the vector, and the Add's own copy goes."""
-    if view.trailing_bias is None or (head_form == "conv" and view.op == "Conv" and view.groups == 1):
+    if view.trailing_bias is None or view.op not in ("Conv", "ConvTranspose") \
+            or (head_form == "conv" and view.op == "Conv" and view.groups == 1):
         return 0
     return (h - 1) * int(view.trailing_bias.size)
 
@@ -81,10 +82,16 @@ def _taken_over(view: LayerView, h: int, head_form: str | None) -> int:
 def split(view: LayerView, dense_classes: int, rank: int) -> Cost:
     """A class-split head (right-side MatMul/Gemm): `dense_classes` output columns kept as they are, the others
     through a rank-`rank` pair whose up-projection spans all `out` classes (the kept ones are zero columns
-    that the scatter overwrites: stored, so counted); the scatter moves data, no MACs."""
-    i, o = view.in_features, view.out_features
-    per_row = i * dense_classes + rank * (i + o)
-    return Cost(per_row + _bias(view), 2 * view.rows * per_row)
+    that the scatter overwrites: stored, so counted); the scatter moves data, no MACs. When it takes the bias
+    over (`view.split_takes_bias`), the kept classes store theirs and the pair one more rank, a constant-1
+    feature (its down column, its offset, its up row), and a bias Add after the layer goes with its copy."""
+    i, o, k = view.in_features, view.out_features, dense_classes
+    r = rank + 1 if view.split_takes_bias else rank
+    per_row = i * k + r * (i + o)
+    if not view.split_takes_bias:
+        return Cost(per_row + _bias(view), 2 * view.rows * per_row)
+    gone = o if view.trailing_bias is not None else 0
+    return Cost(per_row + k + r - gone, 2 * view.rows * per_row)
 
 
 def after(view: LayerView, rank: int, h: int, head_form: str | None = None) -> Cost:
