@@ -25,7 +25,7 @@ from onnx_inher.ir.shapes import (
     TensorInfo,
     check_shapes,
     complete_shapes,
-    format_shape,
+    format_shapes,
     image_defaults,
     image_hint,
     infer,
@@ -71,7 +71,7 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
     assumed = image_defaults(loaded.model, shapes or {}, dims)
     note = ""
     if assumed:
-        given = ", ".join(f"{k}={format_shape(v)}" for k, v in assumed.items())
+        given = format_shapes(assumed)
         fix = " ".join(f"--shape {image_hint(loaded.model, k)}" for k in assumed)
         try:
             a = _analyze(loaded, dims, {**(shapes or {}), **assumed})
@@ -121,7 +121,7 @@ def counted_shapes(loaded: LoadedModel, shapes: Shapes) -> dict[str, TensorInfo]
     except (InputError, MemoryError):
         raise
     except Exception as err:  # ORT's errors have several types: say which shape failed
-        given = ", ".join(f"{k}={format_shape(v)}" for k, v in full.items())
+        given = format_shapes(full)
         raise InputError(f"--shape {given}: the model does not run at this shape in ONNX Runtime "
                          f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
                          "check the shape.") from None

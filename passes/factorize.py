@@ -401,8 +401,7 @@ def split_bias(view: LayerView, graph: GraphProto) -> SplitBias | None:
     if view.op == "Gemm" and view.attrs.get("c") and view.bias is not None:
         total += np.asarray(view.bias, dtype=np.float32)
     if view.trailing_bias is not None:
-        add = next(i for i, n in enumerate(graph.node) if n.op_type == "Add" and n.output[0] == view.trailing_add)
-        return SplitBias(total + view.trailing_bias, view.trailing_add, add)
+        return SplitBias(total + view.trailing_bias, view.trailing_add, _trailing_add_index(view, graph))
     return SplitBias(total, view.output)
 
 
@@ -415,9 +414,13 @@ def conv_bias(view: LayerView, graph: GraphProto) -> SplitBias | None:
     if view.bias is not None:
         total += np.asarray(view.bias, dtype=np.float32).reshape(-1)
     if view.trailing_bias is not None:
-        add = next(i for i, n in enumerate(graph.node) if n.op_type == "Add" and n.output[0] == view.trailing_add)
-        return SplitBias(total + view.trailing_bias, view.trailing_add, add)
+        return SplitBias(total + view.trailing_bias, view.trailing_add, _trailing_add_index(view, graph))
     return SplitBias(total, view.output) if view.bias is not None else None
+
+
+def _trailing_add_index(view: LayerView, graph: GraphProto) -> int:
+    """Where the bias Add a head takes over (`view.trailing_add`) sits in its graph: the head replaces it."""
+    return next(i for i, n in enumerate(graph.node) if n.op_type == "Add" and n.output[0] == view.trailing_add)
 
 
 def _split(e: Emitter, view: LayerView, node: NodeProto, cand: Candidate, dense: np.ndarray, f: Factors,

@@ -14,6 +14,7 @@ import onnx
 from onnx import ModelProto
 
 from onnx_inher.errors import InputError
+from onnx_inher.ir.shapes import format_shapes
 from onnx_inher.runtime import session
 
 
@@ -101,7 +102,7 @@ def _run_teacher(sess: object, names: list[str], feed: dict[str, np.ndarray],
     except Exception as err:  # ORT raises its own pybind exception types
         if type(err).__module__.split(".")[0] != "onnxruntime":
             raise
-        shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
+        shapes = format_shapes({k: v.shape for k, v in feed.items()})
         where = teacher if isinstance(teacher, (str, Path)) else (teacher.graph.name or "the teacher")
         why = " ".join(str(err).split())
         why = why[why.find("Status Message:"):] if "Status Message:" in why else why

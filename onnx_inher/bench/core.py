@@ -28,7 +28,7 @@ from onnx_inher.bench.profile import Profile, feed_shapes, profile
 from onnx_inher.bench.sessions import Runner, Settings, create, first_line, interleave
 from onnx_inher.bench.stats import Ratio, Summary, speedup, summarize
 from onnx_inher.errors import InputError
-from onnx_inher.ir.shapes import Shapes, check_shapes, complete_shapes, format_shape, graph_inputs
+from onnx_inher.ir.shapes import Shapes, check_shapes, complete_shapes, format_shapes, graph_inputs
 from onnx_inher.runtime import load_inputs, machine_info, sample_inputs
 
 FORMAT = "onnx-inher-bench/1"
@@ -192,12 +192,8 @@ def with_batch(model: ModelProto, shapes: Shapes, batch: int) -> tuple[Shapes | 
         out[inp.name] = shape
     first = next((s[0] for s in shapes.values() if s), None)
     if not dynamic and batch != first:
-        return None, f"batch {batch}: no input has a dynamic batch axis (the shapes are {_shapes_text(shapes)})"
+        return None, f"batch {batch}: no input has a dynamic batch axis (the shapes are {format_shapes(shapes)})"
     return out, None
-
-
-def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
-    return ", ".join(f"{k}={format_shape(tuple(v))}" for k, v in shapes.items())
 
 
 def _given_points(model: ModelProto, batches: Sequence[int] | None, shapes: Mapping[str, Sequence[int]] | None,

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from onnx_inher.errors import InputError
+from onnx_inher.ir.shapes import format_shapes
 from onnx_inher.runtime import providers as runtime_providers
 
 PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
@@ -162,7 +163,7 @@ class Runner:
         try:
             self.session.run(None, self.feed)
         except Exception as err:  # onnxruntime's own exception types
-            shapes = ", ".join(f"{k}={'x'.join(map(str, np.shape(v)))}" for k, v in self.feed.items())
+            shapes = format_shapes({k: np.shape(v) for k, v in self.feed.items()})
             raise InputError(f"{self.label}: ONNX Runtime failed on the benchmark inputs ({shapes}): "
                              f"{first_line(err)}; give the shapes the model runs at with --shape NAME=DxD...") \
                 from None

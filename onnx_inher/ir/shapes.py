@@ -170,6 +170,11 @@ def format_shape(dims: Sequence[Dim]) -> str:
     return "x".join("?" if d is None else str(d) for d in dims) if dims else "scalar"
 
 
+def format_shapes(shapes: Mapping[str, Sequence[Dim]]) -> str:
+    """`x=1x3x48x320, mask=1x48`: inputs and their shapes, as messages and `--shape` write them."""
+    return ", ".join(f"{k}={format_shape(tuple(v))}" for k, v in shapes.items())
+
+
 def check_shapes(model: ModelProto, shapes: Mapping[str, Sequence[int]], source: str = "--shape") -> Shapes:
     """`shapes` checked against the model's inputs: known names, one value per dim, fixed dims as declared,
     one value per named dim across inputs. Each problem is a one-line `InputError` naming the input and
