@@ -37,7 +37,16 @@ from onnx_inher.passes.flush import FlushNegligible, negligible_weights
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
 from onnx_inher.passes.verify import verify as verify_models
-from onnx_inher.planning.plan import SPLIT_TOP, Options, Plan, Spectra, apply_edits, build_plan, load_plan
+from onnx_inher.planning.plan import (
+    SPLIT_TOP,
+    Options,
+    Plan,
+    Spectra,
+    apply_edits,
+    build_plan,
+    load_plan,
+    uncovered_note,
+)
 from onnx_inher.runtime import load_inputs, sample_inputs
 
 if TYPE_CHECKING:
@@ -60,6 +69,7 @@ class Analysis:
     symbols: dict[str, int] = field(default_factory=dict)  # named dims: --dim and those the shapes fix
     assumed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # image shapes no --shape gave
     shape_note: str = ""  # what was assumed for them, and how to give the real size
+    cost: dict | None = None  # the whole model beside the candidates (`Plan.model_cost`)
 
 
 def analyze(model: PathLike, dims: dict[str, int] | None = None,
@@ -91,9 +101,31 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
 def _analyze(loaded: LoadedModel, dims: dict[str, int] | None, shapes: Mapping[str, Sequence[int]]) -> Analysis:
     checked = check_shapes(loaded.model, shapes)
     symbols = shape_symbols(loaded.model, checked, dims)
-    found = locate(loaded.model, symbols, counted_shapes(loaded, checked) if checked else None)
+    counted = counted_shapes(loaded, checked) if checked else None
+    found = locate(loaded.model, symbols, counted)
     views = {f.node: f for f in found if isinstance(f, LayerView)}
-    return Analysis(loaded, found, views, symbols)
+    return Analysis(loaded, found, views, symbols, cost=model_cost(loaded, counted, symbols, found))
+
+
+def model_cost(loaded: LoadedModel, counted: dict[str, TensorInfo] | None, symbols: dict[str, int],
+               found: list) -> dict:
+    """Every float weight of the model, and the FLOPs of the main graph's ops that no candidate stands for
+    (LSTM, GRU, RNN, quantised products), by op type, at the shapes the candidates are counted at. Shapes
+    are inferred only when such ops (or load-time placeholder weights) are there."""
+    from onnx_inher.bench.profile import (
+        QUANTISED_CONV,
+        QUANTISED_MATMUL,
+        RECURRENT_GATES,
+        float_params,
+        uncounted_flops,
+    )
+
+    ops = {n.op_type for n in loaded.model.graph.node}
+    needs_shapes = bool(ops & {*RECURRENT_GATES, *QUANTISED_MATMUL, *QUANTISED_CONV, "ConstantOfShape"})
+    table = (counted if counted is not None else infer(loaded.model)) if needs_shapes else None
+    params, _ = float_params(loaded.model, table)
+    other = uncounted_flops(loaded.model, table, symbols, {f.node for f in found}) if table is not None else {}
+    return {"params": int(params), "other_flops": dict(sorted(other.items()))}
 
 
 def _with_assumed(options: Options, a: Analysis) -> Options:
@@ -147,6 +179,9 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra,
                    classes)
     p.warnings.extend(_split_notes(p, a, feeds))
+    p.model_cost = a.cost
+    if note := uncovered_note(p):
+        p.warnings.append(note)
     if a.shape_note:
         p.warnings.append(a.shape_note)
     if form is not None:

@@ -162,6 +162,9 @@ class Plan:
     candidates: list[Candidate]
     warnings: list[str] = field(default_factory=list)
     latency_check: dict[str, Any] | None = None  # what compress's latency check measured (tuning/speed.py)
+    # the whole teacher beside the candidates: {"params": float weights, "other_flops": {op: FLOPs}} for the
+    # ops no candidate stands for (recurrent, quantised), at the plan's shapes (`api.model_cost`)
+    model_cost: dict[str, Any] | None = None
 
     def totals(self) -> dict[str, Any]:
         chosen = [c for c in self.candidates if c.decision == "factorize"]
@@ -169,7 +172,7 @@ class Plan:
         pa = sum(c.params_after if c.decision == "factorize" else c.params_before for c in self.candidates)
         fb = sum(c.flops_before for c in self.candidates)
         fa = sum(c.flops_after if c.decision == "factorize" else c.flops_before for c in self.candidates)
-        return {
+        totals = {
             "candidates": len(self.candidates),
             "factorized": len(chosen),
             "skipped": len(self.candidates) - len(chosen),
@@ -180,6 +183,9 @@ class Plan:
             "flops_after": fa,
             "flop_ratio": fa / fb if fb else 1.0,
         }
+        if self.model_cost is not None:
+            totals["model"] = whole_model(self.model_cost, pb, pa, fb, fa)
+        return totals
 
     def to_json(self) -> str:
         opts = asdict(self.options)
@@ -194,6 +200,8 @@ class Plan:
         }
         if self.latency_check is not None:
             doc["latency_check"] = self.latency_check
+        if self.model_cost is not None:
+            doc["model_cost"] = self.model_cost
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
@@ -208,10 +216,41 @@ class Plan:
             names = {f for f in Candidate.__dataclass_fields__}
             cands = [Candidate(**{k: v for k, v in c.items() if k in names}) for c in doc["candidates"]]
             return cls(doc["model"]["path"], doc["model"]["sha256"], int(doc["model"]["opset"]), options,
-                       cands, list(doc.get("warnings", [])), doc.get("latency_check"))
+                       cands, list(doc.get("warnings", [])), doc.get("latency_check"), doc.get("model_cost"))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise InputError(f"{source}: not a valid onnx-inher plan ({err}); regenerate it with `onnx-inher plan`.") \
                 from None
+
+
+def whole_model(cost: dict[str, Any], pb: int, pa: int, fb: int, fa: int) -> dict[str, Any]:
+    """The whole teacher and student: every float weight, and the candidates' FLOPs plus those of the ops
+    no candidate stands for (`Plan.model_cost`); `factorisable_flop_share` is the candidates' part of the
+    teacher's FLOPs, the most the plan can act on."""
+    other = sum(int(v) for v in cost.get("other_flops", {}).values())
+    params = max(int(cost["params"]), pb)
+    flops = fb + other
+    return {"params_before": params, "params_after": params - (pb - pa),
+            "param_ratio": (params - (pb - pa)) / params if params else 1.0,
+            "flops_before": flops, "flops_after": fa + other, "flop_ratio": (fa + other) / flops if flops else 1.0,
+            "factorisable_flop_share": fb / flops if flops else 1.0}
+
+
+LOW_SHARE = 0.5  # below this share of the teacher's FLOPs in factorisable layers, the plan warns
+
+
+def uncovered_note(plan: Plan) -> str | None:
+    """A warning when most of the teacher's FLOPs are in ops onnx-inher does not factorise (an LSTM speech
+    encoder with one Linear): its student cannot be much faster, whatever the plan's own ratios say."""
+    if plan.model_cost is None:
+        return None
+    t = plan.totals()["model"]
+    other = {k: int(v) for k, v in plan.model_cost.get("other_flops", {}).items() if v}
+    if not other or t["factorisable_flop_share"] >= LOW_SHARE:
+        return None
+    ops = ", ".join(f"{op} {v / t['flops_before']:.0%}" for op, v in sorted(other.items(), key=lambda kv: -kv[1]))
+    return (f"the factorisable layers (MatMul, Gemm, Conv) are {t['factorisable_flop_share']:.0%} of the teacher's "
+            f"FLOPs; the rest is in {ops}, which onnx-inher does not factorise: the student keeps "
+            f"{t['flop_ratio']:.0%} of the teacher's FLOPs and can be little faster")
 
 
 class Spectra:

@@ -43,11 +43,23 @@ def plan_table(plan: Plan, *, verbose_reasons: bool = True) -> str:
     return _table(rows, header)
 
 
+WHOLE_MODEL_GAP = 0.01  # the whole model gets its own line when it differs from the candidate layers by more
+
+
 def totals_line(plan: Plan) -> str:
+    """The candidate layers' totals; then the whole model's, where ops or weights outside them (an LSTM,
+    embeddings, norms) make it differ: "params 37.7%" must not read as the model's when it is 3% of it."""
     t = plan.totals()
-    return (f"{t['factorized']}/{t['candidates']} layers factorised; params {human(t['params_before'])} -> "
+    line = (f"{t['factorized']}/{t['candidates']} layers factorised; params {human(t['params_before'])} -> "
             f"{human(t['params_after'])} ({t['param_ratio']:.1%}); FLOPs {human(t['flops_before'])} -> "
             f"{human(t['flops_after'])} ({t['flop_ratio']:.1%})")
+    m = t.get("model")
+    if m and (abs(m["param_ratio"] - t["param_ratio"]) > WHOLE_MODEL_GAP
+              or abs(m["flop_ratio"] - t["flop_ratio"]) > WHOLE_MODEL_GAP):
+        line += (f"\nwhole model: params {human(m['params_before'])} -> {human(m['params_after'])} "
+                 f"({m['param_ratio']:.1%}); FLOPs {human(m['flops_before'])} -> {human(m['flops_after'])} "
+                 f"({m['flop_ratio']:.1%})")
+    return line
 
 
 def latency_check_line(doc: dict[str, Any]) -> str:
@@ -294,8 +306,10 @@ def run_markdown(result: RunResult, folder: Path) -> str:
               "student_pair": "plain pair"}
     lines = ["# onnx-inher run report", "",
              f"Teacher compressed to {plan['param_ratio']:.1%} of its candidate-layer params "
-             f"({plan['factorized']}/{plan['candidates']} layers factorised), FLOPs {plan['flop_ratio']:.1%}, "
-             f"then distilled on `{first.get('data')}`"
+             f"({plan['factorized']}/{plan['candidates']} layers factorised), FLOPs {plan['flop_ratio']:.1%}"
+             + (f" (the whole model: {plan['model']['param_ratio']:.1%} of its params, "
+                f"{plan['model']['flop_ratio']:.1%} of its FLOPs)" if plan.get("model") else "")
+             + f", then distilled on `{first.get('data')}`"
              + (" (**data-free: random inputs**)" if first.get("data_free") else "") + ".", "",
              *[f"- {note[0].upper()}{note[1:]}." for note in result.plan.get("class_split", [])],
              *([""] if result.plan.get("class_split") else []),
