@@ -175,7 +175,7 @@ def plan(model: PathLike, options: Options | None = None, *, target: str | None 
 def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -> tuple[Plan, Calibration | None]:
     """The plan, and the calibration it measured (so that `compress` does not run the samples twice)."""
     feeds, classes = _used_classes(a, options)
-    options, form = _choose_form(a, options, classes)
+    options, form = _choose_form(a, options, classes, spectra)
     p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra,
                    classes)
     p.warnings.extend(_split_notes(p, a, feeds))
@@ -236,7 +236,8 @@ def _split_notes(p: Plan, a: Analysis, feeds: dict[str, np.ndarray]) -> list[str
             "--no-class-split" for c in p.candidates if c.dense_classes is not None]
 
 
-def _choose_form(a: Analysis, options: Options, classes: dict[str, list[int]]) -> tuple[Options, dict | None]:
+def _choose_form(a: Analysis, options: Options, classes: dict[str, list[int]],
+                 spectra: Spectra) -> tuple[Options, dict | None]:
     """With `pick_form` (the CLI's default) and the latency check on: heads or pairs, whichever measures
     faster here, each planned at the requested budget (tuning/speed.choose_form). The teacher's analysis
     `a` is not touched: the trial students are built from fresh ones."""
@@ -246,13 +247,14 @@ def _choose_form(a: Analysis, options: Options, classes: dict[str, list[int]]) -
     if not wanted or not speed.enabled(options.latency_check):
         return options, None
     pairs = replace(options, mode="svd", heads=1)
-    plans = [build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, o, Spectra(),
+    spectra = spectra if spectra.remember else Spectra(remember=True)  # both trials factorise the same weights
+    plans = [build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, o, spectra,
                         classes) for o in (options, pairs)]
     if not any(c.decision == "factorize" and c.heads > 1 for c in plans[0].candidates):
         return options, None
 
     form = speed.choose_form(plans[0], plans[1], a.loaded.path, lambda: _fresh(a.loaded.path, options),
-                             lambda an, p: rewrite(an.handle, p, Spectra()))
+                             lambda an, p: rewrite(an.handle, p, spectra))
     if form is None:
         return options, None
     form["heads_asked"] = options.heads
@@ -428,7 +430,8 @@ def compress(
         options = replace(options, dims=planned.dims, shapes=planned.shapes)
     a = analyze(model, options.dims, options.shapes)
     options = _with_assumed(options, a)
-    spectra = Spectra()
+    checked = options.latency_check if options.latency_check is not None else _env.latency_check_default()
+    spectra = Spectra(remember=checked)  # the latency check rebuilds the student: keep its factors
     calibration = None
     if plan_path:
         the_plan = _read_plan(plan_path, a, spectra)
@@ -454,7 +457,7 @@ def compress(
             fitted, notes = sequential_svds(a.loaded.model, a.views, the_plan, calibration.feeds, calibration.rows,
                                             grams=calibration.grams)
             the_plan.warnings.extend(notes)
-        spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan), calibration.rows, fitted)
+        spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan), calibration.rows, fitted, checked)
         del calibration
     feed = load_inputs(inputs, a.loaded.model) if inputs else None
     teacher_path, external = a.loaded.path, a.loaded.external_data

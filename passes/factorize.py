@@ -682,6 +682,10 @@ class Factorize:
         """One replacement per factorised node, by scope; each SVD lives only until its weight's last layer."""
         chosen = [c for c in self.plan.candidates if c.decision == "factorize"]
         last = {self.views[c.node].shared_key: i for i, c in enumerate(chosen)}
+        top: dict[str, int] = {}  # the largest rank each shared weight is factorised at
+        for c in chosen:
+            key = self.views[c.node].shared_key
+            top[key] = max(top.get(key, 1), int(c.rank or 1))
         svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         replacements: Replacements = {}
         owner: dict[tuple, str] = {}
@@ -697,7 +701,7 @@ class Factorize:
                 continue
             key = (view.shared_key, c.rank, c.heads, c.head_form)
             prefix = owner.setdefault(key, c.node)
-            svd = svds.get(view.shared_key) or self.spectra.svd(view)
+            svd = svds.get(view.shared_key) or self.spectra.top_svd(view, top[view.shared_key])
             if last[view.shared_key] > i:
                 svds[view.shared_key] = svd
             else:

@@ -117,3 +117,36 @@ def test_streamed_save_is_protobufs_bytes_and_leaves_the_model_alone(tmp_path: P
     for i in range(2):
         np.testing.assert_array_equal(numpy_helper.to_array(reloaded.graph.initializer[i]),
                                       numpy_helper.to_array(model.graph.initializer[i]))
+
+
+def test_remembered_rank_cuts_are_the_same_factors_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latency check rebuilds a student several times; a remembering `Spectra` computes each SVD once
+    (kept to `TOP_SPARE` x the rank, within `TOP_BYTES`) and gives the same factors as a fresh one."""
+    from onnx_inher import api
+    from onnx_inher.planning import plan as planning
+    from onnx_inher.planning.svd import truncate
+
+    a = api.analyze(_mlp(tmp_path / "mlp.onnx"))
+    view = next(iter(a.views.values()))
+    calls: list[str] = []
+    original = planning.Spectra.svd
+
+    def counted(self: planning.Spectra, v: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        calls.append(v.node)  # type: ignore[attr-defined]
+        return original(self, v)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planning.Spectra, "svd", counted)
+    fresh = truncate(planning.Spectra().top_svd(view, 8), 8)
+    kept = planning.Spectra(remember=True)
+    for rank in (8, 4, 16, 8):  # 16 = TOP_SPARE x 8: still a slice of the first cut
+        f = truncate(kept.top_svd(view, rank), rank)
+        if rank == 8:
+            assert f.up.tobytes() == fresh.up.tobytes() and f.down.tobytes() == fresh.down.tobytes()
+    assert calls == [view.node, view.node]  # the fresh Spectra's, then the remembering one's first call only
+    kept.top_svd(view, 40)  # above the cut: computed again
+    assert len(calls) == 3
+    monkeypatch.setattr(planning, "TOP_BYTES", 0)
+    small = planning.Spectra(remember=True)
+    small.top_svd(view, 8)
+    small.top_svd(view, 8)
+    assert len(calls) == 5  # over the budget: nothing kept

@@ -261,8 +261,11 @@ class Spectra:
     500 MiB of `compress`'s peak on BERT-base. Small weights go through the process-wide cache.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, remember: bool = False) -> None:
         self._s: dict[str, np.ndarray] = {}
+        self.remember = remember
+        self._top: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._top_bytes = 0
 
     def values(self, view: LayerView) -> np.ndarray:
         if view.shared_key not in self._s:
@@ -278,6 +281,33 @@ class Spectra:
         """The SVD of a class-split head's other classes: the rows `rest` of its `[1, out, in]` matrices."""
         u, s, vt = _cached(np.ascontiguousarray(view.matrices()[:, rest, :]), "svd")
         return u, s, vt
+
+    def top_svd(self, view: LayerView, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`svd(view)` cut to its first `rank` components. With `remember`, the cut is kept for this object's
+        life (up to `TOP_BYTES` in all) and a later call at the same or a lower rank slices it: the latency
+        check rebuilds the student from a freshly loaded teacher for every trial (form, reverts), and each
+        rebuild recomputed every SVD: 27 s a build on AlexNet, whose `compress` took 129 s. The factors are
+        the same bytes either way."""
+        key = (view.shared_key, tuple(int(d) for d in view.weight.shape))
+        hit = self._top.get(key)
+        if hit is not None and hit[1].shape[1] >= rank:
+            return hit[0][:, :, :rank], hit[1][:, :rank], hit[2][:, :rank]
+        u, s, vt = self.svd(view)
+        cut = min(s.shape[1], TOP_SPARE * rank) if self.remember else rank
+        top = (np.ascontiguousarray(u[:, :, :cut]), np.ascontiguousarray(s[:, :cut]), np.ascontiguousarray(vt[:, :cut]))
+        del u, s, vt
+        size = sum(a.nbytes for a in top)
+        old = sum(a.nbytes for a in hit) if hit is not None else 0
+        if self.remember and self._top_bytes - old + size <= TOP_BYTES:
+            self._top[key] = top
+            self._top_bytes += size - old
+        return top[0][:, :, :rank], top[1][:, :rank], top[2][:, :rank]
+
+
+TOP_BYTES = 256 << 20  # rank-cut SVDs a remembering `Spectra` keeps in all
+# kept to this many times the rank asked: the form choice builds heads, then pairs at the same budget, whose
+# ranks are up to (in + 2 out) / (in + out) = 1.5x the heads'
+TOP_SPARE = 2
 
 
 _CACHE: OrderedDict[tuple[str, str], tuple[np.ndarray, ...]] = OrderedDict()

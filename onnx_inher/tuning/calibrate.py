@@ -404,8 +404,9 @@ class CalibratedSpectra(Spectra):
 
     def __init__(self, grams: dict[str, np.ndarray], ranks: dict[str, int],
                  rows: dict[str, np.ndarray] | None = None,
-                 fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
-        super().__init__()
+                 fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                 remember: bool = False) -> None:
+        super().__init__(remember)
         self.grams, self.ranks, self.rows, self.fitted = grams, ranks, rows or {}, fitted or {}
 
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
