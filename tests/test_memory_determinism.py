@@ -119,7 +119,8 @@ def test_streamed_save_is_protobufs_bytes_and_leaves_the_model_alone(tmp_path: P
                                       numpy_helper.to_array(model.graph.initializer[i]))
 
 
-def test_remembered_rank_cuts_are_the_same_factors_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remembered_rank_cuts_are_the_same_factors_computed_once(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The latency check rebuilds a student several times; a remembering `Spectra` computes each SVD once
     (kept to `TOP_SPARE` x the rank, within `TOP_BYTES`) and gives the same factors as a fresh one."""
     from onnx_inher import api
