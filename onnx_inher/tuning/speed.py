@@ -363,6 +363,19 @@ def _restore(plan: Plan, state: list[tuple[Any, ...]]) -> None:
         c.decision, c.reason, c.params_after, c.flops_after, c.fold = decision, reason, params, flops, fold
 
 
+def _revert(cands: list[Candidate], times: dict[str, tuple[float, float, str]], measured: str) -> list[str]:
+    """Turn `cands` back into dense layers; each reason gives what the student `measured` and what the layer
+    measured alone. Returns their nodes."""
+    for c in cands:
+        m = times.get(c.node)
+        alone = (f"factorised {m[1]:.3f} ms vs dense {m[0]:.3f} ms at {m[2]}" if m
+                 else "its input shape is unknown, not timed alone")
+        c.decision, c.fold = "skip", None
+        c.reason = f"reverted by the latency check: the student measured {measured}; this layer: {alone}"
+        c.params_after, c.flops_after = 0, 0
+    return [c.node for c in cands]
+
+
 @dataclass
 class Wide:
     """The second batch's part of the check: what it times with, and how it reverts."""
@@ -394,17 +407,9 @@ class Wide:
         while verdict(wide_doc, None) == "slower" and order and len(doc["rounds"]) <= 2 * MAX_REVERT_ROUNDS:
             batch, order = order[:step], order[step:]
             step *= 2
-            for root in batch:
-                for c in groups[root]:
-                    m = times.get(c.node)
-                    measured = (f"factorised {m[1]:.3f} ms vs dense {m[0]:.3f} ms at {m[2]}" if m
-                                else "its input shape is unknown, not timed alone")
-                    c.decision, c.fold = "skip", None
-                    c.reason = (f"reverted by the latency check: the student measured {wide_doc['speedup']:.2f}x "
-                                f"the teacher [{wide_doc['low']:.2f}, {wide_doc['high']:.2f}] at batch "
-                                f"{SECOND_BATCH}, slower than the teacher; this layer: {measured}")
-                    c.params_after, c.flops_after = 0, 0
-                    reverted.append(c.node)
+            reverted += _revert([c for root in batch for c in groups[root]], times,
+                                f"{wide_doc['speedup']:.2f}x the teacher [{wide_doc['low']:.2f}, "
+                                f"{wide_doc['high']:.2f}] at batch {SECOND_BATCH}, slower than the teacher")
             current = rebuild(a, plan)
             a = fresh()
             student = current.SerializeToString()
@@ -531,16 +536,8 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                 step *= 2
                 why = (f"{last['verdict']} than the teacher" if last["verdict"] == "slower"
                        else f"below --min-speedup {options.min_speedup:g}")
-                for root in batch:
-                    for c in groups[root]:
-                        m = times.get(c.node)
-                        measured = (f"factorised {m[1]:.3f} ms vs dense {m[0]:.3f} ms at {m[2]}" if m
-                                    else "its input shape is unknown, not timed alone")
-                        c.decision, c.fold = "skip", None
-                        c.reason = (f"reverted by the latency check: the student measured {last['speedup']:.2f}x "
-                                    f"the teacher [{last['low']:.2f}, {last['high']:.2f}], {why}; "
-                                    f"this layer: {measured}")
-                        c.params_after, c.flops_after = 0, 0
+                _revert([c for root in batch for c in groups[root]], times,
+                        f"{last['speedup']:.2f}x the teacher [{last['low']:.2f}, {last['high']:.2f}], {why}")
                 current = rebuild(a, plan)
                 a = fresh()
                 t, s = time_models([baseline, current.SerializeToString()], feed, settings)
