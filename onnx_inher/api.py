@@ -435,6 +435,7 @@ def compress(
     calibration = None
     if plan_path:
         the_plan = _read_plan(plan_path, a, spectra)
+        the_plan.model_cost = the_plan.model_cost or a.cost
         if a.assumed and not the_plan.options.shapes:  # a plan made per pixel: time the check at the image size
             the_plan.options.shapes = dict(options.shapes or {})
         if a.shape_note:
