@@ -146,8 +146,12 @@ def test_remembered_rank_cuts_are_the_same_factors_computed_once(tmp_path: Path,
     assert calls == [view.node, view.node]  # the fresh Spectra's, then the remembering one's first call only
     kept.top_svd(view, 40)  # above the cut: computed again
     assert len(calls) == 3
+    wide = planning.Spectra(remember=True)
+    wide.top_svd(view, 100)  # a 200-column cut holds 3 x 384 x 200 floats, over a quarter of the weight's
+    wide.top_svd(view, 100)
+    assert len(calls) == 5  # not kept: at half a layer's params a cut would weigh what the weight does
     monkeypatch.setattr(planning, "TOP_BYTES", 0)
     small = planning.Spectra(remember=True)
     small.top_svd(view, 8)
     small.top_svd(view, 8)
-    assert len(calls) == 5  # over the budget: nothing kept
+    assert len(calls) == 7  # over the budget: nothing kept
