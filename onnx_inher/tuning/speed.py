@@ -169,6 +169,7 @@ def flushed_baseline(teacher: Path, model: ModelProto) -> Iterator[tuple[Path, s
     paid or not."""
     with tempfile.TemporaryDirectory(prefix="onnx-inher-baseline-") as tmp:
         saved = save_flushed(model, Path(tmp), "teacher")
+        del model  # this frame lives through the caller's timings: it must not keep the teacher alive
         if saved is None:
             yield teacher, None
             return
@@ -190,6 +191,7 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
     feed = sample_inputs(a.model, plan_dims(a.model, options.dims, options.shapes), shapes=options.shapes)
     with flushed_baseline(teacher, a.model) as (baseline, _):
         heads = rebuild(a, heads_plan)
+        del a  # consumed: what it still holds need not sit beside the timed models
         pairs = rebuild(fresh(), pairs_plan)
         if heads.ByteSize() > MAX_BYTES or pairs.ByteSize() > MAX_BYTES:
             return None
@@ -363,6 +365,30 @@ def _restore(plan: Plan, state: list[tuple[Any, ...]]) -> None:
         c.decision, c.reason, c.params_after, c.flops_after, c.fold = decision, reason, params, flops, fold
 
 
+class _Teacher:
+    """The teacher's analysis the check's trial students are built from: loaded when first asked for, consumed
+    by a rebuild, and never loaded again just to sit beside the models being timed. It was reloaded after
+    every rebuild, so a full copy of the teacher stayed in memory through every timing (BERT-base: the
+    check's peak was 5.6x the model file)."""
+
+    def __init__(self, fresh: Callable[[], Analysed]) -> None:
+        self._fresh = fresh
+        self._a: Analysed | None = None
+
+    def get(self) -> Analysed:
+        if self._a is None:
+            self._a = self._fresh()
+        return self._a
+
+    def rebuild(self, rebuild: Callable[[Analysed, Plan], ModelProto], plan: Plan) -> ModelProto:
+        a, self._a = self.get(), None
+        return rebuild(a, plan)
+
+    def drop(self) -> None:
+        """Let the analysis go (before timing): what it held is loaded again if asked for."""
+        self._a = None
+
+
 def _revert(cands: list[Candidate], times: dict[str, tuple[float, float, str]], measured: str) -> list[str]:
     """Turn `cands` back into dense layers; each reason gives what the student `measured` and what the layer
     measured alone. Returns their nodes."""
@@ -387,15 +413,14 @@ class Wide:
     min_speedup: float | None
     say: Callable[[str], None]
 
-    def revert(self, plan: Plan, current: ModelProto, a: Analysed, fresh: Callable[[], Analysed],
-               rebuild: Callable[[Analysed, Plan], ModelProto], doc: dict[str, Any]
-               ) -> tuple[ModelProto, Analysed, dict[str, Any], list[str]]:
+    def revert(self, plan: Plan, current: ModelProto, a: _Teacher, rebuild: Callable[[Analysed, Plan], ModelProto],
+               doc: dict[str, Any]) -> tuple[ModelProto, dict[str, Any], list[str]]:
         """Revert layers, the least time saved first (their batch-1 timings alone), 1, 2, 4, ... per round,
         while the student measures slower than the teacher at `SECOND_BATCH` (interval below 1); each round
         times both batches. Why: a student that ties at batch 1 and loses at batch 8 is not the faster model
         the check promises (MTCNN's P-Net: 1.00x at batch 1, 0.97-0.99x at batch 8). Returns the student,
-        a fresh analysis, its batch-1 round and the layers reverted."""
-        times = layer_times(plan, a.model, a.views, self.settings)
+        its batch-1 round and the layers reverted."""
+        times = layer_times(plan, a.get().model, a.get().views, self.settings)
         doc["layers"] = {n: {"dense_ms": round(d, 4), "factorized_ms": round(f, 4), "at": w}
                          for n, (d, f, w) in times.items()}
         groups = _groups(plan)
@@ -410,8 +435,7 @@ class Wide:
             reverted += _revert([c for root in batch for c in groups[root]], times,
                                 f"{wide_doc['speedup']:.2f}x the teacher [{wide_doc['low']:.2f}, "
                                 f"{wide_doc['high']:.2f}] at batch {SECOND_BATCH}, slower than the teacher")
-            current = rebuild(a, plan)
-            a = fresh()
+            current = a.rebuild(rebuild, plan)
             student = current.SerializeToString()
             t, s = time_models([self.baseline, student], self.feed, self.settings)
             last = {"reverted": [c.node for root in batch for c in groups[root]], **_ratio_doc(t, s),
@@ -424,7 +448,7 @@ class Wide:
             self.say(f"latency check: slower at batch {SECOND_BATCH}: reverted {len(last['reverted'])} layer(s), "
                      f"student now {last['speedup']:.2f}x, {wide_doc['speedup']:.2f}x at batch {SECOND_BATCH}")
         doc[f"batch_{SECOND_BATCH}"] = wide_doc
-        return current, a, last, reverted
+        return current, last, reverted
 
 
 def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], Analysed],
@@ -446,34 +470,32 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                    speedup=None)
         plan.warnings.append("latency check skipped: the student is over 2 GB")
         return student
-    a = fresh()
-    basis = plan_dims(a.model, options.dims, options.shapes)
-    feed = sample_inputs(a.model, basis, shapes=options.shapes)
+    a = _Teacher(fresh)
+    basis = plan_dims(a.get().model, options.dims, options.shapes)
+    feed = sample_inputs(a.get().model, basis, shapes=options.shapes)
     doc["shapes"] = {k: list(v.shape) for k, v in feed.items()}
-    with flushed_baseline(teacher, a.model) as (baseline, baseline_note):
+    with flushed_baseline(teacher, a.get().model) as (baseline, baseline_note):
         if baseline_note:
             doc["baseline"] = baseline_note
             (log or (lambda _m: None))(f"latency check: {baseline_note}")
-        wide, why_not = with_batch(a.model, {k: tuple(v.shape) for k, v in feed.items()}, SECOND_BATCH)
-        feed_wide = sample_inputs(a.model, shapes=wide) if wide else None  # every input at a full shape
+        wide, why_not = with_batch(a.get().model, {k: tuple(v.shape) for k, v in feed.items()}, SECOND_BATCH)
+        feed_wide = sample_inputs(a.get().model, shapes=wide) if wide else None  # every input at a full shape
         say = log or (lambda _m: None)
 
         current = student
-        if _conv_headed(plan, a.views):
-            doc["head_forms"] = choose_head_forms(plan, a.views, a.model, settings)
+        if _conv_headed(plan, a.get().views):
+            doc["head_forms"] = choose_head_forms(plan, a.get().views, a.get().model, settings)
             if any(c.head_form == "conv" for c in plan.candidates if c.decision == "factorize"):
-                current = rebuild(a, plan)
-                a = fresh()
+                current = a.rebuild(rebuild, plan)
                 n = sum(1 for v in doc["head_forms"].values() if v["chosen"] == "conv")
                 say(f"latency check: {n} conv head layer(s) measured faster with constant weights")
-        folds = choose_folds(plan, a.views, a.model, settings)
+        folds = choose_folds(plan, a.get().views, a.get().model, settings)
         if folds:
             doc["folds"] = folds
             made = {node for node, v in folds.items() if v["chosen"] == "folded"}
             n = len(made)
             if made:
-                folded = rebuild(a, plan)
-                a = fresh()
+                folded = a.rebuild(rebuild, plan)
                 if keep_folds(plan, made, current.SerializeToString(), folded.SerializeToString(), baseline, feed,
                               settings, folds):
                     current = folded
@@ -482,9 +504,8 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                     say(f"latency check: {n} down conv(s) measured faster folded alone, but not the whole student: "
                         "not folded")
         if options.pick_form and _headed(plan) and chosen_early is None:
-            pairs_plan = _as_pairs(plan, a.views)
-            pairs = rebuild(a, pairs_plan)
-            a = fresh()
+            pairs_plan = _as_pairs(plan, a.get().views)
+            pairs = a.rebuild(rebuild, pairs_plan)
             t, h, p = time_models([baseline, current.SerializeToString(), pairs.SerializeToString()], feed, settings)
             vs = speedup(h, p)  # heads time / pair time: > 1 when the pairs are faster
             chosen = "pair" if vs.low > 1.0 else "heads"
@@ -508,6 +529,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             else:
                 first = _ratio_doc(t, h)
         else:
+            a.drop()
             t, s = time_models([baseline, current.SerializeToString()], feed, settings)
             first = _ratio_doc(t, s)
         doc["rounds"].append({"reverted": [], **first, "verdict": verdict(first, options.min_speedup)})
@@ -515,7 +537,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
 
         last = doc["rounds"][-1]
         if last["verdict"] in ("slower", "below --min-speedup"):
-            times = layer_times(plan, a.model, a.views, settings)
+            times = layer_times(plan, a.get().model, a.get().views, settings)
             doc["layers"] = {n: {"dense_ms": round(d, 4), "factorized_ms": round(f, 4), "at": w}
                              for n, (d, f, w) in times.items()}
             groups = _groups(plan)
@@ -538,8 +560,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                        else f"below --min-speedup {options.min_speedup:g}")
                 _revert([c for root in batch for c in groups[root]], times,
                         f"{last['speedup']:.2f}x the teacher [{last['low']:.2f}, {last['high']:.2f}], {why}")
-                current = rebuild(a, plan)
-                a = fresh()
+                current = a.rebuild(rebuild, plan)
                 t, s = time_models([baseline, current.SerializeToString()], feed, settings)
                 r = _ratio_doc(t, s)
                 last = {"reverted": [c.node for root in batch for c in groups[root]], **r,
@@ -551,7 +572,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             best = max(range(len(doc["rounds"])), key=lambda k: doc["rounds"][k]["speedup"])
             if best != len(doc["rounds"]) - 1 and doc["rounds"][best]["low"] > last["high"]:
                 _restore(plan, states[best])
-                current = first_student if best == 0 else rebuild(a, plan)
+                current = first_student if best == 0 else a.rebuild(rebuild, plan)
                 doc["restored"] = best
                 last = doc["rounds"][best]
                 say(f"latency check: reverting did not help; kept the student of round {best}")
@@ -563,11 +584,12 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
         elif float(last["teacher_ms"]) * SECOND_BATCH * 2 * MIN_ROUNDS / 1e3 > BUDGET_S:
             doc[f"batch_{SECOND_BATCH}"] = {"skipped": "too slow to time within the check's budget"}
         else:
+            a.drop()
             t, s = time_models([baseline, current.SerializeToString()], feed_wide, settings, BUDGET_S / 2)
             doc[f"batch_{SECOND_BATCH}"] = _ratio_doc(t, s)
             if verdict(doc[f"batch_{SECOND_BATCH}"], None) == "slower":
                 wide = Wide(baseline, feed, feed_wide, settings, options.min_speedup, say)
-                current, a, last, more = wide.revert(plan, current, a, fresh, rebuild, doc)
+                current, last, more = wide.revert(plan, current, a, rebuild, doc)
                 reverted += more
         doc.update(verdict=last["verdict"], speedup=last["speedup"], low=last["low"], high=last["high"],
                    reverted=reverted, ok=options.min_speedup is None or last["speedup"] >= options.min_speedup)
