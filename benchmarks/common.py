@@ -13,6 +13,7 @@ processes it spawns, which inherit its own, and `gpu/gpu_check` must start on a 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -31,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MNIST_TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
 
-__all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "command", "helpers", "measure_models", "proc_status", "quiet",
-           "reset_peak_rss", "subgraphs", "write_json", "zoo"]
+__all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "add_model_options", "chosen_models", "command", "helpers",
+           "measure_models", "proc_status", "quiet", "reset_peak_rss", "subgraphs", "write_json", "zoo"]
 
 
 def __getattr__(name: str) -> Any:
@@ -85,6 +86,25 @@ def measure_models(module: str, names: list[str], measure: Callable[[str, Path],
     write_json(out.with_suffix(".json"), doc)
     out.with_suffix(".md").write_text(markdown(records))
     print(f"wrote {out.with_suffix('.json')} and .md in {doc['seconds']} s")
+
+
+def add_model_options(parser: argparse.ArgumentParser, models: list[str], iters: int, out: Path) -> None:
+    """The options every per-model latency table takes: `--only`, `--iters`, `--threads`, `--batches`, `--out`."""
+    parser.add_argument("--only", default="", help="Comma-separated model names: " + ", ".join(models))
+    parser.add_argument("--iters", type=int, default=iters, help="Timed rounds per point.")
+    parser.add_argument("--threads", default="", help="Comma-separated intra-op thread counts (default: 1 and all).")
+    parser.add_argument("--batches", default="1,8", help="Comma-separated batches (fixed-batch models: 1 only).")
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def chosen_models(args: argparse.Namespace, models: list[str]) -> tuple[list[str], list[int], list[int]]:
+    """The models, thread counts and batches `add_model_options`'s options ask for (an unknown name exits)."""
+    names = [n for n in args.only.split(",") if n] or list(models)
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(models)}")
+    threads = [int(t) for t in args.threads.split(",") if t] or [1, os.cpu_count() or 1]
+    return names, threads, [int(b) for b in args.batches.split(",")]
 
 
 def proc_status(key: str) -> int:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MNIST_TEACHER, RESULTS, measure_models, quiet, zoo
+from benchmarks.common import MNIST_TEACHER, RESULTS, add_model_options, chosen_models, measure_models, quiet, zoo
 
 
 def _package_file(package: str, name: str) -> Callable[[], Path]:
@@ -178,19 +178,10 @@ def markdown(records: dict[str, dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="Comma-separated model names: " + ", ".join(MODELS))
-    parser.add_argument("--iters", type=int, default=30, help="Timed rounds per point.")
-    parser.add_argument("--threads", default="", help="Comma-separated intra-op thread counts (default: 1 and all).")
-    parser.add_argument("--batches", default="1,8", help="Comma-separated batches (fixed-batch models: 1 only).")
-    parser.add_argument("--out", type=Path, default=RESULTS / "default_students")
+    add_model_options(parser, list(MODELS), 30, RESULTS / "default_students")
     args = parser.parse_args()
     quiet()
-    names = [n for n in args.only.split(",") if n] or list(MODELS)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-    threads = [int(t) for t in args.threads.split(",") if t] or [1, os.cpu_count() or 1]
-    batches = [int(b) for b in args.batches.split(",")]
+    names, threads, batches = chosen_models(args, list(MODELS))
     measure_models("benchmarks.default_students", names,
                    lambda name, folder: measure(name, folder, args.iters, threads, batches), markdown, args.out)
 

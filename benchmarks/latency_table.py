@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MNIST_TEACHER, RESULTS, measure_models, quiet, zoo
+from benchmarks.common import MNIST_TEACHER, RESULTS, add_model_options, chosen_models, measure_models, quiet, zoo
 
 
 def _ocr(name: str) -> Callable[[], Path]:
@@ -200,21 +199,12 @@ def markdown(records: dict[str, dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="Comma-separated model names: " + ", ".join(MODELS))
-    parser.add_argument("--iters", type=int, default=40, help="Timed rounds per point.")
-    parser.add_argument("--out", type=Path, default=RESULTS / "latency_table")
-    parser.add_argument("--threads", default="", help="Comma-separated intra-op thread counts (default: 1 and all).")
-    parser.add_argument("--batches", default="1,8", help="Comma-separated batches (fixed-batch models: 1 only).")
+    add_model_options(parser, list(MODELS), 40, RESULTS / "latency_table")
     parser.add_argument("--layer-profile", action="store_true",
                         help="Also profile each factorised layer inside the running models (1 thread, batch 1).")
     args = parser.parse_args()
     quiet()
-    names = [n for n in args.only.split(",") if n] or list(MODELS)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-    threads = [int(t) for t in args.threads.split(",") if t] or [1, os.cpu_count() or 1]
-    batches = [int(b) for b in args.batches.split(",")]
+    names, threads, batches = chosen_models(args, list(MODELS))
     measure_models("benchmarks.latency_table", names,
                    lambda name, folder: measure(name, folder, args.iters, threads, batches, args.layer_profile),
                    markdown, args.out)
