@@ -244,10 +244,65 @@ def _down(e: Emitter, view: LayerView, node: NodeProto, f: Factors, fold: dict[s
             return e.matmul_or_gemm(x, e.weight("down.weight", d.T), "down", trans_a=int(view.attrs["transA"]))
         return e.matmul_or_gemm(e.weight("down.weight", d), x, "down", trans_b=int(view.attrs["transB"]))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axis = None if fold else s2d_axis(view, attrs, e.opset)
+    if axis is not None:
+        return _s2d_conv(e, view, x, _conv_down_weight(view, f), axis, attrs)
     w = e.weight("down.weight", _conv_down_weight(view, f))
     if fold and view.op == "Conv":
         return _folded_conv(e, node, x, w, int(view.kernel[0]), fold, attrs)
     return e.node(view.op, [x, w], "down", **attrs)
+
+
+def s2d_axis(view: LayerView, attrs: dict[str, object], opset: int) -> int | None:
+    """The spatial axis along which a one-input-channel Conv (1-D, or 2-D with kernel 1 on the other axis)
+    strides, when its stride divides its kernel and it has no padding or dilation: its down conv is then
+    written space-to-depth (`_s2d_conv`). None otherwise.
+
+    Why: ONNX Runtime runs a conv with one input channel and a long strided kernel poorly. CREPE's first
+    layer is 1 -> C, 512 x 1 at stride 4; its rank-16 down conv took 143.9 us alone, 33.5 us space-to-depth
+    (`benchmarks/experiments/strided_first_conv.py`)."""
+    nd = len(view.kernel)
+    strides = [int(v) for v in attrs.get("strides") or [1] * nd]  # type: ignore[attr-defined]
+    strided = [i for i, st in enumerate(strides) if st > 1]
+    if (view.op != "Conv" or nd > 2 or view.groups != 1 or view.weight.shape[1] != 1 or opset < 10
+            or len(strided) != 1 or any(attrs.get("pads") or [])  # type: ignore[arg-type]
+            or any(int(d) != 1 for d in attrs.get("dilations") or [])  # type: ignore[attr-defined]
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+        return None
+    i = strided[0]
+    if view.kernel[i] % strides[i] or any(k != 1 for j, k in enumerate(view.kernel) if j != i):
+        return None
+    return i
+
+
+def _s2d_conv(e: Emitter, view: LayerView, x: str, w: np.ndarray, axis: int, attrs: dict[str, object]) -> str:
+    """The down conv space-to-depth: `y[o, t] = sum_k w[o, k] x[s t + k] = sum_m sum_j w[o, s j + m] x_m[t + j]`
+    with `x_m[i] = x[s i + m]`. The input is cropped to the span its windows read (`L - (L - k) mod s`, from
+    its own shape: exported models seldom declare it), its stride-`s` phases become `s` channels, and a
+    stride-1 conv with a `k / s` kernel runs on them. The same function, float rounding aside."""
+    nd = len(view.kernel)
+    s, k = int(attrs["strides"][axis]), int(view.kernel[axis])  # type: ignore[index]
+    a = 2 + axis
+    length = e.node("Gather", [e.node("Shape", [x], "s2d_dims"), e.ints("s2d.axis", [a])], "s2d_length", axis=0)
+    extra = e.node("Mod", [e.node("Sub", [length, e.ints("s2d.kernel", [k])], "s2d_after"), e.ints("s2d.stride", [s])],
+                   "s2d_extra")
+    span = e.node("Sub", [length, extra], "s2d_span")
+    cropped = e.node("Slice", [x, e.ints("s2d.start", [0]), span, e.ints("s2d.axes", [a])], "s2d_crop")
+    steps = e.node("Div", [span, e.ints("s2d.stride", [s])], "s2d_steps")
+    trailing = a < nd + 1  # a spatial axis after the strided one (2-D, strided along H): its size stays -1
+    split = [e.ints("s2d.lead", [0] * a), steps, e.ints("s2d.tail", [s, -1] if trailing else [s])]
+    parts = e.node("Reshape", [cropped, e.node("Concat", split, "s2d_split_shape", axis=0)], "s2d_split")
+    perm = [0, 1, a + 1, *(j for j in range(2, nd + 3) if j != a + 1)]  # the phase axis next to the channel
+    moved = e.node("Transpose", [parts], "s2d_move", perm=perm)
+    merge = [e.ints("s2d.merge_lead", [0, s, *([-1] * (a - 2))]), steps,
+             *([e.ints("s2d.merge_tail", [-1])] if trailing else [])]  # [N, s, (H,) L/s, (W)]
+    merged = e.node("Reshape", [moved, e.node("Concat", merge, "s2d_merge_shape", axis=0)], "s2d_merge")
+    r = w.shape[0]
+    taps = np.moveaxis(w[:, 0], 1 + axis, -1).reshape(r, *(1 for _ in range(nd - 1)), k // s, s)  # w[s j + m] at [j, m]
+    w2 = np.moveaxis(np.moveaxis(taps, -1, 1), -1, 2 + axis)  # [r, s, kernel]: phase m as input channel
+    kernel = [k // s if j == axis else 1 for j in range(nd)]
+    # its own name: a layer sharing the teacher weight may take the direct form, whose layout differs
+    return e.node("Conv", [merged, e.weight("down.weight_s2d", w2)], "down", kernel_shape=kernel, strides=[1] * nd)
 
 
 def _up_pair(e: Emitter, view: LayerView, node: NodeProto, f: Factors, z: str, y: str) -> None:
