@@ -57,6 +57,7 @@ scope path, which keeps the created names unique across the model.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -261,18 +262,42 @@ def s2d_axis(view: LayerView, attrs: dict[str, object], opset: int) -> int | Non
     Why: ONNX Runtime runs a conv with one input channel and a long strided kernel poorly. CREPE's first
     layer is 1 -> C, 512 x 1 at stride 4; its rank-16 down conv took 143.9 us alone, 33.5 us space-to-depth
     (`benchmarks/experiments/strided_first_conv.py`)."""
-    nd = len(view.kernel)
+    if view.op != "Conv":
+        return None
+    return strided_axis(view.kernel, view.groups, int(view.weight.shape[1]), attrs, opset)
+
+
+def strided_axis(kernel: Sequence[int], groups: int, c_in: int, attrs: dict[str, object], opset: int) -> int | None:
+    """`s2d_axis` of a Conv given as its kernel, groups, input channels per group and attributes."""
+    nd = len(kernel)
     strides = [int(v) for v in attrs.get("strides") or [1] * nd]  # type: ignore[attr-defined]
     strided = [i for i, st in enumerate(strides) if st > 1]
-    if (view.op != "Conv" or nd > 2 or view.groups != 1 or view.weight.shape[1] != 1 or opset < 10
-            or len(strided) != 1 or any(attrs.get("pads") or [])  # type: ignore[arg-type]
+    if (nd > 2 or groups != 1 or c_in != 1 or opset < 10 or len(strided) != 1
+            or any(attrs.get("pads") or [])  # type: ignore[arg-type]
             or any(int(d) != 1 for d in attrs.get("dilations") or [])  # type: ignore[attr-defined]
             or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
         return None
     i = strided[0]
-    if view.kernel[i] % strides[i] or any(k != 1 for j, k in enumerate(view.kernel) if j != i):
+    if kernel[i] % strides[i] or any(k != 1 for j, k in enumerate(kernel) if j != i):
         return None
     return i
+
+
+def strided_convs(model: ModelProto) -> list[str]:
+    """The main graph's Convs whose weight is an initializer and that `strided_axis` would write
+    space-to-depth: `bench` names them, since the teacher's own conv gains from that form too."""
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    found = []
+    for node in model.graph.node:
+        dims = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if dims is None or len(dims) < 3:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        groups = int(attrs.get("group", 1))  # type: ignore[call-overload]
+        if strided_axis(dims[2:], groups, dims[1], attrs, opset) is not None:
+            found.append(node.name or node.output[0])
+    return found
 
 
 def _s2d_conv(e: Emitter, view: LayerView, x: str, w: np.ndarray, axis: int, attrs: dict[str, object]) -> str:

@@ -93,3 +93,19 @@ def test_space_to_depth_only_where_it_applies(tmp_path: Path, why: str, kernel: 
     teacher = strided_teacher(tmp_path / "t.onnx", kernel, strides, pads, c_in)
     student = _compress(teacher, tmp_path / "s.onnx", rank=2)
     assert not any("s2d" in n.name for n in onnx.load(str(student)).graph.node), why
+
+
+def test_bench_says_the_baseline_would_gain_from_the_form_too(tmp_path: Path) -> None:
+    """Part of such a student's speedup is the form's: `bench` names the baseline's convs that take it."""
+    from onnx_inher.bench import bench
+    from onnx_inher.passes.factorize import strided_convs
+
+    teacher = strided_teacher(tmp_path / "t.onnx", [64, 1], [4, 1])
+    student = _compress(teacher, tmp_path / "s.onnx", rank=4)
+    assert strided_convs(onnx.load(str(teacher))) == ["conv"]
+    doc = bench([teacher, student], shapes={"x": [1, 1, 1000, 1]}, iters=2, warmup=1).to_dict()
+    assert len(doc["notes"]) == 1 and "baseline's conv" in doc["notes"][0] and "space-to-depth" in doc["notes"][0]
+    padded = strided_teacher(tmp_path / "p.onnx", [64, 1], [4, 1], [2, 0, 2, 0])
+    assert strided_convs(onnx.load(str(padded))) == []
+    alone = bench([teacher], shapes={"x": [1, 1, 1000, 1]}, iters=2, warmup=1).to_dict()
+    assert alone["notes"] == []  # nothing to compare against

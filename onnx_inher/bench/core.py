@@ -68,6 +68,7 @@ class BenchResult:
     skipped: list[str]
     layers: list[dict[str, Any]] = field(default_factory=list)
     layer_profile: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a reader should know when comparing the models
 
     def to_dict(self) -> dict[str, Any]:
         base = self.models[0].label
@@ -107,7 +108,7 @@ class BenchResult:
                            "session_peak_rss_bytes": m.peak_rss_bytes, "reference": m.reference})
         return {"format": FORMAT, "baseline": base, "settings": self.settings, "machine": self.machine,
                 "memory_method": MEMORY_METHOD, "models": models, "points": points, "skipped": self.skipped,
-                "layers": self.layers, "layer_profile": self.layer_profile}
+                "layers": self.layers, "layer_profile": self.layer_profile, "notes": self.notes}
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -278,7 +279,22 @@ def bench(models: Sequence[str | os.PathLike[str]], *, provider: str = "auto", b
         result = _bench(entries, provider, batches, seq_lens, shapes, inputs, threads, warmup, iters, cuda_graph,
                         per_layer, layer_iters, seed, layer_profile)
     result.skipped += notes
+    result.notes += strided_note(entries[0].proto) if len(paths) > 1 else []
     return result
+
+
+def strided_note(baseline: ModelProto) -> list[str]:
+    """A note when the baseline has convs onnx-inher writes space-to-depth in a student
+    (`passes.factorize.strided_convs`): the baseline's own conv runs faster in that form too."""
+    from onnx_inher.passes.factorize import strided_convs
+
+    convs = strided_convs(baseline)
+    if not convs:
+        return []
+    named = ", ".join(convs[:3]) + (f" and {len(convs) - 3} more" if len(convs) > 3 else "")
+    return [f"the baseline's {named} (one input channel, a strided kernel) would run faster written space-to-depth, "
+            "as onnx-inher writes a student's down conv there (CREPE tiny's whole teacher: 1.5x), so part of a "
+            "student's speedup over it is that form's"]
 
 
 def save_flushed(model: ModelProto, folder: Path, stem: str) -> tuple[Path, int, int] | None:

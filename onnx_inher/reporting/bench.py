@@ -152,6 +152,7 @@ def terminal(doc: dict[str, Any]) -> str:
         parts += ["", f"In the running models (ONNX Runtime profile{_dense_side(doc)}):",
                   _table(*profile_rows(doc))]
     parts += [f"skipped: {s}" for s in doc["skipped"]]
+    parts += [f"note: {n}" for n in doc.get("notes", [])]
     return "\n".join(parts)
 
 
@@ -175,6 +176,8 @@ def markdown(doc: dict[str, Any]) -> str:
                   _markdown(*profile_rows(doc))]
     if doc["skipped"]:
         parts += ["", "Skipped: " + "; ".join(doc["skipped"]) + "."]
+    if doc.get("notes"):
+        parts += ["", *(f"Note: {n}." for n in doc["notes"])]
     return "\n".join(parts) + "\n"
 
 
