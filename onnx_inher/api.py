@@ -32,7 +32,7 @@ from onnx_inher.ir.shapes import (
     shape_symbols,
 )
 from onnx_inher.passes.cleanup import Cleanup
-from onnx_inher.passes.factorize import Factorize, mixes_conv_heads, release_weight
+from onnx_inher.passes.factorize import Factorize, mixes_conv_heads, release_weight, written_s2d
 from onnx_inher.passes.flush import FlushNegligible, negligible_weights
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
@@ -370,7 +370,7 @@ def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
 def s2d_note(student: ModelProto) -> str | None:
     """What a plan says when down convs were written space-to-depth (`passes/factorize.py`, `s2d_axis`): the
     teacher's own conv would run faster in that form too, so part of the speedup is the form's."""
-    n = sum(1 for node in student.graph.node if node.name.endswith("/s2d_crop"))
+    n = written_s2d(student)
     if not n:
         return None
     return (f"{n} down conv(s) on one input channel with a strided kernel written space-to-depth, a form ONNX "

@@ -283,6 +283,14 @@ def strided_axis(kernel: Sequence[int], groups: int, c_in: int, attrs: dict[str,
     return i
 
 
+S2D_CROP = "s2d_crop"  # the first node of a space-to-depth down conv (`written_s2d` counts them)
+
+
+def written_s2d(student: ModelProto) -> int:
+    """How many down convs of `student` `factorize` wrote space-to-depth."""
+    return sum(1 for node in student.graph.node if node.name.endswith(f"/{S2D_CROP}"))
+
+
 def strided_convs(model: ModelProto) -> list[str]:
     """The main graph's Convs whose weight is an initializer and that `strided_axis` would write
     space-to-depth: `bench` names them, since the teacher's own conv gains from that form too."""
@@ -312,7 +320,7 @@ def _s2d_conv(e: Emitter, view: LayerView, x: str, w: np.ndarray, axis: int, att
     extra = e.node("Mod", [e.node("Sub", [length, e.ints("s2d.kernel", [k])], "s2d_after"), e.ints("s2d.stride", [s])],
                    "s2d_extra")
     span = e.node("Sub", [length, extra], "s2d_span")
-    cropped = e.node("Slice", [x, e.ints("s2d.start", [0]), span, e.ints("s2d.axes", [a])], "s2d_crop")
+    cropped = e.node("Slice", [x, e.ints("s2d.start", [0]), span, e.ints("s2d.axes", [a])], S2D_CROP)
     steps = e.node("Div", [span, e.ints("s2d.stride", [s])], "s2d_steps")
     trailing = a < nd + 1  # a spatial axis after the strided one (2-D, strided along H): its size stays -1
     split = [e.ints("s2d.lead", [0] * a), steps, e.ints("s2d.tail", [s, -1] if trailing else [s])]

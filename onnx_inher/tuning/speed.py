@@ -389,7 +389,24 @@ class _Teacher:
         self._a = None
 
 
-def _revert(cands: list[Candidate], times: dict[str, tuple[float, float, str]], measured: str) -> list[str]:
+LayerTimes = dict[str, tuple[float, float, str]]  # node: (dense ms, factorised ms, where), `layer_times`
+
+
+def _revert_order(plan: Plan, a: _Teacher, settings: Settings, doc: dict[str, Any]
+                  ) -> tuple[LayerTimes, dict[str, list[Candidate]], dict[str, float], list[str]]:
+    """Each factorised layer timed alone (recorded in `doc["layers"]`), the layers grouped by the factors they
+    share, the ms each group saves (unmeasured layers count as saving nothing), and the groups in the order
+    they are reverted: the least time saved first."""
+    times = layer_times(plan, a.get().model, a.get().views, settings)
+    doc["layers"] = {n: {"dense_ms": round(d, 4), "factorized_ms": round(f, 4), "at": w}
+                     for n, (d, f, w) in times.items()}
+    groups = _groups(plan)
+    gain = {r: sum(times[c.node][0] - times[c.node][1] if c.node in times else 0.0 for c in cs)
+            for r, cs in groups.items()}
+    return times, groups, gain, sorted(groups, key=lambda r: (gain[r], r))
+
+
+def _revert(cands: list[Candidate], times: LayerTimes, measured: str) -> list[str]:
     """Turn `cands` back into dense layers; each reason gives what the student `measured` and what the layer
     measured alone. Returns their nodes."""
     for c in cands:
@@ -420,13 +437,7 @@ class Wide:
         times both batches. Why: a student that ties at batch 1 and loses at batch 8 is not the faster model
         the check promises (MTCNN's P-Net: 1.00x at batch 1, 0.97-0.99x at batch 8). Returns the student,
         its batch-1 round and the layers reverted."""
-        times = layer_times(plan, a.get().model, a.get().views, self.settings)
-        doc["layers"] = {n: {"dense_ms": round(d, 4), "factorized_ms": round(f, 4), "at": w}
-                         for n, (d, f, w) in times.items()}
-        groups = _groups(plan)
-        gain = {r: sum(times[c.node][0] - times[c.node][1] if c.node in times else 0.0 for c in cs)
-                for r, cs in groups.items()}
-        order = sorted(groups, key=lambda r: (gain[r], r))
+        times, groups, _, order = _revert_order(plan, a, self.settings, doc)
         wide_doc = doc[f"batch_{SECOND_BATCH}"]
         step, reverted, last = 1, [], doc["rounds"][doc.get("restored", len(doc["rounds"]) - 1)]
         while verdict(wide_doc, None) == "slower" and order and len(doc["rounds"]) <= 2 * MAX_REVERT_ROUNDS:
@@ -537,21 +548,13 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
 
         last = doc["rounds"][-1]
         if last["verdict"] in ("slower", "below --min-speedup"):
-            times = layer_times(plan, a.get().model, a.get().views, settings)
-            doc["layers"] = {n: {"dense_ms": round(d, 4), "factorized_ms": round(f, 4), "at": w}
-                             for n, (d, f, w) in times.items()}
-            groups = _groups(plan)
-
-            def gain(root: str) -> float:  # ms saved by the group's layers (unmeasured ones count as saving nothing)
-                return sum(times[c.node][0] - times[c.node][1] if c.node in times else 0.0 for c in groups[root])
-
-            order = sorted(groups, key=lambda r: (gain(r), r))
+            times, groups, gain, order = _revert_order(plan, a, settings, doc)
             step = 1
             states, first_student = [_state(plan)], current
             failing = ("slower", "below --min-speedup")
             while last["verdict"] in failing and order and len(doc["rounds"]) <= MAX_REVERT_ROUNDS:
                 if last["verdict"] != "slower":  # faster than the teacher, not enough: only what loses time goes
-                    order = [r for r in order if gain(r) <= 0]
+                    order = [r for r in order if gain[r] <= 0]
                     if not order:
                         break
                 batch, order = order[:step], order[step:]
