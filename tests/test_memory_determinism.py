@@ -119,39 +119,42 @@ def test_streamed_save_is_protobufs_bytes_and_leaves_the_model_alone(tmp_path: P
                                       numpy_helper.to_array(model.graph.initializer[i]))
 
 
-def test_remembered_rank_cuts_are_the_same_factors_computed_once(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The latency check rebuilds a student several times; a remembering `Spectra` computes each SVD once
-    (kept to `TOP_SPARE` x the rank, within `TOP_BYTES`) and gives the same factors as a fresh one."""
+def test_one_eigensolve_gives_the_plan_and_every_rank_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan's singular values and a compress's factors come from one eigendecomposition per weight:
+    `values` keeps the leading eigenvectors (up to a quarter of the weight's size, within `TOP_BYTES`) and
+    every rank's factors are the same bytes as the first columns of a full SVD. Without `remember` a
+    weight's vectors go once it is factorised; with it (the latency check's rebuilds) they stay."""
     from onnx_inher import api
     from onnx_inher.planning import plan as planning
-    from onnx_inher.planning.svd import truncate
+    from onnx_inher.planning.svd import full_svd
 
     a = api.analyze(_mlp(tmp_path / "mlp.onnx"))
-    view = next(iter(a.views.values()))
-    calls: list[str] = []
-    original = planning.Spectra.svd
+    view = a.views["fc1"]  # [1, 768, 384]: 1.1 MiB, past the process-wide cache of small weights
+    calls: list[tuple[int, ...]] = []
+    original = planning.eigen
 
-    def counted(self: planning.Spectra, v: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        calls.append(v.node)  # type: ignore[attr-defined]
-        return original(self, v)  # type: ignore[arg-type]
+    def counted(m: np.ndarray) -> object:
+        calls.append(m.shape)
+        return original(m)
 
-    monkeypatch.setattr(planning.Spectra, "svd", counted)
-    fresh = truncate(planning.Spectra().top_svd(view, 8), 8)
+    monkeypatch.setattr(planning, "eigen", counted)
+    u, s, vt = full_svd(view.matrices())
     kept = planning.Spectra(remember=True)
-    for rank in (8, 4, 16, 8):  # 16 = TOP_SPARE x 8: still a slice of the first cut
-        f = truncate(kept.top_svd(view, rank), rank)
-        if rank == 8:
-            assert f.up.tobytes() == fresh.up.tobytes() and f.down.tobytes() == fresh.down.tobytes()
-    assert calls == [view.node, view.node]  # the fresh Spectra's, then the remembering one's first call only
-    kept.top_svd(view, 40)  # above the cut: computed again
+    np.testing.assert_array_equal(kept.values(view), s)
+    for rank in (8, 100, 192, 8):  # a quarter of the weight holds 192 of its 384 vectors
+        got = kept.top_svd(view, rank)
+        assert [x.tobytes() for x in got] == [x.tobytes() for x in (u[:, :, :rank], s[:, :rank], vt[:, :rank])]
+    assert len(calls) == 1
+    kept.top_svd(view, 193)  # past the kept vectors: solved again
+    assert len(calls) == 2
+    once = planning.Spectra()
+    once.values(view)
+    once.top_svd(view, 8)
     assert len(calls) == 3
-    wide = planning.Spectra(remember=True)
-    wide.top_svd(view, 100)  # a 200-column cut holds 3 x 384 x 200 floats, over a quarter of the weight's
-    wide.top_svd(view, 100)
-    assert len(calls) == 5  # not kept: at half a layer's params a cut would weigh what the weight does
+    once.top_svd(view, 8)  # forgotten once factorised
+    assert len(calls) == 4
     monkeypatch.setattr(planning, "TOP_BYTES", 0)
     small = planning.Spectra(remember=True)
+    small.values(view)
     small.top_svd(view, 8)
-    small.top_svd(view, 8)
-    assert len(calls) == 7  # over the budget: nothing kept
+    assert len(calls) == 6  # over the budget: nothing kept

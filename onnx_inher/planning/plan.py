@@ -21,7 +21,7 @@ from onnx_inher.errors import InputError
 from onnx_inher.ir.layers import LayerView, heads_unsupported, split_unsupported
 from onnx_inher.planning import cost
 from onnx_inher.planning.rank import RankPolicy, raw_rank, round_rank
-from onnx_inher.planning.svd import energy_kept, full_svd, singular_values
+from onnx_inher.planning.svd import PRODUCT_BLOCK, Eigen, eigen, energy_kept, factors
 
 FORMAT = "onnx-inher-plan/1"
 MODES = ("inher", "svd")
@@ -254,89 +254,106 @@ def uncovered_note(plan: Plan) -> str | None:
 
 
 class Spectra:
-    """Singular values per shared weight (kept: a few KiB per layer); full SVDs only on request.
+    """Singular values per shared weight (a few KiB per layer), and the eigenvectors a factorisation needs.
 
-    A plan needs only the singular values. The full SVD (`U`, `V`: as large as the weight) is
-    computed when a layer is factorised and is not kept here: holding every layer's SVD was about
-    500 MiB of `compress`'s peak on BERT-base. Small weights go through the process-wide cache.
+    A plan needs only the singular values, a compress the factors of the same weights. Both come from one
+    eigendecomposition of the weight's smaller Gram matrix (`svd.eigen`): `values` keeps the leading
+    eigenvectors (`n x k` floats, k up to a quarter of the weight's size and `TOP_BYTES` in all), and
+    `top_svd` turns them into a rank's factors with one product, where it used to compute the Gram matrix
+    and solve it again (AlexNet: 16 s of a 52 s compress). Without `remember` a weight's vectors are
+    dropped once factorised; with it (the latency check rebuilds the student for every trial) they stay for
+    this object's life. Holding every layer's full SVD instead was about 500 MiB of `compress`'s peak on
+    BERT-base. Small weights go through the process-wide cache.
     """
 
     def __init__(self, remember: bool = False) -> None:
         self._s: dict[str, np.ndarray] = {}
         self.remember = remember
-        self._top: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._top_bytes = 0
+        self._eig: dict[tuple[str, tuple[int, ...]], Eigen] = {}
+        self._eig_bytes = 0
 
     def values(self, view: LayerView) -> np.ndarray:
         if view.shared_key not in self._s:
-            self._s[view.shared_key] = _cached(view.matrices(), "values")[0]
+            self._s[view.shared_key] = self._eigen(view, 0, keep=True).s.astype(np.float32)
         return self._s[view.shared_key]
 
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The full SVD, computed anew unless the weight is small enough for the process-wide cache."""
-        u, s, vt = _cached(view.matrices(), "svd")
-        return u, s, vt
+        """The full SVD."""
+        n = min(view.matrices().shape[1:])
+        return self.top_svd(view, n)
 
     def split_svd(self, view: LayerView, rest: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The SVD of a class-split head's other classes: the rows `rest` of its `[1, out, in]` matrices."""
-        u, s, vt = _cached(np.ascontiguousarray(view.matrices()[:, rest, :]), "svd")
-        return u, s, vt
+        m = np.ascontiguousarray(view.matrices()[:, rest, :])
+        e = _cached(m)
+        return factors(m, e, e.vecs.shape[2])
 
     def top_svd(self, view: LayerView, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`svd(view)` cut to its first `rank` components. With `remember`, the cut is kept for this object's
-        life (up to `TOP_BYTES` in all) and a later call at the same or a lower rank slices it: the latency
-        check rebuilds the student from a freshly loaded teacher for every trial (form, reverts), and each
-        rebuild recomputed every SVD: 27 s a build on AlexNet, whose `compress` took 129 s. The factors are
-        the same bytes either way."""
-        key = (view.shared_key, tuple(int(d) for d in view.weight.shape))
-        hit = self._top.get(key)
-        if hit is not None and hit[1].shape[1] >= rank:
-            return hit[0][:, :, :rank], hit[1][:, :rank], hit[2][:, :rank]
-        u, s, vt = self.svd(view)
-        cut = min(s.shape[1], TOP_SPARE * rank) if self.remember else rank
-        top = (np.ascontiguousarray(u[:, :, :cut]), np.ascontiguousarray(s[:, :cut]), np.ascontiguousarray(vt[:, :cut]))
-        del u, s, vt
-        size = sum(a.nbytes for a in top)
-        old = sum(a.nbytes for a in hit) if hit is not None else 0
-        if self.remember and size <= view.weight.nbytes * TOP_SHARE and self._top_bytes - old + size <= TOP_BYTES:
-            self._top[key] = top
-            self._top_bytes += size - old
-        return top[0][:, :, :rank], top[1][:, :rank], top[2][:, :rank]
+        """`svd(view)` cut to its first `rank` components, from the kept eigenvectors when they reach it (the
+        same bytes either way)."""
+        e = self._eigen(view, rank, keep=self.remember)
+        if not self.remember:
+            self._forget(_key(view))
+        return factors(view.matrices(), e, rank)
+
+    def _eigen(self, view: LayerView, rank: int, keep: bool) -> Eigen:
+        """The weight's `Eigen`, covering `rank`: the kept one if it does, else computed (and, with `keep`, its
+        leading vectors kept within the budget)."""
+        hit = self._eig.get(_key(view))
+        if hit is not None and hit.covers(rank):
+            return hit
+        e = _cached(view.matrices())
+        if not keep:
+            return e
+        self._forget(_key(view))
+        g, n = e.vecs.shape[:2]
+        room = min(int(view.weight.nbytes * TOP_SHARE), TOP_BYTES - self._eig_bytes) // (4 * g * n)
+        k = n if room >= n else room // PRODUCT_BLOCK * PRODUCT_BLOCK
+        if k > 0:
+            kept = e.cut(k)
+            self._eig[_key(view)] = kept
+            self._eig_bytes += kept.vecs.nbytes
+        return e
+
+    def _forget(self, key: tuple[str, tuple[int, ...]]) -> None:
+        old = self._eig.pop(key, None)
+        if old is not None:
+            self._eig_bytes -= old.vecs.nbytes
 
 
-TOP_BYTES = 256 << 20  # rank-cut SVDs a remembering `Spectra` keeps in all
-# and only cuts this small beside their weight: a low-rank layer's (AlexNet's FCs at rank 16: 0.6%) costs little
-# to keep, while at half the params a cut is as large as its weight (BERT-base: +344 MiB of peak for nothing
-# when no rebuild follows)
+def _key(view: LayerView) -> tuple[str, tuple[int, ...]]:
+    return view.shared_key, tuple(int(d) for d in view.weight.shape)
+
+
+TOP_BYTES = 256 << 20  # eigenvectors a `Spectra` keeps in all
+# and only as many of a weight's as a quarter of its size: a low-rank layer's (AlexNet's FCs at rank 16) cost
+# little to keep, while all of a square weight's are as large as the weight (BERT-base: +344 MiB of peak when
+# the rank cuts were kept whole)
 TOP_SHARE = 0.25
-# kept to this many times the rank asked: the form choice builds heads, then pairs at the same budget, whose
-# ranks are up to (in + 2 out) / (in + out) = 1.5x the heads'
-TOP_SPARE = 2
 
 
-_CACHE: OrderedDict[tuple[str, str], tuple[np.ndarray, ...]] = OrderedDict()
+_CACHE: OrderedDict[str, Eigen] = OrderedDict()
 CACHE_MATRIX_BYTES = 1 << 20
 CACHE_BYTES = 64 << 20
 
 
-def _cached(matrices: np.ndarray, kind: str) -> tuple[np.ndarray, ...]:
-    """`singular_values` or `full_svd` of small weights, remembered by content in this process.
+def _cached(matrices: np.ndarray) -> Eigen:
+    """`svd.eigen` of small weights, remembered by content in this process.
 
     Users tune ranks by compressing the same model several times (a notebook, a sweep, the test
     suite). Only weights up to 1 MiB are cached (64 MiB in all): a big model's SVDs would stay in
     memory for the life of the process, and hashing its weights costs time on every run.
     """
-    compute = (lambda m: (singular_values(m),)) if kind == "values" else full_svd
     if matrices.nbytes > CACHE_MATRIX_BYTES:
-        return compute(matrices)
+        return eigen(matrices)
     data = np.ascontiguousarray(matrices).view(np.uint8).reshape(-1)
-    key = (hashlib.sha256(data).hexdigest() + str(matrices.shape) + str(matrices.dtype), kind)
+    key = hashlib.sha256(data).hexdigest() + str(matrices.shape) + str(matrices.dtype)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    result = compute(matrices)
+    result = eigen(matrices)
     _CACHE[key] = result
-    while sum(a.nbytes for v in _CACHE.values() for a in v) > CACHE_BYTES and len(_CACHE) > 1:
+    while sum(e.vecs.nbytes for e in _CACHE.values()) > CACHE_BYTES and len(_CACHE) > 1:
         _CACHE.popitem(last=False)
     return result
 

@@ -65,23 +65,88 @@ def full_svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _full_svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    e = _eigen(matrices)
+    return _factors(matrices, e, e.vecs.shape[2])
+
+
+# the factors' products run in blocks of this many singular vectors, so that a rank-r cut is the same bytes as
+# the first r columns of the full SVD: BLAS may round a product differently at another shape
+PRODUCT_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class Eigen:
+    """A weight's singular values and the leading eigenvectors of its smaller Gram side (`[g, n, k]`, float32).
+
+    The eigensolve is the O(n^3) part of an SVD; a plan needs the values and a compress the factors of the
+    same weight, so keeping the vectors a rank can need lets the factors follow by one product with the
+    weight (`factors`) instead of a second Gram matrix and eigensolve (16 s of AlexNet's 52 s compress)."""
+
+    s: np.ndarray  # [g, min(out, in)] float64, descending, zero below RELATIVE_CUTOFF of the largest
+    vecs: np.ndarray  # [g, n, k] float32: M M^T's eigenvectors if `wide` (n = out), else M^T M's (n = in)
+    wide: bool
+
+    @property
+    def complete(self) -> bool:
+        return self.vecs.shape[2] == self.vecs.shape[1]
+
+    def covers(self, rank: int) -> bool:
+        """Whether `factors` at `rank` needs no vector beyond these (its last product block included)."""
+        return self.complete or self.vecs.shape[2] >= _block_end(rank, self.vecs.shape[1])
+
+    def cut(self, k: int) -> Eigen:
+        """The first `k` vectors (a multiple of PRODUCT_BLOCK, or all), as their own array."""
+        k = min(k, self.vecs.shape[1])
+        return self if k >= self.vecs.shape[2] else Eigen(self.s, np.ascontiguousarray(self.vecs[:, :, :k]), self.wide)
+
+
+def _block_end(rank: int, n: int) -> int:
+    return min(n, -(-max(rank, 1) // PRODUCT_BLOCK) * PRODUCT_BLOCK)
+
+
+def eigen(matrices: np.ndarray) -> Eigen:
+    with _one_blas_thread():
+        return _eigen(matrices)
+
+
+def _eigen(matrices: np.ndarray) -> Eigen:
     gram, wide = _gram(matrices)
     w, vecs = np.linalg.eigh(gram)
-    w, vecs = w[:, ::-1], vecs[:, :, ::-1]
-    s = np.sqrt(np.clip(w, 0, None))
-    keep = s > RELATIVE_CUTOFF * s[:, :1]
-    inv = np.where(keep, 1.0 / np.where(keep, s, 1.0), 0.0)
-    s = np.where(keep, s, 0.0)
-    m32, vecs32 = matrices.astype(np.float32, copy=False), vecs.astype(np.float32)
-    if wide:
-        u = vecs
-        vt = (np.swapaxes(vecs32, 1, 2) @ m32) * inv[:, :, None].astype(np.float32)
+    del gram
+    s = np.sqrt(np.clip(w[:, ::-1], 0, None))
+    s = np.where(s > RELATIVE_CUTOFF * s[:, :1], s, 0.0)
+    return Eigen(s, np.ascontiguousarray(vecs[:, :, ::-1], dtype=np.float32), wide)
+
+
+def factors(matrices: np.ndarray, e: Eigen, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(u, s, vt)` cut to `rank` from a weight and its `Eigen` (which must cover the rank): the same bytes as
+    the first `rank` components of `full_svd`."""
+    with _one_blas_thread():
+        return _factors(matrices, e, rank)
+
+
+def _factors(matrices: np.ndarray, e: Eigen, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not e.covers(rank):
+        raise ValueError(f"eigenvectors cut at {e.vecs.shape[2]} cannot give rank {rank}")
+    n = e.vecs.shape[1]
+    rank = min(rank, n)
+    end = _block_end(rank, n)
+    s = e.s[:, :end]
+    keep = s > 0
+    inv = np.where(keep, 1.0 / np.where(keep, s, 1.0), 0.0).astype(np.float32)
+    m32 = matrices.astype(np.float32, copy=False)
+    blocks = [e.vecs[:, :, i:min(i + PRODUCT_BLOCK, n)] for i in range(0, end, PRODUCT_BLOCK)]
+    if e.wide:
+        u = e.vecs[:, :, :end]
+        vt = np.concatenate([np.swapaxes(b, 1, 2) @ m32 for b in blocks], axis=1) * inv[:, :, None]
     else:
-        vt = np.swapaxes(vecs, 1, 2)
-        u = (m32 @ vecs32) * inv[:, None, :].astype(np.float32)
+        vt = np.swapaxes(e.vecs[:, :, :end], 1, 2)
+        u = np.concatenate([m32 @ b for b in blocks], axis=2) * inv[:, None, :]
     flip = np.sign(np.take_along_axis(u, np.abs(u).argmax(axis=1, keepdims=True), axis=1))
     flip[flip == 0] = 1
-    return (u * flip).astype(np.float32), s.astype(np.float32), (vt * np.swapaxes(flip, 1, 2)).astype(np.float32)
+    u, vt = u * flip, vt * np.swapaxes(flip, 1, 2)
+    return (np.ascontiguousarray(u[:, :, :rank], dtype=np.float32), s[:, :rank].astype(np.float32),
+            np.ascontiguousarray(vt[:, :rank], dtype=np.float32))
 
 
 def truncate(svd: tuple[np.ndarray, np.ndarray, np.ndarray], rank: int) -> Factors:

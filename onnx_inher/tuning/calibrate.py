@@ -45,7 +45,7 @@ from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import GraphIndex, NotConstant
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.outputs import softmax_axis_attr
-from onnx_inher.planning.plan import Plan, Spectra
+from onnx_inher.planning.plan import TOP_BYTES, TOP_SHARE, Plan, Spectra
 from onnx_inher.planning.svd import Factors, OutputGram, balanced, data_aware_svd, truncate
 from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session, with_outputs
@@ -408,6 +408,27 @@ class CalibratedSpectra(Spectra):
                  remember: bool = False) -> None:
         super().__init__(remember)
         self.grams, self.ranks, self.rows, self.fitted = grams, ranks, rows or {}, fitted or {}
+        self._kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._kept_bytes = 0
+
+    def _whitened(self, view: LayerView) -> bool:
+        key = view.shared_key
+        return view.node in self.ranks and (key in self.fitted or self.grams.get(key) is not None)
+
+    def top_svd(self, view: LayerView, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A whitened layer's rank-r factors cut to `rank`; with `remember`, kept (up to a quarter of the
+        weight's size, `TOP_BYTES` in all) for the latency check's rebuilds: whitening solves an `in x in`
+        eigenproblem per layer."""
+        if not self._whitened(view):
+            return super().top_svd(view, rank)
+        got = self._kept.get(view.shared_key) or self.svd(view)
+        size = sum(a.nbytes for a in got)
+        if self.remember and view.shared_key not in self._kept and size <= view.weight.nbytes * TOP_SHARE \
+                and self._kept_bytes + size <= TOP_BYTES:
+            self._kept[view.shared_key] = got
+            self._kept_bytes += size
+        u, s, vt = got
+        return u[:, :, :rank], s[:, :rank], vt[:, :rank]
 
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if view.shared_key in self.fitted and view.node in self.ranks:
