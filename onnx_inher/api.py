@@ -73,11 +73,12 @@ class Analysis:
 
 
 def analyze(model: PathLike, dims: dict[str, int] | None = None,
-            shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
+            shapes: Mapping[str, Sequence[int]] | None = None, known_sha256: str | None = None) -> Analysis:
     """Load and locate; FLOPs are counted at `shapes` (real input shapes, checked against the model)
     and `dims` (named dynamic dims), an image input's free height and width at IMAGE_SIDE
-    (`ir.shapes.image_defaults`, said in `shape_note`), every other dynamic dim at 1."""
-    loaded = load_model(model)
+    (`ir.shapes.image_defaults`, said in `shape_note`), every other dynamic dim at 1. `known_sha256`: the
+    file was loaded and validated before in this process (`ir.io.load_model`)."""
+    loaded = load_model(model, known_sha256)
     assumed = image_defaults(loaded.model, shapes or {}, dims)
     note = ""
     if assumed:
@@ -253,7 +254,7 @@ def _choose_form(a: Analysis, options: Options, classes: dict[str, list[int]],
     if not any(c.decision == "factorize" and c.heads > 1 for c in plans[0].candidates):
         return options, None
 
-    form = speed.choose_form(plans[0], plans[1], a.loaded.path, lambda: _fresh(a.loaded.path, options),
+    form = speed.choose_form(plans[0], plans[1], a.loaded.path, lambda: _fresh(a.loaded.path, options, a.loaded.sha256),
                              lambda an, p: rewrite(an.handle, p, spectra))
     if form is None:
         return options, None
@@ -480,8 +481,9 @@ def compress(
     rewritten = rewrite(a, the_plan, spectra)
     if note := s2d_note(rewritten):
         the_plan.warnings.append(note)
+    digest = a.loaded.sha256
     del a  # the teacher proto and every folded weight: peak memory is what lives at once
-    rewritten = _latency_check(the_plan, options, rewritten, model, spectra)
+    rewritten = _latency_check(the_plan, options, rewritten, model, spectra, digest)
     release_memory()
     written = save_model(rewritten, out, external_data=external, inputs=[teacher_path])
     del rewritten
@@ -499,7 +501,7 @@ def compress(
 
 
 def _latency_check(the_plan: Plan, options: Options, student: ModelProto, model: PathLike,
-                   spectra: Spectra) -> ModelProto:
+                   spectra: Spectra, sha256: str) -> ModelProto:
     """Time the student against the teacher; choose the form and revert what does not pay (tuning/speed.py)."""
     from onnx_inher.tuning import speed
 
@@ -509,15 +511,17 @@ def _latency_check(the_plan: Plan, options: Options, student: ModelProto, model:
                                min_speedup=options.min_speedup, pick_form=options.pick_form,
                                latency_threads=options.latency_threads)
 
-    return speed.check(the_plan, student, Path(model), lambda: _fresh(model, options),
+    return speed.check(the_plan, student, Path(model), lambda: _fresh(model, options, sha256),
                        lambda an, p: rewrite(an.handle, p, spectra))
 
 
-def _fresh(model: PathLike, options: Options) -> Analysed:
-    """A new analysis of the teacher for the latency check's trial students (`rewrite` consumes one)."""
+def _fresh(model: PathLike, options: Options, sha256: str) -> Analysed:
+    """A new analysis of the teacher for the latency check's trial students (`rewrite` consumes one); the file
+    is the one validated at the start (`sha256`), so it is not validated again."""
     from onnx_inher.tuning import speed
 
-    a = analyze(model, options.dims, options.shapes)
+    a = analyze(model, options.dims, options.shapes, sha256)
+    release_memory()  # the parse's transient copies: freed, but glibc would keep them
     return speed.Analysed(a.loaded.model, a.views, a)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from onnx_inher import _env, api
+from onnx_inher import api
 from onnx_inher.distill import AUGMENTS, TEACHER_MODES, TEACHER_RUNTIMES, TRAINABLE
 from onnx_inher.errors import CheckFailed, InputError, OnnxInherError
 from onnx_inher.ir.io import check_output, write_text
@@ -197,7 +197,6 @@ def handled(f: Callable) -> Callable:
 @click.version_option(package_name="onnx-inher")
 def main() -> None:
     """Compress exported ONNX models with SVD-inherited factor layers (InherNet)."""
-    _env.keep_freed_memory()  # every command allocates the same large arrays again and again
 
 
 class NumberOrAuto(click.ParamType):

@@ -163,9 +163,16 @@ def _cycle_from(graph: onnx.GraphProto, producer: dict[str, int], start: int) ->
     return []
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Read and validate a model, external data included."""
+def load_model(path: str | os.PathLike[str], known_sha256: str | None = None) -> LoadedModel:
+    """Read and validate a model, external data included.
+
+    `known_sha256`: the digest of this file as this process already loaded and validated it. The file is then
+    parsed once and checked unchanged, not validated again: the latency check loads the teacher afresh for
+    each trial student, and each validation held the file, the checker's parse and two of ours (ViT-B/16: a
+    346 MB file took the check's peak past 2 GB)."""
     p = Path(path)
+    if known_sha256 is not None:
+        return _reload(p, known_sha256)
     if not p.exists():
         raise InputError(f"{p}: no such file; check the path.")
     if p.is_dir():
@@ -184,6 +191,20 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             raise InputError(f"{p}: the file changed while it was being read; try again.")
     else:  # external data: the checker must not look at locations `_check_structure` refuses
         _run_checker(p)
+    if external:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    return LoadedModel(model=model, path=p, external_data=external, sha256=digest)
+
+
+def _reload(p: Path, sha256: str) -> LoadedModel:
+    try:
+        model, digest = _parse(p)
+    except OSError as err:
+        raise InputError(f"{p}: cannot read it again ({err.strerror}); keep the teacher in place while "
+                         "onnx-inher runs.") from None
+    if digest != sha256:
+        raise InputError(f"{p}: the file changed while onnx-inher was using it; run again.")
+    external = any(_uses_external(t) for t in iter_tensors(model.graph))
     if external:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     return LoadedModel(model=model, path=p, external_data=external, sha256=digest)
@@ -265,13 +286,16 @@ def _payload_bytes(tensor: TensorProto) -> int:
         + len(tensor.uint64_data))
 
 
-def _needs_external(model: ModelProto) -> bool:
-    """Weights over the 2 GB limit (2e9 leaves 147 MB of protobuf's 2 GiB for the graph itself).
+def weight_bytes(model: ModelProto) -> int:
+    """Bytes of every tensor's values held in the model (subgraphs included), counted from the tensors:
+    upb's `ByteSize()` serialises the whole model to measure it (a transient of twice the model) and
+    refuses to even measure one over 2 GiB."""
+    return sum(_payload_bytes(t) for t in iter_tensors(model.graph))
 
-    Counted from the tensors: upb's `ByteSize()` serialises the whole model to measure it (a
-    transient of twice the model) and refuses to even measure one over 2 GiB.
-    """
-    return sum(_payload_bytes(t) for t in iter_tensors(model.graph)) > PROTOBUF_LIMIT
+
+def _needs_external(model: ModelProto) -> bool:
+    """Weights over the 2 GB limit (2e9 leaves 147 MB of protobuf's 2 GiB for the graph itself)."""
+    return weight_bytes(model) > PROTOBUF_LIMIT
 
 
 def _varint(n: int) -> bytes:

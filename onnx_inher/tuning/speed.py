@@ -63,6 +63,7 @@ from onnx_inher import _env
 from onnx_inher.bench.core import save_flushed, with_batch
 from onnx_inher.bench.sessions import Runner, Settings, create
 from onnx_inher.bench.stats import Ratio, speedup
+from onnx_inher.ir.io import release_memory, weight_bytes
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.runtime import sample_inputs
 from onnx_inher.tuning.latency import LayerTimer, fold_pays, foldable, layer_times, plan_dims
@@ -99,6 +100,7 @@ class Analysed:
 def time_models(models: list[bytes | Path], feed: dict[str, np.ndarray], settings: Settings,
                 budget_s: float = BUDGET_S) -> list[np.ndarray]:
     """Seconds per round of each model, timed interleaved (A, B, ... each round) for about `budget_s`."""
+    release_memory()  # what the rebuilds before freed goes back to the OS before the sessions take theirs
     runners = []
     for i, m in enumerate(models):
         label = "teacher" if i == 0 else f"student {i}"
@@ -113,6 +115,13 @@ def time_models(models: list[bytes | Path], feed: dict[str, np.ndarray], setting
         for j, r in enumerate(runners):
             rows[j].append(sum(r() for _ in range(reps)) / reps)
     return [np.asarray(r) for r in rows]
+
+
+def _as_bytes(model: ModelProto) -> bytes | None:
+    """A trial student serialised for its in-memory session, so that its proto can go before the next one is
+    built (ViT-B/16: two 174 MB protos beside their bytes through the form choice's timing), or None when it is
+    over the protobuf limit."""
+    return None if weight_bytes(model) > MAX_BYTES else model.SerializeToString()
 
 
 def runs_per_round(slowest_s: float, budget_s: float, models: int) -> int:
@@ -190,13 +199,12 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
     options = heads_plan.options
     feed = sample_inputs(a.model, plan_dims(a.model, options.dims, options.shapes), shapes=options.shapes)
     with flushed_baseline(teacher, a.model) as (baseline, _):
-        heads = rebuild(a, heads_plan)
+        heads = _as_bytes(rebuild(a, heads_plan))
         del a  # consumed: what it still holds need not sit beside the timed models
-        pairs = rebuild(fresh(), pairs_plan)
-        if heads.ByteSize() > MAX_BYTES or pairs.ByteSize() > MAX_BYTES:
+        pairs = _as_bytes(rebuild(fresh(), pairs_plan)) if heads is not None else None
+        if heads is None or pairs is None:
             return None
-        t, h, p = time_models([baseline, heads.SerializeToString(), pairs.SerializeToString()], feed,
-                              cpu_settings(options.latency_threads))
+        t, h, p = time_models([baseline, heads, pairs], feed, cpu_settings(options.latency_threads))
     vs = speedup(h, p)  # heads time / pair time: > 1 when the pairs are faster
     return {"chosen": "pair" if vs.low > 1.0 else "heads", "heads": _ratio_doc(t, h), "pair": _ratio_doc(t, p),
             "pair_over_heads": {"speedup": round(vs.value, 4), "low": round(vs.low, 4), "high": round(vs.high, 4)},
@@ -476,7 +484,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
     if not any(c.decision == "factorize" for c in plan.candidates):
         doc.update(verdict="nothing factorised", ok=options.min_speedup is None, speedup=None)
         return student
-    if student.ByteSize() > MAX_BYTES:
+    if weight_bytes(student) > MAX_BYTES:
         doc.update(verdict="not measured: the student is over 2 GB (time it with `onnx-inher bench`)", ok=True,
                    speedup=None)
         plan.warnings.append("latency check skipped: the student is over 2 GB")
