@@ -7,7 +7,9 @@ batch 1 and 8 (batch 1 only where the model fixes it), with 1 intra-op thread an
 whose interval lies below 1 at any point is a failure of issue 18's first target (never ship a slower model).
 
 Models: everything in ../shared/REAL_MODELS.md that installs offline and is not kept aside, plus the
-embedded MNIST CNN and ResNet-50 with random weights (`tests/zoo.py`). The onnx `light` models have
+embedded MNIST CNN and ResNet-50 with random weights (`tests/zoo.py`). torchvision's MobileNetV3-Large,
+EfficientNet-B0, ConvNeXt-T and ViT-B/16 come with random weights too (`pip install --no-deps
+torchvision==0.28.0`). The onnx `light` models have
 placeholder weights (one value per tensor, so rank 1): their rows test the defaults on real graphs and
 kernels, not a realistic plan.
 
@@ -64,6 +66,7 @@ MODELS: dict[str, tuple[Callable[[], Path], dict[str, list[int]]]] = {
     "skl_mlp": (lambda: zoo.skl_mlp(), {"input": [1, 64]}),
     "resnet50_random": (lambda: zoo.resnet50_random(), {"image": _IMAGE}),
     "mnist_cnn": (lambda: MNIST_TEACHER, {"image": [1, 1, 28, 28]}),
+    **{f"tv_{arch}": (zoo.FIXTURES[f"tv_{arch}"], {"image": _IMAGE}) for arch in zoo.TORCHVISION},
     "light_alexnet": (_light("bvlc_alexnet"), {"data_0": _IMAGE}),
     "light_densenet121": (_light("densenet121"), {"data_0": _IMAGE}),
     "light_inception_v1": (_light("inception_v1"), {"data_0": _IMAGE}),

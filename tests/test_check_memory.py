@@ -1,4 +1,4 @@
-"""What keeps `compress`'s peak memory down with the latency check on (ViT-B/16: 3.2 GB for a 346 MB file).
+"""What keeps `compress`'s peak memory down with the latency check on (ViT-B/16: 3102 MiB for a 330 MiB file).
 
 * The check loads the teacher afresh for every trial student; a file validated once in the process is parsed
   once more and checked unchanged by its digest, not validated again (`load_model(known_sha256=)`).
@@ -74,8 +74,8 @@ def test_observed_shapes_from_the_files_bytes_and_remembered(tmp_path: Path, mon
 
 
 def test_only_training_keeps_freed_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keeping freed blocks made a distillation step 1.6x faster, and a ViT-B/16 compress hold 3.2 GB instead
-    of 2.7 GB: the CLI no longer asks for it; `distill` does, itself."""
+    """Keeping freed blocks made a distillation step 1.6x faster, and a ViT-B/16 compress peak at 3102 MiB
+    instead of 2650: the CLI no longer asks for it; `distill` does, itself."""
     from onnx_inher import _env, cli
 
     asked: list[bool] = []

@@ -446,6 +446,56 @@ def resnet50_random() -> Path:
     return _cached("resnet50_random", _version_key(1, "torch"), build)
 
 
+def _torchvision_models() -> types.ModuleType:
+    """``torchvision.models`` (architectures only, random weights). The PyPI torchvision wheel is built against
+    CUDA torch: with the CPU torch its compiled ops (NMS, ...) cannot load, and ``torchvision/__init__`` fails
+    registering fake kernels for them. The classification models need none of them, so that one module is
+    stood in for. ``pip install --no-deps torchvision==0.28.0`` (the release for torch 2.13)."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise FileNotFoundError("torchvision is not installed: pip install --no-deps torchvision==0.28.0")
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "failed to load image Python extension"
+        import torchvision.models
+
+    return torchvision.models
+
+
+def _torchvision_module(arch: str) -> torch.nn.Module:
+    import torch
+
+    models = _torchvision_models()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return getattr(models, arch)().eval()
+
+
+def _torchvision(arch: str) -> Callable[[], Path]:
+    """A torchvision classifier with random weights (seed 0), BatchNorm folded by the exporter, input ``image``
+    [batch, 3, 224, 224]: the mobile and transformer architectures users ship, for latency only."""
+    def fixture() -> Path:
+        def build(path: Path) -> None:
+            import torch
+
+            module = _torchvision_module(arch)
+            image = torch.linspace(-1.0, 1.0, 2 * 3 * 224 * 224).reshape(2, 3, 224, 224)
+            axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
+            fast = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)  # ViT's fused attention has no ONNX export
+            try:
+                _export_torchscript(module, (image,), path, ("image",), ("logits",), axes)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fast)
+
+        return _cached(f"tv_{arch}", _version_key(1, "torch", "torchvision"), build)
+
+    fixture.__name__ = f"tv_{arch}"
+    return fixture
+
+
+TORCHVISION = ("mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "vit_b_16")
+
+
 def resemblyzer() -> Path:
     """Resemblyzer speaker encoder (pretrained, ~1.4M params): 3 LSTM nodes + Gemm, input [batch, frames, 40]."""
     return _cached("resemblyzer", _version_key(1, "torch", "resemblyzer"), _build_resemblyzer)
@@ -494,6 +544,9 @@ def _reference(name: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     if name == "resemblyzer":
         feed = {MEL_INPUT: rng.random((3, 50, MEL_CHANNELS), dtype=np.float32)}
         return feed, _torch_run(_resemblyzer_module(), feed)
+    if name.startswith("tv_"):
+        feed = {"image": rng.standard_normal((3, 3, 224, 224), dtype=np.float32)}
+        return feed, _torch_run(_torchvision_module(name.removeprefix("tv_")), feed)
     if name == "skl_mlp":
         from sklearn.datasets import load_digits
 
@@ -512,6 +565,7 @@ FIXTURES: dict[str, Callable[[], Path]] = {
     "skl_mlp": skl_mlp,
     "resemblyzer": resemblyzer,
     "bert_base_random": bert_base_random,
+    **{f"tv_{arch}": _torchvision(arch) for arch in TORCHVISION},
 }
 
 
