@@ -8,10 +8,10 @@ whose interval lies below 1 at any point is a failure of issue 18's first target
 
 Models: everything in ../shared/REAL_MODELS.md that installs offline and is not kept aside, plus the
 embedded MNIST CNN and ResNet-50 with random weights (`tests/zoo.py`). torchvision's MobileNetV3-Large,
-EfficientNet-B0, ConvNeXt-T and ViT-B/16 come with random weights too (`pip install --no-deps
-torchvision==0.28.0`). The onnx `light` models have
-placeholder weights (one value per tensor, so rank 1): their rows test the defaults on real graphs and
-kernels, not a realistic plan.
+EfficientNet-B0, ConvNeXt-T and ViT-B/16 come with random weights too (torchvision installed apart from the
+venv: `pip install --no-deps --target ~/.cache/onnx-inher/torchvision torchvision==0.28.0`, see `tests/zoo.py`).
+The onnx `light` models have placeholder weights (one value per tensor, so rank 1): their rows test the
+defaults on real graphs and kernels, not a realistic plan.
 
     python -m benchmarks.default_students                      # all, writes results/default_students.{json,md}
     python -m benchmarks.default_students --only ocr_det,mtcnn_pnet --iters 20
