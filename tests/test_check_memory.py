@@ -2,8 +2,9 @@
 
 * The check loads the teacher afresh for every trial student; a file validated once in the process is parsed
   once more and checked unchanged by its digest, not validated again (`load_model(known_sha256=)`).
-* Shapes inference leaves open are observed in one ORT run made from the file's own bytes with the extra
-  outputs appended (protobuf merges the two messages), and remembered for the next ask.
+* Shapes inference leaves open are observed in one ORT run whose weights ORT reads from the file in place
+  (a skeleton with external-data offsets into it), and remembered for the next ask.
+* The form choice lets the planning analysis go while it builds and times its trial students.
 * Only training asks glibc to keep freed memory: the CLI's other commands leave malloc as it is.
 """
 
@@ -21,12 +22,12 @@ from onnx_inher.errors import InputError
 from onnx_inher.ir import io
 
 
-def _model(path: Path, scale: float = 1.0) -> Path:
-    w = (np.arange(12, dtype=np.float32).reshape(3, 4) * scale).astype(np.float32)
+def _model(path: Path, scale: float = 1.0, rows: int = 3) -> Path:
+    w = (np.arange(rows * 4, dtype=np.float32).reshape(rows, 4) * scale).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
          helper.make_node("Relu", ["h"], ["y"], name="act")],
-        "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
@@ -48,28 +49,38 @@ def test_a_known_file_is_parsed_again_without_validation(tmp_path: Path, monkeyp
         io.load_model(path, known_sha256=first.sha256)
 
 
-def test_observed_shapes_from_the_files_bytes_and_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_observed_shapes_read_the_weights_in_place_and_are_remembered(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime as ort
 
     from onnx_inher.bench import profile
+    from onnx_inher.ir.in_place import FOLDER_KEY, raw_data_spans
 
-    path = _model(tmp_path / "m.onnx")
+    path = _model(tmp_path / "m.onnx", rows=4096)  # 4096 x 4 floats: a weight the skeleton stubs
     model = onnx.load(str(path))
-    made: list[object] = []
+    offset, length = raw_data_spans(path)["w"]
+    assert path.read_bytes()[offset:offset + length] == model.graph.initializer[0].raw_data
+    made: list[tuple[object, dict[str, str]]] = []
     real = ort.InferenceSession
 
-    def counted(*args: object, **kwargs: object) -> object:
-        made.append(args[0])
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def counted(source: object, opts: ort.SessionOptions, **kwargs: object) -> object:
+        made.append((source, {FOLDER_KEY: opts.get_session_config_entry(FOLDER_KEY)}))
+        return real(source, opts, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ort, "InferenceSession", counted)
-    feed = {"x": np.ones((5, 3), np.float32)}
+    feed = {"x": np.ones((5, 4096), np.float32)}
     assert profile.observed_shapes(path, feed, ["h", "y"], model) == {"h": (5, 4), "y": (5, 4)}
-    assert made[0] == path.read_bytes() + onnx.ModelProto(graph=onnx.GraphProto(
-        output=[onnx.ValueInfoProto(name="h")])).SerializeToString()  # `y` is an output already
+    source, config = made[0]
+    sent = onnx.ModelProto()
+    sent.ParseFromString(source)  # type: ignore[arg-type]
+    stub = sent.graph.initializer[0]
+    assert not stub.raw_data and {e.key: e.value for e in stub.external_data} == {
+        "location": "m.onnx", "offset": str(offset), "length": str(length)}
+    assert config[FOLDER_KEY] == str(tmp_path.resolve())
+    assert [o.name for o in sent.graph.output] == ["y", "h"]  # `y` is an output already
     assert profile.observed_shapes(path, feed, ["h", "y"], model) == {"h": (5, 4), "y": (5, 4)}
     assert len(made) == 1  # remembered
-    assert profile.observed_shapes(path, {"x": np.ones((2, 3), np.float32)}, ["h"], model) == {"h": (2, 4)}
+    assert profile.observed_shapes(path, {"x": np.ones((2, 4096), np.float32)}, ["h"], model) == {"h": (2, 4)}
     assert len(made) == 2  # other shapes: observed anew
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto
 
+from onnx_inher.ir.in_place import FOLDER_KEY, reading_in_place
 from onnx_inher.ir.io import iter_tensors
 from onnx_inher.ir.shapes import TensorInfo, infer
 
@@ -68,11 +69,10 @@ def observed_shapes(path: Path, feed: dict[str, np.ndarray], names: list[str],
                     model: ModelProto | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of `names` seen in one ONNX Runtime run on the CPU (for what shape inference leaves open).
 
-    With `model` (the file's own proto, to read its outputs from), the session is made from the file's bytes
-    with the extra outputs appended as a second serialised `ModelProto`, which protobuf merges into the first
-    (repeated fields append). Loading the teacher again and serialising it held three copies of its weights
-    at once: the latency check's peak on ViT-B/16 (346 MB) came here. The last few answers are remembered:
-    the check asks for the same shapes once for its head forms and twice for its folds."""
+    With `model` (the file's own proto), ORT reads the weights from the file in place (`ir.in_place`): made
+    from the teacher loaded again and serialised with the extra outputs, the session held three copies of
+    its weights at once, and the latency check's peak on ViT-B/16 (330 MiB) came here. The last few answers
+    are remembered: the check asks for the same shapes for its head forms and its folds."""
     import onnxruntime as ort
 
     p = Path(path)
@@ -85,19 +85,18 @@ def observed_shapes(path: Path, feed: dict[str, np.ndarray], names: list[str],
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # callers probe shapes a model may reject, and handle the exception
     if model is not None and not any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model.graph)):
-        outputs = {o.name for o in model.graph.output}
-        extra = ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in names
-                                                         if n not in outputs]))
-        data = p.read_bytes() + extra.SerializeToString()
-    else:  # weights in side files: ORT given bytes would not find them, so they go into the proto first
+        source = reading_in_place(model, p, names)
+        opts.add_session_config_entry(FOLDER_KEY, str(p.resolve().parent))
+    else:  # weights in side files: loaded into the proto, which is serialised with the extra outputs
         full = onnx.load(str(p))
         outputs = {o.name for o in full.graph.output}
         full.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
-        data = full.SerializeToString()
+        source = full.SerializeToString()
         del full
-    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    del data
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    del source
     shapes = {n: tuple(int(d) for d in v.shape) for n, v in zip(names, sess.run(names, feed), strict=True)}
+    del sess
     _OBSERVED[key] = shapes
     while len(_OBSERVED) > OBSERVED_KEPT:
         _OBSERVED.pop(next(iter(_OBSERVED)))

@@ -71,7 +71,7 @@ def _is_weight(t: TensorProto) -> bool:
     return t.data_type in WEIGHT_TYPES and math.prod(t.dims) >= WEIGHT_MIN_ELEMENTS
 
 
-def _skeleton(model: ModelProto) -> ModelProto:
+def skeleton(model: ModelProto) -> ModelProto:
     """`model` without the data of its weight initializers (name, type and dims kept).
 
     `infer_shapes` serialises its input, parses it in C++, and parses back a full copy of the result:
@@ -82,18 +82,18 @@ def _skeleton(model: ModelProto) -> ModelProto:
     graph = model.graph
     if not any(_is_weight(t) for t in graph.initializer):
         return model
-    skeleton = ModelProto()
-    _copy_fields(skeleton, model, skip="graph")
-    _copy_fields(skeleton.graph, graph, skip="initializer")
+    bare = ModelProto()
+    _copy_fields(bare, model, skip="graph")
+    _copy_fields(bare.graph, graph, skip="initializer")
     for t in graph.initializer:
         if _is_weight(t):
-            stub = skeleton.graph.initializer.add()
+            stub = bare.graph.initializer.add()
             stub.name, stub.data_type = t.name, t.data_type
             stub.dims.extend(t.dims)
             stub.data_location = TensorProto.EXTERNAL
         else:
-            skeleton.graph.initializer.append(t)
-    return skeleton
+            bare.graph.initializer.append(t)
+    return bare
 
 
 def infer(model: ModelProto, inputs: Mapping[str, Sequence[int]] | None = None) -> dict[str, TensorInfo]:
@@ -125,7 +125,7 @@ def _inputs_at(model: ModelProto, inputs: Mapping[str, Sequence[int]]) -> Iterat
 
 def _inferred(model: ModelProto) -> ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError, onnx.checker.ValidationError):
         return model
 
