@@ -29,7 +29,8 @@ def fake_timer(pair_ms: float, heads_ms: float, calls: list | None = None):
         for i, m in enumerate(models):
             ms = TEACHER_MS
             if i:
-                names = [n.name for n in onnx.load_from_string(m).graph.node]
+                model = m if isinstance(m, onnx.ModelProto) else onnx.load(str(m))  # a student: proto or file
+                names = [n.name for n in model.graph.node]
                 pairs = {n.split("/svd/")[0] for n in names if "/svd/" in n}
                 heads = {n.split("/inher/")[0] for n in names if "/inher/" in n}
                 ms += pair_ms * len(pairs) + heads_ms * len(heads)

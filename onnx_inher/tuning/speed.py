@@ -63,7 +63,7 @@ from onnx_inher import _env
 from onnx_inher.bench.core import save_flushed, with_batch
 from onnx_inher.bench.sessions import Runner, Settings, create
 from onnx_inher.bench.stats import Ratio, speedup
-from onnx_inher.ir.io import release_memory, weight_bytes
+from onnx_inher.ir.io import release_memory, save_model, weight_bytes
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.runtime import sample_inputs
 from onnx_inher.tuning.latency import LayerTimer, fold_pays, foldable, layer_times, plan_dims
@@ -97,16 +97,20 @@ class Analysed:
     handle: Any = None  # the caller's own analysis, given back to `rebuild`
 
 
-def time_models(models: list[bytes | Path], feed: dict[str, np.ndarray], settings: Settings,
+def time_models(models: list[ModelProto | Path], feed: dict[str, np.ndarray], settings: Settings,
                 budget_s: float = BUDGET_S) -> list[np.ndarray]:
-    """Seconds per round of each model, timed interleaved (A, B, ... each round) for about `budget_s`."""
+    """Seconds per round of each model, timed interleaved (A, B, ... each round) for about `budget_s`. A
+    `ModelProto` is written to a temporary file for its session (`ir.io.save_model` streams it): made from
+    bytes, a session held them beside its own copy of the weights."""
     release_memory()  # what the rebuilds before freed goes back to the OS before the sessions take theirs
     runners = []
-    for i, m in enumerate(models):
-        label = "teacher" if i == 0 else f"student {i}"
-        r = Runner(create(m, settings, label), feed, label)
-        r.check()
-        runners.append(r)
+    with tempfile.TemporaryDirectory(prefix="onnx-inher-timed-") as tmp:
+        for i, m in enumerate(models):
+            label = "teacher" if i == 0 else f"student {i}"
+            source = save_model(m, Path(tmp) / f"model{i}.onnx")[0] if isinstance(m, ModelProto) else m
+            r = Runner(create(source, settings, label), feed, label)
+            r.check()
+            runners.append(r)
     warm = [[r() for r in runners] for _ in range(WARMUP)]
     reps = runs_per_round(max(min(col) for col in zip(*warm, strict=True)), budget_s, len(runners))
     rows: list[list[float]] = [[] for _ in runners]
@@ -117,11 +121,11 @@ def time_models(models: list[bytes | Path], feed: dict[str, np.ndarray], setting
     return [np.asarray(r) for r in rows]
 
 
-def _as_bytes(model: ModelProto) -> bytes | None:
-    """A trial student serialised for its in-memory session, so that its proto can go before the next one is
-    built (ViT-B/16: two 174 MB protos beside their bytes through the form choice's timing), or None when it is
-    over the protobuf limit."""
-    return None if weight_bytes(model) > MAX_BYTES else model.SerializeToString()
+def _on_disk(model: ModelProto, path: Path) -> Path | None:
+    """A trial student written where its session will read it, so that its proto can go before the next one is
+    built (BERT-base's form choice held two protos, then their bytes, beside three sessions: 1911 MiB, now
+    1680), or None when it is over the protobuf limit."""
+    return None if weight_bytes(model) > MAX_BYTES else save_model(model, path)[0]
 
 
 def runs_per_round(slowest_s: float, budget_s: float, models: int) -> int:
@@ -198,10 +202,11 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
     a = fresh()
     options = heads_plan.options
     feed = sample_inputs(a.model, plan_dims(a.model, options.dims, options.shapes), shapes=options.shapes)
-    with flushed_baseline(teacher, a.model) as (baseline, _):
-        heads = _as_bytes(rebuild(a, heads_plan))
+    with flushed_baseline(teacher, a.model) as (baseline, _), \
+            tempfile.TemporaryDirectory(prefix="onnx-inher-forms-") as tmp:
+        heads = _on_disk(rebuild(a, heads_plan), Path(tmp) / "heads.onnx")
         del a  # consumed: what it still holds need not sit beside the timed models
-        pairs = _as_bytes(rebuild(fresh(), pairs_plan)) if heads is not None else None
+        pairs = _on_disk(rebuild(fresh(), pairs_plan), Path(tmp) / "pairs.onnx") if heads is not None else None
         if heads is None or pairs is None:
             return None
         t, h, p = time_models([baseline, heads, pairs], feed, cpu_settings(options.latency_threads))
@@ -324,7 +329,7 @@ def _fold_note(c: Candidate, threads: int) -> str:
             f"{t.get('plain', 0):.3f} ms unfolded (dense {t.get('dense', 0):.3f} ms, latency check, {threads} threads)")
 
 
-def keep_folds(plan: Plan, made: set[str], unfolded: bytes, folded: bytes, teacher: Path,
+def keep_folds(plan: Plan, made: set[str], unfolded: ModelProto, folded: ModelProto, teacher: Path,
                feed: dict[str, np.ndarray], settings: Settings, record: dict[str, Any]) -> bool:
     """Whether the whole student is measurably faster with the folds `choose_folds` made (`made`) than without
     them (interval of unfolded time / folded time above 1); if not, those folds are undone. Either way the plan
@@ -455,12 +460,11 @@ class Wide:
                                 f"{wide_doc['speedup']:.2f}x the teacher [{wide_doc['low']:.2f}, "
                                 f"{wide_doc['high']:.2f}] at batch {SECOND_BATCH}, slower than the teacher")
             current = a.rebuild(rebuild, plan)
-            student = current.SerializeToString()
-            t, s = time_models([self.baseline, student], self.feed, self.settings)
+            t, s = time_models([self.baseline, current], self.feed, self.settings)
             last = {"reverted": [c.node for root in batch for c in groups[root]], **_ratio_doc(t, s),
                     "at": f"batch {SECOND_BATCH} slower"}
             last["verdict"] = verdict(last, self.min_speedup)
-            t, s = time_models([self.baseline, student], self.feed_wide, self.settings, BUDGET_S / 2)
+            t, s = time_models([self.baseline, current], self.feed_wide, self.settings, BUDGET_S / 2)
             wide_doc = _ratio_doc(t, s)
             last[f"batch_{SECOND_BATCH}"] = wide_doc
             doc["rounds"].append(last)
@@ -515,7 +519,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             n = len(made)
             if made:
                 folded = a.rebuild(rebuild, plan)
-                if keep_folds(plan, made, current.SerializeToString(), folded.SerializeToString(), baseline, feed,
+                if keep_folds(plan, made, current, folded, baseline, feed,
                               settings, folds):
                     current = folded
                     say(f"latency check: {n} down conv(s) folded into the batch, the whole student measured faster")
@@ -525,7 +529,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
         if options.pick_form and _headed(plan) and chosen_early is None:
             pairs_plan = _as_pairs(plan, a.get().views)
             pairs = a.rebuild(rebuild, pairs_plan)
-            t, h, p = time_models([baseline, current.SerializeToString(), pairs.SerializeToString()], feed, settings)
+            t, h, p = time_models([baseline, current, pairs], feed, settings)
             vs = speedup(h, p)  # heads time / pair time: > 1 when the pairs are faster
             chosen = "pair" if vs.low > 1.0 else "heads"
             doc["form"] = {"chosen": chosen, "heads": _ratio_doc(t, h), "pair": _ratio_doc(t, p),
@@ -549,7 +553,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                 first = _ratio_doc(t, h)
         else:
             a.drop()
-            t, s = time_models([baseline, current.SerializeToString()], feed, settings)
+            t, s = time_models([baseline, current], feed, settings)
             first = _ratio_doc(t, s)
         doc["rounds"].append({"reverted": [], **first, "verdict": verdict(first, options.min_speedup)})
         say(f"latency check: student {first['speedup']:.2f}x the teacher [{first['low']:.2f}, {first['high']:.2f}]")
@@ -572,7 +576,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                 _revert([c for root in batch for c in groups[root]], times,
                         f"{last['speedup']:.2f}x the teacher [{last['low']:.2f}, {last['high']:.2f}], {why}")
                 current = a.rebuild(rebuild, plan)
-                t, s = time_models([baseline, current.SerializeToString()], feed, settings)
+                t, s = time_models([baseline, current], feed, settings)
                 r = _ratio_doc(t, s)
                 last = {"reverted": [c.node for root in batch for c in groups[root]], **r,
                         "verdict": verdict(r, options.min_speedup)}
@@ -596,7 +600,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             doc[f"batch_{SECOND_BATCH}"] = {"skipped": "too slow to time within the check's budget"}
         else:
             a.drop()
-            t, s = time_models([baseline, current.SerializeToString()], feed_wide, settings, BUDGET_S / 2)
+            t, s = time_models([baseline, current], feed_wide, settings, BUDGET_S / 2)
             doc[f"batch_{SECOND_BATCH}"] = _ratio_doc(t, s)
             if verdict(doc[f"batch_{SECOND_BATCH}"], None) == "slower":
                 wide = Wide(baseline, feed, feed_wide, settings, options.min_speedup, say)
