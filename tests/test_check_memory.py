@@ -82,6 +82,10 @@ def test_observed_shapes_read_the_weights_in_place_and_are_remembered(tmp_path: 
     assert len(made) == 1  # remembered
     assert profile.observed_shapes(path, {"x": np.ones((2, 4096), np.float32)}, ["h"], model) == {"h": (2, 4)}
     assert len(made) == 2  # other shapes: observed anew
+    link = tmp_path / "elsewhere"
+    link.mkdir()
+    (link / "teacher.onnx").symlink_to(path)  # a teacher given through a link: the stubs name the file itself
+    assert profile.observed_shapes(link / "teacher.onnx", feed, ["h"], model) == {"h": (5, 4)}
 
 
 def test_only_training_keeps_freed_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,8 +85,9 @@ def observed_shapes(path: Path, feed: dict[str, np.ndarray], names: list[str],
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # callers probe shapes a model may reject, and handle the exception
     if model is not None and not any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model.graph)):
-        source = reading_in_place(model, p, names)
-        opts.add_session_config_entry(FOLDER_KEY, str(p.resolve().parent))
+        real = p.resolve()  # a link's own name is not the file's: the stubs name the file itself
+        source = reading_in_place(model, real, names)
+        opts.add_session_config_entry(FOLDER_KEY, str(real.parent))
     else:  # weights in side files: loaded into the proto, which is serialised with the extra outputs
         full = onnx.load(str(p))
         outputs = {o.name for o in full.graph.output}
