@@ -338,6 +338,7 @@ def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
         raise InputError(f"{path}: this plan was made for another model ({p.model}); "
                          f"regenerate it with `onnx-inher plan {a.loaded.path}`.")
     p.opset = default_opset(a.loaded.model)
+    p.model = str(a.loaded.path)  # the same file (same digest), perhaps moved since: the check reads this one
     return apply_edits(p, a.views, spectra)
 
 

@@ -307,3 +307,20 @@ def test_a_form_chosen_when_planning_is_not_redecided_at_smaller_pairs(checked: 
     assert r.plan.latency_check["form"]["chosen"] == "heads"
     assert calls[0] == 3 and all(n == 2 for n in calls[1:])  # the check timed the student alone, no second pick
     assert all(c.heads == 2 for c in r.plan.candidates if c.decision == "factorize")
+
+
+def test_a_plan_made_where_the_teacher_was_before(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A plan records its teacher's path; the same file (same digest) moved elsewhere is the teacher the check
+    times and reads shapes from, not the path in the plan (which no longer exists)."""
+    import shutil
+
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=-0.1))
+    before = tmp_path / "before" / "teacher.onnx"
+    before.parent.mkdir()
+    shutil.copy(MNIST, before)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(onnx_inher.plan(before, Options(latency_check=False, heads=1)).to_json())
+    after = tmp_path / "after.onnx"
+    before.rename(after)
+    r = onnx_inher.compress(after, tmp_path / "s.onnx", Options(heads=1), plan_path=plan_file)
+    assert r.plan.model == str(after) and r.plan.latency_check["rounds"]
