@@ -18,6 +18,7 @@ from onnx import ModelProto
 
 from onnx_inher import _env
 from onnx_inher.errors import CheckFailed, InputError
+from onnx_inher.ir.graph import default_opset
 from onnx_inher.ir.io import LoadedModel, check_output, load_model, release_memory, save_model
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.shapes import (
@@ -55,10 +56,6 @@ if TYPE_CHECKING:
 
 PathLike = str | os.PathLike[str]
 FULL_RANK_BOUND = 1e-4
-
-
-def default_opset(model: ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 @dataclass

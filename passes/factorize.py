@@ -68,7 +68,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 from tqdm import tqdm
 
 from onnx_inher.errors import InputError, PassError
-from onnx_inher.ir.graph import MAIN, child_paths, subgraphs, walk_scopes
+from onnx_inher.ir.graph import MAIN, child_paths, default_opset, subgraphs, walk_scopes
 from onnx_inher.ir.io import copy_model, release_memory
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.naming import factor_tag, node_ids
@@ -295,7 +295,7 @@ def strided_convs(model: ModelProto) -> list[str]:
     """The main graph's Convs whose weight is an initializer and that `strided_axis` would write
     space-to-depth: `bench` names them, since the teacher's own conv gains from that form too."""
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = default_opset(model)
     found = []
     for node in model.graph.node:
         dims = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None

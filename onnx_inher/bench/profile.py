@@ -76,8 +76,9 @@ def observed_shapes(path: Path, feed: dict[str, np.ndarray], names: list[str],
     import onnxruntime as ort
 
     p = Path(path)
-    stat = p.stat()
-    key = (str(p.resolve()), stat.st_mtime_ns, stat.st_size, tuple(names),
+    real = p.resolve()  # a link's own name is not the file's: the stubs below name the file itself
+    stat = real.stat()
+    key = (str(real), stat.st_mtime_ns, stat.st_size, tuple(names),
            tuple((k, v.shape, str(v.dtype)) for k, v in sorted(feed.items())))
     if key in _OBSERVED:
         return dict(_OBSERVED[key])
@@ -85,7 +86,6 @@ def observed_shapes(path: Path, feed: dict[str, np.ndarray], names: list[str],
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4  # callers probe shapes a model may reject, and handle the exception
     if model is not None and not any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model.graph)):
-        real = p.resolve()  # a link's own name is not the file's: the stubs name the file itself
         source = reading_in_place(model, real, names)
         opts.add_session_config_entry(FOLDER_KEY, str(real.parent))
     else:  # weights in side files: loaded into the proto, which is serialised with the extra outputs

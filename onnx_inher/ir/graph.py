@@ -44,6 +44,11 @@ class NotConstant:
     quantized: bool = False
 
 
+def default_opset(model: onnx.ModelProto, missing: int = 1) -> int:
+    """The model's default-domain (`ai.onnx`) opset; `missing` when it declares none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
+
+
 def attr(node: NodeProto, name: str, default: object = None) -> object:
     for a in node.attribute:
         if a.name == name:

@@ -172,7 +172,7 @@ def load_model(path: str | os.PathLike[str], known_sha256: str | None = None) ->
     346 MB file took the check's peak past 2 GB)."""
     p = Path(path)
     if known_sha256 is not None:
-        return _reload(p, known_sha256)
+        return _load_known(p, known_sha256)
     if not p.exists():
         raise InputError(f"{p}: no such file; check the path.")
     if p.is_dir():
@@ -196,7 +196,7 @@ def load_model(path: str | os.PathLike[str], known_sha256: str | None = None) ->
     return LoadedModel(model=model, path=p, external_data=external, sha256=digest)
 
 
-def _reload(p: Path, sha256: str) -> LoadedModel:
+def _load_known(p: Path, sha256: str) -> LoadedModel:
     try:
         model, digest = _parse(p)
     except OSError as err:

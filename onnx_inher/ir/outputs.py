@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import ModelProto
 
-from onnx_inher.ir.graph import FOLDABLE, GraphIndex, attr
+from onnx_inher.ir.graph import FOLDABLE, GraphIndex, attr, default_opset
 from onnx_inher.ir.shapes import Dim, TensorInfo, infer
 
 PROBABILITIES, LOG_PROBABILITIES, LOGITS, OTHER = "probabilities", "log_probabilities", "logits", "other"
@@ -165,8 +165,6 @@ def _chain(index: GraphIndex, name: str, extra: frozenset[str]) -> tuple[onnx.No
     return node, walked[::-1]
 
 
-def _opset(model: ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 def _normalised(axis: int, rank: int | None) -> int | None:
@@ -177,12 +175,12 @@ def _normalised(axis: int, rank: int | None) -> int | None:
 
 def softmax_axis_attr(node: onnx.NodeProto, model: ModelProto) -> int:
     """A Softmax/LogSoftmax node's `axis` as written, or the default of the model's opset (-1 from 13, else 1)."""
-    return int(attr(node, "axis", -1 if _opset(model) >= 13 else 1))  # type: ignore[arg-type]
+    return int(attr(node, "axis", -1 if default_opset(model, missing=13) >= 13 else 1))  # type: ignore[arg-type]
 
 
 def _softmax_axis(node: onnx.NodeProto, model: ModelProto, table: dict[str, TensorInfo]) -> tuple[int | None, str]:
     rank = len(d) if (d := _dims(table, node.input[0])) is not None else None
-    opset = _opset(model)
+    opset = default_opset(model, missing=13)
     raw = softmax_axis_attr(node, model)
     axis = _normalised(raw, rank)
     if axis is None:

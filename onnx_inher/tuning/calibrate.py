@@ -42,7 +42,7 @@ from onnx_inher import _env
 from onnx_inher.datasets import input_specs, load_data
 from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.errors import InputError
-from onnx_inher.ir.graph import GraphIndex, NotConstant
+from onnx_inher.ir.graph import GraphIndex, NotConstant, default_opset
 from onnx_inher.ir.layers import LayerView
 from onnx_inher.ir.outputs import softmax_axis_attr
 from onnx_inher.planning.plan import TOP_BYTES, TOP_SHARE, Plan, Spectra
@@ -228,7 +228,7 @@ class TransposedPatches:
 
     def __init__(self, model: ModelProto, view: LayerView) -> None:
         self.node, self.view = model.graph.node[view.node_index], view
-        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.opset = default_opset(model)
         self.ir_version = model.ir_version
         self.session = None
 

@@ -123,8 +123,8 @@ def time_models(models: list[ModelProto | Path], feed: dict[str, np.ndarray], se
 
 def _on_disk(model: ModelProto, path: Path) -> Path | None:
     """A trial student written where its session will read it, so that its proto can go before the next one is
-    built (BERT-base's form choice held two protos, then their bytes, beside three sessions: 1911 MiB, now
-    1680), or None when it is over the protobuf limit."""
+    built (BERT-base's form choice held two protos, then their bytes, beside three sessions), or None when it
+    is over the protobuf limit."""
     return None if weight_bytes(model) > MAX_BYTES else save_model(model, path)[0]
 
 
@@ -519,8 +519,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             n = len(made)
             if made:
                 folded = a.rebuild(rebuild, plan)
-                if keep_folds(plan, made, current, folded, baseline, feed,
-                              settings, folds):
+                if keep_folds(plan, made, current, folded, baseline, feed, settings, folds):
                     current = folded
                     say(f"latency check: {n} down conv(s) folded into the batch, the whole student measured faster")
                 else:
