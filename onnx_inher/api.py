@@ -33,7 +33,7 @@ from onnx_inher.ir.shapes import (
     shape_symbols,
 )
 from onnx_inher.passes.cleanup import Cleanup
-from onnx_inher.passes.factorize import Factorize, mixes_conv_heads, release_weight, written_s2d
+from onnx_inher.passes.factorize import Factorize, channels_first, mixes_conv_heads, release_weight, written_s2d
 from onnx_inher.passes.flush import FlushNegligible, negligible_weights
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
@@ -342,7 +342,8 @@ def _read_plan(path: PathLike, a: Analysis, spectra: Spectra) -> Plan:
 def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
     """Output tensor names (and elem types) of the factorised layers: teacher and student share them. A
     class-split head or mixed conv heads that take over the bias Add after the layer
-    (`passes.factorize.split_bias`, `conv_bias`) are compared after that bias."""
+    (`passes.factorize.split_bias`, `conv_bias`) are compared after that bias, a channels-first pair after the
+    Transpose and scale it takes over (`passes.factorize.channels_first`)."""
     out: dict[str, int] = {}
     for c in the_plan.candidates:
         if c.decision != "factorize":
@@ -350,6 +351,9 @@ def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
         v = a.views[c.node]
         takes = v.split_takes_bias if c.dense_classes is not None else mixes_conv_heads(v, c, the_plan.opset)
         name = v.trailing_add if takes and v.trailing_bias is not None else v.output
+        tail = channels_first(v, c)
+        if tail is not None:  # a channels-first pair writes the tail's output (`passes.factorize`)
+            name = tail.output
         out[name] = onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
     return out
 

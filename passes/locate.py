@@ -28,7 +28,7 @@ from onnx_inher.ir.graph import (
     holder_key,
     index_scopes,
 )
-from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.layers import ChannelsFirst, LayerView
 from onnx_inher.ir.naming import node_ids, qualified
 from onnx_inher.ir.shapes import TensorInfo, infer_graphs, resolve
 
@@ -188,7 +188,9 @@ def _matmul(node, i, nid, index, shapes, basis) -> LayerView | Skip:
     view = LayerView(nid, "MatMul", i, node.output[0], 1 if side == "right" else 0, w.root, w.chain, w.value, side, 1,
                      int(n_out), int(n_in), (), None, rows, rows, 1, len(x_dims) if x_dims else None,
                      _dims(shapes, node.output[0]), {})
-    return _with_trailing_bias(view, node, index, lambda v: _class_vector(v, int(n_out))) if side == "right" else view
+    if side != "right":
+        return view
+    return _with_channels_first(_with_trailing_bias(view, node, index, lambda v: _class_vector(v, int(n_out))), index)
 
 
 def _gemm(node, i, nid, index, shapes, basis) -> LayerView | Skip:
@@ -294,6 +296,39 @@ def _with_trailing_bias(view: LayerView, node: NodeProto, index: GraphIndex,
     vector = None if isinstance(folded, NotConstant) else to_vector(folded.value)
     if vector is not None:
         view.trailing_add, view.trailing_bias = add.output[0], vector
+    return view
+
+
+def _only_user(name: str, index: GraphIndex, op: str) -> NodeProto | None:
+    """The one node reading `name` when it is an `op` and `name` is not a graph output, else None."""
+    users = index.consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != op or name in index.graph_output_names():
+        return None
+    return users[0]
+
+
+def _with_channels_first(view: LayerView, index: GraphIndex) -> LayerView:
+    """`view` with the Transpose that takes its output (after its bias Add) back to channels-first, and the
+    constant per-channel scale after that (`ChannelsFirst`), when a 1x1 Conv can compute the three: 3- to
+    5-D activations, the last axis moved to axis 1 and the others kept in order."""
+    n = view.act_rank
+    if n is None or not 3 <= n <= 5:
+        return view
+    start = view.trailing_add if view.trailing_bias is not None else view.output
+    transpose = _only_user(start, index, "Transpose")
+    perm = (0, n - 1, *range(1, n - 1))
+    if transpose is None or tuple(attr(transpose, "perm", ())) != perm:  # type: ignore[arg-type]
+        return view
+    tail = ChannelsFirst(perm, transpose.output[0], transpose.output[0])
+    mul = _only_user(transpose.output[0], index, "Mul")
+    other = [name for name in mul.input if name != transpose.output[0]] if mul is not None else []
+    if mul is not None and len(other) == 1:
+        folded = index.constant(other[0])
+        scale = None if isinstance(folded, NotConstant) else _channel_vector(folded.value, view.out_features, n)
+        if scale is not None:  # a scale other nodes read too stays in the file for them
+            owned = len(index.consumers.get(other[0], [])) == 1
+            tail = ChannelsFirst(perm, transpose.output[0], mul.output[0], scale, int(scale.size) if owned else 0)
+    view.channels_first = tail
     return view
 
 

@@ -16,6 +16,20 @@ from onnx_inher.ir.shapes import Dim
 Side = str  # "right": y = x @ W ; "left": y = W @ x
 
 
+@dataclass(frozen=True)
+class ChannelsFirst:
+    """The Transpose back to channels-first that alone reads a channels-last linear layer's output (after its
+    bias Add, if any), and the constant per-channel scale that alone reads the Transpose, if any: ConvNeXt's
+    MLP (`Linear` on `[N, H, W, C]`, `permute(0, 3, 1, 2)`, layer scale). A plain pair writes the three as a
+    Transpose of its narrow rank features and a 1x1 Conv (`passes/factorize.py`, `_up_channels_first`)."""
+
+    perm: tuple[int, ...]
+    transpose: str  # the Transpose's output
+    output: str  # what the replacement writes: the scale Mul's output, else the Transpose's
+    scale: np.ndarray | None = None  # one float per output channel
+    scale_params: int = 0  # what the file loses with the Mul: the scale's size, 0 when other nodes read it
+
+
 @dataclass
 class LayerView:
     node: str
@@ -48,6 +62,8 @@ class LayerView:
     # output; mixed conv heads and class-split heads take it over
     trailing_bias: np.ndarray | None = None
     trailing_add: str = ""
+    # a right-side MatMul on channels-last activations whose output goes back to channels-first
+    channels_first: ChannelsFirst | None = None
 
     @property
     def split_takes_bias(self) -> bool:

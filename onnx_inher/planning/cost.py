@@ -44,7 +44,16 @@ def pair(view: LayerView, rank: int) -> Cost:
         macs = view.in_rows * g * rank * i + view.rows * g * rank * o
     else:
         macs = view.rows * g * rank * (i + o)
-    return Cost(g * rank * (i + o) + _bias(view), 2 * macs)
+    return Cost(g * rank * (i + o) + _bias(view) - _scale_taken(view), 2 * macs)
+
+
+def _scale_taken(view: LayerView) -> int:
+    """The per-channel scale a channels-first pair folds into its up-projection (`view.channels_first`): the
+    Mul's own copy goes."""
+    tail = view.channels_first
+    if tail is None or view.op != "MatMul" or view.side != "right":
+        return 0
+    return tail.scale_params
 
 
 def heads(view: LayerView, rank: int, h: int, head_form: str | None = None) -> Cost:
