@@ -1,0 +1,137 @@
+"""ConvNeXt's MLP back to channels-first: how much of the student's gain is the factorisation's (an experiment).
+
+A ConvNeXt block runs its MLP channels-last (`Linear` on `[N, H, W, C]`), then `permute(0, 3, 1, 2)`, a
+per-channel layer scale and the residual Add. The default student writes the second layer's pair as a
+Transpose of its rank features and a 1x1 Conv that takes the bias and the scale (`passes/factorize.py`,
+`_up_channels_first`). The same rewrite is open to the teacher's dense layer, but there the Transpose moves
+the MLP's 4C-wide hidden activation instead of r rank features. This script times, interleaved, the teacher
+as given, the teacher rewritten that way, the default student in the MatMul pair form (the form before
+this change; the same plan), and the default student:
+
+    python -m benchmarks.experiments.channels_first      # benchmarks/results/channels_first.json, ~4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from benchmarks.common import RESULTS, command, quiet, write_json, zoo
+
+
+def _const(name: str, producer: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    node = producer.get(name)
+    while node is not None and node.op_type == "Identity":
+        name, node = node.input[0], producer.get(node.input[0])
+    return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def rewrite_teacher(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Every `MatMul(h, W) -> Add(b) -> Transpose(0, 3, 1, 2) -> Mul(s)` (each output read once) written as
+    `Conv1x1(Transpose(h), W^T s, b s)`: the student's form applied to the dense layer."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def only(name: str, op: str) -> onnx.NodeProto | None:
+        u = users.get(name, [])
+        return u[0] if len(u) == 1 and u[0].op_type == op else None
+
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    for mm in g.node:
+        w = _const(mm.input[1], producer, inits) if mm.op_type == "MatMul" else None
+        add = only(mm.output[0], "Add") if w is not None and w.ndim == 2 else None
+        b = next((_const(i, producer, inits) for i in add.input if i != mm.output[0]), None) if add else None
+        t = only(add.output[0], "Transpose") if b is not None else None
+        if t is None or list(t.attribute[0].ints) != [0, 3, 1, 2]:
+            continue
+        mul = only(t.output[0], "Mul")
+        s = next((_const(i, producer, inits) for i in mul.input if i != t.output[0]), None) if mul else None
+        s = s.reshape(-1) if s is not None and s.size == w.shape[1] else None
+        last = mul if s is not None else t
+        scale = s if s is not None else np.ones(w.shape[1], np.float32)
+        p = f"{mm.name}/channels_first"
+        g.initializer.extend([numpy_helper.from_array((w * scale).T.reshape(w.shape[1], w.shape[0], 1, 1), f"{p}.w"),
+                              numpy_helper.from_array((b.reshape(-1) * scale).astype(np.float32), f"{p}.b")])
+        replace[id(mm)] = [helper.make_node("Transpose", [mm.input[0]], [f"{p}.x"], name=f"{p}/t", perm=[0, 3, 1, 2]),
+                           helper.make_node("Conv", [f"{p}.x", f"{p}.w", f"{p}.b"], [last.output[0]], name=f"{p}/conv")]
+        drop |= {id(add), id(t), id(last)}
+    nodes = [m for n in g.node for m in replace.get(id(n), [n] if id(n) not in drop else [])]
+    del g.node[:]
+    g.node.extend(nodes)
+    return out, len(replace)
+
+
+def _cell(result: dict) -> dict:
+    s = result.get("speedup") or {"value": 1.0, "low": 1.0, "high": 1.0}  # the baseline: the teacher
+    return {"ms": round(result["latency_ms"]["p50"], 3), "speedup": round(s["value"], 3),
+            "low": round(s["low"], 3), "high": round(s["high"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS / "channels_first.json")
+    args = parser.parse_args()
+    quiet()
+    import onnxruntime as ort
+
+    import onnx_inher
+    from onnx_inher import api
+    from onnx_inher.passes import factorize
+    from onnx_inher.planning.plan import Options
+
+    ort.set_default_logger_severity(3)  # not the rewritten teacher's unused weights, one line each
+    teacher = zoo.FIXTURES["tv_convnext_tiny"]()
+    record: dict = {"command": command("benchmarks.experiments.channels_first"), "teacher": teacher.name}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rewritten, n = rewrite_teacher(onnx.load(str(teacher)))
+        record["teacher_layers_rewritten"] = n
+        paths = {"teacher": teacher, "teacher_rewritten": folder / "teacher_rewritten.onnx",
+                 "student_matmul_pair": folder / "student_matmul_pair.onnx", "student": folder / "student.onnx"}
+        onnx.save(rewritten, str(paths["teacher_rewritten"]))
+        options = Options(mode="svd", heads=1, latency_check=False)  # the pair plan the check keeps by default
+        api.compress(teacher, paths["student"], options)
+        form = factorize.channels_first
+        factorize.channels_first = lambda view, cand: None  # the MatMul pair of the same plan
+        try:
+            api.compress(teacher, paths["student_matmul_pair"], options)
+        finally:
+            factorize.channels_first = form
+        x = {"image": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+        outs = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                for k, p in paths.items()}
+        record["max_rel_diff"] = {
+            "teacher_rewritten": float(np.abs(outs["teacher_rewritten"] - outs["teacher"]).max()
+                                       / np.abs(outs["teacher"]).max()),
+            "student_vs_matmul_pair": float(np.abs(outs["student"] - outs["student_matmul_pair"]).max()
+                                            / np.abs(outs["student_matmul_pair"]).max())}
+        record["points"] = []
+        for threads in (1, 2):
+            doc = onnx_inher.bench(list(paths.values()), shapes={"image": [1, 3, 224, 224]}, batches=[1, 8],
+                                   threads=threads, iters=args.iters, warmup=3).to_dict()
+            for pt in doc["points"]:
+                row = {"threads": threads, "batch": pt["batch"],
+                       **{k: _cell(r) for k, r in zip(paths, pt["results"], strict=True)}}
+                record["points"].append(row)
+                print(json.dumps(row), flush=True)
+    write_json(args.out, record)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
