@@ -358,12 +358,19 @@ def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
     return out
 
 
+CHANNELS_FIRST = ("written as a Transpose of its rank features and a 1x1 Conv, which takes over the bias Add, the "
+                  "Transpose back to channels-first and the per-channel scale after the layer")
+
+
 def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
     """Apply a plan to an analysed model: the student is a new `ModelProto` (the teacher's is left
     as it was, so dropping the analysis frees it whole). The factorised views give up their weights
     as they are consumed, the others at once: afterwards the analysis knows the views' shapes and
     dtypes, not their values."""
     chosen = {c.node for c in the_plan.candidates if c.decision == "factorize"}
+    for c in the_plan.candidates:
+        if c.node in chosen and channels_first(a.views[c.node], c) is not None and CHANNELS_FIRST not in (c.note or ""):
+            c.note = "; ".join(filter(None, [c.note, CHANNELS_FIRST]))
     for view in a.views.values():
         if view.node not in chosen:
             release_weight(view)

@@ -80,7 +80,9 @@ def _nodes(path: Path) -> dict[str, onnx.NodeProto]:
 def test_the_pair_writes_the_transpose_bias_and_scale_as_one_conv(tmp_path: Path) -> None:
     teacher = _block(tmp_path / "t.onnx")
     student = tmp_path / "s.onnx"
-    api.compress(teacher, student, _options(0.5))
+    result = api.compress(teacher, student, _options(0.5))
+    notes = {c.node: c.note or "" for c in result.plan.candidates}
+    assert api.CHANNELS_FIRST in notes["fc2"] and api.CHANNELS_FIRST not in notes["fc1"]  # the plan says so
     nodes = _nodes(student)
     assert not {"fc2_bias", "to_first", "layer_scale"} & set(nodes)  # taken over...
     assert nodes["fc2/svd/up"].op_type == "Conv" and nodes["fc2/svd/up"].output[0] == "s"  # ...their output kept
