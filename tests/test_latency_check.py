@@ -71,8 +71,11 @@ def test_pairs_chosen_when_they_measure_faster(checked: pytest.MonkeyPatch, tmp_
     checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2, calls=calls))
     r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
     doc = r.plan.latency_check
-    # teacher, heads, pairs together when planning; then the student alone (nothing reverted) and at batch 8
-    assert calls == [3, 2, 2]
+    # teacher, heads, pairs together when planning; the check takes the pairs' timing up (the same student:
+    # nothing reverted, no head form or fold changed) and times the student at batch 8 only
+    assert calls == [3, 2]
+    assert doc["rounds"][0]["measured"] == "with the form choice, the same student"
+    assert doc["rounds"][0]["speedup"] == doc["form"]["pair"]["speedup"] and not speed._FORM_TIMINGS
     totals = r.plan.totals()  # the pairs were planned at the budget asked for, not at the heads' ranks
     assert 0.45 <= totals["params_after"] / totals["params_before"] <= 0.55, totals
     assert doc["batch_8"]["speedup"] > 1 and doc["shapes"] == {"image": [1, 1, 28, 28]}
@@ -251,7 +254,7 @@ def test_latency_threads_set_every_timing_and_need_the_check(checked: pytest.Mon
 
     checked.setattr(speed, "time_models", recording)
     r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True, latency_threads=1))
-    assert seen == [1, 1, 1] and r.plan.latency_check["threads"] == 1
+    assert seen == [1, 1] and r.plan.latency_check["threads"] == 1  # the form choice and batch 8
     assert json.loads(r.plan.to_json())["options"]["latency_threads"] == 1
     for args, message in ((["--latency-threads", "0"], "--latency-threads must be >= 1"),
                           (["--latency-threads", "1", "--no-latency-check"], "drop --no-latency-check")):
@@ -307,6 +310,34 @@ def test_a_form_chosen_when_planning_is_not_redecided_at_smaller_pairs(checked: 
     assert r.plan.latency_check["form"]["chosen"] == "heads"
     assert calls[0] == 3 and all(n == 2 for n in calls[1:])  # the check timed the student alone, no second pick
     assert all(c.heads == 2 for c in r.plan.candidates if c.decision == "factorize")
+
+
+def test_the_check_times_anew_a_student_the_form_choice_did_not_time(checked: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """The form choice's timing stands in for the check's first only for the same structure: another rank, a
+    reverted layer or a plan from a file (perhaps from another machine) is timed again."""
+    calls: list[int] = []
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2, calls=calls))
+    plan = onnx_inher.plan(MNIST, Options(latency_check=False, heads=1))
+    edited = next(c for c in plan.candidates if c.decision == "factorize")
+    assert speed.structure(plan) != speed.structure(_with_rank(plan, edited.node, (edited.rank or 1) + 16))
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(plan.to_json())
+    feed = {"image": np.zeros((1, 1, 28, 28), np.float32)}
+    other = speed._timed_key(_with_rank(plan, edited.node, (edited.rank or 1) + 16), MNIST, speed.cpu_settings(),
+                             feed)
+    speed._FORM_TIMINGS[other] = {"speedup": 9.0, "low": 9.0, "high": 9.0}  # a timing of another structure
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True), plan_path=plan_file)
+    assert calls[0] == 2 and "measured" not in r.plan.latency_check["rounds"][0]  # timed here
+    assert r.plan.latency_check["rounds"][0]["speedup"] < 9 and not speed._FORM_TIMINGS
+
+
+def _with_rank(plan, node: str, rank: int):
+    from copy import deepcopy
+
+    out = deepcopy(plan)
+    next(c for c in out.candidates if c.node == node).rank = rank
+    return out
 
 
 def test_a_plan_made_where_the_teacher_was_before(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
