@@ -4,6 +4,7 @@ depends on how fast this machine is. The suite turns the check off by default (t
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +322,10 @@ def test_the_check_times_anew_a_student_the_form_choice_did_not_time(checked: py
     plan = onnx_inher.plan(MNIST, Options(latency_check=False, heads=1))
     edited = next(c for c in plan.candidates if c.decision == "factorize")
     assert speed.structure(plan) != speed.structure(_with_rank(plan, edited.node, (edited.rank or 1) + 16))
+    mixed = deepcopy(plan)
+    for c in mixed.candidates:
+        c.head_form = c.head_form or "mix"  # what choose_head_forms writes where it keeps the default form
+    assert speed.structure(mixed) == speed.structure(plan)
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(plan.to_json())
     feed = {"image": np.zeros((1, 1, 28, 28), np.float32)}
@@ -333,8 +338,6 @@ def test_the_check_times_anew_a_student_the_form_choice_did_not_time(checked: py
 
 
 def _with_rank(plan, node: str, rank: int):
-    from copy import deepcopy
-
     out = deepcopy(plan)
     next(c for c in out.candidates if c.node == node).rank = rank
     return out

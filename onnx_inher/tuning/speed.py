@@ -200,8 +200,9 @@ def flushed_baseline(teacher: Path, model: ModelProto) -> Iterator[tuple[Path, s
 
 def structure(plan: Plan) -> str:
     """A digest of what a student's latency depends on: which layers are factorised and how (form, rank,
-    heads, head form, fold, kept classes), not the factors' values (no subnormal ones are ever emitted)."""
-    rows = [(c.node, c.decision, c.rank, c.heads, c.form, c.head_form, c.fold, c.dense_classes)
+    heads, head form, fold, kept classes), not the factors' values (no subnormal ones are ever emitted). No
+    head form is the weight mix (`choose_head_forms` writes "mix" where it keeps it: the same student)."""
+    rows = [(c.node, c.decision, c.rank, c.heads, c.form, c.head_form or "mix", c.fold, c.dense_classes)
             for c in plan.candidates]
     return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
 
