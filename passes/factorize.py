@@ -616,11 +616,14 @@ def mixes_conv_heads(view: LayerView, cand: Candidate, opset: int) -> bool:
 
 
 def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: int, seed: int,
-         weight_prefix: str, dense: np.ndarray | None = None, bias: SplitBias | None = None) -> Emitter:
+         weight_prefix: str, dense: np.ndarray | None = None, bias: SplitBias | None = None,
+         tail: ChannelsFirst | None = None) -> Emitter:
     """Nodes and initializers replacing `node`; weights are named after `weight_prefix`, the first
     node sharing them, so layers that share one weight share its factors too. A class-split candidate
     takes its kept columns as `dense` (`[in, k]`) and `f` as the other classes' factors; `bias` is what a
-    class-split head or mixed conv heads take over (`split_bias`, `conv_bias`)."""
+    class-split head or mixed conv heads take over (`split_bias`, `conv_bias`); `tail` the channels-first
+    tail a plain pair takes over (`channels_first`; the caller removes its nodes), else the pair writes the
+    layer's own output (as the single-layer timings build it)."""
     tag = factor_tag(cand.heads)
     e = Emitter(f"{view.node}/{tag}", f"{weight_prefix}/{tag}", view.dtype, opset)
     if cand.dense_classes is not None:
@@ -629,7 +632,6 @@ def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: i
         _split(e, view, node, cand, dense, f, bias)
         return e
     z = _down(e, view, node, f, cand.fold)
-    tail = channels_first(view, cand)
     if tail is not None:
         _up_channels_first(e, view, f, z, tail)
     elif cand.heads <= 1:
@@ -838,13 +840,14 @@ class Factorize:
             del svd
             node = scopes.graphs[view.scope].node[view.node_index]
             bias = conv_bias(view, scopes.graphs[view.scope]) if mixes_conv_heads(view, c, self.plan.opset) else None
-            e = emit(view, node, c, factors, self.plan.opset, self.plan.options.seed, prefix, bias=bias)
+            tail = channels_first(view, c)
+            e = emit(view, node, c, factors, self.plan.opset, self.plan.options.seed, prefix, bias=bias, tail=tail)
             e.home = scopes.home(view.scope, view.weight_root)
             here = replacements.setdefault(view.scope, {})
             here[view.node_index] = e
             if bias is not None and bias.add_index is not None:  # the heads write the Add's output now
                 here[bias.add_index] = Emitter(f"{view.node}/removed", "", view.dtype, self.plan.opset)
-            if channels_first(view, c) is not None:  # the pair writes the tail's output now
+            if tail is not None:  # the pair writes the tail's output now
                 for k in tail_nodes(view, scopes.graphs[view.scope]):
                     here[k] = Emitter(f"{view.node}/removed", "", view.dtype, self.plan.opset)
             if self.release_weights:

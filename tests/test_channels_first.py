@@ -173,3 +173,14 @@ def test_the_bridge_trains_it_and_writes_it_back(tmp_path: Path) -> None:
     written = tmp_path / "w.onnx"
     onnx.save(write_back(student, module, param_map), str(written))
     assert np.abs(_run(written, x)[0] - moved).max() <= 1e-5 * float(np.abs(moved).max())
+
+
+def test_single_layer_timings_build_the_pair_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing a layer alone (`plan --target cpu`, the check's reverts, `run`'s time-priced ranks) builds the
+    pair without the nodes after the layer: it once wrote the tail's output there and could not be built."""
+    monkeypatch.setenv("ONNX_INHER_CACHE", str(tmp_path / "cache"))
+    teacher = _block(tmp_path / "t.onnx")
+    plan = api.plan(teacher, _options(0.5), target="cpu")
+    fc2 = next(c for c in plan.candidates if c.node == "fc2")
+    assert fc2.decision == "factorize" or "not faster on cpu" in (fc2.reason or ""), fc2.reason
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))  # it was timed
