@@ -309,27 +309,49 @@ def _only_user(name: str, index: GraphIndex, op: str) -> NodeProto | None:
 
 def _with_channels_first(view: LayerView, index: GraphIndex) -> LayerView:
     """`view` with the Transpose that takes its output (after its bias Add) back to channels-first, and the
-    constant per-channel scale after that (`ChannelsFirst`), when a 1x1 Conv can compute the three: 3- to
-    5-D activations, the last axis moved to axis 1 and the others kept in order."""
+    constant per-channel scales just before and after it (`ChannelsFirst`), when a 1x1 Conv can compute them:
+    3- to 5-D activations, the last axis moved to axis 1 and the others kept in order, float32 weights (ONNX
+    Runtime's CPU Conv takes no other float type, where its MatMul does)."""
     n = view.act_rank
-    if n is None or not 3 <= n <= 5:
+    if n is None or not 3 <= n <= 5 or view.dtype != np.float32:
         return view
-    start = view.trailing_add if view.trailing_bias is not None else view.output
-    transpose = _only_user(start, index, "Transpose")
+    at = view.trailing_add if view.trailing_bias is not None else view.output
+    taken: list[str] = []
+    scales: list[tuple[np.ndarray, int]] = []
+    before = _scale_after(at, index, lambda v: _class_vector(v, view.out_features))
+    if before is not None:
+        at = before[0]
+        taken.append(at)
+        scales.append(before[1:])
+    transpose = _only_user(at, index, "Transpose")
     perm = (0, n - 1, *range(1, n - 1))
     if transpose is None or tuple(attr(transpose, "perm", ())) != perm:  # type: ignore[arg-type]
         return view
-    tail = ChannelsFirst(perm, transpose.output[0], transpose.output[0])
-    mul = _only_user(transpose.output[0], index, "Mul")
-    other = [name for name in mul.input if name != transpose.output[0]] if mul is not None else []
-    if mul is not None and len(other) == 1:
-        folded = index.constant(other[0])
-        scale = None if isinstance(folded, NotConstant) else _channel_vector(folded.value, view.out_features, n)
-        if scale is not None:  # a scale other nodes read too stays in the file for them
-            owned = len(index.consumers.get(other[0], [])) == 1
-            tail = ChannelsFirst(perm, transpose.output[0], mul.output[0], scale, int(scale.size) if owned else 0)
-    view.channels_first = tail
+    at = transpose.output[0]
+    taken.append(at)
+    after = _scale_after(at, index, lambda v: _channel_vector(v, view.out_features, n))
+    if after is not None:
+        at = after[0]
+        taken.append(at)
+        scales.append(after[1:])
+    scale = np.prod([s for s, _ in scales], axis=0).astype(np.float32) if scales else None
+    view.channels_first = ChannelsFirst(perm, at, tuple(taken), scale, sum(p for _, p in scales))
     return view
+
+
+def _scale_after(name: str, index: GraphIndex, to_vector: Callable[[np.ndarray], np.ndarray | None]
+                 ) -> tuple[str, np.ndarray, int] | None:
+    """The Mul that alone reads `name` and multiplies it by a constant vector (`to_vector`): its output, the
+    vector, and the params the file loses without it (0 when other nodes read the constant too)."""
+    mul = _only_user(name, index, "Mul")
+    other = [i for i in mul.input if i != name] if mul is not None else []
+    if mul is None or len(other) != 1:
+        return None
+    folded = index.constant(other[0])
+    vector = None if isinstance(folded, NotConstant) else to_vector(folded.value)
+    if vector is None:
+        return None
+    return mul.output[0], vector, int(vector.size) if len(index.consumers.get(other[0], [])) == 1 else 0
 
 
 def _shared_key(v: LayerView, owner: str) -> str:

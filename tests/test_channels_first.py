@@ -26,7 +26,8 @@ C, HIDDEN = 32, 96
 def _block(path: Path, *, perm: tuple[int, ...] = (0, 3, 1, 2), scale: str = "per-channel",
            extra_reader: str = "") -> Path:
     """x [N, C, H, W] -> to channels-last -> fc1 -> Relu -> fc2 (MatMul + Add) -> Transpose(`perm`) -> Mul(scale)
-    -> + x. `scale`: "per-channel", "along W" (not a channel vector), "shared" (another Mul reads it too).
+    -> + x. `scale`: "per-channel", "along W" (not a channel vector), "shared" (another Mul reads it too),
+    "before" (a per-channel Mul before the Transpose).
     `extra_reader`: "add" (a Relu also reads fc2's biased output) or "transpose" (also the Transpose's)."""
     rng = np.random.default_rng(0)
 
@@ -34,14 +35,19 @@ def _block(path: Path, *, perm: tuple[int, ...] = (0, 3, 1, 2), scale: str = "pe
         return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
 
     gamma = (1.0 + rng.standard_normal((C, 1, 1))).astype(np.float32) if scale != "along W" else w(6)
+    scaled = [helper.make_node("Transpose", ["h2b"], ["t"], name="to_first", perm=list(perm)),
+              helper.make_node("Mul", ["gamma", "t"], ["s"], name="layer_scale")]
+    if scale == "before":  # Hugging Face's ConvNeXt: the layer scale on [N, H, W, C], then the permute
+        gamma = gamma.reshape(C)
+        scaled = [helper.make_node("Mul", ["gamma", "h2b"], ["hs"], name="layer_scale"),
+                  helper.make_node("Transpose", ["hs"], ["s"], name="to_first", perm=list(perm))]
     nodes = [helper.make_node("Transpose", ["x"], ["xl"], name="to_last", perm=[0, 2, 3, 1]),
              helper.make_node("MatMul", ["xl", "w1"], ["h1"], name="fc1"),
              helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
              helper.make_node("Relu", ["h1b"], ["h"], name="act"),
              helper.make_node("MatMul", ["h", "w2"], ["h2"], name="fc2"),
              helper.make_node("Add", ["h2", "b2"], ["h2b"], name="fc2_bias"),
-             helper.make_node("Transpose", ["h2b"], ["t"], name="to_first", perm=list(perm)),
-             helper.make_node("Mul", ["gamma", "t"], ["s"], name="layer_scale"),
+             *scaled,
              helper.make_node("Add", ["s", "x"], ["y"], name="residual")]
     inits = [numpy_helper.from_array(a, n) for n, a in (("w1", w(C, HIDDEN)), ("b1", w(HIDDEN)),
                                                         ("w2", w(HIDDEN, C)), ("b2", w(C)), ("gamma", gamma))]
@@ -77,8 +83,9 @@ def _nodes(path: Path) -> dict[str, onnx.NodeProto]:
     return {n.name: n for n in onnx.load(str(path)).graph.node}
 
 
-def test_the_pair_writes_the_transpose_bias_and_scale_as_one_conv(tmp_path: Path) -> None:
-    teacher = _block(tmp_path / "t.onnx")
+@pytest.mark.parametrize("scale", ["per-channel", "before"])
+def test_the_pair_writes_the_transpose_bias_and_scale_as_one_conv(tmp_path: Path, scale: str) -> None:
+    teacher = _block(tmp_path / "t.onnx", scale=scale)
     student = tmp_path / "s.onnx"
     result = api.compress(teacher, student, _options(0.5))
     notes = {c.node: c.note or "" for c in result.plan.candidates}
@@ -91,9 +98,10 @@ def test_the_pair_writes_the_transpose_bias_and_scale_as_one_conv(tmp_path: Path
     assert "residual" in nodes
 
 
-def test_same_function_as_the_matmul_pair_and_exact_at_full_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                                   ) -> None:
-    teacher = _block(tmp_path / "t.onnx")
+@pytest.mark.parametrize("scale", ["per-channel", "before"])
+def test_same_function_as_the_matmul_pair_and_exact_at_full_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   scale: str) -> None:
+    teacher = _block(tmp_path / "t.onnx", scale=scale)
     x = _x()
     ref = _run(teacher, x)[0]
     api.compress(teacher, tmp_path / "full.onnx", _options(1.0))
@@ -111,7 +119,7 @@ def _float_params(path: Path) -> int:
     return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer if t.data_type == TensorProto.FLOAT)
 
 
-@pytest.mark.parametrize("scale", ["per-channel", "shared"])
+@pytest.mark.parametrize("scale", ["per-channel", "shared", "before"])
 def test_the_plan_counts_what_the_file_holds(tmp_path: Path, scale: str) -> None:
     """The bias moves into the conv; the scale goes with its Mul unless another node reads it."""
     teacher = _block(tmp_path / "t.onnx", scale=scale)
@@ -184,3 +192,19 @@ def test_single_layer_timings_build_the_pair_alone(tmp_path: Path, monkeypatch: 
     fc2 = next(c for c in plan.candidates if c.node == "fc2")
     assert fc2.decision == "factorize" or "not faster on cpu" in (fc2.reason or ""), fc2.reason
     assert list((tmp_path / "cache" / "latency").glob("*.json"))  # it was timed
+
+
+def test_only_float32_layers_take_it(tmp_path: Path) -> None:
+    """ONNX Runtime's CPU Conv runs float32 only: a float16 layer keeps its MatMul pair."""
+    from onnx_inher.ir.layers import LayerView
+    from onnx_inher.passes.locate import locate
+
+    model = onnx.load(str(_block(tmp_path / "t.onnx")))
+    views = {v.node: v for v in locate(model) if isinstance(v, LayerView)}
+    assert views["fc2"].channels_first is not None and views["fc1"].channels_first is None
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    half = {v.node: v for v in locate(model) if isinstance(v, LayerView)}
+    assert half["fc2"].dtype == np.float16 and half["fc2"].channels_first is None

@@ -19,15 +19,16 @@ Side = str  # "right": y = x @ W ; "left": y = W @ x
 @dataclass(frozen=True)
 class ChannelsFirst:
     """The Transpose back to channels-first that alone reads a channels-last linear layer's output (after its
-    bias Add, if any), and the constant per-channel scale that alone reads the Transpose, if any: ConvNeXt's
-    MLP (`Linear` on `[N, H, W, C]`, `permute(0, 3, 1, 2)`, layer scale). A plain pair writes the three as a
-    Transpose of its narrow rank features and a 1x1 Conv (`passes/factorize.py`, `_up_channels_first`)."""
+    bias Add, if any), and the constant per-channel scales on either side of it, if any: ConvNeXt's MLP
+    (`Linear` on `[N, H, W, C]`, `permute(0, 3, 1, 2)`, a layer scale before the permute (Hugging Face) or
+    after it (torchvision, timm)). A plain pair writes them as a Transpose of its narrow rank features and a
+    1x1 Conv (`passes/factorize.py`, `_up_channels_first`)."""
 
     perm: tuple[int, ...]
-    transpose: str  # the Transpose's output
-    output: str  # what the replacement writes: the scale Mul's output, else the Transpose's
-    scale: np.ndarray | None = None  # one float per output channel
-    scale_params: int = 0  # what the file loses with the Mul: the scale's size, 0 when other nodes read it
+    output: str  # what the replacement writes: the last taken node's output
+    taken: tuple[str, ...]  # outputs of the nodes it replaces after the bias Add: scale Mul(s) and Transpose
+    scale: np.ndarray | None = None  # one float per output channel: the product of the scales taken
+    scale_params: int = 0  # what the file loses with the Muls: their scales' sizes, less those other nodes read
 
 
 @dataclass
