@@ -9,6 +9,11 @@ as given, the teacher rewritten that way, the default student in the MatMul pair
 this change; the same plan), and the default student:
 
     python -m benchmarks.experiments.channels_first      # benchmarks/results/channels_first.json, ~4 min
+
+`--teacher hf` exports a Hugging Face `ConvNextModel` instead (transformers' own code, random weights, depths
+2-2-2-2 and widths 64-512; its layer scales drawn in [0.1, 0.6] rather than left at 1e-6), whose layer scale
+comes before the permute: `python -m benchmarks.experiments.channels_first --teacher hf --out
+benchmarks/results/channels_first_hf.json`.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ def _const(name: str, producer: dict[str, onnx.NodeProto], inits: dict[str, onnx
 
 
 def rewrite_teacher(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Every `MatMul(h, W) -> Add(b) -> Transpose(0, 3, 1, 2) -> Mul(s)` (each output read once) written as
-    `Conv1x1(Transpose(h), W^T s, b s)`: the student's form applied to the dense layer."""
+    """Every `MatMul(h, W) -> Add(b) -> [Mul(s0)] -> Transpose(0, 3, 1, 2) -> [Mul(s)]` (each output read once)
+    written as `Conv1x1(Transpose(h), W^T s0 s, b s0 s)`: the student's form applied to the dense layer."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -55,24 +60,44 @@ def rewrite_teacher(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         w = _const(mm.input[1], producer, inits) if mm.op_type == "MatMul" else None
         add = only(mm.output[0], "Add") if w is not None and w.ndim == 2 else None
         b = next((_const(i, producer, inits) for i in add.input if i != mm.output[0]), None) if add else None
-        t = only(add.output[0], "Transpose") if b is not None else None
+        pre = only(add.output[0], "Mul") if b is not None else None  # Hugging Face: the scale, then the permute
+        s0 = next((_const(i, producer, inits) for i in pre.input if i != add.output[0]), None) if pre else None
+        s0 = s0.reshape(-1) if s0 is not None and s0.size == w.shape[1] else None
+        t = only((pre if s0 is not None else add).output[0], "Transpose") if b is not None else None
         if t is None or list(t.attribute[0].ints) != [0, 3, 1, 2]:
             continue
         mul = only(t.output[0], "Mul")
         s = next((_const(i, producer, inits) for i in mul.input if i != t.output[0]), None) if mul else None
         s = s.reshape(-1) if s is not None and s.size == w.shape[1] else None
         last = mul if s is not None else t
-        scale = s if s is not None else np.ones(w.shape[1], np.float32)
+        scale = (s if s is not None else np.ones(w.shape[1], np.float32)) * (s0 if s0 is not None else 1.0)
         p = f"{mm.name}/channels_first"
         g.initializer.extend([numpy_helper.from_array((w * scale).T.reshape(w.shape[1], w.shape[0], 1, 1), f"{p}.w"),
                               numpy_helper.from_array((b.reshape(-1) * scale).astype(np.float32), f"{p}.b")])
         replace[id(mm)] = [helper.make_node("Transpose", [mm.input[0]], [f"{p}.x"], name=f"{p}/t", perm=[0, 3, 1, 2]),
                            helper.make_node("Conv", [f"{p}.x", f"{p}.w", f"{p}.b"], [last.output[0]], name=f"{p}/conv")]
-        drop |= {id(add), id(t), id(last)}
+        drop |= {id(add), id(t), id(last)} | ({id(pre)} if s0 is not None else set())
     nodes = [m for n in g.node for m in replace.get(id(n), [n] if id(n) not in drop else [])]
     del g.node[:]
     g.node.extend(nodes)
     return out, len(replace)
+
+
+def hf_convnext(path: Path) -> Path:
+    """A Hugging Face ConvNeXt (transformers' `ConvNextModel`, random weights), exported by TorchScript."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextModel
+
+    torch.manual_seed(0)
+    model = ConvNextModel(ConvNextConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:  # trained models hold real scales, not the 1e-6 they start from
+                p.copy_(torch.rand_like(p) * 0.5 + 0.1)
+    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), input_names=["image"],
+                      output_names=["last_hidden_state", "pooler_output"], dynamic_axes={"image": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    return path
 
 
 def _cell(result: dict) -> dict:
@@ -84,6 +109,8 @@ def _cell(result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--teacher", choices=["torchvision", "hf"], default="torchvision",
+                        help="torchvision's ConvNeXt-T (the zoo fixture) or a small Hugging Face ConvNeXt")
     parser.add_argument("--out", type=Path, default=RESULTS / "channels_first.json")
     args = parser.parse_args()
     quiet()
@@ -95,10 +122,11 @@ def main() -> None:
     from onnx_inher.planning.plan import Options
 
     ort.set_default_logger_severity(3)  # not the rewritten teacher's unused weights, one line each
-    teacher = zoo.FIXTURES["tv_convnext_tiny"]()
-    record: dict = {"command": command("benchmarks.experiments.channels_first"), "teacher": teacher.name}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        teacher = (hf_convnext(folder / "hf_convnext.onnx") if args.teacher == "hf"
+                   else zoo.FIXTURES["tv_convnext_tiny"]())
+        record: dict = {"command": command("benchmarks.experiments.channels_first"), "teacher": teacher.name}
         rewritten, n = rewrite_teacher(onnx.load(str(teacher)))
         record["teacher_layers_rewritten"] = n
         paths = {"teacher": teacher, "teacher_rewritten": folder / "teacher_rewritten.onnx",
