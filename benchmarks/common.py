@@ -33,7 +33,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MNIST_TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
 
 __all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "add_model_options", "chosen_models", "command", "helpers",
-           "measure_models", "proc_status", "quiet", "reset_peak_rss", "subgraphs", "write_json", "zoo"]
+           "measure_models", "proc_status", "quiet", "reset_peak_rss", "subgraphs", "timed_cell", "write_json", "zoo"]
 
 
 def __getattr__(name: str) -> Any:
@@ -62,6 +62,14 @@ def quiet() -> None:
 def command(module: str) -> str:
     """How this run was started, for its JSON record: `python -m MODULE ARGS...`."""
     return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def timed_cell(result: dict[str, Any], ms_digits: int = 4) -> dict[str, Any]:
+    """One model's row of an `onnx_inher.bench` point as a compact record: median ms and speedup with its
+    interval (the baseline, which has none, reads 1.0 [1.0, 1.0])."""
+    s = result.get("speedup") or {"value": 1.0, "low": 1.0, "high": 1.0}
+    return {"ms": round(result["latency_ms"]["p50"], ms_digits), "speedup": round(s["value"], 3),
+            "low": round(s["low"], 3), "high": round(s["high"], 3)}
 
 
 def write_json(path: Path, record: Any) -> None:

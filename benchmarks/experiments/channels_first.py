@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from benchmarks.common import RESULTS, command, quiet, write_json, zoo
+from benchmarks.common import RESULTS, command, quiet, timed_cell, write_json, zoo
 
 
 def _const(name: str, producer: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
@@ -100,12 +100,6 @@ def hf_convnext(path: Path) -> Path:
     return path
 
 
-def _cell(result: dict) -> dict:
-    s = result.get("speedup") or {"value": 1.0, "low": 1.0, "high": 1.0}  # the baseline: the teacher
-    return {"ms": round(result["latency_ms"]["p50"], 3), "speedup": round(s["value"], 3),
-            "low": round(s["low"], 3), "high": round(s["high"], 3)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
@@ -154,7 +148,7 @@ def main() -> None:
                                    threads=threads, iters=args.iters, warmup=3).to_dict()
             for pt in doc["points"]:
                 row = {"threads": threads, "batch": pt["batch"],
-                       **{k: _cell(r) for k, r in zip(paths, pt["results"], strict=True)}}
+                       **{k: timed_cell(r, 3) for k, r in zip(paths, pt["results"], strict=True)}}
                 record["points"].append(row)
                 print(json.dumps(row), flush=True)
     write_json(args.out, record)

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.common import RESULTS, command, quiet, zoo
+from benchmarks.common import RESULTS, command, quiet, timed_cell, zoo
 
 
 def _conv(c_out: int, length: int, kernel: int, stride: int, seed: int = 0) -> onnx.ModelProto:
@@ -137,14 +137,8 @@ def whole(name: str, teacher: Path, folder: Path, iters: int) -> dict:
     doc = onnx_inher.bench(paths, shapes={"audio_frames": [1, 1024]}, batches=[1, 8], threads=1, iters=iters,
                            warmup=5).to_dict()
     return {"rewritten": rewritten, "points": [
-        {"batch": pt["batch"], **{Path(paths[i]).stem: _cell(r) for i, r in enumerate(pt["results"][:4])}}
+        {"batch": pt["batch"], **{Path(paths[i]).stem: timed_cell(r) for i, r in enumerate(pt["results"][:4])}}
         for pt in doc["points"]]}
-
-
-def _cell(result: dict) -> dict:
-    s = result.get("speedup") or {"value": 1.0, "low": 1.0, "high": 1.0}  # the baseline: the teacher
-    return {"ms": round(result["latency_ms"]["p50"], 4), "speedup": round(s["value"], 3),
-            "low": round(s["low"], 3), "high": round(s["high"], 3)}
 
 
 def main() -> None:
