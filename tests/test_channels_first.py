@@ -208,3 +208,23 @@ def test_only_float32_layers_take_it(tmp_path: Path) -> None:
         v.type.tensor_type.elem_type = TensorProto.FLOAT16
     half = {v.node: v for v in locate(model) if isinstance(v, LayerView)}
     assert half["fc2"].dtype == np.float16 and half["fc2"].channels_first is None
+
+
+def test_a_sequence_back_to_channels_first_takes_a_1d_conv(tmp_path: Path) -> None:
+    """`[N, L, C] @ W -> Transpose(0, 2, 1)` (a sequence model handing its features back to 1-D convs): the pair
+    writes a Conv1d; exact at full rank."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Transpose", ["h"], ["y"], name="to_first", perm=[0, 2, 1])]
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 20, C])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", HIDDEN, 20])],
+                              [numpy_helper.from_array((rng.standard_normal((C, HIDDEN)) / 6).astype(np.float32), "w")])
+    teacher = tmp_path / "t.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(teacher))
+    api.compress(teacher, tmp_path / "s.onnx", _options(1.0))
+    nodes_s = _nodes(tmp_path / "s.onnx")
+    assert "to_first" not in nodes_s and nodes_s["proj/svd/up"].op_type == "Conv"
+    x = np.random.default_rng(4).standard_normal((2, 20, C)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    want = run(teacher)
+    assert np.abs(run(tmp_path / "s.onnx") - want).max() <= 1e-5 * float(np.abs(want).max())
