@@ -7,6 +7,11 @@ input. If a 16-channel conv runs at a fraction f of the dense conv's speed, a ra
 of its FLOP ideal, whatever graph it is written as.
 
     python -m benchmarks.experiments.narrow_conv --out benchmarks/results/narrow_conv.json
+
+`--ranks` sweeps the output channels instead (one 3x3 conv from 64 channels at 56x56, the down conv of a
+rank-r pair), multiples of 16 or not: why plans round ranks to a multiple of 16 on this CPU.
+
+    python -m benchmarks.experiments.narrow_conv --ranks --out benchmarks/results/narrow_conv_ranks.json
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -51,7 +57,7 @@ def measure(folder: Path, iters: int, threads: int) -> list[dict]:
         up_times = [profile_models([p], {"x": np.random.default_rng(1).standard_normal((1, r, h, w))
                                          .astype(np.float32)}, settings, 5, iters)[0]
                     for p, r in zip(ups, (16, 32, 48, 64), strict=True)]
-        conv_us = lambda t: sum(v for n, v in t.us.items() if t.ops[n] == "Conv")  # noqa: E731
+        conv_us = _conv_us
         dense = conv_us(times[-1])
         dense_gflops = 2 * c_in * c_in * k * k * h * w / dense / 1e3
         for c, t in zip(outs, times, strict=True):
@@ -67,17 +73,43 @@ def measure(folder: Path, iters: int, threads: int) -> list[dict]:
     return rows
 
 
+SWEEP = (64, 56, 56, 3, (8, 12, 15, 16, 17, 20, 24, 31, 32, 33, 40, 48, 64))
+
+
+def sweep(folder: Path, iters: int, threads: int) -> list[dict]:
+    """The down conv of a rank-r pair at ranks on and off the multiples of 16, in ORT's profile."""
+    c_in, h, w, k, outs = SWEEP
+    settings = Settings(provider="cpu", threads=threads)
+    paths = [conv_model(c_in, c, h, w, k, folder / f"r{c}.onnx") for c in outs]
+    feed = {"x": np.random.default_rng(1).standard_normal((1, c_in, h, w)).astype(np.float32)}
+    times = profile_models(paths, feed, settings, 5, iters)
+    dense = _conv_us(times[-1])
+    rows = []
+    for c, t in zip(outs, times, strict=True):
+        us = _conv_us(t)
+        rows.append({"case": f"{c_in}x{h}x{w} k{k}", "conv": f"{c_in}->{c}", "us": round(us, 1),
+                     "gflops": round(2 * c_in * c * k * k * h * w / us / 1e3, 1),
+                     "of_dense": round(c / outs[-1] * dense / us, 3)})
+    return rows
+
+
+def _conv_us(t: Any) -> float:
+    """Kernel time of the conv nodes (layout reorders left out), what a conv costs inside a model."""
+    return float(sum(v for n, v in t.us.items() if t.ops[n] == "Conv"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ranks", action="store_true", help="sweep the output channels of one conv (see above)")
     ap.add_argument("--out", type=Path, default=RESULTS / "narrow_conv.json")
     args = ap.parse_args()
     quiet()
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(Path(tmp), args.iters, args.threads)
+        rows = (sweep if args.ranks else measure)(Path(tmp), args.iters, args.threads)
     print("| input | conv | us | GFLOP/s | of the dense conv's |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['conv']} | {r['us']} | {r['gflops']} | {r['of_dense']} |")
