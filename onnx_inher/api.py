@@ -359,7 +359,7 @@ def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
 
 
 CHANNELS_FIRST = ("written as a Transpose of its rank features and a 1x1 Conv, which takes over the bias Add, the "
-                  "Transpose back to channels-first and the per-channel scale after the layer")
+                  "Transpose back to channels-first and the per-channel scales beside it")
 
 
 def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
