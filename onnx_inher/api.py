@@ -33,7 +33,7 @@ from onnx_inher.ir.shapes import (
     shape_symbols,
 )
 from onnx_inher.passes.cleanup import Cleanup
-from onnx_inher.passes.factorize import Factorize, channels_first, mixes_conv_heads, release_weight, written_s2d
+from onnx_inher.passes.factorize import Factorize, mixes_conv_heads, release_weight, written_s2d
 from onnx_inher.passes.flush import FlushNegligible, negligible_weights
 from onnx_inher.passes.locate import locate
 from onnx_inher.passes.verify import VerifyReport
@@ -45,7 +45,9 @@ from onnx_inher.planning.plan import (
     Spectra,
     apply_edits,
     build_plan,
+    channels_first,
     load_plan,
+    note_channels_first,
     uncovered_note,
 )
 from onnx_inher.runtime import load_inputs, sample_inputs
@@ -343,7 +345,7 @@ def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
     """Output tensor names (and elem types) of the factorised layers: teacher and student share them. A
     class-split head or mixed conv heads that take over the bias Add after the layer
     (`passes.factorize.split_bias`, `conv_bias`) are compared after that bias, a channels-first pair after the
-    Transpose and scale it takes over (`passes.factorize.channels_first`)."""
+    Transpose and scales it takes over (`planning.plan.channels_first`)."""
     out: dict[str, int] = {}
     for c in the_plan.candidates:
         if c.decision != "factorize":
@@ -358,19 +360,13 @@ def factorised_outputs(the_plan: Plan, a: Analysis) -> dict[str, int]:
     return out
 
 
-CHANNELS_FIRST = ("written as a Transpose of its rank features and a 1x1 Conv, which takes over the bias Add, the "
-                  "Transpose back to channels-first and the per-channel scales beside it")
-
-
 def rewrite(a: Analysis, the_plan: Plan, spectra: Spectra) -> ModelProto:
     """Apply a plan to an analysed model: the student is a new `ModelProto` (the teacher's is left
     as it was, so dropping the analysis frees it whole). The factorised views give up their weights
     as they are consumed, the others at once: afterwards the analysis knows the views' shapes and
     dtypes, not their values."""
     chosen = {c.node for c in the_plan.candidates if c.decision == "factorize"}
-    for c in the_plan.candidates:
-        if c.node in chosen and channels_first(a.views[c.node], c) is not None and CHANNELS_FIRST not in (c.note or ""):
-            c.note = "; ".join(filter(None, [c.note, CHANNELS_FIRST]))
+    note_channels_first(the_plan, a.views)  # a form chosen since planning may have made pairs of heads
     for view in a.views.values():
         if view.node not in chosen:
             release_weight(view)

@@ -74,7 +74,7 @@ from onnx_inher.ir.layers import ChannelsFirst, LayerView
 from onnx_inher.ir.naming import factor_tag, node_ids
 from onnx_inher.ir.shapes import Dim
 from onnx_inher.ir.tensors import flush_negligible
-from onnx_inher.planning.plan import Candidate, Plan, Spectra
+from onnx_inher.planning.plan import Candidate, Plan, Spectra, channels_first
 from onnx_inher.planning.svd import Factors, truncate
 
 PERTURBATION = 1e-2
@@ -354,14 +354,6 @@ def _up_pair(e: Emitter, view: LayerView, node: NodeProto, f: Factors, z: str, y
     if view.bias is not None:
         inputs.append(node.input[2])
     e.node("Conv", inputs, "up", y, group=g)
-
-
-def channels_first(view: LayerView, cand: Candidate) -> ChannelsFirst | None:
-    """The channels-first tail a plain pair writes itself (`_up_channels_first`), or None: a right-side MatMul
-    whose output goes back to channels-first (`view.channels_first`), not split by classes, not headed."""
-    if cand.heads > 1 or cand.dense_classes is not None or view.op != "MatMul" or view.side != "right":
-        return None
-    return view.channels_first
 
 
 def _up_channels_first(e: Emitter, view: LayerView, f: Factors, z: str, tail: ChannelsFirst) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from onnx_inher.errors import InputError
-from onnx_inher.ir.layers import LayerView, heads_unsupported, split_unsupported
+from onnx_inher.ir.layers import ChannelsFirst, LayerView, heads_unsupported, split_unsupported
 from onnx_inher.planning import cost
 from onnx_inher.planning.rank import RankPolicy, raw_rank, round_rank
 from onnx_inher.planning.svd import PRODUCT_BLOCK, Eigen, eigen, energy_kept, factors
@@ -538,7 +538,31 @@ def build_plan(model_path: str, sha256: str, opset: int, found: list, options: O
     if any(c.graph for c in candidates):  # a model with subgraph layers: every entry says where it is
         for c in candidates:
             c.graph = c.graph or "main"
-    return Plan(str(model_path), sha256, opset, options, candidates, warnings)
+    plan = Plan(str(model_path), sha256, opset, options, candidates, warnings)
+    note_channels_first(plan, {v.node: v for v in views})
+    return plan
+
+
+CHANNELS_FIRST = ("written as a Transpose of its rank features and a 1x1 Conv, which takes over the bias Add, the "
+                  "Transpose back to channels-first and the per-channel scales beside it")
+
+
+def channels_first(view: LayerView, cand: Candidate) -> ChannelsFirst | None:
+    """The channels-first tail a plain pair writes itself (`passes/factorize.py`, `_up_channels_first`), or
+    None: a right-side MatMul whose output goes back to channels-first (`view.channels_first`), not split by
+    classes, not headed."""
+    if cand.heads > 1 or cand.dense_classes is not None or view.op != "MatMul" or view.side != "right":
+        return None
+    return view.channels_first
+
+
+def note_channels_first(plan: Plan, views: dict[str, LayerView]) -> None:
+    """Say on each factorised layer that is written channels-first that it is (once)."""
+    for c in plan.candidates:
+        view = views.get(c.node)
+        if c.decision == "factorize" and view is not None and channels_first(view, c) is not None \
+                and CHANNELS_FIRST not in (c.note or ""):
+            c.note = "; ".join(filter(None, [c.note, CHANNELS_FIRST]))
 
 
 def load_plan(path: str | Path) -> Plan:
