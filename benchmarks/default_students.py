@@ -9,7 +9,8 @@ whose interval lies below 1 at any point is a failure of issue 18's first target
 Models: everything in ../shared/REAL_MODELS.md that installs offline and is not kept aside, plus the
 embedded MNIST CNN and ResNet-50 with random weights (`tests/zoo.py`). torchvision's MobileNetV3-Large,
 EfficientNet-B0, ConvNeXt-T and ViT-B/16 come with random weights too (torchvision installed apart from the
-venv: `pip install --no-deps --target ~/.cache/onnx-inher/torchvision torchvision==0.28.0`, see `tests/zoo.py`).
+venv: `pip install --no-deps --target ~/.cache/onnx-inher/torchvision torchvision==0.28.0`, see `tests/zoo.py`),
+and a small Hugging Face ConvNeXt (transformers' own implementation, random weights) as well.
 The onnx `light` models have placeholder weights (one value per tensor, so rank 1): their rows test the
 defaults on real graphs and kernels, not a realistic plan.
 
@@ -67,6 +68,7 @@ MODELS: dict[str, tuple[Callable[[], Path], dict[str, list[int]]]] = {
     "resnet50_random": (lambda: zoo.resnet50_random(), {"image": _IMAGE}),
     "mnist_cnn": (lambda: MNIST_TEACHER, {"image": [1, 1, 28, 28]}),
     **{f"tv_{arch}": (zoo.FIXTURES[f"tv_{arch}"], {"image": _IMAGE}) for arch in zoo.TORCHVISION},
+    "hf_convnext": (lambda: zoo.hf_convnext(), {"pixel_values": _IMAGE}),
     "light_alexnet": (_light("bvlc_alexnet"), {"data_0": _IMAGE}),
     "light_densenet121": (_light("densenet121"), {"data_0": _IMAGE}),
     "light_inception_v1": (_light("inception_v1"), {"data_0": _IMAGE}),

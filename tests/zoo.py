@@ -367,6 +367,37 @@ def _build_crepe(capacity: str) -> Callable[[Path], None]:
     return build
 
 
+HF_CONVNEXT_INPUT = "pixel_values"
+
+
+def _hf_convnext_module() -> torch.nn.Module:
+    """A small Hugging Face ConvNeXt (transformers' own `ConvNextModel`: depths 2-2-2-2, widths 64-512), random
+    weights, eval mode. Its blocks scale the MLP's output before the permute back to channels-first (torchvision
+    scales after it); the layer scales are drawn in [0.1, 0.6], as in a trained model, not left at 1e-6."""
+    import torch
+    import transformers
+
+    _offline()
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512])
+    model = transformers.ConvNextModel(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:
+                p.copy_(torch.rand(p.shape, generator=generator) * 0.5 + 0.1)
+    return model
+
+
+def _build_hf_convnext(path: Path) -> None:
+    import torch
+
+    image = torch.linspace(-1.0, 1.0, 3 * 224 * 224).reshape(1, 3, 224, 224)
+    axes = {HF_CONVNEXT_INPUT: {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}}
+    _export_torchscript(_hf_convnext_module(), (image,), path, (HF_CONVNEXT_INPUT,),
+                        ("last_hidden_state", "pooler_output"), axes)
+
+
 def _build_resemblyzer(path: Path) -> None:
     """Trace with batch 2 and 24 frames (real partials are 160 frames of 40 mel channels)."""
     import torch
@@ -513,6 +544,11 @@ def resemblyzer() -> Path:
     return _cached("resemblyzer", _version_key(1, "torch", "resemblyzer"), _build_resemblyzer)
 
 
+def hf_convnext() -> Path:
+    """A small Hugging Face ConvNeXt with random weights (`_hf_convnext_module`), TorchScript exporter."""
+    return _cached("hf_convnext", _version_key(1, "torch", "transformers"), _build_hf_convnext)
+
+
 def bert_base_random() -> Path:
     """Random BERT-base (~110M params, ~440 MB) via the TorchScript exporter, for wall-time benchmarks."""
     version = _version_key(1, "torch", "transformers")
@@ -556,6 +592,9 @@ def _reference(name: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     if name == "resemblyzer":
         feed = {MEL_INPUT: rng.random((3, 50, MEL_CHANNELS), dtype=np.float32)}
         return feed, _torch_run(_resemblyzer_module(), feed)
+    if name == "hf_convnext":
+        feed = {HF_CONVNEXT_INPUT: rng.standard_normal((2, 3, 224, 224), dtype=np.float32)}
+        return feed, _torch_run(_hf_convnext_module(), feed)
     if name == "skl_mlp":
         from sklearn.datasets import load_digits
 
@@ -574,6 +613,7 @@ FIXTURES: dict[str, Callable[[], Path]] = {
     "skl_mlp": skl_mlp,
     "resemblyzer": resemblyzer,
     "bert_base_random": bert_base_random,
+    "hf_convnext": hf_convnext,
     **{f"tv_{arch}": _torchvision(arch) for arch in TORCHVISION},
 }
 
