@@ -382,7 +382,12 @@ def tail_nodes(view: LayerView, graph: GraphProto) -> list[int]:
     tail = view.channels_first
     if tail is None:
         return []
-    outputs = set(tail.taken) | ({view.trailing_add} if view.trailing_bias is not None else set())
+    return _writers(graph, set(tail.taken) | ({view.trailing_add} if view.trailing_bias is not None else set()))
+
+
+def _writers(graph: GraphProto, outputs: set[str]) -> list[int]:
+    """Indexes in `graph` of the nodes whose (first) output is one of `outputs`: the nodes a replacement takes
+    over after its layer, which it writes the output of."""
     return [i for i, n in enumerate(graph.node) if n.output and n.output[0] in outputs]
 
 
@@ -538,7 +543,7 @@ def conv_bias(view: LayerView, graph: GraphProto) -> SplitBias | None:
 
 def _trailing_add_index(view: LayerView, graph: GraphProto) -> int:
     """Where the bias Add a head takes over (`view.trailing_add`) sits in its graph: the head replaces it."""
-    return next(i for i, n in enumerate(graph.node) if n.op_type == "Add" and n.output[0] == view.trailing_add)
+    return _writers(graph, {view.trailing_add})[0]
 
 
 def _split(e: Emitter, view: LayerView, node: NodeProto, cand: Candidate, dense: np.ndarray, f: Factors,

@@ -284,19 +284,32 @@ def _with_trailing_bias(view: LayerView, node: NodeProto, index: GraphIndex,
     """`view` with the Add that alone reads the layer's output and adds a constant bias read by nothing else
     (how Paddle exports a conv's bias, and torch/Paddle a Linear's as MatMul + Add): its output and the bias
     as one value per output (`to_vector`). Mixed conv heads and class-split heads take it over."""
-    out = node.output[0]
-    users = index.consumers.get(out, [])
-    if len(users) != 1 or out in index.graph_output_names() or users[0].op_type != "Add":
-        return view
-    add = users[0]
-    other = [name for name in add.input if name != out]
-    if len(other) != 1 or len(index.consumers.get(other[0], [])) != 1:
-        return view
+    found = _constant_after(node.output[0], index, "Add", to_vector)
+    if found is not None and found.owned:
+        view.trailing_add, view.trailing_bias = found.output, found.vector
+    return view
+
+
+@dataclass(frozen=True)
+class _ConstantAfter:
+    output: str  # the node's output
+    vector: np.ndarray
+    owned: bool  # no other node reads the constant
+
+
+def _constant_after(name: str, index: GraphIndex, op: str, to_vector: Callable[[np.ndarray], np.ndarray | None]
+                    ) -> _ConstantAfter | None:
+    """The `op` node (Add, Mul) that alone reads `name` and combines it with a constant vector (`to_vector`),
+    or None."""
+    node = _only_user(name, index, op)
+    other = [i for i in node.input if i != name] if node is not None else []
+    if node is None or len(other) != 1:
+        return None
     folded = index.constant(other[0])
     vector = None if isinstance(folded, NotConstant) else to_vector(folded.value)
-    if vector is not None:
-        view.trailing_add, view.trailing_bias = add.output[0], vector
-    return view
+    if vector is None:
+        return None
+    return _ConstantAfter(node.output[0], vector, len(index.consumers.get(other[0], [])) == 1)
 
 
 def _only_user(name: str, index: GraphIndex, op: str) -> NodeProto | None:
@@ -311,47 +324,34 @@ def _with_channels_first(view: LayerView, index: GraphIndex) -> LayerView:
     """`view` with the Transpose that takes its output (after its bias Add) back to channels-first, and the
     constant per-channel scales just before and after it (`ChannelsFirst`), when a 1x1 Conv can compute them:
     3- to 5-D activations, the last axis moved to axis 1 and the others kept in order, float32 weights (ONNX
-    Runtime's CPU Conv takes no other float type, where its MatMul does)."""
+    Runtime's CPU Conv takes no other float type, where its MatMul does). A scale other nodes read too stays
+    in the file for them."""
     n = view.act_rank
     if n is None or not 3 <= n <= 5 or view.dtype != np.float32:
         return view
     at = view.trailing_add if view.trailing_bias is not None else view.output
     taken: list[str] = []
-    scales: list[tuple[np.ndarray, int]] = []
-    before = _scale_after(at, index, lambda v: _class_vector(v, view.out_features))
+    scales: list[_ConstantAfter] = []
+    before = _constant_after(at, index, "Mul", lambda v: _class_vector(v, view.out_features))
     if before is not None:
-        at = before[0]
+        at = before.output
         taken.append(at)
-        scales.append(before[1:])
+        scales.append(before)
     transpose = _only_user(at, index, "Transpose")
     perm = (0, n - 1, *range(1, n - 1))
     if transpose is None or tuple(attr(transpose, "perm", ())) != perm:  # type: ignore[arg-type]
         return view
     at = transpose.output[0]
     taken.append(at)
-    after = _scale_after(at, index, lambda v: _channel_vector(v, view.out_features, n))
+    after = _constant_after(at, index, "Mul", lambda v: _channel_vector(v, view.out_features, n))
     if after is not None:
-        at = after[0]
+        at = after.output
         taken.append(at)
-        scales.append(after[1:])
-    scale = np.prod([s for s, _ in scales], axis=0).astype(np.float32) if scales else None
-    view.channels_first = ChannelsFirst(perm, at, tuple(taken), scale, sum(p for _, p in scales))
+        scales.append(after)
+    scale = np.prod([c.vector for c in scales], axis=0).astype(np.float32) if scales else None
+    lost = sum(int(c.vector.size) for c in scales if c.owned)
+    view.channels_first = ChannelsFirst(perm, at, tuple(taken), scale, lost)
     return view
-
-
-def _scale_after(name: str, index: GraphIndex, to_vector: Callable[[np.ndarray], np.ndarray | None]
-                 ) -> tuple[str, np.ndarray, int] | None:
-    """The Mul that alone reads `name` and multiplies it by a constant vector (`to_vector`): its output, the
-    vector, and the params the file loses without it (0 when other nodes read the constant too)."""
-    mul = _only_user(name, index, "Mul")
-    other = [i for i in mul.input if i != name] if mul is not None else []
-    if mul is None or len(other) != 1:
-        return None
-    folded = index.constant(other[0])
-    vector = None if isinstance(folded, NotConstant) else to_vector(folded.value)
-    if vector is None:
-        return None
-    return mul.output[0], vector, int(vector.size) if len(index.consumers.get(other[0], [])) == 1 else 0
 
 
 def _shared_key(v: LayerView, owner: str) -> str:

@@ -30,54 +30,37 @@ from onnx import helper, numpy_helper
 from benchmarks.common import RESULTS, command, quiet, timed_cell, write_json, zoo
 
 
-def _const(name: str, producer: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    node = producer.get(name)
-    while node is not None and node.op_type == "Identity":
-        name, node = node.input[0], producer.get(node.input[0])
-    return numpy_helper.to_array(inits[name]) if name in inits else None
-
-
 def rewrite_teacher(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Every `MatMul(h, W) -> Add(b) -> [Mul(s0)] -> Transpose(0, 3, 1, 2) -> [Mul(s)]` (each output read once)
-    written as `Conv1x1(Transpose(h), W^T s0 s, b s0 s)`: the student's form applied to the dense layer."""
+    """Every dense layer `locate` finds going back to channels-first (`ChannelsFirst`: MatMul, bias Add, scales
+    and Transpose) written as `Conv1x1(Transpose(h), W^T s, b s)`: the student's form applied to the dense
+    layer, whose Transpose then moves its whole input."""
+    from onnx_inher.ir.layers import LayerView
+    from onnx_inher.passes.locate import locate
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-
-    def only(name: str, op: str) -> onnx.NodeProto | None:
-        u = users.get(name, [])
-        return u[0] if len(u) == 1 and u[0].op_type == op else None
-
+    views = [v for v in locate(out) if isinstance(v, LayerView) and v.channels_first is not None and not v.scope]
     replace: dict[int, list[onnx.NodeProto]] = {}
-    drop: set[int] = set()
-    for mm in g.node:
-        w = _const(mm.input[1], producer, inits) if mm.op_type == "MatMul" else None
-        add = only(mm.output[0], "Add") if w is not None and w.ndim == 2 else None
-        b = next((_const(i, producer, inits) for i in add.input if i != mm.output[0]), None) if add else None
-        pre = only(add.output[0], "Mul") if b is not None else None  # Hugging Face: the scale, then the permute
-        s0 = next((_const(i, producer, inits) for i in pre.input if i != add.output[0]), None) if pre else None
-        s0 = s0.reshape(-1) if s0 is not None and s0.size == w.shape[1] else None
-        t = only((pre if s0 is not None else add).output[0], "Transpose") if b is not None else None
-        if t is None or list(t.attribute[0].ints) != [0, 3, 1, 2]:
-            continue
-        mul = only(t.output[0], "Mul")
-        s = next((_const(i, producer, inits) for i in mul.input if i != t.output[0]), None) if mul else None
-        s = s.reshape(-1) if s is not None and s.size == w.shape[1] else None
-        last = mul if s is not None else t
-        scale = (s if s is not None else np.ones(w.shape[1], np.float32)) * (s0 if s0 is not None else 1.0)
-        p = f"{mm.name}/channels_first"
-        g.initializer.extend([numpy_helper.from_array((w * scale).T.reshape(w.shape[1], w.shape[0], 1, 1), f"{p}.w"),
-                              numpy_helper.from_array((b.reshape(-1) * scale).astype(np.float32), f"{p}.b")])
-        replace[id(mm)] = [helper.make_node("Transpose", [mm.input[0]], [f"{p}.x"], name=f"{p}/t", perm=[0, 3, 1, 2]),
-                           helper.make_node("Conv", [f"{p}.x", f"{p}.w", f"{p}.b"], [last.output[0]], name=f"{p}/conv")]
-        drop |= {id(add), id(t), id(last)} | ({id(pre)} if s0 is not None else set())
-    nodes = [m for n in g.node for m in replace.get(id(n), [n] if id(n) not in drop else [])]
+    gone: set[str] = set()
+    for v in views:
+        tail = v.channels_first
+        scale = tail.scale if tail.scale is not None else np.ones(v.out_features, np.float32)
+        w = v.matrices()[0] * scale[:, None]  # [out, in]
+        node = g.node[v.node_index]
+        p = f"{node.name}/channels_first"
+        g.initializer.append(numpy_helper.from_array(w.reshape(*w.shape, *([1] * (len(tail.perm) - 2))), f"{p}.w"))
+        inputs = [f"{p}.x", f"{p}.w"]
+        if v.trailing_bias is not None:
+            g.initializer.append(numpy_helper.from_array((v.trailing_bias * scale).astype(np.float32), f"{p}.b"))
+            inputs.append(f"{p}.b")
+            gone.add(v.trailing_add)
+        replace[v.node_index] = [
+            helper.make_node("Transpose", [node.input[0]], [f"{p}.x"], name=f"{p}/t", perm=list(tail.perm)),
+            helper.make_node("Conv", inputs, [tail.output], name=f"{p}/conv")]
+        gone.update(tail.taken)
+    nodes = [m for i, n in enumerate(g.node)
+             for m in replace.get(i, [] if n.output and n.output[0] in gone else [n])]
     del g.node[:]
     g.node.extend(nodes)
     return out, len(replace)

@@ -127,16 +127,10 @@ def energies() -> list[dict]:
 def reorient(teacher: onnx.ModelProto, student: onnx.ModelProto, same_params: bool) -> list[tuple[str, int]]:
     """Rewrite `student`'s k x k-down pairs in place with the k x k kernel on the up side, from the teacher's
     weight: the SVD of `[C_out k k, C_in]` at the pair's rank, or at the rank with the pair's params."""
-    inits = {t.name: t for t in teacher.graph.initializer}
-    made = {o: n for n in teacher.graph.node for o in n.output}
+    from onnx_inher.ir.layers import LayerView
+    from onnx_inher.passes.locate import locate
 
-    def weight(name: str) -> np.ndarray:
-        node = made.get(name)
-        while node is not None and node.op_type == "Identity":
-            name, node = node.input[0], made.get(node.input[0])
-        return numpy_helper.to_array(inits[name])
-
-    dense = {n.name: n for n in teacher.graph.node}
+    dense = {v.node: v for v in locate(teacher) if isinstance(v, LayerView)}  # weights folded as compress sees them
     s_inits = {t.name: t for t in student.graph.initializer}
     by_name = {n.name: n for n in student.graph.node}
     done = []
@@ -148,7 +142,7 @@ def reorient(teacher: onnx.ModelProto, student: onnx.ModelProto, same_params: bo
             continue
         layer = down.name.removesuffix("/svd/down")
         up = by_name[f"{layer}/svd/up"]
-        w = weight(dense[layer].input[1]).astype(np.float64)
+        w = np.asarray(dense[layer].weight, dtype=np.float64)
         c_out, c_in = w.shape[:2]
         u, sv, vt = np.linalg.svd(w.transpose(0, 2, 3, 1).reshape(c_out * kh * kw, c_in), full_matrices=False)
         r = min(len(sv), rank * (c_in * kh * kw + c_out) // (c_in + c_out * kh * kw)) if same_params else rank

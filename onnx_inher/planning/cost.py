@@ -48,12 +48,9 @@ def pair(view: LayerView, rank: int) -> Cost:
 
 
 def _scale_taken(view: LayerView) -> int:
-    """The per-channel scale a channels-first pair folds into its up-projection (`view.channels_first`): the
-    Mul's own copy goes."""
-    tail = view.channels_first
-    if tail is None or view.op != "MatMul" or view.side != "right":
-        return 0
-    return tail.scale_params
+    """The per-channel scales a channels-first pair folds into its up-projection (`view.channels_first`, only
+    ever found on a right-side MatMul): the Muls' own copies go."""
+    return view.channels_first.scale_params if view.channels_first is not None else 0
 
 
 def heads(view: LayerView, rank: int, h: int, head_form: str | None = None) -> Cost:
