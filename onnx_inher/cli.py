@@ -69,6 +69,11 @@ def policy_options(f: Callable) -> Callable:
                           "faster on this machine (see --no-latency-check)."),
         click.option("--heads", type=int,
                      help="Up-projection heads in inher mode (default 2); 1 gives a plain pair (fastest)."),
+        click.option("--orientation", type=click.Choice(["auto", "down"]), default="auto", show_default=True,
+                     help="Where a k x k conv pair puts its kernel: auto chooses per layer the side that keeps the "
+                          "budget's energy with fewer params and FLOPs (up: a 1x1 conv to the rank, then the k x k "
+                          "conv, which ONNX Runtime runs nearer its FLOP ideal); down: always a k x k conv to the "
+                          "rank, then a 1x1 conv."),
         click.option("--rank-multiple", type=int, default=16, show_default=True,
                      help="Round ranks up to a multiple of this (latency steps with it on CPU)."),
         click.option("--include", multiple=True, help="Only nodes whose name matches this regex (repeatable)."),
@@ -136,7 +141,7 @@ def _options(kw: dict[str, Any]) -> Options:
                 pick_form=mode is None and heads is None, min_speedup=kw.pop("min_speedup", None),
                 latency_check=False if kw.pop("no_latency_check", False) else None,
                 latency_threads=kw.pop("latency_threads", None),
-                rank_multiple=kw.pop("rank_multiple"),
+                rank_multiple=kw.pop("rank_multiple"), orientation=kw.pop("orientation"),
                 guard=not kw.pop("no_guard"), include=list(kw.pop("include")), exclude=list(kw.pop("exclude")),
                 min_params=kw.pop("min_params"), dims=_dims(kw.pop("dims")), shapes=_shapes(kw.pop("shapes", ())),
                 seed=kw.pop("seed"),

@@ -70,7 +70,7 @@ from tqdm import tqdm
 from onnx_inher.errors import InputError, PassError
 from onnx_inher.ir.graph import MAIN, child_paths, default_opset, subgraphs, walk_scopes
 from onnx_inher.ir.io import copy_model, release_memory
-from onnx_inher.ir.layers import ChannelsFirst, LayerView
+from onnx_inher.ir.layers import KERNEL_UP, ChannelsFirst, LayerView, kernel_up_unsupported, oriented
 from onnx_inher.ir.naming import factor_tag, node_ids
 from onnx_inher.ir.shapes import Dim
 from onnx_inher.ir.tensors import flush_negligible
@@ -356,6 +356,23 @@ def _up_pair(e: Emitter, view: LayerView, node: NodeProto, f: Factors, z: str, y
     e.node("Conv", inputs, "up", y, group=g)
 
 
+def _pair_kernel_up(e: Emitter, view: LayerView, node: NodeProto, f: Factors) -> None:
+    """A conv pair with its k x k kernel on the up side (`ir.layers.kernel_up`): a 1x1 conv `C_in -> r` (`V_r^T`,
+    no padding, stride 1), then a k x k conv `r -> C_out` (`U_r S_r`, the bias) with every attribute of the
+    original node. Exact at full rank: zero padding stays zero through a 1x1 conv without bias, so padding,
+    striding and dilating the rank features equals doing it to the input first."""
+    nd = len(view.kernel)
+    r = f.down.shape[1]
+    down = f.down[0].reshape(r, -1, *([1] * nd))
+    z = e.node("Conv", [node.input[0], e.weight("down.weight", down)], "down")
+    up = np.moveaxis(f.up[0].reshape(view.out_features, *view.kernel, r), -1, 1)
+    inputs = [z, e.weight("up.weight", up)]
+    if view.bias is not None:
+        inputs.append(node.input[2])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    e.node("Conv", inputs, "up", node.output[0], **attrs)
+
+
 def _up_channels_first(e: Emitter, view: LayerView, f: Factors, z: str, tail: ChannelsFirst) -> None:
     """`Conv1x1(Transpose(z))` for `Transpose((z U + b) * s1) * s2` (ConvNeXt's second MLP layer and its layer
     scale, before or after the permute).
@@ -629,6 +646,9 @@ def emit(view: LayerView, node: NodeProto, cand: Candidate, f: Factors, opset: i
             raise PassError("factorize", f"class-split node '{view.node}' needs its dense columns")
         _split(e, view, node, cand, dense, f, bias)
         return e
+    if view.kernel_up:
+        _pair_kernel_up(e, view, node, f)
+        return e
     z = _down(e, view, node, f, cand.fold)
     if tail is not None:
         _up_channels_first(e, view, f, z, tail)
@@ -769,6 +789,16 @@ def _valid_fold(fold: object, view: LayerView) -> bool:
             and fold["parts"] >= 2 and fold["rows"] >= 1)
 
 
+def _check_orientation(c: Candidate, view: LayerView) -> None:
+    """A plan entry's `orientation`: a known one, on a layer and form that can take it."""
+    why = kernel_up_unsupported(view) if c.orientation == KERNEL_UP else f"unknown orientation '{c.orientation}'"
+    why = why or ("heads keep the kernel on the down side" if c.heads > 1 else None)
+    why = why or ("a fold splits a k x k down conv" if c.fold is not None else None)
+    if why is not None:
+        raise InputError(f"plan gives node '{c.node}' orientation '{c.orientation}', which it cannot take ({why}); "
+                         "remove its orientation.")
+
+
 class Factorize:
     """Pass: apply a plan's `factorize` decisions. `(model) -> (model, changed)`.
 
@@ -794,9 +824,12 @@ class Factorize:
             if view is None:
                 raise InputError(f"plan names node '{c.node}', which is not a factorisable layer of this model; "
                                  "regenerate the plan for this model.")
-            if not c.rank or not 1 <= c.rank <= view.full_rank:
-                raise InputError(f"plan gives node '{c.node}' rank {c.rank}; it must be in 1..{view.full_rank} "
-                                 "(its full rank).")
+            if c.orientation is not None:
+                _check_orientation(c, view)
+            full = oriented(view, c.orientation).full_rank
+            if not c.rank or not 1 <= c.rank <= full:
+                raise InputError(f"plan gives node '{c.node}' rank {c.rank}; it must be in 1..{full} (its full rank"
+                                 f"{' with the kernel up' if c.orientation else ''}).")
             if c.heads < 1:
                 raise InputError(f"plan gives node '{c.node}' {c.heads} heads; use 1 or more.")
             if c.head_form is not None and c.head_form not in HEAD_FORMS:
@@ -809,10 +842,11 @@ class Factorize:
     def _emit_all(self, scopes: Scopes) -> Replacements:
         """One replacement per factorised node, by scope; each SVD lives only until its weight's last layer."""
         chosen = [c for c in self.plan.candidates if c.decision == "factorize"]
-        last = {self.views[c.node].shared_key: i for i, c in enumerate(chosen)}
-        top: dict[str, int] = {}  # the largest rank each shared weight is factorised at
+        seen = {c.node: oriented(self.views[c.node], c.orientation) for c in chosen}
+        last = {seen[c.node].shared_key: i for i, c in enumerate(chosen)}
+        top: dict[str, int] = {}  # the largest rank each shared weight (in each orientation) is factorised at
         for c in chosen:
-            key = self.views[c.node].shared_key
+            key = seen[c.node].shared_key
             top[key] = max(top.get(key, 1), int(c.rank or 1))
         svds: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         replacements: Replacements = {}
@@ -827,6 +861,7 @@ class Factorize:
                 if bias is not None and bias.add_index is not None:  # the head writes the Add's output now
                     here[bias.add_index] = Emitter(f"{view.node}/removed", "", view.dtype, self.plan.opset)
                 continue
+            view = seen[c.node]
             key = (view.shared_key, c.rank, c.heads, c.head_form)
             prefix = owner.setdefault(key, c.node)
             svd = svds.get(view.shared_key) or self.spectra.top_svd(view, top[view.shared_key])
@@ -849,7 +884,7 @@ class Factorize:
                 for k in tail_nodes(view, scopes.graphs[view.scope]):
                     here[k] = Emitter(f"{view.node}/removed", "", view.dtype, self.plan.opset)
             if self.release_weights:
-                release_weight(view)
+                release_weight(self.views[c.node])
         if self.release_weights:
             release_memory()
         return replacements

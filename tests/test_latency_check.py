@@ -77,8 +77,10 @@ def test_pairs_chosen_when_they_measure_faster(checked: pytest.MonkeyPatch, tmp_
     assert calls == [3, 2]
     assert doc["rounds"][0]["measured"] == "with the form choice, the same student"
     assert doc["rounds"][0]["speedup"] == doc["form"]["pair"]["speedup"] and not speed._FORM_TIMINGS
-    totals = r.plan.totals()  # the pairs were planned at the budget asked for, not at the heads' ranks
-    assert 0.45 <= totals["params_after"] / totals["params_before"] <= 0.55, totals
+    # the pairs were planned at the budget asked for (0.425 of the params: rank steps of 16 on small layers, some
+    # with the kernel up), not at the heads' ranks (0.386)
+    totals = r.plan.totals()
+    assert 0.40 <= totals["params_after"] / totals["params_before"] <= 0.55, totals
     assert doc["batch_8"]["speedup"] > 1 and doc["shapes"] == {"image": [1, 1, 28, 28]}
     assert doc["form"]["chosen"] == "pair" and doc["verdict"] == "faster" and doc["ok"] and not doc["reverted"]
     chosen = [c for c in r.plan.candidates if c.decision == "factorize"]

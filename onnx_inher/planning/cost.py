@@ -40,6 +40,10 @@ def dense(view: LayerView) -> Cost:
 def pair(view: LayerView, rank: int) -> Cost:
     """Down (x -> r) then up (r -> out, with the bias)."""
     g, o, i = view.groups, view.out_features, view.in_features
+    if view.kernel_up:  # 1x1 down at the input's pixels, then the k x k up at the output's
+        k = view.window
+        macs = view.in_rows * rank * (i // k) + view.rows * rank * o * k
+        return Cost(rank * (i // k + o * k) + _bias(view), 2 * macs)
     if view.op == "ConvTranspose":
         macs = view.in_rows * g * rank * i + view.rows * g * rank * o
     else:
@@ -101,10 +105,14 @@ def split(view: LayerView, dense_classes: int, rank: int) -> Cost:
 
 
 def after(view: LayerView, rank: int, h: int, head_form: str | None = None) -> Cost:
+    if view.kernel_up and h > 1:
+        raise ValueError(f"{view.node}: heads keep the kernel on the down side")
     return pair(view, rank) if h <= 1 else heads(view, rank, h, head_form)
 
 
 def breakeven_rank(view: LayerView, h: int) -> float:
     """Largest rank (exclusive) at which h heads still have fewer weights: in*out/(in + h*out)."""
     i, o = view.in_features, view.out_features
+    if view.kernel_up:
+        i, o = i // view.window, o * view.window
     return i * o / (i + max(h, 1) * o)

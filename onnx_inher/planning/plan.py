@@ -18,13 +18,23 @@ import numpy as np
 from tqdm import tqdm
 
 from onnx_inher.errors import InputError
-from onnx_inher.ir.layers import ChannelsFirst, LayerView, heads_unsupported, split_unsupported
+from onnx_inher.ir.layers import (
+    KERNEL_UP,
+    ChannelsFirst,
+    LayerView,
+    heads_unsupported,
+    kernel_up,
+    kernel_up_unsupported,
+    oriented,
+    split_unsupported,
+)
 from onnx_inher.planning import cost
 from onnx_inher.planning.rank import RankPolicy, raw_rank, round_rank
 from onnx_inher.planning.svd import PRODUCT_BLOCK, Eigen, eigen, energy_kept, factors
 
 FORMAT = "onnx-inher-plan/1"
 MODES = ("inher", "svd")
+ORIENTATIONS = ("auto", "down")  # a conv pair's k x k kernel: on the side `_orient` chooses, or always down
 ALLOCATIONS = ("energy", "sensitivity")
 # The class split of a classifier head (issue 17): the classes the teacher ranks in its top SPLIT_TOP at some
 # position of the calibration data keep their dense columns; the others share a rank-SPLIT_RANK pair. The
@@ -77,12 +87,15 @@ class Candidate:
     # times that chose it; None (and left out of the JSON): not folded
     fold: dict[str, int] | None = None
     fold_ms: dict[str, float] | None = None
+    # Conv pairs only: "kernel_up" puts the k x k kernel on the up side (a 1x1 conv C_in -> r, then a k x k
+    # conv r -> C_out, `ir.layers.kernel_up`); None (and left out of the JSON): on the down side
+    orientation: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON fields: every field; `graph`, `head_form`, `form_ms`, `dense_classes`, `fold` and `fold_ms`
-        only when set (plans that do not use them keep their bytes)."""
+        """The JSON fields: every field; `graph`, `head_form`, `form_ms`, `dense_classes`, `fold`, `fold_ms` and
+        `orientation` only when set (plans that do not use them keep their bytes)."""
         doc = asdict(self)
-        for optional in ("graph", "head_form", "form_ms", "dense_classes", "fold", "fold_ms"):
+        for optional in ("graph", "head_form", "form_ms", "dense_classes", "fold", "fold_ms", "orientation"):
             if doc[optional] is None:
                 del doc[optional]
         return doc
@@ -115,12 +128,17 @@ class Options:
     # classifier heads keep dense columns for the classes the teacher uses on the calibration data and a
     # small pair for the rest (SPLIT_*); needs `calibration`
     class_split: bool = True
+    # "auto": a conv pair puts its k x k kernel on whichever side keeps the energy threshold with fewer params
+    # and FLOPs (`_orient`); "down": always on the down side, the form of every plan before it
+    orientation: str = "auto"
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
         if self.heads < 1:
             raise InputError(f"--heads must be >= 1, got {self.heads}")
+        if self.orientation not in ORIENTATIONS:
+            raise InputError(f"unknown orientation '{self.orientation}'; choose one of {', '.join(ORIENTATIONS)}")
         if self.allocate not in ALLOCATIONS:
             raise InputError(f"unknown allocation '{self.allocate}'; choose one of {', '.join(ALLOCATIONS)}")
         if self.allocate == "sensitivity" and not self.calibration:
@@ -448,9 +466,9 @@ def _decide_all(views: list[LayerView], policy: RankPolicy, options: Options, op
             c = _base(v, first.heads)
             c.params_before = 0
             c.shares_factors_with = first.node
-            c.form, c.note = first.form, note
+            c.form, c.note, c.orientation = first.form, note, first.orientation
             if first.decision == "factorize":
-                a = cost.after(v, first.rank or 1, first.heads)
+                a = cost.after(oriented(v, first.orientation), first.rank or 1, first.heads)
                 c.decision, c.rank, c.flops_after = "factorize", first.rank, a.flops
                 c.energy_kept = first.energy_kept
             else:
@@ -464,11 +482,32 @@ def _decide_all(views: list[LayerView], policy: RankPolicy, options: Options, op
         c = decide(v, raw_rank(policy, s, v.full_rank), h, options.guard, options.rank_multiple, s,
                    round_down=policy.kind in ("rank", "rank_ratio"))
         c.note = note
+        if h == 1 and options.orientation == "auto" and policy.kind in ("energy", "param_ratio"):
+            c = _orient(v, c, policy, options, spectra)
         if policy.kind == "rank" and policy.value > v.full_rank:
             c.note = "; ".join(filter(None, [c.note, f"--rank clamped to full rank {v.full_rank}"]))
         primary[v.shared_key] = c
         out[v.node] = c
     return out
+
+
+def _orient(view: LayerView, c: Candidate, policy: RankPolicy, options: Options, spectra: Spectra) -> Candidate:
+    """The conv pair with its k x k kernel on the up side (`ir.layers.kernel_up`) where that keeps the energy
+    threshold with no more params and FLOPs than `c`, today's orientation; else `c`. Ties go up: at the same
+    cost the k x k conv with C_out outputs runs nearer its FLOP ideal than one with r outputs. Energy is
+    comparable across the two: both SVDs split the same Frobenius norm. Rank policies keep the kernel down:
+    a rank asked for is a rank of the form the user knows."""
+    if kernel_up_unsupported(view) is not None:
+        return c
+    up = kernel_up(view)
+    s = spectra.values(up)
+    cu = decide(up, raw_rank(policy, s, up.full_rank), 1, options.guard, options.rank_multiple, s, round_down=False)
+    if cu.decision != "factorize":
+        return c
+    if c.decision == "factorize" and (cu.params_after > c.params_after or cu.flops_after > c.flops_after):
+        return c
+    cu.note, cu.orientation = c.note, KERNEL_UP
+    return cu
 
 
 def _param_total(cands: dict[str, Candidate]) -> int:
@@ -587,11 +626,12 @@ def apply_edits(plan: Plan, views: dict[str, LayerView], spectra: Spectra) -> Pl
         if c.dense_classes is not None:
             _edit_split(c, view, plan.opset)
             continue
+        if not isinstance(c.heads, int) or c.heads < 1:
+            raise InputError(f"plan gives node '{c.node}' heads {c.heads}; use an integer >= 1.")
+        view = _edit_orientation(c, view)
         if not isinstance(c.rank, int) or not 1 <= c.rank <= view.full_rank:
             raise InputError(f"plan gives node '{c.node}' rank {c.rank}; it must be an integer in "
                              f"1..{view.full_rank} (its full rank).")
-        if not isinstance(c.heads, int) or c.heads < 1:
-            raise InputError(f"plan gives node '{c.node}' heads {c.heads}; use an integer >= 1.")
         if c.heads > 1:
             why = heads_unsupported(view, plan.opset)
             if why:
@@ -607,6 +647,23 @@ def apply_edits(plan: Plan, views: dict[str, LayerView], spectra: Spectra) -> Pl
         c.energy_kept = round(energy_kept(spectra.values(view), c.rank), 6)
         c.reason = None
     return plan
+
+
+def _edit_orientation(c: Candidate, view: LayerView) -> LayerView:
+    """Check a plan entry's `orientation`; the view its rank and costs are read from."""
+    if c.orientation is None:
+        return view
+    if c.orientation != KERNEL_UP:
+        raise InputError(f"plan gives node '{c.node}' orientation '{c.orientation}'; use '{KERNEL_UP}' (or leave it "
+                         "out for the kernel on the down side).")
+    why = kernel_up_unsupported(view)
+    if why is not None:
+        raise InputError(f"plan gives node '{c.node}' orientation '{KERNEL_UP}', which it cannot take ({why}); "
+                         "remove its orientation.")
+    if c.heads > 1:
+        raise InputError(f"plan gives node '{c.node}' {c.heads} heads and orientation '{KERNEL_UP}'; heads keep the "
+                         "kernel on the down side: remove one of them.")
+    return kernel_up(view)
 
 
 def _edit_split(c: Candidate, view: LayerView, opset: int) -> None:

@@ -53,7 +53,7 @@ from onnx_inher.datasets.text import ATTENTION_MASK as MASK
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import scope_graph
 from onnx_inher.ir.io import write_text
-from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.layers import LayerView, oriented
 from onnx_inher.ir.outputs import LOG_PROBABILITIES, PROBABILITIES, OutputKind, detect
 from onnx_inher.metrics import Score, better, cosine_rows, pool
 from onnx_inher.planning import cost
@@ -61,7 +61,7 @@ from onnx_inher.planning.plan import Plan, Spectra, apply_edits, fits
 from onnx_inher.planning.svd import OutputGram, data_aware_svd, full_svd, truncate
 from onnx_inher.progress import Heartbeat
 from onnx_inher.runtime import runnable_session
-from onnx_inher.tuning.calibrate import batches
+from onnx_inher.tuning.calibrate import batches, layer_gram
 from onnx_inher.tuning.latency import rank_times
 
 PROBE = "onnx_inher.probe."
@@ -142,7 +142,9 @@ def weight_from_matrices(view: LayerView, m: np.ndarray) -> np.ndarray:
     """Inverse of `LayerView.matrices`: `[g, out, in]` back to the layout the node reads."""
     g, o = view.groups, view.out_features
     shape = view.weight.shape
-    if view.op == "Conv":
+    if view.kernel_up:  # [1, C_out k, C_in] back to [C_out, C_in, *k]
+        w = np.moveaxis(m.reshape(o, *view.kernel, shape[1]), -1, 1)
+    elif view.op == "Conv":
         w = m.reshape(shape)
     elif view.op == "ConvTranspose":
         cin_g, k = shape[0] // g, int(np.prod(view.kernel))
@@ -482,17 +484,18 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     or, with `timing`, within its params and the time its layers take alone on this machine."""
     chosen = [c for c in the_plan.candidates if c.decision == "factorize" and c.node in views and c.rank
               and c.dense_classes is None]  # a class-split head's rank is fixed by the data, not traded
+    seen = {c.node: oriented(views[c.node], c.orientation) for c in chosen}
     sharers: dict[str, list[LayerView]] = {}
     for c in chosen:
-        sharers.setdefault(views[c.node].shared_key, []).append(views[c.node])
+        sharers.setdefault(seen[c.node].shared_key, []).append(seen[c.node])
     owners = {key: group[0].node for key, group in sharers.items()}
     if not chosen:
         return the_plan
     by_node = {c.node: c for c in chosen}
     layers: dict[str, Layer] = {}
     for n in owners.values():
-        view, c = views[n], by_node[n]
-        gram = grams.get(view.shared_key)
+        view, c = seen[n], by_node[n]
+        gram = layer_gram(view, grams)
         svd = data_aware_svd(view.matrices(), gram, rows=(rows or {}).get(view.shared_key)) if gram is not None \
             else full_svd(view.matrices())
         layers[n] = Layer(view, svd, int(c.rank or 1), rank_cap(view, c.heads, the_plan.options.guard), c.heads)
@@ -512,7 +515,7 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
     (energy_agree, energy, _), (moved_agree, moved, _) = energy_score, moved_score
     kept = better(moved_score, energy_score)
     for c in chosen:
-        owner = layers[owners[views[c.node].shared_key]]
+        owner = layers[owners[seen[c.node].shared_key]]
         c.energy_rank, c.sensitivity = c.rank, owner.sensitivity
         c.rank = ranks[owner.view.node] if kept else c.rank
         if owner.times:

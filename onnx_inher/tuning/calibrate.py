@@ -412,8 +412,7 @@ class CalibratedSpectra(Spectra):
         self._kept_bytes = 0
 
     def _whitened(self, view: LayerView) -> bool:
-        key = view.shared_key
-        return view.node in self.ranks and (key in self.fitted or self.grams.get(key) is not None)
+        return view.node in self.ranks and (view.shared_key in self.fitted or layer_gram(view, self.grams) is not None)
 
     def top_svd(self, view: LayerView, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A whitened layer's rank-r factors cut to `rank`; with `remember`, kept (up to a quarter of the
@@ -433,7 +432,7 @@ class CalibratedSpectra(Spectra):
     def svd(self, view: LayerView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if view.shared_key in self.fitted and view.node in self.ranks:
             return self.fitted[view.shared_key]  # already rank-r factors (`sequential`)
-        gram = self.grams.get(view.shared_key)
+        gram = layer_gram(view, self.grams)
         if gram is None or view.node not in self.ranks:
             return super().svd(view)
         rows = self.rows.get(view.shared_key)
@@ -448,6 +447,23 @@ class CalibratedSpectra(Spectra):
         m = np.ascontiguousarray(view.matrices()[:, rest, :])
         svd = data_aware_svd(m, gram, rows=None if rows is None else rows[rest])
         return as_svd(balanced(truncate(svd, self.ranks[view.node])))
+
+
+def layer_gram(view: LayerView, grams: dict[str, np.ndarray | OutputGram]) -> np.ndarray | OutputGram | None:
+    """The Gram matrix that whitens `view`'s SVD, None for plain SVD: its weight's, or for a `kernel_up` view
+    (`[C_out k, C_in]`, per-pixel inputs) the tap-average of the patch Gram, `mean_t C[(c, t), (c', t)]`.
+
+    Why an average: the kernel-up pair's error is `sum_t (W_t - A_t B) x_t` over the k taps; dropping the
+    correlations between taps leaves `sum_t |(W_t - A_t B) S|^2` with `S S^T` the per-pixel Gram, a whitened
+    SVD of `[C_out k, C_in]`. An output-side Gram (`OutputGram`, `[C_out, C_out]`) has no such form: plain."""
+    gram = grams.get(view.base_key)
+    if gram is None or not view.kernel_up:
+        return gram
+    if isinstance(gram, OutputGram):
+        return None
+    k = view.window
+    c = view.in_features // k
+    return np.einsum("atbt->ab", np.asarray(gram, dtype=np.float64).reshape(c, k, c, k)) / k  # [1, ...] or [...]
 
 
 def as_svd(f: Factors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ from onnx_inher.bench.sessions import Settings
 from onnx_inher.errors import InputError
 from onnx_inher.ir.graph import GraphIndex, index_scopes
 from onnx_inher.ir.io import write_text
-from onnx_inher.ir.layers import LayerView
+from onnx_inher.ir.layers import KERNEL_UP, LayerView, oriented
 from onnx_inher.ir.shapes import check_shapes, shape_symbols
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.planning.svd import Factors
@@ -105,6 +105,8 @@ def layer_key(view: LayerView, node_attrs: list[Any], x_shape: tuple[int, ...], 
                                  for n in tail]])
     if fold:
         doc.append(["fold", int(fold["parts"])])  # the rows are the input shape's
+    if view.kernel_up:
+        doc.append(["orientation", KERNEL_UP])
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 
@@ -116,7 +118,7 @@ def replacement_graph(view: LayerView, model: Any, index: GraphIndex, cand: Cand
 
     rank = int(cand.rank or 1)
     rng = np.random.default_rng(0)
-    g, o, i = view.groups, view.out_features, view.in_features
+    g, o, i = view.groups, *view.matrix_dims
     kept = len(cand.dense_classes or [])  # a class-split head: k dense columns, the other o - k at rank r
     f = Factors(up=(rng.standard_normal((g, o - kept, rank)) * 0.05).astype(np.float32),
                 down=(rng.standard_normal((g, rank, i)) * 0.05).astype(np.float32))
@@ -168,6 +170,7 @@ class LayerTimer:
         x_shape = static_input_shape(node, index, self.table)
         if x_shape is None:
             return None
+        view = oriented(view, c.orientation)
         if rank is not None and rank != c.rank:
             c = replace(c, rank=rank)
         tail = epilogue(node, index)
@@ -217,13 +220,14 @@ FOLD_MARGIN = 0.9  # a folded down conv must measure 10% faster alone than the u
 def foldable(timer: LayerTimer, views: dict[str, LayerView], cands: list[Candidate],
              parts: int) -> dict[str, dict[str, int]]:
     """`{node: fold}` of the conv candidates whose down conv can be folded into `parts` (`passes/factorize.py`):
+    the k x k kernel on the down side (a `kernel_up` pair's is a 1x1 conv, and its k x k conv has C_out outputs),
     explicit pads, rows fixed in the model (`static_rows`), output rows that split into equal parts."""
     from onnx_inher.passes.factorize import fold_applies, fold_bounds
 
     if parts < 2:
         return {}
-    convs = [c for c in cands if c.dense_classes is None and c.node in views and views[c.node].op == "Conv"
-             and fold_applies(timer.node(views[c.node])[1], timer.plan.opset)]
+    convs = [c for c in cands if c.dense_classes is None and c.orientation is None and c.node in views
+             and views[c.node].op == "Conv" and fold_applies(timer.node(views[c.node])[1], timer.plan.opset)]
     rows = static_rows(timer, views, {c.node for c in convs}) if convs else {}
     return {c.node: {"parts": parts, "rows": rows[c.node]} for c in convs if c.node in rows and fold_bounds(
         timer.node(views[c.node])[1], int(views[c.node].kernel[0]), rows[c.node], parts) is not None}

@@ -59,7 +59,8 @@ def sequential_layers(model: ModelProto, views: dict[str, LayerView], the_plan: 
     """The plan's factorised layers this method fits, in graph order (see the module docstring for the rest)."""
     chosen = [views[c.node] for c in the_plan.candidates
               if c.decision == "factorize" and c.node in views and c.rank and not views[c.node].scope
-              and c.dense_classes is None]  # a class-split head keeps its teacher-whitened rest
+              and c.dense_classes is None  # a class-split head keeps its teacher-whitened rest
+              and c.orientation is None]  # a kernel-up pair keeps its teacher-whitened factors (`layer_gram`)
     users = Counter(v.shared_key for v in chosen)
     fit = [v for v in chosen if users[v.shared_key] == 1 and v.op in ("Conv", "MatMul", "Gemm")
            and activation_input(v, model) is not None]
