@@ -256,3 +256,20 @@ def test_timed_alone_as_it_is_written(tmp_path: Path, monkeypatch: pytest.Monkey
     assert plan.candidates[0].orientation == KERNEL_UP
     assert built and built[0][:2] == ["Conv", "Conv"]
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
+
+
+def test_the_sensitivity_allocation_probes_it_in_the_teacher_layout(tmp_path: Path) -> None:
+    """`run`'s default allocation swaps each layer's rank-r reconstruction into the teacher (`weight_from_matrices`)
+    and whitens it (`layer_gram`): a kernel-up layer goes through both and keeps its orientation."""
+    teacher = _conv(tmp_path / "t.onnx", _low_rank_up(16, 64, (3, 3), 12) + _random(16, 64, 3, 3) * 0.05,
+                    pads=[1, 1, 1, 1])
+    x = _x(64)
+    np.savez(tmp_path / "data.npz", x=np.concatenate([x] * 8))
+    result = api.compress(teacher, tmp_path / "s.onnx", _options(policy=parse_policy(param_ratio=0.5),
+                                                                 calibration=str(tmp_path / "data.npz"),
+                                                                 allocate="sensitivity"))
+    c = result.plan.candidates[0]
+    assert c.orientation == KERNEL_UP and "kernel on the up side" in (c.note or "")
+    assert any("sensitivity allocation" in w for w in result.plan.warnings)
+    ref = _run(teacher, x)
+    assert np.linalg.norm(_run(tmp_path / "s.onnx", x) - ref) <= 0.2 * np.linalg.norm(ref)

@@ -506,7 +506,11 @@ def _orient(view: LayerView, c: Candidate, policy: RankPolicy, options: Options,
         return c
     if c.decision == "factorize" and (cu.params_after > c.params_after or cu.flops_after > c.flops_after):
         return c
-    cu.note, cu.orientation = c.note, KERNEL_UP
+    other = (f"rank {c.rank}, {c.params_after} params and {c.flops_after} FLOPs" if c.decision == "factorize"
+             else "no rank that makes it smaller and cheaper")
+    cu.note = "; ".join(filter(None, [c.note, f"k x k kernel on the up side (a 1x1 conv to the rank, then the k x k "
+                                               f"conv); with the kernel down the same energy needed {other}"]))
+    cu.orientation = KERNEL_UP
     return cu
 
 

@@ -29,6 +29,7 @@ def plan_table(plan: Plan, *, verbose_reasons: bool = True) -> str:
         shape = "x".join(map(str, c.weight_shape)) or "-"
         if c.decision == "factorize":
             what = f"{c.form} r={c.rank}" + (f" h={c.heads}" if c.heads > 1 else "")
+            what += ", kernel up" if c.orientation else ""
             if c.dense_classes is not None:
                 what = f"split: {len(c.dense_classes)} classes kept, the rest r={c.rank}"
             if c.energy_rank and c.energy_rank != c.rank:
