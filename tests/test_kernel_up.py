@@ -273,3 +273,18 @@ def test_the_sensitivity_allocation_probes_it_in_the_teacher_layout(tmp_path: Pa
     assert any("sensitivity allocation" in w for w in result.plan.warnings)
     ref = _run(teacher, x)
     assert np.linalg.norm(_run(tmp_path / "s.onnx", x) - ref) <= 0.2 * np.linalg.norm(ref)
+
+
+def test_the_layer_profile_names_the_form(tmp_path: Path) -> None:
+    from onnx_inher.bench.layers import replacement_nodes
+
+    teacher = _conv(tmp_path / "t.onnx", _random(12, 8, 3, 3), pads=[1, 1, 1, 1])
+    view = next(v for v in locate(onnx.load(str(teacher))) if hasattr(v, "matrices"))
+    for orientation, form in ((KERNEL_UP, "pair, kernel up"), (None, "pair")):
+        path = _oriented_plan(teacher, tmp_path, 4)
+        doc = json.loads(path.read_text())
+        doc["candidates"][0]["orientation"] = orientation
+        path.write_text(json.dumps(doc))
+        api.compress(teacher, tmp_path / "s.onnx", _options(guard=False), plan_path=path)
+        found = replacement_nodes(view, onnx.load(str(tmp_path / "s.onnx")))
+        assert found is not None and found[1] == form

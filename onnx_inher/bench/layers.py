@@ -143,8 +143,17 @@ def replacement_nodes(view: LayerView, student: ModelProto) -> tuple[list[NodePr
         prefix = f"{view.node}/{tag}/"
         nodes = [n for n in student.graph.node if n.name.startswith(prefix)]
         if nodes:
-            return nodes, form
+            return nodes, f"{form}, kernel up" if _kernel_up(view, nodes, student) else form
     return None
+
+
+def _kernel_up(view: LayerView, nodes: list[NodeProto], student: ModelProto) -> bool:
+    """Whether a k x k conv's pair carries the kernel on its up side (a 1x1 down conv: `ir.layers.kernel_up`)."""
+    down = next((n for n in nodes if n.name.endswith("/down")), None)
+    if view.op != "Conv" or view.window < 2 or down is None or down.op_type != "Conv" or len(down.input) < 2:
+        return False
+    dims = next((list(t.dims) for t in student.graph.initializer if t.name == down.input[1]), None)
+    return dims is not None and all(d == 1 for d in dims[2:])
 
 
 def rank_of(nodes: list[NodeProto], view: LayerView, index: GraphIndex) -> int | None:
