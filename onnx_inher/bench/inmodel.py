@@ -41,6 +41,10 @@ from onnx_inher.ir.naming import FACTOR_TAGS
 COMPUTE_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ConvTranspose")
 # a dense layer is compute-bound (held to the efficiency targets) when it takes at least this long per sample
 COMPUTE_BOUND_MS = 0.05
+# and does at least this many FLOPs per byte of its weight: 16 rows (pixels, tokens) per weight read in float32.
+# A matrix-vector product (one row at batch 1: a classifier head, a 1x1 conv after global pooling) does 0.5;
+# its time is reading the weight and its nodes' fixed cost, below any CPU's ridge point (~5-20 FLOPs per byte)
+MIN_FLOPS_PER_WEIGHT_BYTE = 8.0
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,9 @@ def layer_rows(teacher_model: ModelProto, student_model: ModelProto, views: Sequ
         rows.append({"node": view.node, "op": view.op, "form": form, "rank": rank_of(nodes, view, s_index),
                      "dense_ms": t_us / 1e3, "factorized_ms": s_us / 1e3, "speedup": speed,
                      "ideal_speedup_flops": ideal, "efficiency_flops": speed / ideal if speed and ideal else None,
-                     "compute_bound": t_us / 1e3 / batch >= COMPUTE_BOUND_MS,
+                     "flops_per_weight_byte": round(dense_flops / view.weight.nbytes, 2) if dense_flops else None,
+                     "compute_bound": t_us / 1e3 / batch >= COMPUTE_BOUND_MS
+                     and bool(dense_flops) and dense_flops >= MIN_FLOPS_PER_WEIGHT_BYTE * view.weight.nbytes,
                      "teacher_nodes": at.teacher, "student_nodes": at.student})
     rest = {"teacher_ms": sum(v for n, v in teacher.us.items() if n not in claimed_t) / 1e3,
             "student_ms": sum(v for n, v in student.us.items() if n not in claimed_s) / 1e3,

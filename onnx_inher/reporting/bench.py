@@ -169,7 +169,9 @@ def markdown(doc: dict[str, Any]) -> str:
         parts += ["", "## Factorised layers in the running models (ONNX Runtime profile)", "",
                   "Kernel time of the optimised graph's nodes that compute each layer (with the bias or activation "
                   "ONNX Runtime fused into it), median per run; teacher and student interleaved. A layer is "
-                  "compute-bound when its dense form takes at least 0.05 ms per sample. The profiler's own cost "
+                  "compute-bound when its dense form takes at least 0.05 ms per sample and does at least 8 FLOPs "
+                  "per byte of its weight (a matrix-vector product, one row at batch 1, does 0.5: its time is "
+                  "reading the weight). The profiler's own cost "
                   f"per node ({doc['layer_profile'][0].get('profiler_overhead_us', 0):.1f} us, measured on a chain "
                   "of no-op nodes) is taken off every node. Teacher side: "
                   + (_dense_side(doc).lstrip("; ") or "the baseline") + ".", "",
