@@ -4,6 +4,9 @@ Two forms, chosen per layer by the plan's `heads`:
 
 * pair (heads == 1, and every layer in `--mode svd`): down-projection `V_r^T` (for Conv a k x k conv
   C_in -> r keeping every attribute), then up-projection `U_r S_r` carrying the bias.
+  A Conv pair whose plan entry has `orientation == "kernel_up"` carries the k x k kernel on the up side
+  instead: a 1x1 conv C_in -> r, then a k x k conv r -> C_out keeping every attribute (`ir.layers.kernel_up`,
+  the SVD of the weight as `[C_out k, C_in]`), where the plan found that side cheaper at its energy.
 * heads (InherNet): the same shared down-projection, `h` up-projection heads and a softmax gate.
   - MatMul/Gemm, per-token gate: one fused up-projection r -> h*out, gate `softmax(z G + b)`,
     then the gated sum as a batched product `g[...,1,h] @ Y[...,h,out]`.
