@@ -165,6 +165,11 @@ def load_metric(spec: str) -> UserMetric:
         raise InputError(f"--metric: expected MODULE:FUNCTION (e.g. --metric mymetrics:cer, or "
                          f"path/to/metrics.py:cer), got '{spec}'")
     file = None
+    # the current folder is on the path while the metric loads, for a module named there and for a file's own
+    # imports alike (`benchmarks/experiments/crepe_speech.py` imports `benchmarks.experiments.ocr_lines`)
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
     try:
         if module.endswith(".py") or "/" in module or os.sep in module:
             file = Path(module)
@@ -176,20 +181,16 @@ def load_metric(spec: str) -> UserMetric:
             mod = importlib.util.module_from_spec(found)
             found.loader.exec_module(mod)
         else:
-            added = os.getcwd() not in sys.path
-            if added:
-                sys.path.insert(0, os.getcwd())
-            try:
-                mod = importlib.import_module(module)
-            finally:
-                if added:
-                    sys.path.remove(os.getcwd())
+            mod = importlib.import_module(module)
             where = getattr(mod, "__file__", None)
             file = Path(where) if where else None
     except InputError:
         raise
     except Exception as err:
         raise InputError(f"--metric {spec}: cannot import '{module}': {type(err).__name__}: {err}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise InputError(f"--metric {spec}: '{module}' has no function '{name}'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,19 @@ def test_bad_metric_result_is_an_input_error(function: str, message: str, tmp_pa
     metric = load_metric(f"my_task_metric:{function}")
     with pytest.raises(InputError, match=message):
         metric({"y": np.zeros((2, 3))}, {"y": np.zeros((2, 3))}, {"x": np.zeros((2, 1))})
+
+
+def test_a_metric_file_imports_packages_of_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--metric tools/score.py:f` run from a project root: the file's own `from tools.common import ...` resolves
+    there (`benchmarks/experiments/crepe_speech.py` imports `benchmarks.experiments.ocr_lines`), and the path
+    is left as it was."""
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "__init__.py").write_text("")
+    (tmp_path / "tools" / "common.py").write_text("SCALE = 2.0\n")
+    (tmp_path / "tools" / "score.py").write_text(
+        "from tools.common import SCALE\n\ndef f(teacher, student, inputs):\n    return {'scaled': SCALE}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "tools", raising=False)
+    before = list(sys.path)
+    assert load_metric("tools/score.py:f").fn({}, {}, {}) == {"scaled": 2.0}
+    assert sys.path == before
