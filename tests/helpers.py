@@ -42,6 +42,26 @@ def torch_run(module: OnnxModule, feed: dict[str, np.ndarray]) -> list[np.ndarra
     return [o.numpy() for o in out]
 
 
+def bridge_round_trip(student: Path, feed: dict[str, np.ndarray], prefixes: list[str], tmp_path: Path) -> None:
+    """The bridge reproduces `student` in torch, trains the params named `prefixes...` (at least one each), and
+    writes moved weights back so that ONNX Runtime computes what the moved module does."""
+    from onnx_inher.bridge import to_torch, write_back
+
+    model = onnx.load(str(student))
+    module, param_map = to_torch(model)
+    for prefix in prefixes:
+        assert any(name.startswith(prefix) for name in param_map), prefix
+    want = ort_run(student, feed)[0]
+    assert np.abs(torch_run(module, feed)[0] - want).max() <= 1e-5 * float(np.abs(want).max())
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(1.1)
+    moved = torch_run(module, feed)[0]
+    written = tmp_path / "written_back.onnx"
+    onnx.save(write_back(model, module, param_map), str(written))
+    assert np.abs(ort_run(written, feed)[0] - moved).max() <= 1e-5 * float(np.abs(moved).max())
+
+
 def rel_err(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
     """max|actual - expected| / max|expected|, worst over outputs (shapes and dtypes must match)."""
     errs = []

@@ -21,6 +21,7 @@ from onnx_inher.passes.locate import locate
 from onnx_inher.planning.plan import Options, load_plan
 from onnx_inher.planning.rank import parse_policy
 from onnx_inher.tuning.allocate import weight_from_matrices
+from tests.helpers import bridge_round_trip
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -214,26 +215,9 @@ def test_calibration_whitens_it_from_the_patch_gram(tmp_path: Path) -> None:
 
 
 def test_the_bridge_trains_it_and_writes_it_back(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    from onnx_inher.bridge import to_torch, write_back
-
     teacher = _conv(tmp_path / "t.onnx", _random(12, 8, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1])
     api.compress(teacher, tmp_path / "s.onnx", _options(guard=False), plan_path=_oriented_plan(teacher, tmp_path, 4))
-    student = onnx.load(str(tmp_path / "s.onnx"))
-    module, param_map = to_torch(student)
-    assert any(name.startswith("conv/svd/up.") for name in param_map)  # both convs' weights train
-    assert any(name.startswith("conv/svd/down.") for name in param_map)
-    x = _x(8)
-    with torch.no_grad():
-        got = module(torch.from_numpy(x))[0].numpy()
-        want = _run(tmp_path / "s.onnx", x)
-        assert np.abs(got - want).max() <= 1e-5 * float(np.abs(want).max())
-        for p in module.parameters():
-            p.mul_(1.1)
-        moved = module(torch.from_numpy(x))[0].numpy()
-    written = tmp_path / "w.onnx"
-    onnx.save(write_back(student, module, param_map), str(written))
-    assert np.abs(_run(written, x) - moved).max() <= 1e-5 * float(np.abs(moved).max())
+    bridge_round_trip(tmp_path / "s.onnx", {"x": _x(8)}, ["conv/svd/up.", "conv/svd/down."], tmp_path)
 
 
 def test_timed_alone_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
