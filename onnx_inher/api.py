@@ -193,8 +193,13 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
             for c in p.candidates:
                 if c.decision == "factorize":
                     c.note = "; ".join(filter(None, [c.note, note]))
+        kernels = ""
+        if "pair_kernels_down" in form:
+            kept = "every kernel down" if form["orientation"] == "down" else "the plan's kernels up"
+            kernels = (f" (pairs with the plan's kernels up {form['pair_kernels_up']['speedup']:.2f}x, every kernel "
+                       f"down {form['pair_kernels_down']['speedup']:.2f}x: {kept})")
         p.warnings.append(f"latency check: heads {form['heads']['speedup']:.2f}x, pairs "
-                          f"{form['pair']['speedup']:.2f}x the teacher: planned as {form['chosen']}")
+                          f"{form['pair']['speedup']:.2f}x the teacher{kernels}: planned as {form['chosen']}")
     if target:
         from onnx_inher.tuning.latency import apply_target
 
@@ -247,21 +252,30 @@ def _choose_form(a: Analysis, options: Options, classes: dict[str, list[int]],
     if not wanted or not speed.enabled(options.latency_check):
         return options, None
     pairs = replace(options, mode="svd", heads=1)
-    spectra = spectra if spectra.remember else Spectra(remember=True)  # both trials factorise the same weights
-    plans = [build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, o, spectra,
-                        classes) for o in (options, pairs)]
+    spectra = spectra if spectra.remember else Spectra(remember=True)  # the trials factorise the same weights
+
+    def planned(o: Options) -> Plan:
+        return build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, o, spectra,
+                          classes)
+
+    plans = [planned(options), planned(pairs)]
     if not any(c.decision == "factorize" and c.heads > 1 for c in plans[0].candidates):
         return options, None
+    down = replace(pairs, orientation="down")  # timed too where the plan puts some kernel up
+    down_plan = planned(down) if any(c.orientation for c in plans[1].candidates if c.decision == "factorize") \
+        else None
 
     path, digest = a.loaded.path, a.loaded.sha256
     _unload(a)
     form = speed.choose_form(plans[0], plans[1], path, lambda: _fresh(path, options, digest),
-                             lambda an, p: rewrite(an.handle, p, spectra))
+                             lambda an, p: rewrite(an.handle, p, spectra), down_plan)
     _reload(a, options)
     if form is None:
         return options, None
     form["heads_asked"] = options.heads
-    return (pairs if form["chosen"] == "pair" else options), form
+    if form["chosen"] != "pair":
+        return options, form
+    return (down if form.get("orientation") == "down" else pairs), form
 
 
 def _calibrate(a: Analysis, the_plan: Plan, options: Options,

@@ -22,8 +22,9 @@ MNIST = Path(onnx_inher.__file__).parent / "data" / "mnist_cnn.onnx"
 TEACHER_MS = 1.0
 
 
-def fake_timer(pair_ms: float, heads_ms: float, calls: list | None = None):
-    """Each factorised layer adds `pair_ms` (plain pair) or `heads_ms` (heads) to the teacher's time."""
+def fake_timer(pair_ms: float, heads_ms: float, calls: list | None = None, kernel_up_ms: float = 0.0):
+    """Each factorised layer adds `pair_ms` (plain pair) or `heads_ms` (heads) to the teacher's time, and a pair
+    with its k x k kernel up (a k x k `up` conv) `kernel_up_ms` more."""
 
     def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
         out = []
@@ -34,7 +35,10 @@ def fake_timer(pair_ms: float, heads_ms: float, calls: list | None = None):
                 names = [n.name for n in model.graph.node]
                 pairs = {n.split("/svd/")[0] for n in names if "/svd/" in n}
                 heads = {n.split("/inher/")[0] for n in names if "/inher/" in n}
-                ms += pair_ms * len(pairs) + heads_ms * len(heads)
+                dims = {t.name: list(t.dims) for t in model.graph.initializer}
+                up = [n for n in model.graph.node if n.name.endswith("/svd/up") and n.op_type == "Conv"
+                      and any(d > 1 for d in dims.get(n.input[1], [1, 1])[2:])]
+                ms += pair_ms * len(pairs) + heads_ms * len(heads) + kernel_up_ms * len(up)
             out.append(np.full(30, ms / 1e3) * (1 + 0.001 * np.sin(np.arange(30) + i)))
         if calls is not None:
             calls.append(len(models))
@@ -72,9 +76,11 @@ def test_pairs_chosen_when_they_measure_faster(checked: pytest.MonkeyPatch, tmp_
     checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2, calls=calls))
     r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
     doc = r.plan.latency_check
-    # teacher, heads, pairs together when planning; the check takes the pairs' timing up (the same student:
-    # nothing reverted, no head form or fold changed) and times the student at batch 8 only
-    assert calls == [3, 2]
+    # teacher, heads, pairs and the pairs with every kernel down (the plan puts two of the CNN's up) together
+    # when planning; the check takes the pairs' timing up (the same student: nothing reverted, no head form or
+    # fold changed) and times the student at batch 8 only
+    assert calls == [4, 2]
+    assert doc["form"]["orientation"] == "auto"  # every kernel down times the same: the plan's kernels stay up
     assert doc["rounds"][0]["measured"] == "with the form choice, the same student"
     assert doc["rounds"][0]["speedup"] == doc["form"]["pair"]["speedup"] and not speed._FORM_TIMINGS
     # the pairs were planned at the budget asked for (0.425 of the params: rank steps of 16 on small layers, some
@@ -87,6 +93,22 @@ def test_pairs_chosen_when_they_measure_faster(checked: pytest.MonkeyPatch, tmp_
     assert chosen and all(c.heads == 1 and c.form == "pair" and "form: a plain pair" in c.note for c in chosen)
     names = [n.name for n in onnx.load(str(tmp_path / "s.onnx")).graph.node]
     assert any("/svd/" in n for n in names) and not any("/inher/" in n for n in names)
+
+
+def test_pairs_take_every_kernel_down_when_that_measures_faster(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The MNIST CNN's plan puts two 3x3 kernels up; where those pairs time slower than the same budget with every
+    kernel down, the student is built with every kernel down, and the plan says so."""
+    checked.setattr(speed, "time_models", fake_timer(pair_ms=-0.1, heads_ms=0.2, kernel_up_ms=0.05))
+    r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
+    form = r.plan.latency_check["form"]
+    assert form["chosen"] == "pair" and form["orientation"] == "down"
+    assert form["pair_kernels_down"]["speedup"] > form["pair_kernels_up"]["speedup"]
+    assert r.plan.options.orientation == "down" and not any(c.orientation for c in r.plan.candidates)
+    assert any("every kernel down" in w for w in r.plan.warnings)
+    model = onnx.load(str(tmp_path / "s.onnx"))
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    downs = [n for n in model.graph.node if n.name.endswith("/svd/down") and n.op_type == "Conv"]
+    assert downs and all(dims[n.input[1]][2:] == [3, 3] for n in downs)
 
 
 def test_heads_kept_within_noise_or_when_the_form_is_fixed(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -311,7 +333,9 @@ def test_a_form_chosen_when_planning_is_not_redecided_at_smaller_pairs(checked: 
     checked.setattr(speed, "time_models", time_models)
     r = onnx_inher.compress(MNIST, tmp_path / "s.onnx", Options(pick_form=True))
     assert r.plan.latency_check["form"]["chosen"] == "heads"
-    assert calls[0] == 3 and all(n == 2 for n in calls[1:])  # the check timed the student alone, no second pick
+    # planning timed teacher, heads, pairs and pairs with every kernel down (the CNN's plan puts two up); the
+    # check timed the student alone, no second pick
+    assert calls[0] == 4 and all(n == 2 for n in calls[1:])
     assert all(c.heads == 2 for c in r.plan.candidates if c.decision == "factorize")
 
 
