@@ -128,8 +128,8 @@ class Options:
     # classifier heads keep dense columns for the classes the teacher uses on the calibration data and a
     # small pair for the rest (SPLIT_*); needs `calibration`
     class_split: bool = True
-    # "auto": a conv pair puts its k x k kernel on whichever side keeps the energy threshold with fewer params
-    # and FLOPs (`_orient`); "down": always on the down side, the form of every plan before it
+    # "auto": a conv pair puts its k x k kernel up where that keeps the energy threshold with no more params and
+    # FLOPs (`_orient`); "down": always on the down side, the form of every plan before it
     orientation: str = "auto"
 
     def validate(self) -> None:
@@ -493,7 +493,7 @@ def _decide_all(views: list[LayerView], policy: RankPolicy, options: Options, op
 
 def _orient(view: LayerView, c: Candidate, policy: RankPolicy, options: Options, spectra: Spectra) -> Candidate:
     """The conv pair with its k x k kernel on the up side (`ir.layers.kernel_up`) where that keeps the energy
-    threshold with no more params and FLOPs than `c`, today's orientation; else `c`. Ties go up: at the same
+    threshold with no more params and FLOPs than `c`, the kernel-down decision; else `c`. Ties go up: at the same
     cost the k x k conv with C_out outputs runs nearer its FLOP ideal than one with r outputs. Energy is
     comparable across the two: both SVDs split the same Frobenius norm. Rank policies keep the kernel down:
     a rank asked for is a rank of the form the user knows."""
