@@ -66,8 +66,13 @@ def test_layer_profile_attributes_every_factorised_layer(tmp_path: Path, mode: s
         assert r["form"] == form and r["batch"] == 2 and r["model"] == "student"
         assert r["teacher_nodes"] and r["student_nodes"]
         assert any(f"{name}/" in n for n in r["student_nodes"])
-        assert r["dense_ms"] > 0 and r["factorized_ms"] > 0 and r["ideal_speedup_flops"] > 0
-        assert r["efficiency_flops"] == pytest.approx(r["speedup"] / r["ideal_speedup_flops"])
+        assert r["dense_ms"] >= 0 and r["factorized_ms"] >= 0 and r["ideal_speedup_flops"] > 0
+        # the profiler's own cost per node is taken off every node, and the 32 -> 10 Gemm at batch 2 (640
+        # multiply-adds) can take less than that: 0 ms, in about one run of four on an AMD EPYC
+        if name != "fc":
+            assert r["dense_ms"] > 0 and r["factorized_ms"] > 0, name
+        if r["speedup"] is not None:
+            assert r["efficiency_flops"] == pytest.approx(r["speedup"] / r["ideal_speedup_flops"])
     assert rows["conv1"]["profiler_overhead_us"] >= 0  # measured: no bound on how fast this machine is
     assert rows["(rest)"]["teacher_wall_ms"] > 0 and rows["(rest)"]["student_wall_ms"] > 0
     rest = rows["(rest)"]
