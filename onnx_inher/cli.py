@@ -70,8 +70,8 @@ def policy_options(f: Callable) -> Callable:
         click.option("--heads", type=int,
                      help="Up-projection heads in inher mode (default 2); 1 gives a plain pair (fastest)."),
         click.option("--orientation", type=click.Choice(["auto", "down"]), default="auto", show_default=True,
-                     help="Where a k x k conv pair puts its kernel: auto chooses per layer the side that keeps the "
-                          "budget's energy with fewer params and FLOPs (up: a 1x1 conv to the rank, then the k x k "
+                     help="Where a k x k conv pair puts its kernel: auto puts it up where that keeps the budget's "
+                          "energy with no more params and FLOPs (up: a 1x1 conv to the rank, then the k x k "
                           "conv, which ONNX Runtime runs nearer its FLOP ideal); down: always a k x k conv to the "
                           "rank, then a 1x1 conv."),
         click.option("--rank-multiple", type=int, default=16, show_default=True,

@@ -73,11 +73,11 @@ from tqdm import tqdm
 from onnx_inher.errors import InputError, PassError
 from onnx_inher.ir.graph import MAIN, child_paths, default_opset, subgraphs, walk_scopes
 from onnx_inher.ir.io import copy_model, release_memory
-from onnx_inher.ir.layers import KERNEL_UP, ChannelsFirst, LayerView, kernel_up_unsupported, oriented
+from onnx_inher.ir.layers import ChannelsFirst, LayerView, oriented
 from onnx_inher.ir.naming import factor_tag, node_ids
 from onnx_inher.ir.shapes import Dim
 from onnx_inher.ir.tensors import flush_negligible
-from onnx_inher.planning.plan import Candidate, Plan, Spectra, channels_first
+from onnx_inher.planning.plan import Candidate, Plan, Spectra, channels_first, orientation_problem
 from onnx_inher.planning.svd import Factors, truncate
 
 PERTURBATION = 1e-2
@@ -792,16 +792,6 @@ def _valid_fold(fold: object, view: LayerView) -> bool:
             and fold["parts"] >= 2 and fold["rows"] >= 1)
 
 
-def _check_orientation(c: Candidate, view: LayerView) -> None:
-    """A plan entry's `orientation`: a known one, on a layer and form that can take it."""
-    why = kernel_up_unsupported(view) if c.orientation == KERNEL_UP else f"unknown orientation '{c.orientation}'"
-    why = why or ("heads keep the kernel on the down side" if c.heads > 1 else None)
-    why = why or ("a fold splits a k x k down conv" if c.fold is not None else None)
-    if why is not None:
-        raise InputError(f"plan gives node '{c.node}' orientation '{c.orientation}', which it cannot take ({why}); "
-                         "remove its orientation.")
-
-
 class Factorize:
     """Pass: apply a plan's `factorize` decisions. `(model) -> (model, changed)`.
 
@@ -827,8 +817,10 @@ class Factorize:
             if view is None:
                 raise InputError(f"plan names node '{c.node}', which is not a factorisable layer of this model; "
                                  "regenerate the plan for this model.")
-            if c.orientation is not None:
-                _check_orientation(c, view)
+            why = orientation_problem(c, view)
+            if why is not None:
+                raise InputError(f"plan gives node '{c.node}' orientation '{c.orientation}', which it cannot take "
+                                 f"({why}); remove its orientation.")
             full = oriented(view, c.orientation).full_rank
             if not c.rank or not 1 <= c.rank <= full:
                 raise InputError(f"plan gives node '{c.node}' rank {c.rank}; it must be in 1..{full} (its full rank"

@@ -41,9 +41,8 @@ def pair(view: LayerView, rank: int) -> Cost:
     """Down (x -> r) then up (r -> out, with the bias)."""
     g, o, i = view.groups, view.out_features, view.in_features
     if view.kernel_up:  # 1x1 down at the input's pixels, then the k x k up at the output's
-        k = view.window
-        macs = view.in_rows * rank * (i // k) + view.rows * rank * o * k
-        return Cost(rank * (i // k + o * k) + _bias(view), 2 * macs)
+        o_k, c_in = view.matrix_dims
+        return Cost(rank * (c_in + o_k) + _bias(view), 2 * (view.in_rows * rank * c_in + view.rows * rank * o_k))
     if view.op == "ConvTranspose":
         macs = view.in_rows * g * rank * i + view.rows * g * rank * o
     else:
@@ -112,7 +111,5 @@ def after(view: LayerView, rank: int, h: int, head_form: str | None = None) -> C
 
 def breakeven_rank(view: LayerView, h: int) -> float:
     """Largest rank (exclusive) at which h heads still have fewer weights: in*out/(in + h*out)."""
-    i, o = view.in_features, view.out_features
-    if view.kernel_up:
-        i, o = i // view.window, o * view.window
+    o, i = view.matrix_dims
     return i * o / (i + max(h, 1) * o)

@@ -653,21 +653,24 @@ def apply_edits(plan: Plan, views: dict[str, LayerView], spectra: Spectra) -> Pl
     return plan
 
 
+def orientation_problem(c: Candidate, view: LayerView) -> str | None:
+    """Why a plan entry's `orientation` cannot be applied to its layer, None when it can (or is absent): a known
+    value, on a layer and a form that take it. Plan edits and `Factorize` check plans with it."""
+    if c.orientation is None:
+        return None
+    if c.orientation != KERNEL_UP:
+        return f"unknown orientation '{c.orientation}'; use '{KERNEL_UP}' or leave it out"
+    return (kernel_up_unsupported(view) or ("heads keep the kernel on the down side" if c.heads > 1 else None)
+            or ("a fold splits a k x k down conv" if c.fold is not None else None))
+
+
 def _edit_orientation(c: Candidate, view: LayerView) -> LayerView:
     """Check a plan entry's `orientation`; the view its rank and costs are read from."""
-    if c.orientation is None:
-        return view
-    if c.orientation != KERNEL_UP:
-        raise InputError(f"plan gives node '{c.node}' orientation '{c.orientation}'; use '{KERNEL_UP}' (or leave it "
-                         "out for the kernel on the down side).")
-    why = kernel_up_unsupported(view)
+    why = orientation_problem(c, view)
     if why is not None:
-        raise InputError(f"plan gives node '{c.node}' orientation '{KERNEL_UP}', which it cannot take ({why}); "
+        raise InputError(f"plan gives node '{c.node}' orientation '{c.orientation}', which it cannot take ({why}); "
                          "remove its orientation.")
-    if c.heads > 1:
-        raise InputError(f"plan gives node '{c.node}' {c.heads} heads and orientation '{KERNEL_UP}'; heads keep the "
-                         "kernel on the down side: remove one of them.")
-    return kernel_up(view)
+    return oriented(view, c.orientation)
 
 
 def _edit_split(c: Candidate, view: LayerView, opset: int) -> None:

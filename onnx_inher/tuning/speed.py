@@ -242,29 +242,29 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
         pairs = _on_disk(rebuild(fresh(), pairs_plan), Path(tmp) / "pairs.onnx") if heads is not None else None
         down = _on_disk(rebuild(fresh(), down_plan), Path(tmp) / "pairs_down.onnx") \
             if pairs is not None and down_plan is not None else None
-        if heads is None or pairs is None or (down_plan is not None and down is None):
+        students = [(heads_plan, heads), (pairs_plan, pairs), *([(down_plan, down)] if down_plan is not None else [])]
+        if any(path is None for _, path in students):
             return None
         settings = cpu_settings(options.latency_threads)
-        t, h, p, *d = time_models([baseline, heads, pairs, *([down] if down is not None else [])], feed, settings)
-    timed_plans = [(heads_plan, h), (pairs_plan, p), *([(down_plan, d[0])] if d and down_plan is not None else [])]
-    for plan, timed in timed_plans:
+        t, *times = time_models([baseline, *(path for _, path in students)], feed, settings)
+    for (plan, _), timed in zip(students, times, strict=True):
         _FORM_TIMINGS[_timed_key(plan, teacher, settings, feed)] = _ratio_doc(t, timed)
+    h, p = times[0], times[1]
     orientation: dict[str, Any] = {}
-    if d:
-        by = speedup(p, d[0])  # kernels-up time / kernels-down time: > 1 when every kernel down is faster
+    if down_plan is not None:
+        by = speedup(p, times[2])  # kernels-up time / kernels-down time: > 1 when every kernel down is faster
         orientation = {"orientation": "down" if by.low > 1.0 else "auto", "pair_kernels_up": _ratio_doc(t, p),
-                       "pair_kernels_down": _ratio_doc(t, d[0]),
+                       "pair_kernels_down": _ratio_doc(t, times[2]),
                        "down_over_up": {"speedup": round(by.value, 4), "low": round(by.low, 4),
                                         "high": round(by.high, 4)}}
-        if by.low > 1.0:
-            p = d[0]
+        p = times[2] if by.low > 1.0 else p
     vs = speedup(h, p)  # heads time / pair time: > 1 when the pairs are faster
     return {"chosen": "pair" if vs.low > 1.0 else "heads", "heads": _ratio_doc(t, h), "pair": _ratio_doc(t, p),
             "pair_over_heads": {"speedup": round(vs.value, 4), "low": round(vs.low, 4), "high": round(vs.high, 4)},
             **orientation,
             "rule": "pairs when measurably faster than the heads (interval above 1), else heads; each form "
                     "planned at the same budget" + ("; the pairs with every kernel down when measurably faster "
-                                                    "than with the plan's kernels up" if d else "")}
+                                                    "than with the plan's kernels up" if orientation else "")}
 
 
 def _conv_headed(plan: Plan, views: dict[str, Any]) -> list[Candidate]:
