@@ -89,7 +89,9 @@ def layer_summary(rows: list[dict[str, Any]], form: str) -> dict[str, Any]:
             "misses": [{"node": r["node"], "rank": r["rank"], "efficiency": round(r["efficiency_flops"], 3)}
                        for r in bound if r["efficiency_flops"] < target],
             "rest": next(({k: round(v, 4) for k, v in r.items() if k.endswith("_ms")} for r in rows
-                          if r["node"] == "(rest)"), None)}
+                          if r["node"] == "(rest)"), None),
+            "whole": next(({k: r.get(k) for k in ("factorised_share", "ideal_speedup_layers", "efficiency_layers")}
+                           for r in rows if r["node"] == "(rest)"), None)}
 
 
 def _mix_only(teacher: Path, plan: Any, out: Path) -> Path | None:
@@ -194,6 +196,15 @@ def markdown(records: dict[str, dict[str, Any]]) -> str:
                            ", ".join(f"{m['node']} ({m['rank']}: {m['efficiency']})" for m in s["misses"]) or "-"]
                           if s else ["-", "-"])
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "The whole model against its layers' FLOP ideal (1 thread, batch 1): each student's factorised "
+                  "layers' share of the teacher's time, the whole-model speedup if each ran at its FLOP ideal and "
+                  "the rest kept the teacher's time (Amdahl), and the profiled speedup's efficiency against it", "",
+                  "| model | pair: share, ideal, eff. | heads: share, ideal, eff. |", "|---|---|---|"]
+        for name, forms in profiled.items():
+            wholes = [(forms.get(form) or {}).get("whole") or {} for form in FORMS]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{w['factorised_share']:.0%}, {w['ideal_speedup_layers']:.2f}x, {w['efficiency_layers']:.2f}"
+                if w.get("ideal_speedup_layers") and w.get("efficiency_layers") else "-" for w in wholes) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from onnx_inher import api
 from onnx_inher.bench import bench
-from onnx_inher.bench.inmodel import NodeTimes, attribute
+from onnx_inher.bench.inmodel import NodeTimes, attribute, whole_model_bound
 from onnx_inher.planning.plan import Options
 from onnx_inher.planning.rank import parse_policy
 from onnx_inher.reporting.bench import markdown, terminal
@@ -80,4 +80,21 @@ def test_layer_profile_attributes_every_factorised_layer(tmp_path: Path, mode: s
     assert claimed + rest["teacher_ms"] == pytest.approx(rest["teacher_total_ms"])
     claimed = sum(rows[n]["factorized_ms"] for n in ("conv1", "conv2", "fc"))
     assert claimed + rest["student_ms"] == pytest.approx(rest["student_total_ms"])
+    share = sum(rows[n]["dense_ms"] for n in ("conv1", "conv2", "fc")) / rest["teacher_total_ms"]
+    assert rest["factorised_share"] == pytest.approx(share, abs=1e-4)
+    assert 1 < rest["ideal_speedup_layers"] <= 1 / (1 - share)
     assert "In the running models" in terminal(doc) and "ONNX Runtime profile" in markdown(doc)
+    assert "(whole model; layers" in terminal(doc)
+
+
+def test_whole_model_bound_is_amdahls_law() -> None:
+    """Half the teacher's time in layers whose FLOP ideal is 2x: the whole model can reach 1/(0.5 + 0.25)."""
+    rows = [{"dense_ms": 3.0, "ideal_speedup_flops": 2.0}, {"dense_ms": 2.0, "ideal_speedup_flops": 2.0},
+            {"dense_ms": 0.0, "ideal_speedup_flops": None}]
+    bound = whole_model_bound(rows, teacher_ms=10.0, student_ms=8.0)
+    assert bound["factorised_share"] == 0.5
+    assert bound["ideal_speedup_layers"] == pytest.approx(1 / 0.75, abs=1e-4)
+    assert bound["efficiency_layers"] == pytest.approx(1.25 / (1 / 0.75), abs=1e-3)
+    unmeasured = whole_model_bound([{"dense_ms": 2.0, "ideal_speedup_flops": None}], teacher_ms=4.0, student_ms=4.0)
+    assert unmeasured["ideal_speedup_layers"] == 1.0  # a layer with no FLOP count is taken at its own time
+    assert whole_model_bound([], teacher_ms=4.0, student_ms=4.0)["factorised_share"] is None

@@ -90,6 +90,11 @@ def profile_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 out.append([_shape(r), r["model"], "(all nodes / run without profiler)", "", "",
                             f"{r['teacher_total_ms']:.3f} / {r['teacher_wall_ms']:.3f}",
                             f"{r['student_total_ms']:.3f} / {r['student_wall_ms']:.3f}", "", "", "", ""])
+            if r.get("ideal_speedup_layers"):  # the whole model against its layers' FLOP ideal (Amdahl)
+                out.append([_shape(r), r["model"], f"(whole model; layers {r['factorised_share']:.0%} of the teacher)",
+                            "", "", f"{r['teacher_total_ms']:.3f}", f"{r['student_total_ms']:.3f}",
+                            _x(r["teacher_total_ms"] / r["student_total_ms"]), _x(r["ideal_speedup_layers"]),
+                            _pct(r["efficiency_layers"]), ""])
             continue
         out.append([_shape(r), r["model"], r["node"], r["form"], str(r["rank"] or "-"), f"{r['dense_ms']:.3f}",
                     f"{r['factorized_ms']:.3f}", _x(r["speedup"]), _x(r["ideal_speedup_flops"]),
