@@ -6,7 +6,7 @@ Data flows one way: load -> locate -> plan -> factorize -> cleanup -> flush -> c
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,10 +26,12 @@ from onnx_inher.ir.shapes import (
     TensorInfo,
     check_shapes,
     complete_shapes,
+    declared_defaults,
     format_shapes,
     image_defaults,
     image_hint,
     infer,
+    input_symbols,
     shape_symbols,
 )
 from onnx_inher.passes.cleanup import Cleanup
@@ -95,7 +97,30 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
                     f"about speed; give {fix} with the size your model runs at")
     a = _analyze(loaded, dims, shapes or {})
     a.shape_note = note
+    if not shapes and not assumed and _open_conv_sizes(loaded.model, a.views.values()):
+        return _observed(loaded, dims, a)
     return a
+
+
+def _open_conv_sizes(model: ModelProto, views: Iterable[LayerView]) -> list[str]:
+    """Convs whose output height/width shape inference left open: neither a number nor a dim the inputs
+    name (which `--dim` or the default 1 resolves). A Reshape whose target comes from `Shape` ops does
+    that (CREPE's `[batch, 1024]` frames -> `[batch, 1, 1024, 1]`), and FLOPs would then be per pixel."""
+    named = input_symbols(model)
+    return [v.node for v in views if v.op in ("Conv", "ConvTranspose") and v.out_dims
+            and any(not isinstance(d, int) and d not in named for d in v.out_dims[2:])]
+
+
+def _observed(loaded: LoadedModel, dims: dict[str, int] | None, a: Analysis) -> Analysis:
+    """`a` counted again at the declared input shapes (free dims at their `--dim` value or 1, the same basis),
+    observed in one ONNX Runtime run (`counted_shapes`), so that convs count their real pixels; `a` as it
+    is when the model cannot run there. The plan records no shape: its basis is unchanged."""
+    try:
+        b = _analyze(loaded, dims, declared_defaults(loaded.model, dims))
+    except InputError:
+        return a
+    b.symbols = a.symbols
+    return b
 
 
 def _analyze(loaded: LoadedModel, dims: dict[str, int] | None, shapes: Mapping[str, Sequence[int]]) -> Analysis:

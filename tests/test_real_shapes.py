@@ -71,6 +71,44 @@ def test_flops_count_the_real_width(models: dict[str, Path]) -> None:
     assert not any("--shape" in w for w in real.warnings)
 
 
+def _frames_teacher(path: Path) -> Path:
+    """CREPE in miniature: frames x[batch, 256] -> a Reshape to [batch, 1, 256, 1] whose target comes from
+    Shape ops (which ONNX shape inference leaves open) -> two (k x 1) convs. Only the batch is free."""
+    rng = np.random.default_rng(0)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 256])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 64, None, None])
+    nodes = [onnx.helper.make_node("Shape", ["x"], ["xs"]),
+             onnx.helper.make_node("Slice", ["xs", "zero", "one"], ["n"]),
+             onnx.helper.make_node("Concat", ["n", "tail"], ["target"], axis=0),
+             onnx.helper.make_node("Reshape", ["x", "target"], ["frames"]),
+             onnx.helper.make_node("Conv", ["frames", "w1"], ["c1"], name="conv1", pads=[3, 0, 4, 0]),
+             onnx.helper.make_node("Relu", ["c1"], ["r1"]),
+             onnx.helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[3, 0, 4, 0])]
+    inits = [onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             onnx.numpy_helper.from_array(np.array([1], np.int64), "one"),
+             onnx.numpy_helper.from_array(np.array([1, 256, 1], np.int64), "tail"),
+             onnx.numpy_helper.from_array(rng.standard_normal((64, 1, 8, 1)).astype(np.float32), "w1"),
+             onnx.numpy_helper.from_array(rng.standard_normal((64, 64, 8, 1)).astype(np.float32) * 0.05, "w2")]
+    graph = onnx.helper.make_graph(nodes, "frames", [x], [y], inits)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_convs_behind_a_shape_driven_reshape_count_their_real_pixels(tmp_path: Path) -> None:
+    """Without --shape, a model whose only free dim is its batch is counted at batch 1 by running it once, so
+    a conv behind a Reshape that inference leaves open counts its 256 rows, not one (CREPE's plan printed
+    971k FLOPs for 73.6M). Its plan records no shape: the basis (free dims at 1) is the same."""
+    teacher = _frames_teacher(tmp_path / "frames.onnx")
+    default = api.plan(teacher, _options(mode="svd"))
+    given = api.plan(teacher, _options(mode="svd", shapes={"x": [1, 256]}))
+    conv2 = next(c for c in default.candidates if c.node == "conv2")
+    assert conv2.flops_before == 2 * 64 * 64 * 8 * 256
+    assert [(c.node, c.flops_before, c.rank, c.decision) for c in default.candidates] == [
+        (c.node, c.flops_before, c.rank, c.decision) for c in given.candidates]
+    assert json.loads(default.to_json())["options"]["shapes"] == {}
+    assert not any("--shape" in w for w in default.warnings)
+
+
 def test_an_image_that_cannot_be_224_wide_stays_per_pixel_and_says_so(tmp_path: Path) -> None:
     """When the model does not run at the assumed width (here it adds a constant 40 columns wide), the plan
     falls back to the per-pixel basis and says that this says nothing about speed: no error, no guess."""
@@ -255,7 +293,7 @@ def test_run_takes_the_shapes_from_its_data(models: dict[str, Path], tmp_path: P
 ])
 def test_which_inputs_are_images(dims: list, expected: tuple | None) -> None:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 64, None, None])
     model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
                                                           [x], [y]))
     assert image_defaults(model, {}).get("x") == expected

@@ -261,6 +261,25 @@ def image_defaults(model: ModelProto, shapes: Mapping[str, Sequence[int]],
     return out
 
 
+def input_symbols(model: ModelProto) -> set[str]:
+    """The named dims of the model's inputs (those `--dim` and `--shape` can set)."""
+    return {d for i in graph_inputs(model) for d in (_dims(i.type) or ()) if isinstance(d, str) and d}
+
+
+def declared_defaults(model: ModelProto, dims: Mapping[str, int] | None = None) -> Shapes:
+    """Every input at its declared shape, a named dim at its `dims` value and any other free dim at 1: the
+    basis FLOPs are counted at without `--shape`, as concrete shapes that ONNX Runtime can run."""
+    given = dict(dims or {})
+    out: Shapes = {}
+    for inp in graph_inputs(model):
+        declared = _dims(inp.type)
+        if declared is None:
+            continue
+        out[inp.name] = tuple(d if isinstance(d, int) else given.get(d, 1) if isinstance(d, str) and d else 1
+                              for d in declared)
+    return out
+
+
 def shape_symbols(model: ModelProto, shapes: Mapping[str, Sequence[int]],
                   dims: Mapping[str, int] | None = None, source: str = "--shape") -> dict[str, int]:
     """Named-dim values: `dims` (--dim) and those that `shapes` (checked) imply; a contradiction between
