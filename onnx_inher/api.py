@@ -234,6 +234,9 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     calibration = _calibrate(a, p, options, feeds or None)
     from onnx_inher.tuning import speed
     from onnx_inher.tuning.allocate import allocate_by_sensitivity
+    from onnx_inher.tuning.orient import reorient
+
+    p.warnings.extend(reorient(p, a.views, calibration.grams))  # ranks come from the data here: so does the side
 
     timing = speed.cpu_settings(options.latency_threads) if speed.enabled(options.latency_check) else None
     p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams,

@@ -1,0 +1,99 @@
+"""The conv pair's orientation chosen by the output error on calibration data (`tuning.orient`), by the task metric.
+
+`run`'s default sets ranks from data (`--calibration DATA --allocate sensitivity`); before that allocation the
+plan's kernel side, chosen from the weights' energy, is checked against each side's exact output error on the
+data (`reorient`). This compares three students per teacher, before any training, all at the default budget
+as plain pairs (`--mode svd --no-latency-check`) with the sensitivity allocation on calibration data of other
+seeds than the set scored (`kernel_up_tasks`' data and metrics):
+
+* `down`: every kernel on the down side (`--orientation down`);
+* `energy side`: the plan's orientation kept (`reorient` switched off);
+* `data side`: the default, `reorient` on.
+
+    python -m benchmarks.experiments.orientation_by_data    # results/orientation_by_data.{json,md}
+    python -m benchmarks.experiments.orientation_by_data --only crepe_tiny --out /tmp/obd
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+
+from benchmarks.common import RESULTS, command, quiet, write_json
+from benchmarks.default_students import MODELS
+from benchmarks.experiments.kernel_up_tasks import TEACHERS, _data, _metric, _outputs
+
+VARIANTS = ("down", "energy side", "data side")
+
+
+def measure(name: str, folder: Path) -> dict[str, Any]:
+    from onnx_inher import api
+    from onnx_inher.planning.plan import Options
+
+    kind = TEACHERS[name]
+    teacher = MODELS[name][0]()
+    scored, calibration = _data(kind, folder)
+    x = next(iter(np.load(scored).values()))
+    ref = _outputs(teacher, x)
+    record: dict[str, Any] = {"teacher": teacher.name, "scored": len(x), "students": {}}
+    for variant in VARIANTS:
+        out = folder / f"{name}_{variant.replace(' ', '_')}.onnx"
+        options = Options(mode="svd", heads=1, latency_check=False, calibration=str(calibration),
+                          allocate="sensitivity", orientation="down" if variant == "down" else "auto")
+        began = time.perf_counter()
+        if variant == "energy side":
+            with mock.patch("onnx_inher.tuning.orient.reorient", return_value=[]):
+                result = api.compress(teacher, out, options)
+        else:
+            result = api.compress(teacher, out, options)
+        chosen = [c for c in result.plan.candidates if c.decision == "factorize"]
+        record["students"][variant] = {
+            "kernel_up": [c.node for c in chosen if c.orientation],
+            "moved_by_data": [c.node for c in chosen if "by the output error" in (c.note or "")],
+            "factorised": len(chosen), "param_ratio": round(result.plan.totals()["param_ratio"], 4),
+            "flop_ratio": round(result.plan.totals()["flop_ratio"], 4),
+            "compress_s": round(time.perf_counter() - began, 1),
+            **{k: round(v, 4) for k, v in _metric(kind, ref, _outputs(out, x)).items()}}
+        print(name, variant, record["students"][variant], flush=True)
+    return record
+
+
+INFO = ("kernel_up", "moved_by_data", "factorised", "param_ratio", "flop_ratio", "compress_s")
+
+
+def markdown(records: dict[str, Any]) -> str:
+    lines = ["| teacher | orientation | kernel up | moved by the data | params | FLOPs | task metric vs the teacher |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rec in records.items():
+        for variant, s in rec["students"].items():
+            metrics = "; ".join(f"{k} {v:.2%}" for k, v in s.items() if k not in INFO)
+            lines.append(f"| {name} | {variant} | {len(s['kernel_up'])}/{s['factorised']} | "
+                         f"{', '.join(s['moved_by_data']) or '-'} | {s['param_ratio']:.1%} | {s['flop_ratio']:.1%} | "
+                         f"{metrics} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(TEACHERS), help=f"comma-separated: {', '.join(TEACHERS)}")
+    parser.add_argument("--out", type=Path, default=RESULTS / "orientation_by_data")
+    args = parser.parse_args()
+    quiet()
+    records = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only.split(","):
+            records[name] = measure(name, Path(tmp))
+    write_json(args.out.with_suffix(".json"), {"command": command("benchmarks.experiments.orientation_by_data"),
+                                               "teachers": records})
+    args.out.with_suffix(".md").write_text(markdown(records))
+    print(markdown(records))
+
+
+if __name__ == "__main__":
+    main()
