@@ -32,6 +32,8 @@ from onnx_inher.ir.shapes import (
     image_hint,
     infer,
     input_symbols,
+    sequence_defaults,
+    sequence_hint,
     shape_symbols,
 )
 from onnx_inher.passes.cleanup import Cleanup
@@ -77,29 +79,58 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
             shapes: Mapping[str, Sequence[int]] | None = None, known_sha256: str | None = None) -> Analysis:
     """Load and locate; FLOPs are counted at `shapes` (real input shapes, checked against the model)
     and `dims` (named dynamic dims), an image input's free height and width at IMAGE_SIDE
-    (`ir.shapes.image_defaults`, said in `shape_note`), every other dynamic dim at 1. `known_sha256`: the
+    (`ir.shapes.image_defaults`), any other input's free axes after the first at SEQUENCE_LEN
+    (`sequence_defaults`), both said in `shape_note`, every other dynamic dim at 1. `known_sha256`: the
     file was loaded and validated before in this process (`ir.io.load_model`)."""
     loaded = load_model(model, known_sha256)
-    assumed = image_defaults(loaded.model, shapes or {}, dims)
+    images = image_defaults(loaded.model, shapes or {}, dims)
+    sequences = sequence_defaults(loaded.model, {**(shapes or {}), **images}, dims)
     note = ""
-    if assumed:
-        given = format_shapes(assumed)
-        fix = " ".join(f"--shape {image_hint(loaded.model, k)}" for k in assumed)
+    for assumed in filter(None, [{**images, **sequences}, images if sequences else {}]):
         try:
             a = _analyze(loaded, dims, {**(shapes or {}), **assumed})
-            a.assumed = assumed
-            a.shape_note = (f"no --shape for image input(s) with a free height or width: FLOPs and timings are at "
-                            f"{given}; give {fix} with the size your model runs at")
-            return a
         except InputError:
-            note = (f"no --shape for image input(s) with a free height or width, and ONNX Runtime cannot run the "
-                    f"model at {given}: FLOPs and timings are per pixel (free dims at 1), which says nothing "
-                    f"about speed; give {fix} with the size your model runs at")
+            continue
+        a.assumed = assumed
+        a.shape_note = "; ".join(filter(None, [
+            _assumed_note(loaded.model, images, "image input(s) with a free height or width", "size"),
+            _assumed_note(loaded.model, {k: v for k, v in sequences.items() if k in assumed},
+                          "input(s) with a free sequence length", "length"),
+            _failed_note(loaded.model, {k: v for k, v in sequences.items() if k not in assumed})]))
+        return a
+    if images or sequences:
+        note = _failed_note(loaded.model, {**images, **sequences})
     a = _analyze(loaded, dims, shapes or {})
     a.shape_note = note
-    if not shapes and not assumed and _open_conv_sizes(loaded.model, a.views.values()):
+    if not shapes and not images and not sequences and _open_conv_sizes(loaded.model, a.views.values()):
         return _observed(loaded, dims, a)
     return a
+
+
+def _hint(model: ModelProto, name: str) -> str:
+    return image_hint(model, name) if name in image_defaults(model, {}) else sequence_hint(model, name)
+
+
+def _assumed_note(model: ModelProto, assumed: Shapes, what: str, unit: str) -> str:
+    if not assumed:
+        return ""
+    fix = " ".join(f"--shape {_hint(model, k)}" for k in assumed)
+    return (f"no --shape for {what}: FLOPs and timings are at {format_shapes(assumed)}; give {fix} with the {unit} "
+            "your model runs at")
+
+
+def _failed_note(model: ModelProto, assumed: Shapes) -> str:
+    if not assumed:
+        return ""
+    fix = " ".join(f"--shape {_hint(model, k)}" for k in assumed)
+    images = image_defaults(model, {})
+    what = " and ".join(filter(None, ["image input(s) with a free height or width" if set(assumed) & set(images)
+                                      else "", "input(s) with a free sequence length" if set(assumed) - set(images)
+                                      else ""]))
+    per = "per pixel" if set(assumed) & set(images) else "per token"
+    return (f"no --shape for {what}, and ONNX Runtime cannot run the model at {format_shapes(assumed)}: FLOPs "
+            f"and timings are {per} (free dims at 1), which says nothing about speed; give {fix} with the size "
+            "your model runs at")
 
 
 def _open_conv_sizes(model: ModelProto, views: Iterable[LayerView]) -> list[str]:

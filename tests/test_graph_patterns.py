@@ -19,6 +19,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 ort = pytest.importorskip("onnxruntime")
 
 from onnx_inher import api  # noqa: E402
+from onnx_inher.ir.shapes import SEQUENCE_LEN  # noqa: E402
 from onnx_inher.planning.plan import Options  # noqa: E402
 from onnx_inher.planning.rank import parse_policy  # noqa: E402
 from onnx_inher.runtime import sample_inputs  # noqa: E402
@@ -498,8 +499,9 @@ def test_dynamic_batch_and_sequence_dims(tmp_path: Path, mode: str, heads: int) 
     teacher = save(model, tmp_path)
     result, student = compress_exact(teacher, tmp_path, full(mode, heads))
     assert cand(result, "fc1").decision == cand(result, "fc2").decision == "factorize"
-    # FLOPs count symbolic dims as 1 unless given
-    assert cand(result, "fc1").flops_before == 2 * 16 * 12
+    # FLOPs count a free batch as 1 and a free sequence as SEQUENCE_LEN (said in a warning) unless given
+    assert cand(result, "fc1").flops_before == 2 * SEQUENCE_LEN * 16 * 12
+    assert any(f"X=1x{SEQUENCE_LEN}x16" in w for w in result.plan.warnings)
     sized = api.plan(teacher, full(mode, heads, dims={"batch": 3, "seq": 5}))
     assert cand(sized, "fc1").flops_before == 2 * 3 * 5 * 16 * 12
     dims = [d.dim_param for d in student.graph.input[0].type.tensor_type.shape.dim[:2]]

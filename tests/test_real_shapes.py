@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from onnx_inher import api
 from onnx_inher.bench import bench
 from onnx_inher.cli import main
-from onnx_inher.ir.shapes import IMAGE_SIDE, image_defaults
+from onnx_inher.ir.shapes import IMAGE_SIDE, SEQUENCE_LEN, image_defaults
 from onnx_inher.planning.plan import Options
 from onnx_inher.planning.rank import parse_policy
 from tests.helpers import ort_run, width_conv_teacher
@@ -92,6 +92,51 @@ def _frames_teacher(path: Path) -> Path:
     graph = onnx.helper.make_graph(nodes, "frames", [x], [y], inits)
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(path))
     return path
+
+
+def _token_teacher(path: Path, positions: int | None = None) -> Path:
+    """A sentence encoder in miniature: token ids `[batch, sequence]` -> embedding -> (+ `positions` learned
+    position rows, which fixes the longest sequence it runs) -> a 32 -> 64 MatMul."""
+    rng = np.random.default_rng(0)
+    ids = onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "sequence"])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "sequence", 64])
+    nodes = [onnx.helper.make_node("Gather", ["table", "input_ids"], ["e"])]
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((100, 32)).astype(np.float32), "table"),
+             onnx.numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "w")]
+    if positions:
+        nodes.append(onnx.helper.make_node("Add", ["e", "pos"], ["ep"]))
+        inits.append(onnx.numpy_helper.from_array(rng.standard_normal((1, positions, 32)).astype(np.float32), "pos"))
+    nodes.append(onnx.helper.make_node("MatMul", ["ep" if positions else "e", "w"], ["y"], name="proj"))
+    graph = onnx.helper.make_graph(nodes, "tokens", [ids], [y], inits)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_a_free_sequence_is_planned_at_128_tokens_and_says_so(tmp_path: Path) -> None:
+    """Without --shape a sentence encoder's plan and latency check ran at one token (all-MiniLM's default
+    student measured 1.21x there, 1.55x at 128): a free axis after the batch is now taken at SEQUENCE_LEN,
+    recorded in the plan, with the --shape to give; --dim and --shape still decide."""
+    teacher = _token_teacher(tmp_path / "tokens.onnx")
+    default = api.plan(teacher, _options(mode="svd"))
+    proj = next(c for c in default.candidates if c.node == "proj")
+    assert proj.flops_before == 2 * SEQUENCE_LEN * 32 * 64
+    assert json.loads(default.to_json())["options"]["shapes"] == {"input_ids": [1, SEQUENCE_LEN]}
+    assert any(f"input_ids=1x{SEQUENCE_LEN}" in w and "--shape input_ids=1xL" in w for w in default.warnings)
+    dim = api.plan(teacher, _options(mode="svd", dims={"sequence": 16}))
+    assert next(c for c in dim.candidates if c.node == "proj").flops_before == 2 * 16 * 32 * 64
+    shaped = api.plan(teacher, _options(mode="svd", shapes={"input_ids": [1, 40]}))
+    assert next(c for c in shaped.candidates if c.node == "proj").flops_before == 2 * 40 * 32 * 64
+    assert not any("--shape" in w for w in dim.warnings + shaped.warnings)
+
+
+def test_a_sequence_the_model_cannot_run_at_128_stays_per_token_and_says_so(tmp_path: Path) -> None:
+    """64 learned positions: ONNX Runtime cannot run it at 128 tokens; shape inference takes the length from the
+    position table, so the fallback counts the 64 tokens the model can run."""
+    teacher = _token_teacher(tmp_path / "short.onnx", positions=64)
+    p = api.plan(teacher, _options(mode="svd"))
+    assert next(c for c in p.candidates if c.node == "proj").flops_before == 2 * 64 * 32 * 64
+    assert json.loads(p.to_json())["options"]["shapes"] == {}
+    assert any(f"cannot run the model at input_ids=1x{SEQUENCE_LEN}" in w and "per token" in w for w in p.warnings)
 
 
 def test_convs_behind_a_shape_driven_reshape_count_their_real_pixels(tmp_path: Path) -> None:
