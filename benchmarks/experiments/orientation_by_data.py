@@ -20,7 +20,6 @@ calibration's): the relative error of each output and the share of crops whose f
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from unittest import mock
 
 import numpy as np
 
-from benchmarks.common import RESULTS, command, quiet, write_json
+from benchmarks.common import RESULTS, measure_models, quiet
 from benchmarks.default_students import MODELS
 from benchmarks.experiments.kernel_up_tasks import TEACHERS, _data, _metric, _outputs
 
@@ -144,14 +143,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "orientation_by_data")
     args = parser.parse_args()
     quiet()
-    records = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only.split(","):
-            records[name] = measure(name, Path(tmp))
-    write_json(args.out.with_suffix(".json"), {"command": command("benchmarks.experiments.orientation_by_data"),
-                                               "teachers": records})
-    args.out.with_suffix(".md").write_text(markdown(records))
-    print(markdown(records))
+    measure_models("benchmarks.experiments.orientation_by_data", args.only.split(","), measure, markdown, args.out)
 
 
 if __name__ == "__main__":
