@@ -282,11 +282,17 @@ def data_aware_svd(matrices: np.ndarray, gram: np.ndarray | OutputGram, damping:
 def output_error(matrices: np.ndarray, factors: Factors, gram: np.ndarray) -> float:
     """Relative output error `|(M - up down) S|_F / |M S|_F` on inputs with Gram matrix `gram` (`[in, in]`,
     or `[g, in, in]` per group)."""
+    return approximation_error(matrices, factors.up.astype(np.float64) @ factors.down.astype(np.float64), gram)
+
+
+def approximation_error(matrices: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
+    """Relative output error `|(M - A) S|_F / |M S|_F` of any approximation `A` of `M` (`[g, out, in]`)."""
     c = np.asarray(gram, dtype=np.float64)
     spec = "goi,gij,goj->" if c.ndim == 3 else "goi,ij,goj->"
-    diff = matrices.astype(np.float64) - factors.up.astype(np.float64) @ factors.down.astype(np.float64)
+    m = matrices.astype(np.float64)
+    diff = m - approx.astype(np.float64)
     err = float(np.einsum(spec, diff, c, diff))
-    ref = float(np.einsum(spec, matrices.astype(np.float64), c, matrices.astype(np.float64)))
+    ref = float(np.einsum(spec, m, c, m))
     return float(np.sqrt(max(err, 0.0) / max(ref, np.finfo(np.float64).tiny)))
 
 

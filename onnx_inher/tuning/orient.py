@@ -22,7 +22,7 @@ import numpy as np
 from onnx_inher.ir.layers import KERNEL_UP, LayerView, kernel_up, kernel_up_unsupported, oriented
 from onnx_inher.planning import cost
 from onnx_inher.planning.plan import Candidate, Plan, decide
-from onnx_inher.planning.svd import OutputGram, data_aware_svd, truncate
+from onnx_inher.planning.svd import OutputGram, approximation_error, data_aware_svd, truncate
 from onnx_inher.tuning.allocate import weight_from_matrices
 from onnx_inher.tuning.calibrate import layer_gram
 
@@ -86,13 +86,9 @@ def pair_error(view: LayerView, side: LayerView, rank: int, patch: np.ndarray,
     gram = layer_gram(side, grams)
     assert gram is not None and not isinstance(gram, OutputGram)
     f = truncate(data_aware_svd(side.matrices(), gram), rank)
-    approx = weight_from_matrices(side, f.up.astype(np.float64) @ f.down.astype(np.float64)).astype(np.float64)
-    m = view.matrices().astype(np.float64)
-    diff = m - approx.reshape(m.shape)
-    c = np.asarray(patch, dtype=np.float64).reshape(m.shape[2], m.shape[2])
-    err = float(np.einsum("goi,ij,goj->", diff, c, diff))
-    ref = float(np.einsum("goi,ij,goj->", m, c, m))
-    return float(np.sqrt(max(err, 0.0) / max(ref, np.finfo(np.float64).tiny)))
+    approx = weight_from_matrices(side, f.up.astype(np.float64) @ f.down.astype(np.float64))
+    m = view.matrices()
+    return approximation_error(m, approx.reshape(m.shape), np.asarray(patch).reshape(m.shape[2], m.shape[2]))
 
 
 def _take(c: Candidate, side: LayerView, rank: int, why: str) -> None:
