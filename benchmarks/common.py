@@ -91,9 +91,14 @@ def measure_models(module: str, names: list[str], measure: Callable[[str, Path],
             records[name] = measure(name, Path(tmp))
             print(markdown({name: records[name]}), flush=True)
     doc = {"command": command(module), "seconds": round(time.perf_counter() - began, 1), "models": records}
-    write_json(out.with_suffix(".json"), doc)
-    out.with_suffix(".md").write_text(markdown(records))
+    write_results(out, doc, markdown(records))
     print(f"wrote {out.with_suffix('.json')} and .md in {doc['seconds']} s")
+
+
+def write_results(out: Path, doc: dict[str, Any], table: str) -> None:
+    """`doc` to `out`.json and its Markdown `table` to `out`.md."""
+    write_json(out.with_suffix(".json"), doc)
+    out.with_suffix(".md").write_text(table)
 
 
 def add_model_options(parser: argparse.ArgumentParser, models: list[str], iters: int, out: Path) -> None:

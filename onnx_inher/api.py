@@ -93,13 +93,12 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
             continue
         a.assumed = assumed
         a.shape_note = "; ".join(filter(None, [
-            _assumed_note(loaded.model, images, "image input(s) with a free height or width", "size"),
-            _assumed_note(loaded.model, {k: v for k, v in sequences.items() if k in assumed},
-                          "input(s) with a free sequence length", "length"),
-            _failed_note(loaded.model, {k: v for k, v in sequences.items() if k not in assumed})]))
+            _assumed_note(loaded.model, images, IMAGES, "size"),
+            _assumed_note(loaded.model, {k: v for k, v in sequences.items() if k in assumed}, SEQUENCES, "length"),
+            _failed_note(loaded.model, {}, {k: v for k, v in sequences.items() if k not in assumed})]))
         return a
     if images or sequences:
-        note = _failed_note(loaded.model, {**images, **sequences})
+        note = _failed_note(loaded.model, images, sequences)
     a = _analyze(loaded, dims, shapes or {})
     a.shape_note = note
     if not shapes and not images and not sequences and _open_conv_sizes(loaded.model, a.views.values()):
@@ -107,29 +106,29 @@ def analyze(model: PathLike, dims: dict[str, int] | None = None,
     return a
 
 
-def _hint(model: ModelProto, name: str) -> str:
-    return image_hint(model, name) if name in image_defaults(model, {}) else sequence_hint(model, name)
+IMAGES, SEQUENCES = "image input(s) with a free height or width", "input(s) with a free sequence length"
+
+
+def _fix(model: ModelProto, images: Shapes, sequences: Shapes) -> str:
+    return " ".join([*(f"--shape {image_hint(model, k)}" for k in images),
+                     *(f"--shape {sequence_hint(model, k)}" for k in sequences)])
 
 
 def _assumed_note(model: ModelProto, assumed: Shapes, what: str, unit: str) -> str:
     if not assumed:
         return ""
-    fix = " ".join(f"--shape {_hint(model, k)}" for k in assumed)
+    fix = _fix(model, assumed, {}) if what == IMAGES else _fix(model, {}, assumed)
     return (f"no --shape for {what}: FLOPs and timings are at {format_shapes(assumed)}; give {fix} with the {unit} "
             "your model runs at")
 
 
-def _failed_note(model: ModelProto, assumed: Shapes) -> str:
-    if not assumed:
+def _failed_note(model: ModelProto, images: Shapes, sequences: Shapes) -> str:
+    if not images and not sequences:
         return ""
-    fix = " ".join(f"--shape {_hint(model, k)}" for k in assumed)
-    images = image_defaults(model, {})
-    what = " and ".join(filter(None, ["image input(s) with a free height or width" if set(assumed) & set(images)
-                                      else "", "input(s) with a free sequence length" if set(assumed) - set(images)
-                                      else ""]))
-    per = "per pixel" if set(assumed) & set(images) else "per token"
-    return (f"no --shape for {what}, and ONNX Runtime cannot run the model at {format_shapes(assumed)}: FLOPs "
-            f"and timings are {per} (free dims at 1), which says nothing about speed; give {fix} with the size "
+    what = " and ".join(w for w, given in ((IMAGES, images), (SEQUENCES, sequences)) if given)
+    return (f"no --shape for {what}, and ONNX Runtime cannot run the model at "
+            f"{format_shapes({**images, **sequences})}: FLOPs and timings are {'per pixel' if images else 'per token'} "
+            f"(free dims at 1), which says nothing about speed; give {_fix(model, images, sequences)} with the size "
             "your model runs at")
 
 

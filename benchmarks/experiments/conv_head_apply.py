@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.common import RESULTS, command, write_json
+from benchmarks.common import RESULTS, command, write_results
 
 # (name, out channels, rank, height, width): ResNet-50's last-stage 1x1 convs (the three heads at 0.65-0.67),
 # a stage-3 one, and the PP-OCRv5 detector's rank-16 Conv.8 (0.62) and Conv.12 at 480 x 480
@@ -126,9 +126,8 @@ def main() -> None:
         rows[name] = {"out": out, "rank": rank, "pixels": height * width,
                       **measure(out, rank, height, width, args.rounds)}
         print(name, rows[name], flush=True)
-    write_json(args.out.with_suffix(".json"), {"command": command("benchmarks.experiments.conv_head_apply"),
-                                               "rows": rows})
-    args.out.with_suffix(".md").write_text(markdown(rows))
+    doc = {"command": command("benchmarks.experiments.conv_head_apply"), "rows": rows}
+    write_results(args.out, doc, markdown(rows))
     print(markdown(rows))
 
 

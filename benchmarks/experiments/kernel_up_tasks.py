@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, command, quiet, write_json
+from benchmarks.common import RESULTS, command, quiet, write_results
 from benchmarks.default_students import MODELS
 from benchmarks.experiments import crepe_speech, ocr_lines
 
@@ -104,9 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in TEACHERS:
             records[name] = measure(name, Path(tmp))
-    write_json(args.out.with_suffix(".json"), {"command": command("benchmarks.experiments.kernel_up_tasks"),
-                                               "teachers": records})
-    args.out.with_suffix(".md").write_text(markdown(records))
+    doc = {"command": command("benchmarks.experiments.kernel_up_tasks"), "teachers": records}
+    write_results(args.out, doc, markdown(records))
     print(markdown(records))
 
 

@@ -240,17 +240,18 @@ def layer_rows(teacher_model: ModelProto, student_model: ModelProto, views: Sequ
             "teacher_total_ms": sum(teacher.us.values()) / 1e3, "student_total_ms": sum(student.us.values()) / 1e3,
             "teacher_wall_ms": teacher.wall_us / 1e3 if teacher.wall_us else None,
             "student_wall_ms": student.wall_us / 1e3 if student.wall_us else None}
-    run = lambda nodes, wall: max(nodes, wall or 0.0)  # noqa: E731
-    return rows, {**rest, **whole_model_bound(rows, run(rest["teacher_total_ms"], rest["teacher_wall_ms"]),
-                                              run(rest["student_total_ms"], rest["student_wall_ms"]))}
+    # a run's time: the unprofiled session's where it exceeds the node times' sum (`whole_model_bound`)
+    for side in ("teacher", "student"):
+        rest[f"{side}_run_ms"] = max(rest[f"{side}_total_ms"], rest[f"{side}_wall_ms"] or 0.0)
+    return rows, {**rest, **whole_model_bound(rows, rest["teacher_run_ms"], rest["student_run_ms"])}
 
 
 def whole_model_bound(rows: Sequence[dict[str, Any]], teacher_ms: float, student_ms: float) -> dict[str, Any]:
     """What the factorised layers can give the whole model (Amdahl): `factorised_share`, their part of
     the teacher's run time, and `ideal_speedup_layers`, the whole-model speedup if every layer ran at
     its FLOP ideal and everything else kept the teacher's time; `efficiency_layers` is the measured
-    speedup over it. A run's time is that of the unprofiled sessions (`layer_rows` passes it where it
-    exceeds the node times' sum): it includes what no node accounts for, the session's and thread
+    speedup over it. A run's time is that of the unprofiled sessions where it exceeds the node times'
+    sum (`layer_rows` records it as `*_run_ms`): it includes what no node accounts for, the session's and thread
     pool's cost per run, which no factorisation changes.
 
     Why: the whole graph's FLOP ratio counts only the multiply-adds, so a model whose activations,

@@ -91,7 +91,7 @@ def profile_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                             f"{r['teacher_total_ms']:.3f} / {r['teacher_wall_ms']:.3f}",
                             f"{r['student_total_ms']:.3f} / {r['student_wall_ms']:.3f}", "", "", "", ""])
             if r.get("ideal_speedup_layers"):  # the whole model against its layers' FLOP ideal (Amdahl)
-                t_ms, s_ms = _run_ms(r, "teacher"), _run_ms(r, "student")
+                t_ms, s_ms = r["teacher_run_ms"], r["student_run_ms"]
                 out.append([_shape(r), r["model"], f"(whole model; layers {r['factorised_share']:.0%} of the teacher)",
                             "", "", f"{t_ms:.3f}", f"{s_ms:.3f}", _x(t_ms / s_ms), _x(r["ideal_speedup_layers"]),
                             _pct(r["efficiency_layers"]), ""])
@@ -100,11 +100,6 @@ def profile_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     f"{r['factorized_ms']:.3f}", _x(r["speedup"]), _x(r["ideal_speedup_flops"]),
                     _pct(r["efficiency_flops"]), "yes" if r["compute_bound"] else "no"])
     return header, out
-
-
-def _run_ms(rest: dict[str, Any], side: str) -> float:
-    """A run's time as the whole-model bound takes it (`inmodel.whole_model_bound`)."""
-    return max(rest[f"{side}_total_ms"], rest.get(f"{side}_wall_ms") or 0.0)
 
 
 def model_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
