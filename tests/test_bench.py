@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_inher import api
 from onnx_inher.bench import bench, interleave
-from onnx_inher.bench.stats import speedup, summarize
+from onnx_inher.bench.core import Point, drift_note
+from onnx_inher.bench.stats import DRIFT_MIN_ROUNDS, DRIFT_PARTS, drift, speedup, summarize
 from onnx_inher.cli import main
 from onnx_inher.planning.plan import Options
 from onnx_inher.planning.rank import parse_policy
@@ -80,6 +81,31 @@ def test_speedup_interval_contains_the_ratio_of_medians() -> None:
     assert unpaired.high - unpaired.low > r.high - r.low
     s = summarize(base, items=8)
     assert s.p50 <= s.p90 <= s.p99 and s.throughput == pytest.approx(8 / (s.mean / 1e3))
+
+
+def test_a_change_of_machine_speed_during_the_run_is_reported_per_part() -> None:
+    """A slowdown that adds the same 8 ms to every run for the second half of the rounds (this 2-core VM at 2
+    threads: MiniLM's teacher 17 -> 25 ms, its student 11 -> 19 ms) mixes two speedups into one figure."""
+    rng = np.random.default_rng(2)
+    rounds = 100
+    stall = np.r_[np.zeros(rounds // 2), np.full(rounds // 2, 0.008)]
+    jitter = lambda: rng.lognormal(0, 0.01, rounds)  # noqa: E731
+    base, student = 0.017 * jitter() + stall, 0.011 * jitter() + stall
+    moved = drift([base, student])
+    assert moved is not None and len(moved.baseline_ms) == DRIFT_PARTS
+    assert moved.baseline_ms[0] == pytest.approx(17, rel=0.02) and moved.baseline_ms[-1] == pytest.approx(25, rel=0.02)
+    assert moved.speedups[0][0] == pytest.approx(17 / 11, rel=0.02)
+    assert moved.speedups[0][-1] == pytest.approx(25 / 19, rel=0.02)
+    point = Point(1, 128, {}, seconds=[base, student], drift=moved)
+    note = drift_note(point, ["teacher", "student"])
+    assert note.startswith("b=1 s=128: the machine's speed changed")
+    assert f"student {', '.join(f'{x:.2f}' for x in moved.speedups[0])}x" in note and "17, " in note
+    # steady noise, even heavy, and runs too short to cut are not a change of state
+    noisy = 0.017 * rng.lognormal(0, 0.1, rounds)
+    assert drift([noisy, noisy / 1.5]) is None
+    short = DRIFT_PARTS * DRIFT_MIN_ROUNDS - 1
+    stepped = np.r_[np.full(short // 2, 0.017), np.full(short - short // 2, 0.025)]
+    assert drift([stepped, stepped - 0.006]) is None
 
 
 def test_bench_result_structure_and_sanity(pair: tuple[Path, Path]) -> None:

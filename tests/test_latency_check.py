@@ -241,6 +241,9 @@ def test_the_check_line_says_when_batch_8_is_measurably_slower() -> None:
     doc.update(verdict="every layer reverted: the student is the teacher's graph", unchanged=True,
                batch_8={"speedup": 0.99, "low": 0.99, "high": 0.995})
     assert "still slower" not in latency_check_line(doc) and "the teacher's graph" in latency_check_line(doc)
+    assert "speed changed" not in latency_check_line(doc)
+    doc["drift"] = {"baseline_ms": [17.2, 17.3, 25.4, 25.6], "speedups": [[1.55, 1.54, 1.31, 1.32]]}
+    assert "the machine's speed changed during the check: the teacher took 17.2-25.6 ms" in latency_check_line(doc)
 
 
 def test_a_student_slower_at_batch_8_loses_layers_until_it_is_not(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:

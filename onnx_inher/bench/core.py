@@ -26,7 +26,7 @@ from onnx_inher import _env
 from onnx_inher.bench.layers import per_layer_results
 from onnx_inher.bench.profile import Profile, feed_shapes, profile
 from onnx_inher.bench.sessions import Runner, Settings, create, first_line, interleave
-from onnx_inher.bench.stats import Ratio, Summary, speedup, summarize
+from onnx_inher.bench.stats import Drift, Ratio, Summary, drift, speedup, summarize
 from onnx_inher.errors import InputError
 from onnx_inher.ir.shapes import Shapes, check_shapes, complete_shapes, format_shapes, graph_inputs
 from onnx_inher.runtime import load_inputs, machine_info, sample_inputs
@@ -57,6 +57,7 @@ class Point:
     summaries: list[Summary] = field(default_factory=list)
     profiles: list[Profile] = field(default_factory=list)
     ratios: list[Ratio | None] = field(default_factory=list)
+    drift: Drift | None = None  # the machine's speed changed during this point's rounds
 
 
 @dataclass
@@ -96,7 +97,8 @@ class BenchResult:
                                              if ref_at is not None and j not in (0, ref_at) else None),
                 })
             points.append({"batch": p.batch, "seq_len": p.seq_len, "items": p.batch,
-                           "inputs": {k: list(v) for k, v in feed_shapes(p.feed).items()}, "results": rows})
+                           "inputs": {k: list(v) for k, v in feed_shapes(p.feed).items()}, "results": rows,
+                           "drift": p.drift.to_dict() if p.drift else None})
         models = []
         for j, m in enumerate(self.models):
             prof = self.points[-1].profiles[j] if self.points else None
@@ -371,6 +373,7 @@ def _bench(entries: list[Model], provider: str, batches: Sequence[int] | None, s
                   "shapes": {k: [int(d) for d in v] for k, v in shapes.items()} if shapes is not None else None,
                   "inputs": _inputs_label(inputs)},
         machine=machine_info(used), models=entries, points=points, skipped=skipped)
+    result.notes += [drift_note(p, [e.label for e in entries]) for p in points if p.drift]
     students = [e for e in entries if e.reference is None]
     if per_layer and len(students) > 1:
         result.layers = per_layer_results(students, points, settings, min(warmup, layer_iters or iters),
@@ -382,6 +385,19 @@ def _bench(entries: list[Model], provider: str, batches: Sequence[int] | None, s
         result.layer_profile = in_model_results(students, points, settings, min(warmup, layer_iters or iters),
                                                 layer_iters or iters, dense=flushed)
     return result
+
+
+def drift_note(point: Point, labels: Sequence[str]) -> str:
+    """What a reader needs when the machine changed speed during a point's rounds (`stats.drift`)."""
+    assert point.drift is not None
+    where = f"b={point.batch}" + (f" s={point.seq_len}" if point.seq_len else "")
+    parts = len(point.drift.baseline_ms)
+    base = ", ".join(f"{ms:.3g}" for ms in point.drift.baseline_ms)
+    each = "; ".join(f"{label} {', '.join(f'{x:.2f}' for x in xs)}x"
+                     for label, xs in zip(labels[1:], point.drift.speedups, strict=True))
+    return (f"{where}: the machine's speed changed during the timing: the baseline's median over each of "
+            f"{parts} consecutive parts of the rounds was {base} ms, and the speedups {each}; the figures above "
+            "mix those states: rerun on an idle machine, or read the parts")
 
 
 def _inputs_label(inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None) -> str | None:
@@ -443,5 +459,6 @@ def _run_points(entries: list[Model], points: list[Point], settings: Settings, w
             point.seconds = interleave(runners, warmup, iters, bar.update)
             point.summaries = [summarize(s, point.batch) for s in point.seconds]
             point.ratios = [None] + [speedup(point.seconds[0], s, seed) for s in point.seconds[1:]]
+            point.drift = drift(point.seconds)
             point.profiles = [profile(m.path, m.proto, point.feed) for m in entries]
     return runners[0].provider if runners else "CPUExecutionProvider"

@@ -68,3 +68,37 @@ def speedup(baseline: np.ndarray, model: np.ndarray, seed: int = 0,
     tail = (1 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return Ratio(point, float(low), float(high))
+
+
+DRIFT_PARTS = 4
+DRIFT_TOLERANCE = 0.15  # the baseline's median moving more than this across the run is a machine change, not noise
+DRIFT_MIN_ROUNDS = 5  # per part: fewer rounds give medians too rough to compare
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The rounds cut into consecutive parts: the baseline's median in each (ms) and each other model's
+    speedup in each. Interleaving cancels a change of machine speed that lasts a round, not one that lasts
+    a part of the run: a cloud VM whose vCPUs move between cache domains runs the same model 1.5x slower at
+    2 threads for tens of seconds (issue 18), and a ratio over both states describes neither."""
+
+    baseline_ms: list[float]
+    speedups: list[list[float]]
+
+    def to_dict(self) -> dict[str, list[float] | list[list[float]]]:
+        return asdict(self)
+
+
+def drift(seconds: list[np.ndarray], parts: int = DRIFT_PARTS) -> Drift | None:
+    """The per-part medians of an interleaved run (`seconds[0]` the baseline's rounds) when the baseline's
+    median moved by more than `DRIFT_TOLERANCE` between parts; None when it held, or the run is too short."""
+    rounds = len(seconds[0]) if seconds else 0
+    if rounds < parts * DRIFT_MIN_ROUNDS:
+        return None
+    cuts = np.array_split(np.arange(rounds), parts)
+    base = [float(np.median(np.asarray(seconds[0])[c])) for c in cuts]
+    if max(base) <= (1 + DRIFT_TOLERANCE) * min(base):
+        return None
+    speedups = [[round(b / float(np.median(np.asarray(s)[c])), 3) for b, c in zip(base, cuts, strict=True)]
+                for s in seconds[1:]]
+    return Drift([round(b * 1e3, 4) for b in base], speedups)

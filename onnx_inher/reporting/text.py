@@ -71,6 +71,10 @@ def latency_check_line(doc: dict[str, Any]) -> str:
     teacher = "the teacher, negligible weights flushed," if doc.get("baseline") else "the teacher"
     text = (f"latency check ({doc.get('threads')} threads, batch 1): student {doc['speedup']:.2f}x {teacher} "
             f"[{doc['low']:.2f}, {doc['high']:.2f}], {doc['verdict']}")
+    moved = doc.get("drift")
+    if moved:
+        text += (f" (the machine's speed changed during the check: the teacher took "
+                 f"{min(moved['baseline_ms']):.3g}-{max(moved['baseline_ms']):.3g} ms)")
     if form:
         text += (f"; form: {form['chosen']} (heads {form['heads']['speedup']:.2f}x, pairs "
                  f"{form['pair']['speedup']:.2f}x)")

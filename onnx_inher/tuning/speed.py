@@ -69,7 +69,7 @@ from onnx import ModelProto
 from onnx_inher import _env
 from onnx_inher.bench.core import save_flushed, with_batch
 from onnx_inher.bench.sessions import Runner, Settings, create
-from onnx_inher.bench.stats import Ratio, speedup
+from onnx_inher.bench.stats import Ratio, drift, speedup
 from onnx_inher.ir.io import release_memory, save_model, weight_bytes
 from onnx_inher.planning.plan import Candidate, Plan
 from onnx_inher.runtime import sample_inputs
@@ -149,9 +149,10 @@ def runs_per_round(slowest_s: float, budget_s: float, models: int) -> int:
 
 def _ratio_doc(base: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     r = speedup(base, other)
+    moved = drift([base, other])
     return {"speedup": round(r.value, 4), "low": round(r.low, 4), "high": round(r.high, 4),
             "teacher_ms": round(float(np.median(base)) * 1e3, 4), "student_ms": round(float(np.median(other)) * 1e3, 4),
-            "rounds": int(base.size)}
+            "rounds": int(base.size), "drift": moved.to_dict() if moved else None}
 
 
 def verdict(r: Ratio | dict[str, Any], min_speedup: float | None) -> str:
@@ -662,7 +663,8 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
                 current, last, more = wide.revert(plan, current, a, rebuild, doc)
                 reverted += more
         doc.update(verdict=last["verdict"], speedup=last["speedup"], low=last["low"], high=last["high"],
-                   reverted=reverted, ok=options.min_speedup is None or last["speedup"] >= options.min_speedup)
+                   drift=last.get("drift"), reverted=reverted,
+                   ok=options.min_speedup is None or last["speedup"] >= options.min_speedup)
         if reverted and not any(c.decision == "factorize" for c in plan.candidates):
             # the teacher's own graph: a ratio off 1 is the timing's bias between two sessions, not the student
             doc.update(verdict=UNCHANGED, unchanged=True)
