@@ -26,7 +26,13 @@ All forms of a layer compute the same function (checked); one intra-op thread, i
 height and width as in the detector's export. The efficiency is the teacher's time over the form's, over the
 FLOP ratio of the weight-mix form (`dense / (down + (r + 1) out)` per pixel), the same ideal for every form.
 
+Alone, the Pad that appends the ones row costs about 1 us over a no-op. `--in-model` measures it where it
+runs: the PP-OCRv5 detector's heads student (`--mode inher --heads 2 --param-ratio 0.5`, 480 x 480) profiled
+at 1 thread beside two edits of its Conv.8, the ones row appended by a Concat with a constant row, and no
+ones row at all (the bias dropped: a timing, not a model).
+
     python -m benchmarks.experiments.conv_head_floor      # results/conv_head_floor.{json,md}
+    python -m benchmarks.experiments.conv_head_floor --in-model --out benchmarks/results/conv_head_floor_in_model
 """
 
 from __future__ import annotations
@@ -187,11 +193,96 @@ def markdown(rows: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _edit_ones_row(student: Path, layer: str, how: str, out: Path) -> Path:
+    """`student` with `layer`'s ones-row Pad replaced by a Concat with a constant row, or removed."""
+    import onnx
+
+    model = onnx.load(str(student))
+    graph = model.graph
+    at = next(i for i, n in enumerate(graph.node) if n.name == f"{layer}/inher/ones_row")
+    pad = graph.node[at]
+    if how == "concat":
+        pixels = 60 * 60
+        graph.initializer.append(numpy_helper.from_array(np.ones((1, 1, 1, pixels), np.float32), "ones_row_const"))
+        concat = helper.make_node("Concat", [pad.input[0], "ones_row_const"], [pad.output[0]],
+                                  name=f"{layer}/inher/ones_row_concat", axis=2)
+        graph.node.remove(pad)
+        graph.node.insert(at, concat)
+    else:  # no ones row: the apply reads z, the mixed weight loses its bias column
+        consumer = next(n for n in graph.node if n.name == f"{layer}/inher/apply")
+        consumer.input[1] = pad.input[0]
+        graph.node.remove(pad)
+        inits = {t.name: t for t in graph.initializer}
+        mix = next(n for n in graph.node if n.name == f"{layer}/inher/mix_weights")
+        heads = numpy_helper.to_array(inits[mix.input[1]])
+        shape_node = next(n for n in graph.node if n.name == f"{layer}/inher/mix_weights_4d")
+        shape = numpy_helper.to_array(inits[shape_node.input[1]]).copy()
+        k = int(shape[-1])
+        heads = heads.reshape(heads.shape[0], -1, k)[:, :, :k - 1].reshape(heads.shape[0], -1)
+        inits[mix.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(heads), mix.input[1]))
+        shape[-1] = k - 1
+        inits[shape_node.input[1]].CopyFrom(numpy_helper.from_array(shape, shape_node.input[1]))
+    onnx.save(model, str(out))
+    return out
+
+
+def in_model(rounds: int) -> dict[str, Any]:
+    """Conv.8's nodes in the running detector student: as emitted, the ones row by Concat, no ones row."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    import onnx_inher
+    from benchmarks.latency_table import MODELS
+    from onnx_inher import Options, parse_policy
+    from onnx_inher.bench.inmodel import _read_profile
+
+    build, shapes = MODELS["ocr_det"]
+    layer = "Conv.8"
+    with tempfile.TemporaryDirectory() as tmp:
+        student = Path(tmp) / "heads.onnx"
+        onnx_inher.compress(build(), student, Options(policy=parse_policy(param_ratio=0.5), shapes=shapes,
+                                                      mode="inher", heads=HEADS, latency_check=False))
+        paths = {"emitted (Pad)": student, "Concat": _edit_ones_row(student, layer, "concat", Path(tmp) / "c.onnx"),
+                 "no ones row": _edit_ones_row(student, layer, "none", Path(tmp) / "n.onnx")}
+        feed = {"x": np.random.default_rng(0).standard_normal(shapes["x"]).astype(np.float32)}
+        sessions = {}
+        for name, path in paths.items():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.log_severity_level = 3  # the detector's output declares no shape: one warning a run otherwise
+            opts.enable_profiling = True
+            opts.profile_file_prefix = f"{tmp}/{len(sessions)}"
+            sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(5 + rounds):
+            for s in sessions.values():
+                s.run(None, feed)
+        rows = {}
+        for name, s in sessions.items():
+            times = _read_profile(Path(s.end_profiling()), 5, rounds)
+            mine = {n.removeprefix(f"{layer}/inher/"): round(us, 1) for n, us in times.us.items()
+                    if n.startswith(f"{layer}/inher/")}
+            rows[name] = {"layer_us": round(sum(mine.values()), 1), "nodes_us": mine}
+    return {"layer": layer, "rounds": rounds, "profiled_us_per_node": "raw ORT profile, profiler overhead included",
+            "variants": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--out", type=Path, default=RESULTS / "conv_head_floor")
+    parser.add_argument("--in-model", action="store_true", help="the ones row inside the detector's student")
     args = parser.parse_args()
+    if args.in_model:
+        record = in_model(args.rounds)
+        lines = ["| Conv.8 variant | layer us | ones row us | apply us |", "|---|---:|---:|---:|"]
+        for name, r in record["variants"].items():
+            row = next((v for k, v in r["nodes_us"].items() if k.startswith("ones_row")), 0.0)
+            lines.append(f"| {name} | {r['layer_us']:.0f} | {row:.0f} | {r['nodes_us'].get('apply', 0.0):.0f} |")
+        write_results(args.out, {"command": command("benchmarks.experiments.conv_head_floor"), **record},
+                      "\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     rows = {}
     for name, layer in LAYERS.items():
         rows[name] = measure(layer, args.rounds)
