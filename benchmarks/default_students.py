@@ -139,7 +139,8 @@ def measure(name: str, folder: Path, iters: int, threads: list[int], batches: li
                                    "ideal_flops": (round(res[1]["ideal_speedup_flops"], 3)
                                                    if res[1].get("ideal_speedup_flops") else None),
                                    "flushed_teacher": round(flushed, 3) if flushed else None,
-                                   "vs_flushed": round(vs["value"], 3) if vs else None})
+                                   "vs_flushed": round(vs["value"], 3) if vs else None,
+                                   "drift": point.get("drift")})
         record["machine"] = doc["machine"]
     return record
 
@@ -157,6 +158,14 @@ def _verdict(rec: dict[str, Any]) -> str:
     return "faster or within noise"
 
 
+def _drift_cell(drift: dict[str, Any] | None) -> str:
+    """The speedup's range over the run's quarters, where the machine changed speed during it (`bench.stats`)."""
+    if not drift:
+        return ""
+    parts = drift["speedups"][0]
+    return f"; machine changed during it: {min(parts):.2f}-{max(parts):.2f}x by quarter"
+
+
 def markdown(records: dict[str, dict[str, Any]]) -> str:
     """One row per model: what compress did with every default (the candidate layers' params and FLOPs, and
     the whole model's where compress printed them apart), then the student's speedup at each point."""
@@ -172,7 +181,8 @@ def markdown(records: dict[str, dict[str, Any]]) -> str:
         for p in points:
             r = runs.get(p)
             cells.append(f"{r['speedup']:.2f}x [{r['low']:.2f}, {r['high']:.2f}]"
-                         + (f"; vs flushed {r['vs_flushed']:.2f}x" if r.get("vs_flushed") else "") if r else "-")
+                         + (f"; vs flushed {r['vs_flushed']:.2f}x" if r.get("vs_flushed") else "")
+                         + _drift_cell(r.get("drift")) if r else "-")
         whole = {k: f" (model {c[f'model_{k}_pct']}%)" if f"model_{k}_pct" in c else "" for k in ("params", "flops")}
         lines.append(f"| {name} | {c.get('factorised', '-')}/{c.get('candidates', '-')} | "
                      f"{c.get('params_pct', '-')}%{whole['params']} | {c.get('flops_pct', '-')}%{whole['flops']} | "

@@ -147,7 +147,8 @@ def measure(name: str, folder: Path, iters: int, thread_counts: list[int],
                                    "flushed_teacher": ({"speedup": round(results[-1]["speedup"]["value"], 3),
                                                         "ms": round(results[-1]["latency_ms"]["p50"], 4)}
                                                        if flushed else None),
-                                   **{form: _cell(results[j + 1]) for j, form in enumerate(labels)}})
+                                   **{form: _cell(results[j + 1]) for j, form in enumerate(labels)},
+                                   "drift": point.get("drift")})  # the machine changed speed during the timing
         record["machine"] = doc["machine"]
     if layer_profile:
         doc = onnx_inher.bench([teacher, *students[:len(FORMS)]], shapes=shapes, batches=[1], threads=1, iters=3,
