@@ -79,8 +79,9 @@ DRIFT_MIN_ROUNDS = 5  # per part: fewer rounds give medians too rough to compare
 class Drift:
     """The rounds cut into consecutive parts: the baseline's median in each (ms) and each other model's
     speedup in each. Interleaving cancels a change of machine speed that lasts a round, not one that lasts
-    a part of the run: a cloud VM whose vCPUs move between cache domains runs the same model 1.5x slower at
-    2 threads for tens of seconds (issue 18), and a ratio over both states describes neither."""
+    a part of the run: this project's 2-vCPU VM runs MiniLM 1.5x slower at 2 threads for seconds to minutes
+    at a time, its elementwise ops 2-3x slower than at 1 thread (issue 18), and a ratio over both states
+    describes neither."""
 
     baseline_ms: list[float]
     speedups: list[list[float]]
