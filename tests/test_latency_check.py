@@ -229,6 +229,29 @@ def test_rounds_of_a_sub_ms_model_span_the_budget() -> None:
     assert speed.runs_per_round(1e-9, 3.0, 2) == speed.MAX_REPS
 
 
+def test_a_timing_that_spans_a_change_of_machine_speed_is_taken_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check's decision on rounds that straddle two machine states (this VM: MiniLM 17 -> 25 ms at 2 threads)
+    would rest on a ratio that holds in neither: the rounds are timed once more (the state lasts seconds to
+    minutes), and a steady timing is taken as it is."""
+    steady = [np.full(40, 0.017), np.full(40, 0.011)]
+    stepped = [np.r_[np.full(20, 0.017), np.full(20, 0.025)], np.r_[np.full(20, 0.011), np.full(20, 0.019)]]
+    given = [stepped, steady]
+    calls: list[int] = []
+
+    def rounds(runners, reps, budget_s):
+        calls.append(reps)
+        return given.pop(0)
+
+    monkeypatch.setattr(speed, "timed_rounds", rounds)
+    feed = {"image": np.zeros((1, 1, 28, 28), np.float32)}
+    got = speed.time_models([MNIST, MNIST], feed, speed.cpu_settings(1), budget_s=0.1)
+    assert len(calls) == 2 and got is steady
+    given[:] = [steady, stepped]
+    calls.clear()
+    assert speed.time_models([MNIST, MNIST], feed, speed.cpu_settings(1), budget_s=0.1) is steady
+    assert len(calls) == 1
+
+
 def test_the_check_line_says_when_batch_8_is_measurably_slower() -> None:
     from onnx_inher.reporting.text import latency_check_line
 
