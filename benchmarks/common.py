@@ -33,7 +33,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 MNIST_TEACHER = ROOT / "onnx_inher" / "data" / "mnist_cnn.onnx"
 
 __all__ = ["MNIST_TEACHER", "RESULTS", "ROOT", "add_model_options", "chosen_models", "command", "helpers",
-           "measure_models", "proc_status", "quiet", "reset_peak_rss", "subgraphs", "timed_cell", "write_json", "zoo"]
+           "interleaved_us", "measure_models", "proc_status", "quiet", "reset_peak_rss", "subgraphs", "timed_cell",
+           "write_json", "zoo"]
 
 
 def __getattr__(name: str) -> Any:
@@ -99,6 +100,30 @@ def write_results(out: Path, doc: dict[str, Any], table: str) -> None:
     """`doc` to `out`.json and its Markdown `table` to `out`.md."""
     write_json(out.with_suffix(".json"), doc)
     out.with_suffix(".md").write_text(table)
+
+
+def interleaved_us(models: dict[str, bytes], feed: dict[str, Any], rounds: int,
+                   warmup: int = 0) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each in-memory model's first output (from one run, which also warms it up) and its median microseconds per
+    run over `rounds` interleaved rounds, after `warmup` more runs each; one intra-op thread, ONNX Runtime's CPU
+    provider. The experiments that compare emitted forms of one layer time them this way."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sessions = {name: ort.InferenceSession(m, opts, providers=["CPUExecutionProvider"]) for name, m in models.items()}
+    outputs = {name: s.run(None, feed)[0] for name, s in sessions.items()}
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            began = time.perf_counter()
+            s.run(None, feed)
+            times[name].append(time.perf_counter() - began)
+    return outputs, {name: float(np.median(t)) * 1e6 for name, t in times.items()}
 
 
 def add_model_options(parser: argparse.ArgumentParser, models: list[str], iters: int, out: Path) -> None:

@@ -21,14 +21,13 @@ outputs are checked equal first.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.common import RESULTS, command, write_results
+from benchmarks.common import RESULTS, command, interleaved_us, write_results
 
 # (name, out channels, rank, height, width): ResNet-50's last-stage 1x1 convs (the three heads at 0.65-0.67),
 # a stage-3 one, and the PP-OCRv5 detector's rank-16 Conv.8 (0.62) and Conv.12 at 480 x 480
@@ -86,22 +85,9 @@ def model(form: str, out: int, rank: int, height: int, width: int) -> bytes:
 
 
 def measure(out: int, rank: int, height: int, width: int, rounds: int) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sessions = {f: ort.InferenceSession(model(f, out, rank, height, width), opts, providers=["CPUExecutionProvider"])
-                for f in FORMS}
     z = {"z": np.random.default_rng(1).standard_normal((1, rank, height, width)).astype(np.float32)}
-    outputs = {f: s.run(None, z)[0] for f, s in sessions.items()}
+    outputs, med = interleaved_us({f: model(f, out, rank, height, width) for f in FORMS}, z, rounds)
     worst = max(float(np.abs(outputs[f] - outputs["matmul"]).max()) for f in FORMS)
-    times: dict[str, list[float]] = {f: [] for f in FORMS}
-    for _ in range(rounds):
-        for f, s in sessions.items():
-            began = time.perf_counter()
-            s.run(None, z)
-            times[f].append(time.perf_counter() - began)
-    med = {f: float(np.median(t)) * 1e6 for f, t in times.items()}
     return {"max_abs_difference": worst, "us": {f: round(v, 1) for f, v in med.items()},
             "over_matmul": {f: round(v / med["matmul"], 3) for f, v in med.items()}}
 

@@ -38,14 +38,13 @@ ones row at all (the bias dropped: a timing, not a model).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.common import RESULTS, command, write_results
+from benchmarks.common import RESULTS, command, interleaved_us, write_results
 
 HEADS = 2
 # name -> (C_in, C_out, rank, kernel, height, width, epilogue): the misses' shapes at the models' real inputs
@@ -156,26 +155,13 @@ def model(form: str, c_in: int, c_out: int, rank: int, kernel: int, epilogue: st
 
 
 def measure(layer: tuple[int, int, int, int, int, int, str], rounds: int) -> dict[str, Any]:
-    import onnxruntime as ort
-
     c_in, c_out, rank, kernel, height, width, epilogue = layer
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sessions = {f: ort.InferenceSession(model(f, c_in, c_out, rank, kernel, epilogue), opts,
-                                        providers=["CPUExecutionProvider"]) for f in FORMS}
     rng = np.random.default_rng(1)
     feed = {"x": rng.standard_normal((1, c_in, height, width)).astype(np.float32)}
     if epilogue == "add":
         feed["res"] = rng.standard_normal((1, c_out, height, width)).astype(np.float32)
-    outs = {f: s.run(None, feed)[0] for f, s in sessions.items()}
+    outs, us = interleaved_us({f: model(f, c_in, c_out, rank, kernel, epilogue) for f in FORMS}, feed, rounds)
     worst = max(float(np.abs(outs[f] - outs["mix"]).max()) for f in FORMS if f not in ("teacher", "pair"))
-    times: dict[str, list[float]] = {f: [] for f in FORMS}
-    for _ in range(rounds):
-        for f, s in sessions.items():
-            began = time.perf_counter()
-            s.run(None, feed)
-            times[f].append(time.perf_counter() - began)
-    us = {f: float(np.median(t)) * 1e6 for f, t in times.items()}
     per_pixel = {"teacher": c_in * c_out * kernel * kernel, "pair": (c_in * kernel * kernel + c_out) * rank,
                  "heads": c_in * kernel * kernel * rank + (rank + 1) * c_out}
     ideal = {f: per_pixel["teacher"] / per_pixel["pair" if f == "pair" else "heads"] for f in FORMS if f != "teacher"}

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.common import RESULTS, command, quiet, write_json
+from benchmarks.common import RESULTS, command, interleaved_us, quiet, write_json
 
 # (C_in, C_out, k, H, W, rank): a ResNet stage, the detector's and recogniser's shapes, the MNIST CNN's conv
 CASES = [(64, 64, 3, 56, 56, 16), (64, 64, 3, 56, 56, 32), (48, 48, 3, 120, 120, 16), (64, 64, 3, 24, 160, 16),
@@ -62,25 +61,11 @@ FORMS = ("dense", "kxk down", "kxk up")
 
 
 def timings(iters: int) -> list[dict]:
-    import onnxruntime as ort
-
     rows = []
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
     for c_in, c_out, k, h, w, r in CASES:
         feed = {"x": np.random.default_rng(1).standard_normal((1, c_in, h, w)).astype(np.float32)}
-        sessions = {f: ort.InferenceSession(_model(c_in, c_out, k, h, w, r, f), opts,
-                                            providers=["CPUExecutionProvider"]) for f in FORMS}
-        times: dict[str, list[float]] = {f: [] for f in FORMS}
-        for s in sessions.values():
-            for _ in range(10):
-                s.run(None, feed)
-        for _ in range(iters):
-            for f, s in sessions.items():
-                start = time.perf_counter()
-                s.run(None, feed)
-                times[f].append(time.perf_counter() - start)
-        ms = {f: float(np.median(t)) * 1e3 for f, t in times.items()}
+        _, us = interleaved_us({f: _model(c_in, c_out, k, h, w, r, f) for f in FORMS}, feed, iters, warmup=9)
+        ms = {f: v / 1e3 for f, v in us.items()}
         macs = {"dense": c_in * c_out * k * k, "kxk down": r * (c_in * k * k + c_out),
                 "kxk up": r * (c_in + c_out * k * k)}
         row = {"case": f"{c_in}->{c_out} k{k} at {h}x{w}, rank {r}", "dense_ms": round(ms["dense"], 4)}
