@@ -233,12 +233,12 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     options, form = _choose_form(a, options, classes, spectra)
     p = build_plan(str(a.loaded.path), a.loaded.sha256, default_opset(a.loaded.model), a.found, options, spectra,
                    classes)
-    p.warnings.extend(_split_notes(p, a, feeds))
+    p.warn(*_split_notes(p, a, feeds))
     p.model_cost = a.cost
     if note := uncovered_note(p):
-        p.warnings.append(note)
+        p.warn(note)
     if a.shape_note:
-        p.warnings.append(a.shape_note)
+        p.warn(a.shape_note)
     if form is not None:
         p.latency_check = {"form": form}
         if form["chosen"] == "pair":
@@ -253,7 +253,7 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
             kept = "every kernel down" if form["orientation"] == "down" else "the plan's kernels up"
             kernels = (f" (pairs with the plan's kernels up {form['pair_kernels_up']['speedup']:.2f}x, every kernel "
                        f"down {form['pair_kernels_down']['speedup']:.2f}x: {kept})")
-        p.warnings.append(f"latency check: heads {form['heads']['speedup']:.2f}x, pairs "
+        p.note(f"latency check: heads {form['heads']['speedup']:.2f}x, pairs "
                           f"{form['pair']['speedup']:.2f}x the teacher{kernels}: planned as {form['chosen']}")
     if target:
         from onnx_inher.tuning.latency import apply_target
@@ -266,7 +266,7 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
     from onnx_inher.tuning.allocate import allocate_by_sensitivity
     from onnx_inher.tuning.orient import reorient
 
-    p.warnings.extend(reorient(p, a.views, calibration.grams))  # ranks come from the data here: so does the side
+    p.note(*reorient(p, a.views, calibration.grams))  # ranks come from the data here: so does the side
 
     timing = speed.cpu_settings(options.latency_threads) if speed.enabled(options.latency_check) else None
     p = allocate_by_sensitivity(a.loaded.model, a.views, p, spectra, calibration.feeds, calibration.grams,
@@ -343,7 +343,7 @@ def _calibrate(a: Analysis, the_plan: Plan, options: Options,
     assert options.calibration
     calibration = calibrate(a.loaded.model, a.views, the_plan, options.calibration, a.symbols, feeds)
     the_plan.options.calibration = options.calibration
-    the_plan.warnings.extend(calibration.notes)
+    the_plan.note(*calibration.notes)
     return calibration
 
 
@@ -352,7 +352,8 @@ class CompressResult:
     plan: Plan
     outputs: list[Path]
     verification: VerifyReport | None = None
-    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # as the plan's: what may need the user's action
+    notes: list[str] = field(default_factory=list)  # what was measured and decided
 
     @property
     def speed_ok(self) -> bool:
@@ -531,11 +532,11 @@ def compress(
         if a.assumed and not the_plan.options.shapes:  # a plan made per pixel: time the check at the image size
             the_plan.options.shapes = dict(options.shapes or {})
         if a.shape_note:
-            the_plan.warnings.append(a.shape_note)
+            the_plan.warn(a.shape_note)
         planned_on = the_plan.options.calibration
         if planned_on and not options.calibration:
             the_plan.options.calibration = None
-            the_plan.warnings.append(f"the plan's ranks were measured on '{planned_on}' but no --calibration was "
+            the_plan.warn(f"the plan's ranks were measured on '{planned_on}' but no --calibration was "
                                      "given: plain SVD factors (add --calibration for whitened ones)")
     else:
         the_plan, calibration = _plan(a, options, target, spectra)
@@ -549,18 +550,18 @@ def compress(
 
             fitted, notes = sequential_svds(a.loaded.model, a.views, the_plan, calibration.feeds, calibration.rows,
                                             grams=calibration.grams)
-            the_plan.warnings.extend(notes)
+            the_plan.note(*notes)
         spectra = CalibratedSpectra(calibration.grams, plan_ranks(the_plan), calibration.rows, fitted, checked)
         del calibration
     feed = load_inputs(inputs, a.loaded.model) if inputs else None
     teacher_path, external = a.loaded.path, a.loaded.external_data
     layers = factorised_outputs(the_plan, a) if verify else None
     flushed = negligible_note(a.loaded.model)
-    if flushed and flushed not in the_plan.warnings:
-        the_plan.warnings.append(flushed)
+    if flushed:
+        the_plan.note(flushed)
     rewritten = rewrite(a, the_plan, spectra)
     if note := s2d_note(rewritten):
-        the_plan.warnings.append(note)
+        the_plan.note(note)
     digest = a.loaded.sha256
     del a  # the teacher proto and every folded weight: peak memory is what lives at once
     rewritten = _latency_check(the_plan, options, rewritten, model, spectra, digest)
@@ -570,9 +571,9 @@ def compress(
     release_memory()
     inherited = check_written(written, teacher_path)
     if inherited:
-        the_plan.warnings.append(f"the teacher itself fails the full ONNX check ({inherited}); ONNX Runtime runs "
+        the_plan.warn(f"the teacher itself fails the full ONNX check ({inherited}); ONNX Runtime runs "
                                  "it, and the student keeps that flaw")
-    result = CompressResult(the_plan, written, notes=list(the_plan.warnings))
+    result = CompressResult(the_plan, written, warnings=list(the_plan.warnings), notes=list(the_plan.notes))
     if verify:
         with _removed_on_bad_input(written):
             result.verification = verify_files(teacher_path, out, inputs=inputs, bound=bound, dims=options.dims,

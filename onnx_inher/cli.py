@@ -161,12 +161,20 @@ def _planning_options(kw: dict[str, Any]) -> Options:
     return options
 
 
+def _tell(warnings: list[str], notes: list[str]) -> None:
+    """Notes (what was measured and decided), then warnings (what may need the user's action), a line each."""
+    for text in notes:
+        click.echo(f"note: {text}")
+    for text in warnings:
+        click.echo(f"warning: {text}")
+
+
 def _note_unused_calibration(p: Plan) -> None:
     """A plan given data that neither the sensitivity allocation nor a class split used says so (whitening,
     which always uses it, happens in compress)."""
     o = p.options
     if o.calibration and o.allocate != "sensitivity" and not any(c.dense_classes for c in p.candidates):
-        p.warnings.append(f"--calibration {o.calibration} was not used: no classifier head here gains from a "
+        p.warn(f"--calibration {o.calibration} was not used: no classifier head here gains from a "
                           "class split; give the data to compress (whitened factors) or add --allocate sensitivity")
 
 
@@ -261,8 +269,7 @@ def inspect(model: Path, as_json: bool, **kw: Any) -> None:
         return
     click.echo(report.plan_table(p))
     click.echo(report.totals_line(p))
-    for w in p.warnings:
-        click.echo(f"warning: {w}")
+    _tell(p.warnings, p.notes)
 
 
 @main.command("plan")
@@ -284,11 +291,11 @@ def plan_cmd(model: Path, output: Path, target: str | None, as_json: bool, **kw:
     _note_unused_calibration(p)
     write_text(output, p.to_json())
     if as_json:
-        click.echo(json.dumps({"plan": str(output), "totals": p.totals(), "warnings": p.warnings}, indent=2))
+        click.echo(json.dumps({"plan": str(output), "totals": p.totals(), "warnings": p.warnings, "notes": p.notes},
+                              indent=2))
         return
     click.echo(report.totals_line(p))
-    for note in p.warnings:
-        click.echo(f"warning: {note}")
+    _tell(p.warnings, p.notes)
     click.echo(f"plan written to {output}")
 
 
@@ -319,12 +326,12 @@ def compress(model: Path, output: Path, plan_path: Path | None, verify: bool, in
         doc = {"plan": json.loads(result.plan.to_json())["totals"], "outputs": [str(p) for p in result.outputs],
                "calibration": result.plan.options.calibration,
                "verification": result.verification.to_dict() if result.verification else None,
-               "latency_check": result.plan.latency_check}
+               "latency_check": result.plan.latency_check, "warnings": result.warnings, "notes": result.notes}
         click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(report.totals_line(result.plan))
-        for note in result.notes:
-            click.echo(f"warning: {note}")
+        checked = result.plan.latency_check is not None  # its line below gives the form and the reverted layers
+        _tell(result.warnings, [n for n in result.notes if not (checked and n.startswith("latency check: "))])
         click.echo(f"student written to {', '.join(map(str, result.outputs))}")
         if result.plan.latency_check:
             click.echo(report.latency_check_line(result.plan.latency_check))

@@ -119,7 +119,7 @@ def test_sensitivity_allocation_beats_energy_on_held_out_digits_at_no_more_param
     chosen = [c for c in doc["candidates"] if c["decision"] == "factorize"]
     assert all(c["energy_rank"] and c["sensitivity"] > 0 for c in chosen)
     assert any(c["rank"] != c["energy_rank"] for c in chosen)
-    assert any(w.startswith("sensitivity allocation") and " applied" in w for w in doc["warnings"])
+    assert any(w.startswith("sensitivity allocation") and " applied" in w for w in doc["notes"])
     again = onnx_inher.compress(MNIST, tmp_path / "again.onnx", Options(**common, allocate="sensitivity"))
     assert json.loads(again.plan.to_json())["candidates"] == doc["candidates"]
     digest = [hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in ("moved.onnx", "again.onnx")]
@@ -133,7 +133,7 @@ def test_moved_ranks_that_measure_worse_are_not_applied(tmp_path: Path, monkeypa
     energy = onnx_inher.plan(MNIST, Options(**common))
     kept = onnx_inher.plan(MNIST, Options(**common, allocate="sensitivity"))
     assert [c.rank for c in kept.candidates] == [c.rank for c in energy.candidates]
-    assert any("not applied, the energy ranks stay" in w for w in kept.warnings)
+    assert any("not applied, the energy ranks stay" in w for w in kept.notes)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -208,7 +208,7 @@ def test_the_damage_table_is_measured_once_and_serves_another_budget(tmp_path: P
     probes.clear()
     cached = onnx_inher.plan(MNIST, Options(**common, policy=parse_policy(param_ratio=0.3)))
     assert len(probes) == 2 < first  # only the whole-student check (energy ranks, moved ranks) ran the samples
-    assert any("from the cache" in w and "2 " not in w.split("table of")[0] for w in cached.warnings)
+    assert any("from the cache" in w and "2 " not in w.split("table of")[0] for w in cached.notes)
     monkeypatch.setenv("ONNX_INHER_DAMAGE_TABLE", "0")
     fresh = onnx_inher.plan(MNIST, Options(**common, policy=parse_policy(param_ratio=0.3)))
     assert [c.rank for c in fresh.candidates] == [c.rank for c in cached.candidates]
@@ -300,7 +300,7 @@ def test_sensitivity_ranks_are_priced_by_time_when_the_latency_check_is_on(tmp_p
               "policy": parse_policy(param_ratio=0.5)}
     energy = onnx_inher.plan(MNIST, Options(**{**common, "allocate": "energy"}))
     timed = onnx_inher.plan(MNIST, Options(**common, latency_check=True, latency_threads=1))
-    said = next(w for w in timed.warnings if w.startswith("sensitivity allocation"))
+    said = next(w for w in timed.notes if w.startswith("sensitivity allocation"))
     assert "priced by time alone at the real shapes on this machine (1 thread;" in said, said
     assert " 0 from the cache" in said, said
     ms = [float(x) for x in re.search(r"take ([\d.]+) ms alone \(energy ranks ([\d.]+) ms", said).groups()]
@@ -311,10 +311,10 @@ def test_sensitivity_ranks_are_priced_by_time_when_the_latency_check_is_on(tmp_p
     assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 1
     again = onnx_inher.plan(MNIST, Options(**common, latency_check=True, latency_threads=1))
     assert [c.rank for c in again.candidates] == [c.rank for c in timed.candidates]
-    assert " 0 from the cache" not in next(w for w in again.warnings if w.startswith("sensitivity allocation"))
+    assert " 0 from the cache" not in next(w for w in again.notes if w.startswith("sensitivity allocation"))
     monkeypatch.setattr(alloc, "rank_times", lambda *a, **k: pytest.fail("timed with the latency check off"))
     untimed = onnx_inher.plan(MNIST, Options(**common, latency_check=False))
-    assert any("priced by FLOPs" in w for w in untimed.warnings)
+    assert any("priced by FLOPs" in w for w in untimed.notes)
 
 
 def test_time_pricing_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -92,7 +92,10 @@ def test_whitened_conv_pair_is_exact_at_full_rank_in_ort(case: str, tmp_path: Pa
                       include=["conv"], calibration=str(tmp_path / "calib.npz"))
     res = onnx_inher.compress(tmp_path / "m.onnx", tmp_path / "s.onnx", options)
     assert [c.node for c in res.plan.candidates if c.decision == "factorize"] == ["conv"]
-    assert any("1 layer(s) factorised by whitened SVD" in w for w in res.plan.warnings)
+    assert sum("1 layer(s) factorised by whitened SVD" in w for w in res.plan.notes) == 1
+    (tmp_path / "plan.json").write_text(res.plan.to_json())  # applied again, as `run` applies its plan
+    again = onnx_inher.compress(tmp_path / "m.onnx", tmp_path / "again.onnx", options, plan_path=tmp_path / "plan.json")
+    assert again.notes == res.notes, (again.notes, res.notes)
     held = _inputs(x_shape, 3, seed=9)
     want, got = ort_run(tmp_path / "m.onnx", {"x": held})[0], ort_run(tmp_path / "s.onnx", {"x": held})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
@@ -170,7 +173,7 @@ def test_left_side_matmul_is_whitened_exact_at_full_rank_and_better_truncated(
     options = Options(mode="svd", policy=RankPolicy("rank", 10), rank_multiple=1, guard=False,
                       calibration=str(tmp_path / "calib.npz"))
     res = onnx_inher.compress(tmp_path / "m.onnx", tmp_path / "s.onnx", options)
-    assert any("1 layer(s) factorised by whitened SVD" in w for w in res.plan.warnings), res.plan.warnings
+    assert any("1 layer(s) factorised by whitened SVD" in w for w in res.plan.notes), res.plan.notes
     held = _left_inputs(4, 9)
     want, got = ort_run(model, {"x": held})[0], ort_run(tmp_path / "s.onnx", {"x": held})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
@@ -231,7 +234,7 @@ def test_conv_transpose_patches_reproduce_ort_and_whitened_pair_is_exact(
     options = Options(mode="svd", policy=RankPolicy("rank", full), rank_multiple=1, guard=False,
                       calibration=str(tmp_path / "calib.npz"))
     res = onnx_inher.compress(tmp_path / "m.onnx", tmp_path / "s.onnx", options)
-    assert any("1 layer(s) factorised by whitened SVD" in w for w in res.plan.warnings), res.plan.warnings
+    assert any("1 layer(s) factorised by whitened SVD" in w for w in res.plan.notes), res.plan.notes
     held = _inputs(x_shape, 3, seed=9)
     want, got = ort_run(model, {"x": held})[0], ort_run(tmp_path / "s.onnx", {"x": held})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))

@@ -52,7 +52,7 @@ def test_compress_flushes_the_weights_it_leaves_alone_and_says_so(tmp_path: Path
     student = onnx.load(str(tmp_path / "s.onnx"))
     assert negligible_weights(student) == (0, 0)
     assert [c.node for c in res.plan.candidates if c.decision == "factorize"] == ["fc1"]
-    assert any("87 negligible floats" in w and "3 tensors" in w for w in res.plan.warnings)
+    assert any("87 negligible floats" in w and "3 tensors" in w for w in res.plan.notes)
     # the layer left alone keeps its values, but for the flushed ones
     w2 = numpy_helper.to_array(next(t for t in student.graph.initializer if t.name == "w2"))
     w2_t = numpy_helper.to_array(next(t for t in onnx.load(str(teacher)).graph.initializer if t.name == "w2"))
@@ -226,3 +226,26 @@ def test_bench_names_the_shapes_a_model_cannot_run_at(tmp_path: Path) -> None:
     assert res.exit_code == 2, res.output
     line = res.output.strip().splitlines()[-1]
     assert "failed on the benchmark inputs (x=2x32)" in line and "--shape" in line, line
+
+
+def test_what_compress_decided_is_a_note_said_once_even_when_its_plan_is_applied_again(tmp_path: Path) -> None:
+    """The flush is information, not something to act on: a `note:` line, and no `warning:` line for a run that
+    went as it should. A plan written by one compress and applied by another (as `run` does) keeps each note
+    once."""
+    from click.testing import CliRunner
+
+    from onnx_inher.cli import main
+
+    teacher = _teacher(tmp_path / "t.onnx")
+    first = onnx_inher.compress(teacher, tmp_path / "s.onnx",
+                                Options(mode="svd", policy=parse_policy(rank_ratio=0.5), rank_multiple=1,
+                                        exclude=("fc2",)))
+    assert not first.warnings and first.notes == first.plan.notes and len(first.notes) == 1
+    plan = tmp_path / "plan.json"
+    plan.write_text(first.plan.to_json())
+    assert json.loads(plan.read_text())["notes"] == first.notes and json.loads(plan.read_text())["warnings"] == []
+    out = CliRunner().invoke(main, ["compress", str(teacher), "-o", str(tmp_path / "again.onnx"), "--plan", str(plan)])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert [line for line in lines if "negligible floats" in line] == [f"note: {first.notes[0]}"], out.output
+    assert not any(line.startswith("warning:") for line in lines), out.output

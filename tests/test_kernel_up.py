@@ -254,7 +254,7 @@ def test_the_sensitivity_allocation_probes_it_in_the_teacher_layout(tmp_path: Pa
                                                                  allocate="sensitivity"))
     c = result.plan.candidates[0]
     assert c.orientation == KERNEL_UP and "kernel on the up side" in (c.note or "")
-    assert any("sensitivity allocation" in w for w in result.plan.warnings)
+    assert any("sensitivity allocation" in w for w in result.plan.notes)
     ref = _run(teacher, x)
     assert np.linalg.norm(_run(tmp_path / "s.onnx", x) - ref) <= 0.2 * np.linalg.norm(ref)
 

@@ -104,7 +104,7 @@ def test_pairs_take_every_kernel_down_when_that_measures_faster(checked: pytest.
     assert form["chosen"] == "pair" and form["orientation"] == "down"
     assert form["pair_kernels_down"]["speedup"] > form["pair_kernels_up"]["speedup"]
     assert r.plan.options.orientation == "down" and not any(c.orientation for c in r.plan.candidates)
-    assert any("every kernel down" in w for w in r.plan.warnings)
+    assert any("every kernel down" in w for w in r.plan.notes)
     model = onnx.load(str(tmp_path / "s.onnx"))
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     downs = [n for n in model.graph.node if n.name.endswith("/svd/down") and n.op_type == "Conv"]
@@ -148,7 +148,7 @@ def test_slower_student_reverts_worst_first(checked: pytest.MonkeyPatch, tmp_pat
             assert c.decision == "skip" and c.reason.startswith("reverted by the latency check")
             assert "factorised" in c.reason and "dense" in c.reason
     assert not any("/svd/" in n.name for n in onnx.load(str(tmp_path / "s.onnx")).graph.node)
-    assert any("reverted to dense" in w for w in r.plan.warnings)
+    assert any("reverted to dense" in w for w in r.plan.notes)
 
 
 def test_min_speedup_reverts_only_losing_layers(checked: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def test_the_data_moves_the_kernel_down_where_the_energy_put_it_up(case: dict[st
     assert moved.params_after <= by_energy.params_after and moved.flops_after <= by_energy.flops_after
     assert "kernel down by the output error on the calibration data" in (moved.note or "")
     assert "k x k kernel on the up side" not in (moved.note or "")  # the plan's clause, overruled, is gone
-    assert any("put the k x k kernel on the other side" in w and "conv (kernel down" in w for w in by_data.warnings)
+    assert any("put the k x k kernel on the other side" in w and "conv (kernel down" in w for w in by_data.notes)
 
 
 def test_the_student_is_closer_to_its_teacher_on_the_data(case: dict[str, Path]) -> None:

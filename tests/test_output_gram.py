@@ -98,7 +98,7 @@ def test_compress_whitens_wide_convs_by_their_outputs(sequential: str, tmp_path:
                           include=["conv"], calibration=calibration)
         res = onnx_inher.compress(tmp_path / "m.onnx", tmp_path / f"{name}.onnx", options)
         if calibration:
-            assert any("whitened by their outputs' Gram matrix" in w for w in res.plan.warnings)
+            assert any("whitened by their outputs' Gram matrix" in w for w in res.plan.notes)
         got = ort_run(tmp_path / f"{name}.onnx", {"x": held}, ["h"])[0]
         errors[name] = float(np.linalg.norm(got - want) / np.linalg.norm(want - view.bias.reshape(1, -1, 1, 1)))
     assert errors["full"] < 1e-5, errors  # exact at full rank

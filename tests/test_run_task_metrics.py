@@ -112,7 +112,7 @@ def test_run_allocates_ranks_by_sensitivity_on_its_data_unless_told_otherwise(
     plan = json.loads((ctc / "run" / "plan.json").read_text())
     assert plan["options"]["allocate"] == allocate
     assert (plan["options"]["calibration"] == "data.npz") == calibrated
-    measured = [w for w in plan["warnings"] if w.startswith("sensitivity allocation")]
+    measured = [w for w in plan["notes"] if w.startswith("sensitivity allocation")]
     assert len(measured) == (allocate == "sensitivity")
     if measured:
         assert "top-1 agreement" in measured[0]  # a class output: the final check ranks by agreement first

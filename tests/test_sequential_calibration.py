@@ -44,8 +44,8 @@ def test_sequential_fit_beats_independent_whitening_on_the_whole_network(mode: s
     seq = onnx_inher.compress(MNIST, tmp_path / "seq.onnx", options)
     monkeypatch.setenv("ONNX_INHER_SEQUENTIAL", "0")
     one = onnx_inher.compress(MNIST, tmp_path / "one.onnx", options)
-    assert any("graph order" in w for w in seq.plan.warnings)
-    assert not any("graph order" in w for w in one.plan.warnings)
+    assert any("graph order" in w for w in seq.plan.notes)
+    assert not any("graph order" in w for w in one.plan.notes)
     e_seq, e_one = logit_error(tmp_path / "seq.onnx", images), logit_error(tmp_path / "one.onnx", images)
     # 3 factorised layers leave little error to compound: 3-8% closer here, where the 31-layer PP-OCR
     # recogniser went from 42% to 61% of lines read as the teacher reads them (benchmarks/RESULTS.md)
@@ -71,7 +71,7 @@ def test_a_fit_that_does_not_predict_held_out_rows_is_not_used(tmp_path: Path,
     options = Options(mode="svd", policy=RankPolicy("rank_ratio", 0.25), rank_multiple=1,
                       calibration=str(tmp_path / "two.npz"))
     seq = onnx_inher.compress(MNIST, tmp_path / "seq.onnx", options)
-    kept = [w for w in seq.plan.warnings if "kept their teacher-whitened factors" in w]
+    kept = [w for w in seq.plan.notes if "kept their teacher-whitened factors" in w]
     assert kept and "held-out error" in kept[0] and "classifier" in kept[0]
     monkeypatch.setenv("ONNX_INHER_SEQUENTIAL", "0")
     onnx_inher.compress(MNIST, tmp_path / "one.onnx", options)

@@ -48,7 +48,7 @@ def _compress(teacher: Path, out: Path, rank: int) -> Path:
     result = api.compress(teacher, out, Options(mode="svd", policy=RankPolicy("rank", rank), guard=False,
                                                 latency_check=False, rank_multiple=1))
     rewritten = any("s2d" in n.name for n in onnx.load(str(out)).graph.node)
-    assert any("space-to-depth" in w and "the form's" in w for w in result.plan.warnings) == rewritten
+    assert any("space-to-depth" in w and "the form's" in w for w in result.plan.notes) == rewritten
     return out
 
 

@@ -178,11 +178,23 @@ class Plan:
     opset: int
     options: Options
     candidates: list[Candidate]
+    # what may need the user's action (a shape to give, a price to accept, an unmet budget); `notes` say what
+    # was measured and decided (the form, the calibration, reverted layers), so that a run that went as it
+    # should prints no warning at all
     warnings: list[str] = field(default_factory=list)
     latency_check: dict[str, Any] | None = None  # what compress's latency check measured (tuning/speed.py)
     # the whole teacher beside the candidates: {"params": float weights, "other_flops": {op: FLOPs}} for the
     # ops no candidate stands for (recurrent, quantised), at the plan's shapes (`api.model_cost`)
     model_cost: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def warn(self, *texts: str) -> None:
+        """Add warnings not already there: a plan applied by `compress --plan` carries its planning's."""
+        self.warnings.extend(t for t in dict.fromkeys(texts) if t not in self.warnings)
+
+    def note(self, *texts: str) -> None:
+        """Add notes not already there (as `warn`)."""
+        self.notes.extend(t for t in dict.fromkeys(texts) if t not in self.notes)
 
     def totals(self) -> dict[str, Any]:
         chosen = [c for c in self.candidates if c.decision == "factorize"]
@@ -214,6 +226,7 @@ class Plan:
             "options": opts,
             "totals": self.totals(),
             "warnings": self.warnings,
+            "notes": self.notes,
             "candidates": [c.as_json() for c in self.candidates],
         }
         if self.latency_check is not None:
@@ -234,7 +247,8 @@ class Plan:
             names = {f for f in Candidate.__dataclass_fields__}
             cands = [Candidate(**{k: v for k, v in c.items() if k in names}) for c in doc["candidates"]]
             return cls(doc["model"]["path"], doc["model"]["sha256"], int(doc["model"]["opset"]), options,
-                       cands, list(doc.get("warnings", [])), doc.get("latency_check"), doc.get("model_cost"))
+                       cands, list(doc.get("warnings", [])), doc.get("latency_check"), doc.get("model_cost"),
+                       list(doc.get("notes", [])))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise InputError(f"{source}: not a valid onnx-inher plan ({err}); regenerate it with `onnx-inher plan`.") \
                 from None

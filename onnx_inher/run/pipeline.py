@@ -195,7 +195,7 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
         plot_layers(p, out.path("layers.png"))
         return {"totals": p.totals(), "has_heads": pair is not None,
                 "class_split": [w for w in p.warnings if w.startswith("class split")],
-                "allocation": [w for w in p.warnings if w.startswith("sensitivity allocation")]}
+                "allocation": [w for w in p.notes if w.startswith("sensitivity allocation")]}
 
     plan_result = out.stage("plan", {"options": _options_doc(options)}, [teacher_path],
                             ["plan.json", "plan_pair.json"], do_plan, log=log)

@@ -539,7 +539,7 @@ def allocate_by_sensitivity(model: ModelProto, views: dict[str, LayerView], the_
         timed = (f"; the factorised layers take {ms:.3f} ms alone "
                  f"(energy ranks {sum(layer.time(layer.plan_rank) for layer in layers.values()):.3f} ms, dense "
                  f"{sum(layer.dense_ms for layer in layers.values()):.3f} ms)")
-    the_plan.warnings.append(
+    the_plan.note(
         f"sensitivity allocation ({len(layers)} layers, a table of {entries} ranks on "
         f"{len(next(iter(few.values())))} samples, {entries - measured} of them from the cache"
         f"{f' {table.path}' if table.path and measured < entries else ''}; {priced}; checked on {samples} "

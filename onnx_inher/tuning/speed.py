@@ -552,7 +552,7 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
     if weight_bytes(student) > MAX_BYTES:
         doc.update(verdict="not measured: the student is over 2 GB (time it with `onnx-inher bench`)", ok=True,
                    speedup=None)
-        plan.warnings.append("latency check skipped: the student is over 2 GB")
+        plan.warn("latency check skipped: the student is over 2 GB")
         return student
     a = _Teacher(fresh)
     basis = plan_dims(a.get().model, options.dims, options.shapes)
@@ -678,10 +678,10 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             # the teacher's own graph: a ratio off 1 is the timing's bias between two sessions, not the student
             doc.update(verdict=UNCHANGED, unchanged=True)
         if reverted:
-            plan.warnings.append(f"latency check: {len(reverted)} layer(s) reverted to dense (they did not pay on this "
+            plan.note(f"latency check: {len(reverted)} layer(s) reverted to dense (they did not pay on this "
                                  f"machine); the student now measures {last['speedup']:.2f}x the teacher "
                                  f"[{last['low']:.2f}, {last['high']:.2f}]")
         if not doc["ok"]:
-            plan.warnings.append(f"latency check: the student measured {last['speedup']:.2f}x the teacher, below "
+            plan.warn(f"latency check: the student measured {last['speedup']:.2f}x the teacher, below "
                                  f"--min-speedup {options.min_speedup:g}")
         return current
