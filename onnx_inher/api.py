@@ -254,7 +254,7 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
             kernels = (f" (pairs with the plan's kernels up {form['pair_kernels_up']['speedup']:.2f}x, every kernel "
                        f"down {form['pair_kernels_down']['speedup']:.2f}x: {kept})")
         p.note(f"latency check: heads {form['heads']['speedup']:.2f}x, pairs "
-                          f"{form['pair']['speedup']:.2f}x the teacher{kernels}: planned as {form['chosen']}")
+               f"{form['pair']['speedup']:.2f}x the teacher{kernels}: planned as {form['chosen']}")
     if target:
         from onnx_inher.tuning.latency import apply_target
 
@@ -537,7 +537,7 @@ def compress(
         if planned_on and not options.calibration:
             the_plan.options.calibration = None
             the_plan.warn(f"the plan's ranks were measured on '{planned_on}' but no --calibration was "
-                                     "given: plain SVD factors (add --calibration for whitened ones)")
+                          "given: plain SVD factors (add --calibration for whitened ones)")
     else:
         the_plan, calibration = _plan(a, options, target, spectra)
     if options.calibration:
@@ -572,7 +572,7 @@ def compress(
     inherited = check_written(written, teacher_path)
     if inherited:
         the_plan.warn(f"the teacher itself fails the full ONNX check ({inherited}); ONNX Runtime runs "
-                                 "it, and the student keeps that flaw")
+                      "it, and the student keeps that flaw")
     result = CompressResult(the_plan, written, warnings=list(the_plan.warnings), notes=list(the_plan.notes))
     if verify:
         with _removed_on_bad_input(written):

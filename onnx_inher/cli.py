@@ -175,7 +175,7 @@ def _note_unused_calibration(p: Plan) -> None:
     o = p.options
     if o.calibration and o.allocate != "sensitivity" and not any(c.dense_classes for c in p.candidates):
         p.warn(f"--calibration {o.calibration} was not used: no classifier head here gains from a "
-                          "class split; give the data to compress (whitened factors) or add --allocate sensitivity")
+               "class split; give the data to compress (whitened factors) or add --allocate sensitivity")
 
 
 def handled(f: Callable) -> Callable:

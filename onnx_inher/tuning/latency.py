@@ -336,5 +336,5 @@ def apply_target(plan: Plan, model: Any, views: dict[str, LayerView], target: st
             c.note = "; ".join(filter(None, [c.note, f"{target}: factorised {f_ms:.3f} ms vs dense {d_ms:.3f} ms "
                                                       f"at {where}"]))
     plan.note(f"--target {target}: {len(skipped)} of {len(chosen)} factorisations skipped as not faster "
-                         "on this machine (per-layer timings)")
+              "on this machine (per-layer timings)")
     return plan

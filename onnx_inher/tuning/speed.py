@@ -679,9 +679,9 @@ def check(plan: Plan, student: ModelProto, teacher: Path, fresh: Callable[[], An
             doc.update(verdict=UNCHANGED, unchanged=True)
         if reverted:
             plan.note(f"latency check: {len(reverted)} layer(s) reverted to dense (they did not pay on this "
-                                 f"machine); the student now measures {last['speedup']:.2f}x the teacher "
-                                 f"[{last['low']:.2f}, {last['high']:.2f}]")
+                      f"machine); the student now measures {last['speedup']:.2f}x the teacher "
+                      f"[{last['low']:.2f}, {last['high']:.2f}]")
         if not doc["ok"]:
             plan.warn(f"latency check: the student measured {last['speedup']:.2f}x the teacher, below "
-                                 f"--min-speedup {options.min_speedup:g}")
+                      f"--min-speedup {options.min_speedup:g}")
         return current
