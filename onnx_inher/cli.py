@@ -559,9 +559,13 @@ def _print_distill(result: Any) -> None:
     if train.lr_scale < 1.0:
         click.echo(f"validation got worse, so the best weights were restored and the learning rate cut to "
                    f"{train.lr_scale:.3g} x --lr (turn off with --no-backoff)")
+    if train.stopped_early and train.exact_start and not train.out_of_time:
+        why = report.exact_start_text({"exact_start": train.exact_start, "steps": train.steps})
+        click.echo(f"stopped early: {why}")
     if train.improved is False:
         click.echo("validation never improved on the starting student: it keeps its starting weights "
-                   "(try a lower --lr, more --steps, --features auto)")
+                   + ("(it had nothing to gain on this validation data)" if train.exact_start else
+                      "(try a lower --lr, more --steps, --features auto)"))
     click.echo(f"student written to {result.output}")
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from onnx_inher.distill.options import parse_assignments
 from onnx_inher.distill.run import DistillResult
 from onnx_inher.distill.trainer import LossPlan, Part, Trainer, autocast_dtype, backoff_due, lr_at
 from onnx_inher.errors import InputError
+from onnx_inher.reporting.text import exact_start_text
 from onnx_inher.runtime import session
 from tests.helpers import mlp_teacher, weights
 
@@ -122,6 +124,35 @@ def test_a_run_that_only_hurts_gives_back_the_starting_weights(setup: dict[str, 
     assert result.train.best_step == 0 and result.train.improved is False
     before, after = weights(setup["student"]), weights(tmp_path / "w.onnx")
     assert all(np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_a_start_that_already_agrees_everywhere_stops_when_training_no_longer_ties_it(
+        setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full-rank student reproduces the teacher, so its top-1 agrees at every validation position and no
+    validation can beat it, only tie it: a rate that loses agreement stops the run at its first validation (the
+    PP-OCRv5 recogniser's class-split student trained 10 minutes for nothing before this), unless --patience
+    says how long to wait."""
+    exact = tmp_path / "exact.onnx"
+    onnx_inher.compress(setup["teacher"], exact, Options(policy=parse_policy(rank_ratio=1.0), guard=False,
+                                                         rank_multiple=1))
+    monkeypatch.setattr(trainer_module, "EXACT_POSITIONS", 16)  # the 16 validation samples, one position each
+
+    def distil(out: str, **more: object) -> DistillResult:
+        options = {**FAST, "lr": 50.0, "warmup": 0.0, "clip": 0.0, "steps": 8, "eval_every": 2, "trainable": "all"}
+        return onnx_inher.distill(exact, setup["teacher"], str(setup["data"]), tmp_path / out,
+                                  DistillOptions(**{**options, **more}), cache_dir=setup["dir"] / "cache")
+
+    stopped = distil("s.onnx")
+    assert stopped.train.initial["logits/agree"] == 1.0 and stopped.train.exact_start == 16
+    assert stopped.train.stopped_early and stopped.train.steps == 2 and stopped.train.improved is False
+    start, kept = weights(exact), weights(tmp_path / "s.onnx")
+    assert start.keys() == kept.keys() and all(np.array_equal(start[n], kept[n]) for n in start)
+    said = exact_start_text(asdict(stopped.train))
+    assert "agreed with the teacher's top-1 at all 16 validation positions" in said and "by step 2" in said
+    waited = distil("w.onnx", patience=5)
+    assert waited.train.exact_start == 16 and not waited.train.stopped_early and waited.train.steps == 8
+    monkeypatch.setattr(trainer_module, "EXACT_POSITIONS", 17)  # fewer positions than that prove nothing
+    assert distil("n.onnx").train.exact_start is None
 
 
 def test_data_free_mode_is_labelled(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -238,13 +238,22 @@ def _losses_text(dist: dict) -> str:
     return f"; losses: {', '.join(parts)}" if parts else ""
 
 
+def exact_start_text(train: dict[str, Any]) -> str:
+    """Why a distillation whose starting student already agreed everywhere on validation stopped
+    (`trainer.EXACT_POSITIONS`)."""
+    return (f"the starting student already agreed with the teacher's top-1 at all {train['exact_start']:,} "
+            f"validation positions, which training can at best tie, and by step {train.get('steps')} it no longer "
+            "did")
+
+
 def _training_line(label: str, dist: dict) -> str:
     train = dist.get("train", {})
     runtime = "ONNX Runtime" if dist.get("teacher_runtime", "ort") == "ort" else "torch"
     teacher = f"run on each batch in {runtime}" if dist.get("teacher_mode") == "online" else \
         "read from cache" if dist.get("teacher_cached") else f"computed in {dist.get('teacher_seconds')} s"
     stop = ", stopped by the time limit" if train.get("out_of_time") else \
-        ", stopped early" if train.get("stopped_early") else ""
+        f", stopped early: {exact_start_text(train)}" if train.get("stopped_early") and train.get("exact_start") \
+        else ", stopped early" if train.get("stopped_early") else ""
     if train.get("planned_steps"):
         stop += (f", the schedule sized by the time limit to {train.get('total_steps')} of "
                  f"{train['planned_steps']} steps")
@@ -259,7 +268,8 @@ def _training_line(label: str, dist: dict) -> str:
             stop += f", cut to {train['lr_scale']:.3g}x by back-offs"
     if train.get("improved") is False:
         stop += ("; **validation never improved on the starting student, so it keeps its SVD-initialised "
-                 "weights** (try a lower --lr, more steps, --features auto or --calibration)")
+                 "weights** " + ("(it had nothing to gain on this validation data)" if train.get("exact_start") else
+                                 "(try a lower --lr, more steps, --features auto or --calibration)"))
     batch = f" of batch {dist['batch_size']}" if dist.get("batch_size") else ""
     return (f"{label}: {train.get('steps')} steps{batch} in {train.get('seconds', 0):.1f} s "
             f"({dist.get('train_samples')} training / {dist.get('val_samples')} validation samples, "

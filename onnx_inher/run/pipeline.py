@@ -258,8 +258,11 @@ def run(teacher: PathLike, data: str, folder: PathLike, options: Options | None 
     plot_training(read_metrics(out.path("metrics.jsonl")), out.path("training.png"))
     stuck = not_improved(distilled)
     if stuck:
+        exact = [n for n in stuck if distilled[n]["distill"].get("train", {}).get("exact_start")]
         log(f"distillation did not improve on the SVD-initialised student for: {', '.join(stuck)} "
-            "(validation never beat the starting weights, so they were kept); see report.md")
+            "(validation never beat the starting weights, so they were kept"
+            + (f"; {', '.join(exact)} already agreed with the teacher at every validation position" if exact else "")
+            + "); see report.md")
         if require_improvement:
             raise CheckFailed(f"--require-improvement: distillation did not improve {', '.join(stuck)}; try a "
                               "lower --lr, more --steps, feature KD (--features auto) or calibration.")
