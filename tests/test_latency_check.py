@@ -238,7 +238,7 @@ def test_a_timing_that_spans_a_change_of_machine_speed_is_taken_again(monkeypatc
     given = [stepped, steady]
     calls: list[int] = []
 
-    def rounds(runners, reps, budget_s):
+    def rounds(runners, reps, budget_s, desc="timing"):
         calls.append(reps)
         return given.pop(0)
 

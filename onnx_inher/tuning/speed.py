@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 from onnx import ModelProto
+from tqdm import tqdm
 
 from onnx_inher import _env
 from onnx_inher.bench.core import save_flushed, with_batch
@@ -106,7 +107,7 @@ class Analysed:
 
 
 def time_models(models: list[ModelProto | Path], feed: dict[str, np.ndarray], settings: Settings,
-                budget_s: float = BUDGET_S) -> list[np.ndarray]:
+                budget_s: float = BUDGET_S, what: str = "latency check") -> list[np.ndarray]:
     """Seconds per round of each model, timed interleaved (A, B, ... each round) for about `budget_s`. A
     `ModelProto` is written to a temporary file for its session (`ir.io.save_model` streams it): made from
     bytes, a session held them beside its own copy of the weights. Rounds over which the machine changed speed
@@ -122,19 +123,27 @@ def time_models(models: list[ModelProto | Path], feed: dict[str, np.ndarray], se
             runners.append(r)
     warm = [[r() for r in runners] for _ in range(WARMUP)]
     reps = runs_per_round(max(min(col) for col in zip(*warm, strict=True)), budget_s, len(runners))
-    rows = timed_rounds(runners, reps, budget_s)
-    if drift(rows) is not None:  # the machine changed speed during the rounds: a ratio over two states decides
-        rows = timed_rounds(runners, reps, budget_s)  # nothing; such a state lasts seconds to minutes: once more
+    desc = f"{what}: timing {len(runners)} models"
+    rows = timed_rounds(runners, reps, budget_s, desc)
+    # the machine changed speed during the rounds: a ratio over two states decides nothing, and such a state
+    # lasts seconds to minutes: once more
+    if drift(rows) is not None:
+        rows = timed_rounds(runners, reps, budget_s, f"{desc} again (the machine changed speed)")
     return rows
 
 
-def timed_rounds(runners: list[Callable[[], float]], reps: int, budget_s: float) -> list[np.ndarray]:
-    """Seconds per run of each model, `reps` runs a round, rounds interleaved for about `budget_s`."""
+def timed_rounds(runners: list[Callable[[], float]], reps: int, budget_s: float,
+                 desc: str = "timing") -> list[np.ndarray]:
+    """Seconds per run of each model, `reps` runs a round, rounds interleaved for about `budget_s`, with a bar
+    of the seconds (a compress spends most of its time here, which left the terminal still for seconds)."""
     rows: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
-    while len(rows[0]) < MAX_ROUNDS and (len(rows[0]) < MIN_ROUNDS or time.perf_counter() - start < budget_s):
-        for j, r in enumerate(runners):
-            rows[j].append(sum(r() for _ in range(reps)) / reps)
+    with tqdm(total=round(budget_s, 1), desc=desc, unit="s", disable=_env.progress_disabled(), leave=False,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+        while len(rows[0]) < MAX_ROUNDS and (len(rows[0]) < MIN_ROUNDS or time.perf_counter() - start < budget_s):
+            for j, r in enumerate(runners):
+                rows[j].append(sum(r() for _ in range(reps)) / reps)
+            bar.update(min(round(time.perf_counter() - start, 1), bar.total) - bar.n)
     return [np.asarray(r) for r in rows]
 
 
@@ -257,7 +266,7 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
         if any(path is None for _, path in students):
             return None
         settings = cpu_settings(options.latency_threads)
-        t, *times = time_models([baseline, *(path for _, path in students)], feed, settings)
+        t, *times = time_models([baseline, *(path for _, path in students)], feed, settings, what="form choice")
     for (plan, _), timed in zip(students, times, strict=True):
         _FORM_TIMINGS[_timed_key(plan, teacher, settings, feed)] = _ratio_doc(t, timed)
     h, p = times[0], times[1]
