@@ -223,7 +223,7 @@ def test_choice_is_per_layer_and_recorded_in_the_plan(monkeypatch: pytest.Monkey
         {c.node: (c.head_form, c.form_ms) for c in plan.candidates}
 
 
-def _fake_timer(models, feed, settings, budget_s=speed.BUDGET_S):
+def _fake_timer(models, feed, settings, budget_s=speed.BUDGET_S, what=""):
     return [np.full(30, 1e-3 / (1 + 0.1 * i)) * (1 + 0.001 * np.sin(np.arange(30) + i)) for i in range(len(models))]
 
 

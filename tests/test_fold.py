@@ -163,7 +163,7 @@ def test_folds_are_chosen_per_layer_by_measurement_and_recorded(monkeypatch: pyt
     assert all(c.fold is None for c in close.candidates)
 
 
-def _fake_timer(models, feed, settings, budget_s=speed.BUDGET_S):
+def _fake_timer(models, feed, settings, budget_s=speed.BUDGET_S, what=""):
     return [np.full(30, 1e-3 / (1 + 0.1 * i)) * (1 + 0.001 * np.sin(np.arange(30) + i)) for i in range(len(models))]
 
 
@@ -193,7 +193,7 @@ def test_folds_stay_only_where_the_whole_student_measures_faster_with_them(monke
     monkeypatch.setattr(speed, "layer_times", _fake_layer_times({"conv2"}))
     calls: list[int] = []
 
-    def timer(models, feed, settings, budget_s=speed.BUDGET_S):
+    def timer(models, feed, settings, budget_s=speed.BUDGET_S, what=""):
         calls.append(len(models))
         if len(models) == 3:  # teacher, unfolded, folded
             folded = 0.8e-3 if whole_faster else 0.95e-3

@@ -26,7 +26,7 @@ def fake_timer(pair_ms: float, heads_ms: float, calls: list | None = None, kerne
     """Each factorised layer adds `pair_ms` (plain pair) or `heads_ms` (heads) to the teacher's time, and a pair
     with its k x k kernel up (a k x k `up` conv) `kernel_up_ms` more."""
 
-    def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
+    def time_models(models, feed, settings, budget_s=speed.BUDGET_S, what="latency check"):
         out = []
         for i, m in enumerate(models):
             ms = TEACHER_MS
@@ -275,7 +275,7 @@ def test_a_student_slower_at_batch_8_loses_layers_until_it_is_not(checked: pytes
     at_one, at_eight = fake_timer(pair_ms=0.0, heads_ms=0.0), fake_timer(pair_ms=0.1, heads_ms=0.1)
     batches: list[int] = []
 
-    def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
+    def time_models(models, feed, settings, budget_s=speed.BUDGET_S, what="latency check"):
         batch = next(iter(feed.values())).shape[0]
         batches.append(batch)
         return (at_eight if batch == speed.SECOND_BATCH else at_one)(models, feed, settings, budget_s)
@@ -305,7 +305,7 @@ def test_latency_threads_set_every_timing_and_need_the_check(checked: pytest.Mon
     seen: list[int] = []
     timer = fake_timer(pair_ms=-0.1, heads_ms=0.2)
 
-    def recording(models, feed, settings, budget_s=speed.BUDGET_S):
+    def recording(models, feed, settings, budget_s=speed.BUDGET_S, what=""):
         seen.append(settings.threads)
         return timer(models, feed, settings, budget_s)
 
@@ -338,7 +338,7 @@ def test_students_are_timed_against_the_teacher_flushed(checked: pytest.MonkeyPa
     baselines: list = []
     timer = fake_timer(pair_ms=-0.1, heads_ms=0.2)
 
-    def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
+    def time_models(models, feed, settings, budget_s=speed.BUDGET_S, what="latency check"):
         baselines.append((models[0], negligible_weights(onnx.load(str(models[0])))))
         return timer(models, feed, settings, budget_s)
 
@@ -358,7 +358,7 @@ def test_a_form_chosen_when_planning_is_not_redecided_at_smaller_pairs(checked: 
     calls: list[int] = []
     equal, pairs_win = fake_timer(pair_ms=-0.1, heads_ms=-0.1), fake_timer(pair_ms=-0.3, heads_ms=-0.1)
 
-    def time_models(models, feed, settings, budget_s=speed.BUDGET_S):
+    def time_models(models, feed, settings, budget_s=speed.BUDGET_S, what="latency check"):
         calls.append(len(models))
         return (equal if len(calls) == 1 else pairs_win)(models, feed, settings, budget_s)
 
