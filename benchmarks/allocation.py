@@ -58,7 +58,7 @@ def main() -> None:
                         "params_after": totals["params_after"], "flops_after": totals["flops_after"],
                         "ranks": [c.rank for c in result.plan.candidates if c.decision == "factorize"],
                         "compress_seconds": round(seconds, 2),
-                        "verdict": next((w for w in result.plan.warnings if w.startswith("sensitivity")), None),
+                        "verdict": next((w for w in result.plan.notes if w.startswith("sensitivity")), None),
                     }
                 rows.append(row)
                 e, s = row["energy"], row["sensitivity"]

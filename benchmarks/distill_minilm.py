@@ -219,7 +219,7 @@ def main() -> None:
                 "param_ratio_option": args.param_ratio, "calibration": args.calibration, "allocate": args.allocate,
                 "ranks": {c.node: [c.energy_rank, c.rank] if c.energy_rank else c.rank
                           for c in plan.candidates if c.decision == "factorize"},
-                "seconds": round(time.perf_counter() - began, 1), "warnings": plan.warnings,
+                "seconds": round(time.perf_counter() - began, 1), "warnings": plan.warnings, "notes": plan.notes,
                 **{k: plan.totals()[k] for k in ("factorized", "params_before", "params_after", "param_ratio")}}
         init = fidelity(teacher, student, test) if args.init_score else None
         print(f"init: {init}", flush=True)

@@ -50,7 +50,7 @@ def _plans(teacher: Path, shapes: dict[str, list[int]], data: str, ratio: float)
 
 
 def _check(p: Any) -> dict[str, Any]:
-    said = next((w for w in p.warnings if w.startswith("sensitivity allocation")), "")
+    said = next((w for w in p.notes if w.startswith("sensitivity allocation")), "")
     m = CHECK.search(said)
     if not m:
         return {"said": said}
