@@ -137,5 +137,7 @@ def test_distill_runs_the_teacher_online_when_the_cache_would_overflow(tmp_path:
                                 DistillOptions(steps=3, batch_size=16, checkpoint_every=0),
                                 cache_dir=tmp_path / "cache")
     assert result.teacher_mode == "online" and result.train.steps == 3
-    assert "running the teacher on each batch instead" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "over the cache cap of 0.0 kB (ONNX_INHER_CACHE_MAX_GB): the teacher runs on each batch instead" in said
+    assert "use --teacher-mode online" not in said  # what it already does
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -170,8 +170,9 @@ def _cached_teacher(world: World, teacher: Path, full: Dataset, val: Dataset | N
             _teacher_part(world, teacher, val, plan.fetch, options, cache)[0]
     except CacheOverCap as over:
         if world.is_main and not _env.quiet():
-            print(f"onnx-inher: {str(over).rstrip('.')}; running the teacher on each batch instead "
-                  "(--teacher-mode online).", file=sys.stderr)
+            print(f"onnx-inher: the teacher's outputs would take {over.size_text()} on disk, over the cache cap "
+                  f"of {over.cap_text()} ({_env.CACHE_CAP_VAR}): the teacher runs on each batch instead "
+                  "(--teacher-mode online); raise the cap to cache them.", file=sys.stderr)
         return None
     return (arrays, val_arrays), computed, seconds
 

@@ -67,6 +67,12 @@ class CacheOverCap(InputError):
                          f"({_env.CACHE_CAP_VAR}); use --teacher-mode online, or raise the cap.")
         self.estimate, self.cap = estimate, cap
 
+    def size_text(self) -> str:
+        return _gb(self.estimate)
+
+    def cap_text(self) -> str:
+        return _gb(self.cap)
+
 
 def _gb(n: float) -> str:
     if n >= 1e8:
