@@ -554,6 +554,9 @@ def _print_distill(result: Any) -> None:
     if train.lr_probe:
         tried = ", ".join(f"{lr} {loss:.4g}" for lr, loss in train.lr_probe.items())
         click.echo(f"--lr auto: {train.lr:g} (validation loss after a few steps at each rate: {tried})")
+    elif train.lr_probe is not None and train.exact_start:
+        click.echo(f"--lr auto: {train.lr:g}, the gentlest rate, not probed: the starting student already agrees "
+                   "with the teacher at every validation position")
     elif train.lr_probe is not None:
         click.echo(f"--lr auto: no validation data to compare rates on, so {train.lr:g}")
     if train.lr_scale < 1.0:

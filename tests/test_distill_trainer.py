@@ -149,6 +149,15 @@ def test_a_start_that_already_agrees_everywhere_stops_when_training_no_longer_ti
     assert start.keys() == kept.keys() and all(np.array_equal(start[n], kept[n]) for n in start)
     said = exact_start_text(asdict(stopped.train))
     assert "agreed with the teacher's top-1 at all 16 validation positions" in said and "by step 2" in said
+    # `--lr auto` does not probe such a start: every rate can only lose agreement, and the gentlest loses least
+    said = CliRunner().invoke(main, ["distill", str(exact), "--teacher", str(setup["teacher"]), "--data",
+                                     str(setup["data"]), "-o", str(tmp_path / "a.onnx"), "--steps", "8",
+                                     "--eval-every", "2", "--batch-size", "16", "--val-fraction", "0.2",
+                                     "--checkpoint-every", "0", "--cache-dir", str(setup["dir"] / "cache")])
+    assert said.exit_code == 0, said.output
+    assert f"--lr auto: {trainer_module.LR_CANDIDATES[-1]:g}, the gentlest rate, not probed" in said.output
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "a.metrics.jsonl").read_text().splitlines()]
+    assert "lr_probe" not in kinds and kinds[0] == "val"
     waited = distil("w.onnx", patience=5)
     assert waited.train.exact_start == 16 and not waited.train.stopped_early and waited.train.steps == 8
     monkeypatch.setattr(trainer_module, "EXACT_POSITIONS", 17)  # fewer positions than that prove nothing

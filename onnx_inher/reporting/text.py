@@ -262,6 +262,8 @@ def _training_line(label: str, dist: dict) -> str:
         how = ("chosen by `--lr auto` from validation (top-1 agreement with the teacher for class outputs, then "
                "the loss) after a few steps at each of "
                + ", ".join(f"{k} ({v:.4g})" for k, v in probe.items()) if probe else
+               "`--lr auto`'s gentlest rate, not probed: the start already agreed everywhere"
+               if probe is not None and train.get("exact_start") else
                "`--lr auto` without validation data" if probe is not None else "as given")
         stop += f"; peak learning rate {train['lr']:g} ({how})"
         if train.get("lr_scale", 1.0) < 1.0:
