@@ -27,7 +27,6 @@ import argparse
 import json
 import tempfile
 import time
-from collections import defaultdict
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import onnx
 from benchmarks.common import RESULTS, command, quiet, write_json
 from benchmarks.latency_table import MODELS
 from onnx_inher import api
+from onnx_inher.bench.inmodel import read_profile
 from onnx_inher.bench.profile import shape_table
 from onnx_inher.bench.sessions import Runner, Settings, create, interleave
 from onnx_inher.bench.stats import summarize
@@ -180,15 +180,7 @@ def profile_by_op(paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             for _ in range(5 + runs):
                 sess.run(None, feed)
-            per: dict[str, list[float]] = defaultdict(list)
-            op_of: dict[str, str] = {}
-            for e in json.loads(Path(sess.end_profiling()).read_text()):
-                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                    per[e["name"]].append(float(e["dur"]))
-                    op_of[e["name"]] = str(e.get("args", {}).get("op_name"))
-            ops: dict[str, float] = defaultdict(float)
-            for name, durs in per.items():
-                ops[op_of[name]] += float(np.median(durs[-runs:]))
+            ops = read_profile(Path(sess.end_profiling()), 5, runs).by_op()
             out[label] = {k: round(v, 1) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])}
     return out
 

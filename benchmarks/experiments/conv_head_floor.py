@@ -259,7 +259,7 @@ def in_model(rounds: int) -> dict[str, Any]:
     import onnx_inher
     from benchmarks.latency_table import MODELS
     from onnx_inher import Options, parse_policy
-    from onnx_inher.bench.inmodel import _read_profile
+    from onnx_inher.bench.inmodel import read_profile
 
     build, shapes = MODELS["ocr_det"]
     layer = "Conv.8"
@@ -285,7 +285,7 @@ def in_model(rounds: int) -> dict[str, Any]:
                 s.run(None, feed)
         rows = {}
         for name, s in sessions.items():
-            times = _read_profile(Path(s.end_profiling()), 5, rounds)
+            times = read_profile(Path(s.end_profiling()), 5, rounds)
             rows[name] = {}
             for at in (layer, "Conv.37"):  # ORT names a node it fused an activation into "fused <name>"
                 mine = {n.removeprefix("fused ").removeprefix(f"{at}/inher/"): round(us, 1)

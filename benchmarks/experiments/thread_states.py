@@ -14,15 +14,14 @@ at 2 threads in each state: which ops lose their second thread in the slow state
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import RESULTS, command, write_results, zoo
+from onnx_inher.bench.inmodel import read_profile
 
 RUNS = 20  # profiled runs per session and round
 SLOW = 1.25  # a 2-thread round is slow when the teacher took this much longer than the fastest 2-thread round
@@ -45,16 +44,7 @@ def profile_once(model: Path, threads: int, folder: Path) -> dict[str, float]:
     feed = {i.name: _feed()[i.name] for i in session.get_inputs()}
     for _ in range(5 + RUNS):
         session.run(None, feed)
-    per_node: dict[str, list[float]] = defaultdict(list)
-    ops: dict[str, str] = {}
-    for event in json.loads(Path(session.end_profiling()).read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_node[event["name"]].append(float(event["dur"]))
-            ops[event["name"]] = event["args"].get("op_name", "")
-    by_op: dict[str, float] = defaultdict(float)
-    for node, durations in per_node.items():
-        by_op[ops[node]] += float(np.median(durations[-RUNS:]))
-    return dict(by_op)
+    return read_profile(Path(session.end_profiling()), 5, RUNS).by_op()
 
 
 def _median_by_op(rounds: list[dict[str, float]]) -> dict[str, float]:

@@ -58,6 +58,14 @@ class NodeTimes:
     def total(self, names: Sequence[str]) -> float:
         return float(sum(self.us.get(n, 0.0) for n in names))
 
+    def by_op(self) -> dict[str, float]:
+        """Microseconds per run summed by op type (the optimised graph's: NCHWc reorders and fused nodes count
+        as themselves)."""
+        out: dict[str, float] = defaultdict(float)
+        for node, us in self.us.items():
+            out[self.ops[node]] += us
+        return dict(out)
+
 
 _BLOCKED_SUFFIX = re.compile(r"(_[a-z]+)*_nchwc")  # `_nchwc`, `_bn_nchwc`: ORT's blocked-layout copies
 _FUSED_PREFIX = "fused "  # ORT's name for a node it fused an activation into (`fused /classifier/Gemm`)
@@ -75,7 +83,8 @@ def _owns(name: str, node: str) -> bool:
     return rest is not None and (rest.startswith("/") or _BLOCKED_SUFFIX.fullmatch(rest) is not None)
 
 
-def _read_profile(path: Path, warmup: int, iters: int) -> NodeTimes:
+def read_profile(path: Path, warmup: int, iters: int) -> NodeTimes:
+    """The node times of an ORT profile written over `warmup` then `iters` runs of one session."""
     occurrences: dict[str, list[float]] = defaultdict(list)
     ops: dict[str, str] = {}
     for event in json.loads(path.read_text()):
@@ -120,7 +129,7 @@ def profiler_overhead_us(settings: Settings, nodes: int = 64, iters: int = 200) 
             seconds = [runners[0]() for _ in range(iters)]
             for _ in range(iters):
                 runners[1]()
-            recorded = _read_profile(Path(runners[1].session.end_profiling()), 0, iters)
+            recorded = read_profile(Path(runners[1].session.end_profiling()), 0, iters)
         per_node = float(np.median(seconds)) * 1e6 / nodes
         _OVERHEAD[key] = max(0.0, float(np.median(list(recorded.us.values()))) - per_node)
     return _OVERHEAD[key]
@@ -163,7 +172,7 @@ def profile_models(paths: Sequence[Path], feed: dict[str, np.ndarray], settings:
                 walls[j].append(r())
             if progress:
                 progress(len(runners))
-        times = [_read_profile(Path(r.session.end_profiling()), warmup + 1, iters) for r in runners]
+        times = [read_profile(Path(r.session.end_profiling()), warmup + 1, iters) for r in runners]
     return [NodeTimes({n: max(0.0, v - overhead) for n, v in t.us.items()}, t.ops, float(np.median(w)) * 1e6)
             for t, w in zip(times, walls, strict=True)]
 
