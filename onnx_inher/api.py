@@ -248,11 +248,9 @@ def _plan(a: Analysis, options: Options, target: str | None, spectra: Spectra) -
             for c in p.candidates:
                 if c.decision == "factorize":
                     c.note = "; ".join(filter(None, [c.note, note]))
-        kernels = ""
-        if "pair_kernels_down" in form:
-            kept = "every kernel down" if form["orientation"] == "down" else "the plan's kernels up"
-            kernels = (f" (pairs with the plan's kernels up {form['pair_kernels_up']['speedup']:.2f}x, every kernel "
-                       f"down {form['pair_kernels_down']['speedup']:.2f}x: {kept})")
+        from onnx_inher.tuning.speed import kernel_sides
+
+        kernels = f" ({sides})" if (sides := kernel_sides(form)) else ""
         p.note(f"latency check: heads {form['heads']['speedup']:.2f}x, pairs "
                f"{form['pair']['speedup']:.2f}x the teacher{kernels}: planned as {form['chosen']}")
     if target:

@@ -76,8 +76,10 @@ def latency_check_line(doc: dict[str, Any]) -> str:
         text += (f" (the machine's speed changed during the check: the teacher took "
                  f"{min(moved['baseline_ms']):.3g}-{max(moved['baseline_ms']):.3g} ms)")
     if form:
+        from onnx_inher.tuning.speed import kernel_sides  # not at start-up: only a check's line needs it
+
         text += (f"; form: {form['chosen']} (heads {form['heads']['speedup']:.2f}x, pairs "
-                 f"{form['pair']['speedup']:.2f}x{_kernel_sides(form)})")
+                 f"{form['pair']['speedup']:.2f}x{f'; {sides}' if (sides := kernel_sides(form)) else ''})")
     if doc.get("reverted"):
         text += f"; {len(doc['reverted'])} layer(s) reverted to dense: {', '.join(doc['reverted'])}"
     wide = doc.get("batch_8") or {}
@@ -87,15 +89,6 @@ def latency_check_line(doc: dict[str, Any]) -> str:
             text += (f" [{wide['low']:.2f}, {wide['high']:.2f}], **still slower than the teacher at batch 8** after "
                      "the check's reverts")
     return text
-
-
-def _kernel_sides(form: dict[str, Any]) -> str:
-    """Where the form choice also timed the pairs with every conv kernel down: both figures, and the side kept."""
-    if "pair_kernels_down" not in form:
-        return ""
-    kept = "every kernel down" if form.get("orientation") == "down" else "the plan's kernels up"
-    return (f"; pairs with the plan's kernels up {form['pair_kernels_up']['speedup']:.2f}x, every kernel down "
-            f"{form['pair_kernels_down']['speedup']:.2f}x: {kept}")
 
 
 def verify_table(report: VerifyReport) -> str:

@@ -287,6 +287,16 @@ def choose_form(heads_plan: Plan, pairs_plan: Plan, teacher: Path, fresh: Callab
                                                     "than with the plan's kernels up" if orientation else "")}
 
 
+def kernel_sides(form: dict[str, Any]) -> str:
+    """Where the form choice also timed the pairs with every conv kernel down (`choose_form`): both figures and
+    the side kept, for the plan's note and the check's line; "" where it did not."""
+    if "pair_kernels_down" not in form:
+        return ""
+    kept = "every kernel down" if form.get("orientation") == "down" else "the plan's kernels up"
+    return (f"pairs with the plan's kernels up {form['pair_kernels_up']['speedup']:.2f}x, every kernel down "
+            f"{form['pair_kernels_down']['speedup']:.2f}x: {kept}")
+
+
 def _conv_headed(plan: Plan, views: dict[str, Any]) -> list[Candidate]:
     """Headed layers that can take either conv head form (ungrouped Conv)."""
     from onnx_inher.passes.factorize import conv_form_applies
